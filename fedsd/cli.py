@@ -1,0 +1,68 @@
+"""The `fedsd` command line: a typer root that mounts each command group from the code it drives.
+
+Heavy libraries (torch, transformers, flwr) are imported inside commands, so `fedsd --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import typer
+
+# Flower must never phone home from any process we start (DESIGN.md §4).
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+app = typer.Typer(
+    name="fedsd",
+    help="Federated, on-device adaptation of speech emotion recognition by self-distillation.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_show_locals=False,
+)
+
+
+def _exists(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _mount() -> None:
+    """Attach the command groups; each lives next to the code it drives.
+
+    Groups whose module is not part of this build are skipped; an import error inside an existing
+    module is a bug and is raised.
+    """
+    from fedsd.data.cli import app as data_app
+
+    app.add_typer(data_app, name="data", help="Corpora, manifests, synthetic speech and partitions.")
+    if _exists("fedsd.train_cli"):
+        from fedsd.train_cli import register as register_train
+
+        register_train(app)
+    if _exists("fedsd.server.cli"):
+        from fedsd.server.cli import app as server_app
+
+        app.add_typer(server_app, name="server", help="Run the Flower server (SuperLink + federated run).")
+    if _exists("fedsd.clients.cli"):
+        from fedsd.clients.cli import app as client_app
+
+        app.add_typer(client_app, name="client", help="Run a device (Flower SuperNode) at a chosen exit.")
+    if _exists("fedsd.demo"):
+        from fedsd.demo import register as register_demo
+
+        register_demo(app)
+
+
+_mount()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Classification metrics used everywhere: UAR (primary), WA, macro-F1, per-class recall, confusion.
+
+UAR is the unweighted average of per-class recall (macro recall), the standard SER metric because
+emotion corpora are imbalanced; WA is plain accuracy. Classes absent from ``y_true`` are excluded from
+UAR/F1 (their recall is undefined) but still appear in the confusion matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from sklearn.metrics import confusion_matrix, f1_score, recall_score
+
+
+@dataclass
+class ClassificationReport:
+    uar: float
+    wa: float
+    macro_f1: float
+    per_class_recall: dict[str, float | None]
+    confusion: list[list[int]]
+    n: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def classification_report(
+    y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray, label_names: Sequence[str]
+) -> ClassificationReport:
+    """Compute all metrics for integer labels in ``range(len(label_names))``."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"y_true has shape {y_true.shape} but y_pred has {y_pred.shape}")
+    n_cls = len(label_names)
+    all_labels = list(range(n_cls))
+    if y_true.size == 0:
+        return ClassificationReport(
+            0.0, 0.0, 0.0, {n: None for n in label_names}, [[0] * n_cls for _ in range(n_cls)], 0
+        )
+    present = sorted(set(y_true.tolist()))
+    uar = float(recall_score(y_true, y_pred, labels=present, average="macro", zero_division=0))
+    f1 = float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0))
+    wa = float((y_true == y_pred).mean())
+    cm = confusion_matrix(y_true, y_pred, labels=all_labels)
+    per_class: dict[str, float | None] = {}
+    for i, name in enumerate(label_names):
+        support = cm[i].sum()
+        per_class[name] = float(cm[i, i] / support) if support else None
+    return ClassificationReport(uar, wa, f1, per_class, cm.tolist(), int(y_true.size))
