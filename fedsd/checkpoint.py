@@ -103,3 +103,41 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
 
 def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+# --- model checkpoints (tensors) -------------------------------------------------------------------
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and what is wrong with it."""
+
+
+def save_tensors(
+    path: str | os.PathLike[str], tensors: dict[str, Any], metadata: dict[str, str] | None = None
+) -> Path:
+    """Write a dict of tensors as safetensors, atomically (contiguous CPU copies are stored)."""
+    from safetensors.torch import save
+
+    data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return atomic_write_bytes(path, save(data, metadata=metadata))
+
+
+def load_tensors(path: str | os.PathLike[str], expected_sha256: str | None = None) -> dict[str, Any]:
+    """Read a safetensors file; a missing, corrupt or altered file raises CheckpointError naming it."""
+    from safetensors.torch import load
+
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{path}: file is missing") from err
+    if expected_sha256 is not None:
+        actual = hashlib.sha256(raw).hexdigest()
+        if actual != expected_sha256:
+            raise CheckpointError(
+                f"{path}: content changed (sha256 {actual[:12]}…, recorded {expected_sha256[:12]}…)"
+            )
+    try:
+        return load(raw)
+    except Exception as err:  # safetensors raises its own error types for truncated/garbled files
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err

@@ -1,0 +1,156 @@
+"""Local adaptation on a device: train shallow exit heads from cached backbone features.
+
+The backbone is frozen, so each epoch only runs the small heads over cached head inputs
+(``fedsd.features``). The teacher is the frozen deep exit (``teacher="deep"``) or, on a device that
+cannot run the whole model, its own deepest exit (``teacher="local"``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from fedsd.distill import DistillConfig, self_distill_loss
+from fedsd.features import CachedFeatures
+from fedsd.metrics import ClassificationReport, classification_report
+from fedsd.model.heads import HeadOutput
+from fedsd.model.multiexit import MultiExitSER
+
+
+@dataclass
+class LocalTrainConfig:
+    exit: int
+    train_exits: Literal["upto", "only"] = "upto"
+    teacher: Literal["deep", "local"] = "deep"
+    epochs: int = 5
+    batch_size: int = 16
+    lr: float = 1e-3
+    seed: int = 0
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+@dataclass
+class ExitPlan:
+    """Which exits a device runs, trains, and which one teaches."""
+
+    needed: list[int]  # exits whose head inputs must be cached (the layers this device executes)
+    train: list[int]  # heads updated locally (and sent to the server)
+    teacher: int
+
+
+def plan_exits(model_exits: Sequence[int], device_exit: int, cfg: LocalTrainConfig) -> ExitPlan:
+    exits = sorted(model_exits)
+    if device_exit not in exits:
+        raise ValueError(f"exit {device_exit} is not an exit of this model (exits: {exits})")
+    deep = exits[-1]
+    if cfg.teacher == "deep":
+        teacher = deep
+        candidates = [k for k in exits if k <= device_exit and k != deep]
+    else:
+        teacher = device_exit
+        candidates = [k for k in exits if k <= device_exit]
+    train = (
+        candidates
+        if cfg.train_exits == "upto"
+        else [k for k in candidates if k == max(candidates, default=-1)]
+    )
+    if not train:
+        raise ValueError(
+            f"a device at exit {device_exit} with teacher={cfg.teacher} has no head to train "
+            f"(exits {exits}); choose a shallower exit or teacher=local"
+        )
+    needed = sorted(set(train) | {teacher})
+    return ExitPlan(needed=needed, train=train, teacher=teacher)
+
+
+def _batch_input(
+    model: MultiExitSER, feats: CachedFeatures, k: int, idx: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    items = [feats.inputs[k][i] for i in idx]
+    if items[0].dim() == 1:
+        return torch.stack(items), None
+    x = pad_sequence(items, batch_first=True)
+    lengths = torch.tensor([t.shape[0] for t in items])
+    mask = torch.arange(x.shape[1])[None] < lengths[:, None]
+    return x, mask
+
+
+def head_outputs(
+    model: MultiExitSER, feats: CachedFeatures, exits: Sequence[int], idx: Sequence[int]
+) -> dict[int, HeadOutput]:
+    out = {}
+    for k in exits:
+        x, mask = _batch_input(model, feats, k, idx)
+        out[k] = model.heads[str(k)].forward_precomputed(x, mask)
+    return out
+
+
+@torch.no_grad()
+def evaluate_cached(
+    model: MultiExitSER, feats: CachedFeatures, exits: Sequence[int], batch_size: int = 64
+) -> dict[int, ClassificationReport]:
+    """Per-exit metrics over the labelled cached utterances."""
+    model.eval()
+    keep = [i for i in range(len(feats.utt_ids)) if feats.labels[i] >= 0]
+    preds: dict[int, list[np.ndarray]] = {k: [] for k in exits}
+    for s in range(0, len(keep), batch_size):
+        idx = keep[s : s + batch_size]
+        out = head_outputs(model, feats, exits, idx)
+        for k in exits:
+            preds[k].append(out[k].logits.argmax(-1).numpy())
+    y = feats.labels[keep].numpy()
+    return {
+        k: classification_report(y, np.concatenate(v) if v else np.zeros(0, int), model.label_names)
+        for k, v in preds.items()
+    }
+
+
+def train_heads(
+    model: MultiExitSER,
+    feats: CachedFeatures,
+    plan: ExitPlan,
+    cfg: LocalTrainConfig,
+    optimizer_factory=None,
+) -> dict[str, float]:
+    """Run ``cfg.epochs`` of self-distillation on the planned heads; returns loss components (means)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = []
+    for k in plan.train:
+        for p in model.heads[str(k)].parameters():
+            p.requires_grad_(True)
+            params.append(p)
+    opt = optimizer_factory(params) if optimizer_factory else torch.optim.Adam(params, lr=cfg.lr)
+    n = len(feats.utt_ids)
+    sums: dict[str, float] = {}
+    steps = 0
+    teacher_head = model.heads[str(plan.teacher)]
+    for _ in range(cfg.epochs):
+        model.train()
+        teacher_head.eval()  # frozen teacher: no dropout noise in its targets
+        order = torch.randperm(n, generator=g).tolist()
+        for s in range(0, n, cfg.batch_size):
+            idx = order[s : s + cfg.batch_size]
+            out = head_outputs(model, feats, plan.train, idx)
+            if plan.teacher not in out:
+                with torch.no_grad():
+                    out |= head_outputs(model, feats, [plan.teacher], idx)
+            loss, comps = self_distill_loss(
+                out, feats.labels[idx], plan.teacher, cfg.distill, train_exits=plan.train
+            )
+            opt.zero_grad()
+            if loss.requires_grad:
+                loss.backward()
+                opt.step()
+            for key, v in comps.items():
+                sums[key] = sums.get(key, 0.0) + float(v)
+            steps += 1
+    model.eval()
+    return {k: v / max(steps, 1) for k, v in sums.items() if not math.isnan(v)}

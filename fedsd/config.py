@@ -1,0 +1,203 @@
+"""Experiment configuration: pydantic models of the YAML files in ``configs/``.
+
+Why pydantic: a typo or an out-of-range value must fail before any compute starts, with a message
+that names the field (``train.lr: Input should be greater than 0``), never deep inside a training loop.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """An unusable configuration; the message names the file and field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SynthConfig(_Strict):
+    speakers: int = Field(24, ge=1)
+    sentences: int = Field(12, ge=1)
+    emotions: list[str] = ["neutral", "happy", "angry", "sad"]
+    seed: int = 0
+    intensity: float = Field(0.75, ge=0.0, le=1.0)
+    backend: Literal["auto", "espeak", "numpy"] = "auto"
+
+
+class CropConfig(_Strict):
+    max_seconds: float | None = Field(6.0, gt=0)
+    mode: Literal["random", "center", "tile", "none"] = "tile"
+
+
+class DataConfig(_Strict):
+    corpus: str = "synth"
+    """`synth` (generated on demand), a scanner name (ravdess, crema-d, ...) or `manifest`."""
+    root: Path = Path("data/synth")
+    manifest: Path | None = None
+    """Defaults to ``<root>/manifest.csv`` for synth, else required."""
+    preset: str | None = None
+    labels: list[str] | None = None
+    """Class order; ``None`` takes the sorted label set of the manifest."""
+    sample_rate: int = Field(16000, gt=0)
+    crop: CropConfig = CropConfig()
+    eval_crop: CropConfig | None = None
+    """Crop at evaluation; ``None`` = the training crop with mode ``center`` (deterministic)."""
+    split: Literal["manifest", "speaker"] = "manifest"
+    """`manifest`: use the split column; `speaker`: hold out valid/test speakers by seed."""
+    valid_speakers: int = Field(0, ge=0)
+    test_speakers: int = Field(0, ge=0)
+    test_session: str | None = None
+    """Leave-one-session-out (IEMOCAP): this session is the test set, the rest train/valid."""
+    synth: SynthConfig = SynthConfig()
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.manifest if self.manifest is not None else self.root / "manifest.csv"
+
+
+class ModelConfig(_Strict):
+    backbone: str = "tiny"
+    """Built-in name (`tiny`, `base`), a local directory, or a Hugging Face hub id."""
+    family: Literal["wav2vec2", "hubert", "wavlm"] | None = None
+    pretrained: bool = True
+    """Load pretrained weights (directory / hub id). False trains the same architecture from scratch."""
+    exits: list[int] = [1, 2, 3, 4]
+    head: Literal["stats", "gru"] = "stats"
+    head_kwargs: dict[str, Any] = {}
+
+    @field_validator("exits")
+    @classmethod
+    def _exits_sorted(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("at least one exit is needed")
+        if any(k < 1 for k in v):
+            raise ValueError(f"exits must be >= 1 (transformer layer numbers), got {v}")
+        return sorted(set(v))
+
+
+class DistillWeights(_Strict):
+    w_ce: float = Field(1.0, ge=0)
+    w_kd: float = Field(1.0, ge=0)
+    w_feat: float = Field(1.0, ge=0)
+    temperature: float = Field(2.0, gt=0)
+
+
+class TrainConfig(_Strict):
+    mode: Literal["sd", "ce"] = "sd"
+    """`sd`: self-distillation; `ce`: cross-entropy at every exit (the baseline)."""
+    distill: DistillWeights = DistillWeights()
+    lr: float = Field(3e-5, gt=0)
+    head_lr: float | None = Field(None, gt=0)
+    """Learning rate of the exit heads (defaults to ``lr``)."""
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(16, ge=1)
+    epochs: int = Field(20, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    label_fraction: float = Field(1.0, gt=0, le=1)
+    freeze_feature_encoder: bool = True
+    freeze_backbone: bool = False
+    warmup_epochs: int = Field(0, ge=0)
+    """Epochs of CE-only training before the distillation terms switch on."""
+    seed: int = 0
+    device: str = "cpu"
+    num_workers: int = Field(0, ge=0)
+
+
+class FederatedConfig(_Strict):
+    num_clients: int | None = Field(8, ge=1)
+    by: Literal["speaker", "dirichlet", "iid"] = "speaker"
+    alpha: float = Field(0.5, gt=0)
+    keep_speakers: bool = False
+    label_fraction: float = Field(0.2, ge=0, le=1)
+    test_speakers: int = Field(4, ge=0)
+    server_speakers: int = Field(8, ge=0)
+    rounds: int = Field(5, ge=1)
+    local_epochs: int = Field(5, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    exits_mix: list[int] | None = None
+    """Exit per simulated device, dealt round-robin (None: every device at the teacher's exit)."""
+    train_exits: Literal["upto", "only"] = "upto"
+    teacher: Literal["deep", "local"] = "deep"
+    mode: Literal["sd", "ce"] = "sd"
+    distill: DistillWeights = DistillWeights()
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    min_clients: int = Field(2, ge=1)
+    max_update_norm: float | None = Field(None, gt=0)
+    aggregation: Literal["mean", "median", "trimmed_mean"] = "mean"
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5)
+    round_timeout: float = Field(600.0, gt=0)
+    federated_evaluation: bool = False
+    seed: int = 0
+
+
+class ExperimentConfig(_Strict):
+    name: str = "experiment"
+    base_model: Path | None = None
+    """A trained multi-exit checkpoint to federate from; ``None`` = train one centrally first."""
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    federated: FederatedConfig = FederatedConfig()
+
+    @model_validator(mode="after")
+    def _check_mix(self) -> ExperimentConfig:
+        mix = self.federated.exits_mix
+        if mix is not None:
+            bad = [k for k in mix if k not in self.model.exits]
+            if bad:
+                raise ValueError(
+                    f"federated.exits_mix has {bad}, which are not in model.exits {self.model.exits}"
+                )
+        return self
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
+        lines.append(f"  {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Load a YAML config; relative paths in ``data`` stay relative to the current directory.
+
+    ``overrides`` uses dotted keys (``{"train.epochs": 2}``), as given on the command line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections (data, model, train, federated)")
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, str(path))) from None
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def config_to_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

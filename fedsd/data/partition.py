@@ -1,0 +1,410 @@
+"""Split a manifest into a held-out test set, an optional server pool and federated clients.
+
+Why speakers matter: speech emotion models latch onto voices, so a test set must hold *unseen speakers*
+(chosen by seed, held out before anything else), and a "device" is naturally one speaker or a few.
+Label scarcity is simulated per client with a stratified, *nested* labelled subset: every utterance has
+a fixed pseudo-random rank (a hash of seed and utt_id), and a client labels the first ceil(f * n_c)
+utterances of each class c by that rank, so the 10 % labelled set is contained in the 20 % one and
+results across label fractions differ only in the labels, not in the draw.
+
+Only labelled manifest rows take part (a partition needs ground truth to evaluate and to simulate
+scarcity); "unlabelled" inside a partition means "label hidden from the client".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedsd.checkpoint import atomic_write_text, sha256_json
+from fedsd.data.manifest import ManifestRow, label_names
+
+PartitionBy = Literal["speaker", "dirichlet", "iid"]
+PARTITION_MODES: tuple[str, ...] = ("speaker", "dirichlet", "iid")
+
+
+class PartitionError(ValueError):
+    """A partition that cannot be made or loaded; the message says which file or argument."""
+
+
+class ClientPartition(BaseModel):
+    """One simulated device: its utterances, which of them it may see labels for, and a summary."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    client_id: str
+    utt_ids: list[str]
+    labelled: list[bool]
+    speakers: list[str]
+    class_histogram: dict[str, int]
+
+    @model_validator(mode="after")
+    def _mask_matches(self) -> ClientPartition:
+        if len(self.labelled) != len(self.utt_ids):
+            raise ValueError(
+                f"client {self.client_id}: labelled mask has {len(self.labelled)} entries "
+                f"for {len(self.utt_ids)} utterances"
+            )
+        return self
+
+    @property
+    def num_labelled(self) -> int:
+        return sum(self.labelled)
+
+    def labelled_utt_ids(self) -> list[str]:
+        return [u for u, lab in zip(self.utt_ids, self.labelled, strict=True) if lab]
+
+    def unlabelled_utt_ids(self) -> list[str]:
+        return [u for u, lab in zip(self.utt_ids, self.labelled, strict=True) if not lab]
+
+
+class Partition(BaseModel):
+    """The whole federated split; saved as JSON next to the experiment that uses it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: dict[str, Any]
+    seed: int
+    label_names: list[str]
+    test_utt_ids: list[str]
+    test_speakers: list[str]
+    server_utt_ids: list[str] = Field(default_factory=list)
+    server_speakers: list[str] = Field(default_factory=list)
+    clients: list[ClientPartition]
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> Partition:
+        ids = [c.client_id for c in self.clients]
+        dup_ids = sorted(k for k, v in Counter(ids).items() if v > 1)
+        if dup_ids:
+            raise ValueError(f"client id(s) repeated: {', '.join(dup_ids)}")
+        owner: dict[str, str] = {}
+        groups = [("test", self.test_utt_ids), ("server", self.server_utt_ids)]
+        groups += [(c.client_id, c.utt_ids) for c in self.clients]
+        for name, utts in groups:
+            for u in utts:
+                if u in owner:
+                    raise ValueError(f"utterance {u!r} is in both {owner[u]} and {name}")
+                owner[u] = name
+        held_out = set(self.test_speakers)
+        for c in self.clients:
+            leaked = held_out.intersection(c.speakers)
+            if leaked:
+                raise ValueError(
+                    f"test speaker(s) {', '.join(sorted(leaked))} appear in client {c.client_id}"
+                )
+        return self
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.clients)
+
+    @property
+    def client_ids(self) -> list[str]:
+        return [c.client_id for c in self.clients]
+
+    def client(self, client_id_or_index: str | int) -> ClientPartition:
+        """A client by id (``"client-003"``) or by 0-based index (Flower's ``partition-id``)."""
+        key = client_id_or_index
+        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+            if not 0 <= int(key) < len(self.clients):
+                raise PartitionError(
+                    f"client index {key} out of range; this partition has {len(self.clients)}"
+                )
+            return self.clients[int(key)]
+        for c in self.clients:
+            if c.client_id == key:
+                return c
+        if isinstance(key, str) and key.isdigit():
+            return self.client(int(key))
+        shown = ", ".join(self.client_ids[:8]) + (", ..." if len(self.clients) > 8 else "")
+        raise PartitionError(f"no client {key!r}; clients are {shown}")
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write atomically (a crash never leaves half a partition behind)."""
+        return atomic_write_text(path, self.model_dump_json(indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Partition:
+        path = Path(path)
+        if not path.is_file():
+            raise PartitionError(f"{path}: partition file not found")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise PartitionError(f"{path}: not valid JSON ({exc})") from None
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+            more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+            raise PartitionError(f"{path}: invalid partition at {loc}: {first['msg']}{more}") from None
+
+
+# ---------------------------------------------------------------------------------------------- making
+def utterance_rank(seed: int, utt_id: str) -> int:
+    """Fixed pseudo-random rank of an utterance for a seed; independent of everything else."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\x00{utt_id}".encode()).digest()[:8], "big")
+
+
+def labelled_mask(utt_ids: Sequence[str], labels: Sequence[str], fraction: float, seed: int) -> list[bool]:
+    """Stratified, nested labelled subset: per class the ceil(fraction * n_c) lowest-ranked utterances.
+
+    At least one per class present when ``fraction > 0``.
+    """
+    mask = [False] * len(utt_ids)
+    if fraction <= 0:
+        return mask
+    by_class: dict[str, list[int]] = {}
+    for i, lab in enumerate(labels):
+        by_class.setdefault(lab, []).append(i)
+    for members in by_class.values():
+        k = min(len(members), max(1, math.ceil(fraction * len(members) - 1e-9)))
+        for i in sorted(members, key=lambda j: utterance_rank(seed, utt_ids[j]))[:k]:
+            mask[i] = True
+    return mask
+
+
+def _deal_speakers(
+    speakers: list[str], counts: Counter[str], n: int, rng: np.random.Generator
+) -> list[list[str]]:
+    """Largest-first greedy: balance utterance counts across n clients, each speaker on one client."""
+    tiebreak = {s: float(x) for s, x in zip(speakers, rng.random(len(speakers)), strict=True)}
+    order = sorted(speakers, key=lambda s: (-counts[s], tiebreak[s]))
+    groups: list[list[str]] = [[] for _ in range(n)]
+    load = [0] * n
+    for s in order:
+        k = min(range(n), key=lambda j: (load[j], j))
+        groups[k].append(s)
+        load[k] += counts[s]
+    return groups
+
+
+def _repair_sizes(groups: list[list[int]], labels: Sequence[str], min_size: int) -> None:
+    """Move utterances from the largest client to those under ``min_size`` (most common class first)."""
+    while True:
+        small = [k for k, g in enumerate(groups) if len(g) < min_size]
+        if not small:
+            return
+        donor = max(range(len(groups)), key=lambda k: (len(groups[k]), -k))
+        if len(groups[donor]) <= min_size:
+            raise PartitionError("not enough utterances to give every client min_per_client of them")
+        common = Counter(labels[i] for i in groups[donor]).most_common(1)[0][0]
+        pick = next(i for i in reversed(groups[donor]) if labels[i] == common)
+        groups[donor].remove(pick)
+        groups[small[0]].append(pick)
+
+
+def _dirichlet_utterances(
+    labels: Sequence[str], names: list[str], n: int, alpha: float, min_size: int, rng: np.random.Generator
+) -> list[list[int]]:
+    """Per class, split its utterances over clients with proportions ~ Dir(alpha); resample, then repair."""
+    groups: list[list[int]] = []
+    for _attempt in range(20):
+        groups = [[] for _ in range(n)]
+        for c in names:
+            idx = np.array([i for i, lab in enumerate(labels) if lab == c], dtype=int)
+            rng.shuffle(idx)
+            p = rng.dirichlet(np.full(n, alpha))
+            cuts = (np.cumsum(p)[:-1] * len(idx)).astype(int)
+            for k, part in enumerate(np.split(idx, cuts)):
+                groups[k].extend(int(i) for i in part)
+        if min(len(g) for g in groups) >= min_size:
+            return groups
+    _repair_sizes(groups, labels, min_size)
+    return groups
+
+
+def _dirichlet_speakers(
+    speakers: list[str],
+    hist: dict[str, np.ndarray],
+    n: int,
+    alpha: float,
+    min_size: int,
+    rng: np.random.Generator,
+) -> list[list[str]]:
+    """Whole speakers to clients so that each client's class mix follows Dir(alpha) targets.
+
+    Per class c, target shares P[c] ~ Dir(alpha) over clients give quotas P[c, k] * total_c. Speakers, largest
+    first, go to the client whose remaining quotas absorb most of their utterances (ties: the least
+    over-full client). Then empty clients take a speaker from the client with the most speakers. Where every
+    speaker acts every emotion equally, skew is limited by design: a speaker is indivisible.
+    """
+    total = sum(hist.values())
+    quota = rng.dirichlet(np.full(n, alpha), size=len(total)) * total[:, None]  # classes x clients
+    tiebreak = dict(zip(speakers, rng.random(len(speakers)), strict=True))
+    order = sorted(speakers, key=lambda s: (-int(hist[s].sum()), tiebreak[s]))
+    groups: list[list[str]] = [[] for _ in range(n)]
+    for s in order:
+        h = hist[s]
+        fit = np.minimum(h[:, None], np.maximum(quota, 0)).sum(axis=0)
+        slack = h @ quota
+        k = max(range(n), key=lambda j: (round(float(fit[j]), 9), float(slack[j]), -j))
+        groups[k].append(s)
+        quota[:, k] -= h
+
+    def size(g: list[str]) -> int:
+        return int(sum(hist[s].sum() for s in g))
+
+    for _ in range(len(speakers) * n + 1):
+        small = [k for k, g in enumerate(groups) if size(g) < min_size]
+        if not small:
+            return groups
+        donors = [k for k, g in enumerate(groups) if len(g) > 1 and k not in small]
+        if not donors:
+            break
+        donor = max(donors, key=lambda k: (len(groups[k]), size(groups[k]), -k))
+        s = min(groups[donor], key=lambda x: (int(hist[x].sum()), x))
+        groups[donor].remove(s)
+        groups[small[0]].append(s)
+    raise PartitionError(
+        f"cannot give each of {n} clients at least {min_size} utterance(s) with whole speakers"
+    )
+
+
+def make_partition(
+    rows: Sequence[ManifestRow],
+    *,
+    num_clients: int | None,
+    by: PartitionBy = "speaker",
+    alpha: float = 0.5,
+    label_fraction: float = 1.0,
+    test_speakers: int = 0,
+    server_speakers: int = 0,
+    seed: int = 0,
+    keep_speakers: bool = False,
+    min_per_client: int = 1,
+) -> Partition:
+    """Hold out ``test_speakers`` unseen speakers, then ``server_speakers``, then form clients from the rest.
+
+    ``by="speaker"``: one client per speaker (``num_clients=None``) or speakers dealt into N clients
+    balanced by utterance count. ``by="dirichlet"``: per-class proportions ~ Dir(alpha) over N clients
+    (utterance level, or whole speakers with ``keep_speakers``). ``by="iid"``: shuffle and deal.
+    Deterministic per ``seed``.
+    """
+    if by not in PARTITION_MODES:
+        raise PartitionError(f"unknown partition mode {by!r}; use one of {', '.join(PARTITION_MODES)}")
+    if not 0.0 <= label_fraction <= 1.0:
+        raise PartitionError(f"label_fraction must be in [0, 1], got {label_fraction}")
+    if not alpha > 0:
+        raise PartitionError(f"alpha must be positive, got {alpha}")
+    if test_speakers < 0 or server_speakers < 0:
+        raise PartitionError("test_speakers and server_speakers must be >= 0")
+    if seed < 0:
+        raise PartitionError(f"seed must be >= 0, got {seed}")
+    if min_per_client < 1:
+        raise PartitionError(f"min_per_client must be >= 1, got {min_per_client}")
+    if num_clients is not None and num_clients < 1:
+        raise PartitionError(f"num_clients must be >= 1, got {num_clients}")
+    if num_clients is None and by != "speaker":
+        raise PartitionError(f"by={by} needs num_clients (only by=speaker can make one client per speaker)")
+    if keep_speakers and by == "iid":
+        raise PartitionError("keep_speakers applies to by=dirichlet (by=speaker always keeps speakers whole)")
+
+    pool = [r for r in rows if r.label]
+    if not pool:
+        raise PartitionError("no labelled rows to partition")
+    dup = [u for u, c in Counter(r.utt_id for r in pool).items() if c > 1]
+    if dup:
+        raise PartitionError(f"utterance id(s) repeated in the manifest: {', '.join(sorted(dup)[:5])}")
+    names = label_names(pool)
+    spk_counts = Counter(r.speaker for r in pool)
+    speakers = sorted(spk_counts)
+    held = test_speakers + server_speakers
+    if held >= len(speakers):
+        raise PartitionError(
+            f"{len(speakers)} speaker(s) cannot cover {test_speakers} test + {server_speakers} server "
+            "speaker(s) and leave any for clients"
+        )
+
+    spk_rng = np.random.default_rng([seed, 0])
+    shuffled = [speakers[i] for i in spk_rng.permutation(len(speakers))]
+    test_spk = sorted(shuffled[:test_speakers])
+    server_spk = sorted(shuffled[test_speakers:held])
+    client_spk = sorted(shuffled[held:])
+    test_set, server_set = set(test_spk), set(server_spk)
+    cand = [r for r in pool if r.speaker not in test_set and r.speaker not in server_set]
+    labels = [r.label for r in cand]
+
+    rng = np.random.default_rng([seed, 1])
+    n = num_clients if num_clients is not None else len(client_spk)
+    if by == "speaker" or (by == "dirichlet" and keep_speakers):
+        if n > len(client_spk):
+            raise PartitionError(
+                f"{n} clients need at least {n} speakers, but only {len(client_spk)} remain "
+                f"after holding out {held}"
+            )
+        if by == "speaker":
+            spk_groups = (
+                [[s] for s in client_spk]
+                if num_clients is None
+                else _deal_speakers(client_spk, spk_counts, n, rng)
+            )
+            if min_per_client > 1 and min(sum(spk_counts[s] for s in g) for g in spk_groups) < min_per_client:
+                raise PartitionError(f"some client has fewer than min_per_client={min_per_client} utterances")
+        else:
+            hist = {s: np.zeros(len(names)) for s in client_spk}
+            for r in cand:
+                hist[r.speaker][names.index(r.label)] += 1
+            spk_groups = _dirichlet_speakers(client_spk, hist, n, alpha, min_per_client, rng)
+        where = {s: k for k, g in enumerate(spk_groups) for s in g}
+        groups: list[list[int]] = [[] for _ in range(n)]
+        for i, r in enumerate(cand):
+            groups[where[r.speaker]].append(i)
+    else:
+        if len(cand) < n * min_per_client:
+            raise PartitionError(f"{len(cand)} utterances cannot give {n} clients {min_per_client} each")
+        if by == "iid":
+            perm = rng.permutation(len(cand))
+            groups = [sorted(int(i) for i in perm[k::n]) for k in range(n)]
+        else:
+            groups = _dirichlet_utterances(labels, names, n, alpha, min_per_client, rng)
+
+    width = max(3, len(str(n - 1)))
+    clients = []
+    for k, g in enumerate(groups):
+        g = sorted(g)  # manifest order
+        utts = [cand[i].utt_id for i in g]
+        labs = [cand[i].label for i in g]
+        counts = Counter(labs)
+        clients.append(
+            ClientPartition(
+                client_id=f"client-{k:0{width}d}",
+                utt_ids=utts,
+                labelled=labelled_mask(utts, labs, label_fraction, seed),
+                speakers=sorted({cand[i].speaker for i in g}),
+                class_histogram={c: counts.get(c, 0) for c in names},
+            )
+        )
+    config = {
+        "by": by,
+        "num_clients": num_clients,
+        "alpha": alpha if by == "dirichlet" else None,
+        "label_fraction": label_fraction,
+        "test_speakers": test_speakers,
+        "server_speakers": server_speakers,
+        "keep_speakers": keep_speakers,
+        "min_per_client": min_per_client,
+        "num_rows": len(pool),
+        "rows_sha256": sha256_json(sorted((r.utt_id, r.label, r.speaker) for r in pool)),
+    }
+    return Partition(
+        config=config,
+        seed=seed,
+        label_names=names,
+        test_utt_ids=[r.utt_id for r in pool if r.speaker in test_set],
+        test_speakers=test_spk,
+        server_utt_ids=[r.utt_id for r in pool if r.speaker in server_set],
+        server_speakers=server_spk,
+        clients=clients,
+    )

@@ -1,0 +1,341 @@
+"""A speech encoder with exit heads after chosen layers; the deepest exit is the teacher.
+
+Why one module: training (all exits, one pass), device inference (exit K only, layers 1..K only),
+early exit (go deeper only while unsure, never recomputing a layer) and checkpoints (backbone identity
++ heads) all need the same exit bookkeeping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from fedsd.checkpoint import (
+    CheckpointError,
+    atomic_directory,
+    atomic_write_json,
+    load_tensors,
+    save_tensors,
+    sha256_file,
+)
+from fedsd.model.backbone import (
+    SAMPLE_RATE,
+    BackboneError,
+    ConfigError,
+    TruncatedEncoder,
+    backbone_fingerprint,
+    load_backbone,
+)
+from fedsd.model.heads import ExitHead, HeadOutput, build_head
+
+FORMAT_VERSION = 1
+HEADS_FILE = "heads.safetensors"
+META_FILE = "fedsd.json"
+BACKBONE_DIR = "backbone"
+
+
+def _check_exits(exits: Any, num_layers: int) -> list[int]:
+    if isinstance(exits, (str, bytes)) or not isinstance(exits, Sequence) or len(exits) == 0:
+        raise ConfigError("exits", f"expected a non-empty list of layer numbers, got {exits!r}")
+    bad = [k for k in exits if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_layers]
+    if bad:
+        raise ConfigError(
+            "exits", f"{bad} not valid: exits are layer numbers from 1 to {num_layers} (the backbone's depth)"
+        )
+    return sorted(set(exits))
+
+
+def _check_labels(label_names: Any) -> list[str]:
+    if isinstance(label_names, str) or not isinstance(label_names, Sequence):
+        raise ConfigError("label_names", f"expected a list of class names, got {label_names!r}")
+    names = [str(n) for n in label_names]
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise ConfigError("label_names", f"need at least 2 distinct class names, got {names}")
+    return names
+
+
+class MultiExitSER(nn.Module):
+    """Backbone + one ``ExitHead`` per exit; ``teacher_exit`` is the deepest exit."""
+
+    def __init__(
+        self,
+        backbone: PreTrainedModel,
+        exits: Sequence[int],
+        label_names: Sequence[str],
+        head: str = "stats",
+        head_kwargs: Mapping[str, Any] | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.encoder = TruncatedEncoder(backbone)
+        self.exits: list[int] = _check_exits(exits, self.encoder.num_layers)
+        self.teacher_exit: int = self.exits[-1]
+        self.label_names: list[str] = _check_labels(label_names)
+        self.head_kind = head
+        kwargs = dict(head_kwargs or {})
+        size, classes = self.encoder.hidden_size, len(self.label_names)
+        self.heads = nn.ModuleDict({str(k): build_head(head, size, classes, **kwargs) for k in self.exits})
+        first: ExitHead = self.heads[str(self.exits[0])]  # type: ignore[assignment]
+        self.head_kwargs: dict[str, Any] = first.config()
+        self.meta: dict[str, Any] = dict(meta or {})
+
+    # -- properties ---------------------------------------------------------------------------------
+
+    @property
+    def backbone(self) -> PreTrainedModel:
+        return self.encoder.model
+
+    @property
+    def family(self) -> str:
+        return self.encoder.family
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.head(self.exits[0]).embed_dim
+
+    def head(self, k: int) -> ExitHead:
+        return self.heads[str(k)]  # type: ignore[return-value]
+
+    def _requested(self, exits: Sequence[int] | None) -> list[int]:
+        if exits is None:
+            return list(self.exits)
+        wanted = sorted({int(k) for k in exits})
+        unknown = [k for k in wanted if k not in self.exits]
+        if unknown or not wanted:
+            raise ConfigError(
+                "exits", f"requested exits {list(exits)} are not all among the model's exits {self.exits}"
+            )
+        return wanted
+
+    def _run_head(self, k: int, hidden: Tensor, frame_mask: Tensor) -> HeadOutput:
+        head = self.head(k)
+        dtype = next(head.parameters()).dtype
+        return head(hidden.to(dtype), frame_mask)
+
+    # -- forward passes -----------------------------------------------------------------------------
+
+    def hidden_for_exits(
+        self, input_values: Tensor, attention_mask: Tensor | None, exits: Sequence[int] | None = None
+    ) -> dict[int, tuple[Tensor, Tensor]]:
+        """Hidden states and frame mask at each requested exit, from one pass up to the deepest of them."""
+        out: dict[int, tuple[Tensor, Tensor]] = {}
+        state = self.encoder.start(input_values, attention_mask)
+        for k in self._requested(exits):
+            state = self.encoder.advance(state, k)
+            out[k] = (self.encoder.exit_hidden(state), state.frame_mask)
+        return out
+
+    def forward(
+        self, input_values: Tensor, attention_mask: Tensor | None = None, exits: Sequence[int] | None = None
+    ) -> dict[int, HeadOutput]:
+        """Head outputs for the requested exits (default all); layers run only up to the deepest one."""
+        return {
+            k: self._run_head(k, hidden, mask)
+            for k, (hidden, mask) in self.hidden_for_exits(input_values, attention_mask, exits).items()
+        }
+
+    def precompute(
+        self, input_values: Tensor, attention_mask: Tensor | None = None, exits: Sequence[int] | None = None
+    ) -> dict[int, tuple[Tensor, Tensor]]:
+        """Cacheable head inputs per exit (``ExitHead.precompute``) with their frame masks."""
+        out = {}
+        for k, (hidden, mask) in self.hidden_for_exits(input_values, attention_mask, exits).items():
+            head = self.head(k)
+            out[k] = (head.precompute(hidden.to(next(head.parameters()).dtype), mask), mask)
+        return out
+
+    def forward_precomputed(
+        self, features: Mapping[int, tuple[Tensor, Tensor | None]]
+    ) -> dict[int, HeadOutput]:
+        """Heads applied to cached ``precompute`` outputs (no backbone work)."""
+        return {k: self.head(k).forward_precomputed(x, mask) for k, (x, mask) in features.items()}
+
+    @torch.no_grad()
+    def predict_early_exit(
+        self,
+        input_values: Tensor,
+        attention_mask: Tensor | None = None,
+        threshold: float = 0.9,
+        max_exit: int | None = None,
+    ) -> tuple[int, Tensor]:
+        """Classify one clip, stopping at the first exit whose top probability reaches ``threshold``.
+
+        Deeper exits continue from the state already computed, so each layer runs at most once. If no
+        exit is confident enough, the deepest exit allowed (``max_exit``, default the teacher) answers.
+        Runs in eval mode (dropout off) and restores the previous mode.
+        """
+        if input_values.dim() == 1:
+            input_values = input_values.unsqueeze(0)
+        if input_values.shape[0] != 1:
+            raise ValueError(f"predict_early_exit takes one clip, got a batch of {input_values.shape[0]}")
+        candidates = [k for k in self.exits if max_exit is None or k <= max_exit]
+        if not candidates:
+            raise ConfigError("max_exit", f"{max_exit} is below the shallowest exit {self.exits[0]}")
+        was_training = self.training
+        self.eval()
+        try:
+            state = self.encoder.start(input_values, attention_mask)
+            for k in candidates:
+                state = self.encoder.advance(state, k)
+                out = self._run_head(k, self.encoder.exit_hidden(state), state.frame_mask)
+                probs = torch.softmax(out.logits[0].float(), dim=-1)
+                if float(probs.max()) >= threshold:
+                    break
+        finally:
+            self.train(was_training)
+        return k, probs
+
+    # -- head weights -------------------------------------------------------------------------------
+
+    def head_state_dict(self, exits: Sequence[int] | None = None) -> dict[str, Tensor]:
+        """Detached CPU copies of the heads' weights, keyed ``heads.<exit>.<param>``."""
+        out: dict[str, Tensor] = {}
+        for k in self._requested(exits):
+            for name, t in self.head(k).state_dict().items():
+                out[f"heads.{k}.{name}"] = t.detach().to("cpu").clone()
+        return out
+
+    def load_head_state_dict(
+        self, state_dict: Mapping[str, Tensor], strict: bool = True
+    ) -> tuple[list[str], list[str]]:
+        """Load head weights; returns (missing, unexpected) keys like ``nn.Module.load_state_dict``.
+
+        Shape mismatches always raise; with ``strict`` missing or unexpected keys raise too (a device may
+        load only the heads it runs with ``strict=False``).
+        """
+        own = {f"heads.{name}": t for name, t in self.heads.state_dict().items()}
+        unexpected = sorted(k for k in state_dict if k not in own)
+        missing = sorted(k for k in own if k not in state_dict)
+        wrong = [
+            f"{k} {tuple(state_dict[k].shape)} != {tuple(own[k].shape)}"
+            for k in state_dict
+            if k in own and tuple(state_dict[k].shape) != tuple(own[k].shape)
+        ]
+        if wrong:
+            raise CheckpointError(f"head weights with wrong shapes: {'; '.join(wrong)}")
+        if strict and (missing or unexpected):
+            raise CheckpointError(
+                f"head weights do not match the model: missing {missing}, unexpected {unexpected}"
+            )
+        sub = {k[len("heads."):]: v for k, v in state_dict.items() if k in own}
+        self.heads.load_state_dict(sub, strict=False)
+        return missing, unexpected
+
+    # -- freezing -----------------------------------------------------------------------------------
+
+    def freeze_backbone(self, freeze_feature_encoder_only: bool = False) -> None:
+        """Stop gradients into the backbone (devices) or only its CNN front end (common fine-tuning)."""
+        if freeze_feature_encoder_only:
+            fe = self.backbone.feature_extractor
+            if hasattr(fe, "_freeze_parameters"):
+                fe._freeze_parameters()  # also stops HF forcing requires_grad on the input
+            else:
+                fe.requires_grad_(False)
+        else:
+            self.backbone.requires_grad_(False)
+
+    def backbone_fingerprint(self) -> str:
+        return backbone_fingerprint(self.backbone)
+
+    # -- checkpoints --------------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """The fedsd.json content (without the per-file hashes)."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "family": self.family,
+            "num_layers": self.encoder.num_layers,
+            "exits": list(self.exits),
+            "teacher_exit": self.teacher_exit,
+            "head": self.head_kind,
+            "head_kwargs": dict(self.head_kwargs),
+            "label_names": list(self.label_names),
+            "sample_rate": int(self.meta.get("sample_rate", SAMPLE_RATE)),
+            "crop": self.meta.get("crop"),
+            "fingerprint": self.backbone_fingerprint(),
+            "meta": self.meta,
+        }
+
+    def save_pretrained(self, path: str | os.PathLike[str]) -> Path:
+        """Write ``backbone/`` (HF layout), ``heads.safetensors``, ``fedsd.json``: one atomic directory."""
+        path = Path(path)
+        heads = self.head_state_dict()
+        info = self.describe()
+        with atomic_directory(path) as tmp:
+            self.backbone.save_pretrained(tmp / BACKBONE_DIR)
+            save_tensors(tmp / HEADS_FILE, heads, metadata={"format": "pt"})
+            info["heads"] = {k: list(v.shape) for k, v in heads.items()}
+            info["heads_sha256"] = sha256_file(tmp / HEADS_FILE)
+            atomic_write_json(tmp / META_FILE, info)
+        return path
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+    ) -> MultiExitSER:
+        """Load a directory written by ``save_pretrained``; anything inconsistent raises CheckpointError."""
+        path = Path(path)
+        meta_path = path / META_FILE
+        if not meta_path.is_file():
+            raise CheckpointError(f"{meta_path}: missing; {path} is not a fedsd model directory")
+        try:
+            info = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{meta_path}: unreadable JSON ({err})") from err
+        required = ("format_version", "family", "exits", "head", "label_names", "fingerprint", "heads")
+        absent = [k for k in required if k not in info]
+        if absent:
+            raise CheckpointError(f"{meta_path}: missing keys {absent}")
+        if info["format_version"] != FORMAT_VERSION:
+            raise CheckpointError(
+                f"{meta_path}: format_version {info['format_version']} is not supported "
+                f"(expected {FORMAT_VERSION})"
+            )
+        bdir = path / BACKBONE_DIR
+        if not bdir.is_dir():
+            raise CheckpointError(f"{bdir}: backbone directory is missing")
+        try:
+            backbone = load_backbone(bdir, family=info["family"])
+        except (BackboneError, ConfigError) as err:
+            raise CheckpointError(f"{bdir}: {err}") from err
+        fingerprint = backbone_fingerprint(backbone)
+        if fingerprint != info["fingerprint"]:
+            raise CheckpointError(
+                f"{bdir}: backbone fingerprint {fingerprint[:12]}… differs from the "
+                f"{info['fingerprint'][:12]}… recorded in {meta_path.name} (weights or config changed)"
+            )
+        try:
+            model = cls(
+                backbone,
+                info["exits"],
+                info["label_names"],
+                head=info["head"],
+                head_kwargs=info.get("head_kwargs"),
+                meta=info.get("meta"),
+            )
+        except ConfigError as err:
+            raise CheckpointError(f"{meta_path}: {err}") from err
+        heads_path = path / HEADS_FILE
+        heads = load_tensors(heads_path, expected_sha256=info.get("heads_sha256"))
+        recorded = {k: list(v) for k, v in info["heads"].items()}
+        found = {k: list(v.shape) for k, v in heads.items()}
+        expected = {k: list(v.shape) for k, v in model.head_state_dict().items()}
+        for name, other in ((meta_path.name, recorded), ("the model built from it", expected)):
+            if found != other:
+                diff = sorted(set(found) ^ set(other)) or sorted(k for k in found if found[k] != other[k])
+                raise CheckpointError(
+                    f"{heads_path}: head weights do not match {name}: differing keys {diff[:8]}"
+                )
+        model.load_head_state_dict(heads, strict=True)
+        return model.to(map_location).eval()

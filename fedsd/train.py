@@ -1,0 +1,347 @@
+"""Centralized self-distillation training (the paper's method) and evaluation of every exit.
+
+The whole multi-exit model is trained at once: each batch runs the backbone once up to the teacher,
+every exit head sees its layer's hidden state, and ``self_distill_loss`` combines CE on labelled
+utterances, KD from the (detached) teacher and the feature loss. Model selection uses the teacher's
+validation UAR; the last epoch is kept too.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from fedsd.audio import CropPolicy
+from fedsd.checkpoint import append_jsonl, atomic_write_json, atomic_write_text
+from fedsd.config import ConfigError, ExperimentConfig, config_to_yaml
+from fedsd.data.dataset import SpeechDataset, collate_batch
+from fedsd.data.manifest import ManifestRow, read_manifest
+from fedsd.data.manifest import label_names as manifest_label_names
+from fedsd.data.partition import labelled_mask
+from fedsd.distill import DistillConfig, self_distill_loss
+from fedsd.metrics import ClassificationReport, classification_report
+from fedsd.model.backbone import load_backbone
+from fedsd.model.multiexit import MultiExitSER
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def train_crop(cfg: ExperimentConfig) -> CropPolicy:
+    c = cfg.data.crop
+    return CropPolicy(max_seconds=c.max_seconds, mode=c.mode, sample_rate=cfg.data.sample_rate)
+
+
+def eval_crop(cfg: ExperimentConfig) -> CropPolicy:
+    """Evaluation must be deterministic: a random training crop becomes a center crop."""
+    c = cfg.data.eval_crop or cfg.data.crop
+    mode = "center" if c.mode == "random" else c.mode
+    return CropPolicy(max_seconds=c.max_seconds, mode=mode, sample_rate=cfg.data.sample_rate)
+
+
+def resolve_label_names(cfg: ExperimentConfig, rows: Sequence[ManifestRow]) -> list[str]:
+    present = manifest_label_names(rows)
+    if cfg.data.labels is None:
+        return present
+    unknown = sorted(set(present) - set(cfg.data.labels))
+    if unknown:
+        raise ConfigError(
+            f"data.labels {cfg.data.labels} does not cover the manifest's labels {unknown} "
+            f"({cfg.data.manifest_path}); add them or map them with a preset"
+        )
+    return list(cfg.data.labels)
+
+
+def split_rows(cfg: ExperimentConfig, rows: Sequence[ManifestRow]) -> dict[str, list[ManifestRow]]:
+    """Train/valid/test lists, speaker-independent, as the config asks."""
+    rows = [r for r in rows if r.label]
+    if cfg.data.test_session:
+        test = [r for r in rows if r.session == cfg.data.test_session]
+        if not test:
+            raise ConfigError(f"data.test_session {cfg.data.test_session!r} matches no row's session column")
+        rest = [r for r in rows if r.session != cfg.data.test_session]
+        return _speaker_holdout(rest, cfg.data.valid_speakers or 1, 0, cfg.train.seed) | {"test": test}
+    if cfg.data.split == "manifest":
+        out = {s: [r for r in rows if r.split == s] for s in ("train", "valid", "test")}
+        if not out["train"]:
+            raise ConfigError(
+                f"{cfg.data.manifest_path}: no row has split=train; set data.split: speaker to hold out "
+                "speakers by seed instead"
+            )
+        return out
+    return _speaker_holdout(rows, cfg.data.valid_speakers, cfg.data.test_speakers, cfg.train.seed)
+
+
+def _speaker_holdout(
+    rows: Sequence[ManifestRow], n_valid: int, n_test: int, seed: int
+) -> dict[str, list[ManifestRow]]:
+    speakers = sorted({r.speaker for r in rows})
+    if n_valid + n_test >= len(speakers):
+        raise ConfigError(
+            f"cannot hold out {n_valid} valid + {n_test} test speakers from {len(speakers)} speakers"
+        )
+    rng = random.Random(seed)
+    rng.shuffle(speakers)
+    test_s, valid_s = set(speakers[:n_test]), set(speakers[n_test : n_test + n_valid])
+    return {
+        "train": [r for r in rows if r.speaker not in test_s | valid_s],
+        "valid": [r for r in rows if r.speaker in valid_s],
+        "test": [r for r in rows if r.speaker in test_s],
+    }
+
+
+def build_model(cfg: ExperimentConfig, label_names: Sequence[str]) -> MultiExitSER:
+    backbone = load_backbone(cfg.model.backbone, family=cfg.model.family, pretrained=cfg.model.pretrained)
+    meta = {
+        "sample_rate": cfg.data.sample_rate,
+        "crop": cfg.data.crop.model_dump(),
+        "backbone_source": cfg.model.backbone,
+        "pretrained": cfg.model.pretrained,
+    }
+    return MultiExitSER(
+        backbone,
+        cfg.model.exits,
+        label_names,
+        head=cfg.model.head,
+        head_kwargs=cfg.model.head_kwargs,
+        meta=meta,
+    )
+
+
+def make_loader(
+    rows: Sequence[ManifestRow],
+    root: Path,
+    label_names: Sequence[str],
+    crop: CropPolicy,
+    *,
+    batch_size: int,
+    train: bool = False,
+    labelled: Sequence[bool] | None = None,
+    seed: int = 0,
+    num_workers: int = 0,
+) -> DataLoader:
+    ds = SpeechDataset(rows, root, label_names, crop, labelled=labelled, train=train, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=train,
+        collate_fn=collate_batch,
+        num_workers=num_workers,
+        generator=gen if train else None,
+    )
+
+
+@torch.no_grad()
+def predict_loader(
+    model: MultiExitSER, loader: DataLoader, device: str = "cpu", exits: Sequence[int] | None = None
+) -> tuple[dict[int, np.ndarray], np.ndarray, list[str]]:
+    """Logits per exit, labels (-1 unlabelled) and utterance ids for a whole loader."""
+    model.eval()
+    exits = list(exits or model.exits)
+    logits: dict[int, list[np.ndarray]] = {k: [] for k in exits}
+    labels: list[np.ndarray] = []
+    ids: list[str] = []
+    for batch in loader:
+        out = model(batch["input_values"].to(device), batch["attention_mask"].to(device), exits=exits)
+        for k in exits:
+            logits[k].append(out[k].logits.float().cpu().numpy())
+        labels.append(batch["labels"].numpy())
+        ids.extend(batch["utt_ids"])
+    return (
+        {k: np.concatenate(v) if v else np.zeros((0, len(model.label_names))) for k, v in logits.items()},
+        np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64),
+        ids,
+    )
+
+
+def evaluate_loader(
+    model: MultiExitSER, loader: DataLoader, device: str = "cpu", exits: Sequence[int] | None = None
+) -> dict[int, ClassificationReport]:
+    logits, labels, _ = predict_loader(model, loader, device, exits)
+    keep = labels >= 0
+    return {
+        k: classification_report(labels[keep], z[keep].argmax(-1), model.label_names)
+        for k, z in logits.items()
+    }
+
+
+@torch.no_grad()
+def measure_exit_latency(
+    model: MultiExitSER, waveforms: Sequence[torch.Tensor], device: str = "cpu", repeats: int = 1
+) -> dict[int, float]:
+    """Median seconds per utterance (batch 1) for each exit, running only the layers that exit needs."""
+    model.eval()
+    times: dict[int, list[float]] = {k: [] for k in model.exits}
+    if not waveforms:
+        return {k: float("nan") for k in model.exits}
+    x0 = waveforms[0][None].to(device)
+    for k in model.exits:  # warm-up
+        model(x0, exits=[k])
+    for _ in range(repeats):
+        for w in waveforms:
+            x = w[None].to(device)
+            for k in model.exits:
+                t0 = time.perf_counter()
+                model(x, exits=[k])
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _report_row(prefix: str, reports: dict[int, ClassificationReport]) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    for k, r in reports.items():
+        row[f"{prefix}/exit{k}/uar"] = r.uar
+        row[f"{prefix}/exit{k}/wa"] = r.wa
+        row[f"{prefix}/exit{k}/f1"] = r.macro_f1
+    return row
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_dir: Path
+    last_dir: Path
+    best_epoch: int
+    valid: dict[int, ClassificationReport]
+    test: dict[int, ClassificationReport]
+
+
+def train(
+    cfg: ExperimentConfig,
+    run_dir: str | Path,
+    *,
+    progress: Any | None = None,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train all exits centrally; write config, metrics.jsonl, best/ and last/ checkpoints to ``run_dir``.
+
+    ``progress`` is a ``rich.progress.Progress`` (optional): one task per epoch.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.train.seed)
+    atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
+    metrics_path = run_dir / "metrics.jsonl"
+    if metrics_path.exists():
+        metrics_path.unlink()
+
+    rows = read_manifest(cfg.data.manifest_path)
+    label_names = resolve_label_names(cfg, rows)
+    splits = split_rows(cfg, rows)
+    root = cfg.data.root
+    device = cfg.train.device
+    tc = cfg.train
+    train_rows = splits["train"]
+    labelled = labelled_mask(
+        [r.utt_id for r in train_rows], [r.label for r in train_rows], tc.label_fraction, tc.seed
+    )
+    log(
+        f"data: {len(splits['train'])} train ({sum(labelled)} labelled), {len(splits['valid'])} valid, "
+        f"{len(splits['test'])} test utterances; classes {label_names}"
+    )
+
+    model = build_model(cfg, label_names).to(device)
+    if tc.freeze_backbone:
+        model.freeze_backbone()
+    elif tc.freeze_feature_encoder:
+        model.freeze_backbone(freeze_feature_encoder_only=True)
+    head_params = [p for p in model.heads.parameters() if p.requires_grad]
+    body_params = [p for p in model.encoder.parameters() if p.requires_grad]
+    groups = [{"params": head_params, "lr": tc.head_lr or tc.lr}]
+    if body_params:
+        groups.append({"params": body_params, "lr": tc.lr})
+    opt = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
+
+    train_loader = make_loader(
+        splits["train"],
+        root,
+        label_names,
+        train_crop(cfg),
+        batch_size=tc.batch_size,
+        train=True,
+        labelled=labelled,
+        seed=tc.seed,
+        num_workers=tc.num_workers,
+    )
+    ecrop = eval_crop(cfg)
+    valid_loader = (
+        make_loader(splits["valid"], root, label_names, ecrop, batch_size=tc.batch_size)
+        if splits["valid"]
+        else None
+    )
+    best_uar, best_epoch = -1.0, -1
+    best_dir, last_dir = run_dir / "best", run_dir / "last"
+    task = progress.add_task("train", total=tc.epochs * len(train_loader)) if progress is not None else None
+    valid_reports: dict[int, ClassificationReport] = {}
+    for epoch in range(1, tc.epochs + 1):
+        model.train()
+        train_loader.dataset.set_epoch(epoch)  # new random crops each epoch, reproducible per seed
+        mode = "ce" if epoch <= tc.warmup_epochs else tc.mode
+        dcfg = DistillConfig(**tc.distill.model_dump(), mode=mode)
+        sums: dict[str, float] = {}
+        n_batches = 0
+        opt.zero_grad()
+        for step, batch in enumerate(train_loader, start=1):
+            out = model(batch["input_values"].to(device), batch["attention_mask"].to(device))
+            loss, comps = self_distill_loss(out, batch["labels"].to(device), model.teacher_exit, dcfg)
+            (loss / tc.grad_accum).backward()
+            if step % tc.grad_accum == 0 or step == len(train_loader):
+                opt.step()
+                opt.zero_grad()
+            for key, v in comps.items():
+                sums[key] = sums.get(key, 0.0) + float(v)
+            n_batches += 1
+            if progress is not None:
+                progress.update(
+                    task, advance=1, description=f"epoch {epoch}/{tc.epochs} loss {float(loss):.3f}"
+                )
+        record: dict[str, Any] = {"epoch": epoch, "mode": mode}
+        record.update({f"train/{k}": v / max(n_batches, 1) for k, v in sums.items()})
+        if valid_loader is not None:
+            valid_reports = evaluate_loader(model, valid_loader, device)
+            record.update(_report_row("valid", valid_reports))
+            uar = valid_reports[model.teacher_exit].uar
+        else:
+            uar = float(epoch)  # no validation split: the last epoch wins
+        if uar > best_uar:
+            best_uar, best_epoch = uar, epoch
+            model.save_pretrained(best_dir)
+        record["best_epoch"] = best_epoch
+        append_jsonl(metrics_path, record)
+        teacher_uar = record.get(f"valid/exit{model.teacher_exit}/uar")
+        log(
+            f"epoch {epoch}: loss {record.get('train/total', float('nan')):.4f}"
+            + (f", valid UAR (teacher) {teacher_uar:.3f}" if teacher_uar is not None else "")
+        )
+    model.save_pretrained(last_dir)
+
+    best = MultiExitSER.from_pretrained(best_dir).to(device)
+    if valid_loader is not None:
+        valid_reports = evaluate_loader(best, valid_loader, device)
+    test_reports: dict[int, ClassificationReport] = {}
+    if splits["test"]:
+        test_loader = make_loader(splits["test"], root, label_names, ecrop, batch_size=tc.batch_size)
+        test_reports = evaluate_loader(best, test_loader, device)
+    summary = {
+        "best_epoch": best_epoch,
+        "label_names": label_names,
+        "valid": {k: r.to_dict() for k, r in valid_reports.items()},
+        "test": {k: r.to_dict() for k, r in test_reports.items()},
+    }
+    atomic_write_json(run_dir / "results.json", summary)
+    return TrainResult(run_dir, best_dir, last_dir, best_epoch, valid_reports, test_reports)

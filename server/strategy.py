@@ -1,0 +1,424 @@
+"""Partial federated averaging of exit heads (DepthFL-style), with validation and robust options.
+
+The global ``ArrayRecord`` holds exit-head weights only (``heads.<exit>.<param>``). A device deployed at
+exit K trains heads ≤ K, so replies carry different key sets. :class:`PartialFedAvg` averages every key
+over the clients that sent it and merges the result into the *current* global record: keys nobody
+trained this round stay bit-identical.
+
+How the current global record is known: ``Strategy.start`` (flwr 1.42) hands the current global
+``ArrayRecord`` to ``configure_train(server_round, arrays, config, grid)`` every round and keeps it
+unchanged when ``aggregate_train`` returns ``None`` for the arrays. ``PartialFedAvg.configure_train``
+keeps a private copy of it (the same hook flwr's own ``FedOpt``/``FedAvgM`` use), so the merge never
+depends on what the transport or an in-process ClientApp does to the record it was sent.
+
+Per round, ``train_reports[server_round]`` (and ``last_train_report``) keep the accepted clients with
+their metrics, the rejections and whether the global record changed; ``RoundReport.to_dict()`` is
+JSON-ready for the server's metrics.jsonl. Evaluate rounds get the same in ``evaluate_reports``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any, Literal
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from .validation import (
+    Rejection,
+    ValidMetrics,
+    ValidUpdate,
+    decode_arrays,
+    validate_evaluate_reply,
+    validate_train_replies,
+)
+
+__all__ = [
+    "AGGREGATIONS",
+    "ClientReport",
+    "PartialFedAvg",
+    "RoundReport",
+    "aggregate_metrics",
+    "merge_updates",
+]
+
+Aggregation = Literal["mean", "median", "trimmed_mean"]
+AGGREGATIONS: tuple[str, ...] = ("mean", "median", "trimmed_mean")
+MetricsAggrFn = Callable[[list[RecordDict], str], MetricRecord]
+
+
+@dataclass
+class ClientReport:
+    """One accepted reply, as written to metrics.jsonl."""
+
+    node_id: int
+    num_examples: float
+    metrics: dict[str, Any]
+    keys: list[str] = field(default_factory=list)
+    """Keys the client trained (train rounds only)."""
+    update_norm: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"node_id": self.node_id, "num_examples": self.num_examples,
+                               "metrics": dict(self.metrics)}
+        if self.keys:
+            out["keys"] = list(self.keys)
+        if self.update_norm is not None:
+            out["update_norm"] = self.update_norm
+        return out
+
+
+@dataclass
+class RoundReport:
+    """What happened to one round's replies."""
+
+    server_round: int
+    kind: Literal["train", "evaluate"]
+    clients: list[ClientReport] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+    aggregated: bool = False
+    """Train: whether the global record was updated. Evaluate: whether metrics were aggregated."""
+    updated_keys: list[str] = field(default_factory=list)
+    note: str | None = None
+    """Why nothing was aggregated, when that happened."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "round": self.server_round,
+            "kind": self.kind,
+            "aggregated": self.aggregated,
+            "num_clients": len(self.clients),
+            "num_rejected": len(self.rejections),
+            "clients": [c.to_dict() for c in self.clients],
+            "rejections": [r.to_dict() for r in self.rejections],
+            "updated_keys": list(self.updated_keys),
+            "note": self.note,
+        }
+
+
+def _trimmed_mean(stack: np.ndarray, trim_fraction: float) -> np.ndarray:
+    """Coordinate-wise mean over axis 0 after cutting ``int(trim_fraction * n)`` values at each end."""
+    n = stack.shape[0]
+    cut = int(trim_fraction * n)
+    if cut == 0:
+        return stack.mean(axis=0)
+    ordered = np.sort(stack, axis=0)
+    return ordered[cut : n - cut].mean(axis=0)
+
+
+def _cast_like(value: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    if np.issubdtype(reference.dtype, np.integer) or reference.dtype == np.bool_:
+        value = np.rint(value)
+    return np.ascontiguousarray(value.astype(reference.dtype, copy=False).reshape(reference.shape))
+
+
+def _copy_array(array: Array) -> Array:
+    """A new Array sharing the (immutable) bytes: bit-identical, independent of the source record."""
+    return Array(dtype=array.dtype, shape=tuple(array.shape), stype=array.stype, data=array.data)
+
+
+def _copy_record(record: ArrayRecord) -> ArrayRecord:
+    out = ArrayRecord()
+    for key, array in record.items():
+        out[key] = _copy_array(array)
+    return out
+
+
+def merge_updates(
+    global_record: ArrayRecord,
+    updates: Sequence[ValidUpdate],
+    *,
+    aggregation: Aggregation = "mean",
+    trim_fraction: float = 0.2,
+    max_num_examples: float | None = None,
+    global_arrays: dict[str, np.ndarray] | None = None,
+) -> tuple[ArrayRecord, list[str]]:
+    """Aggregate each key over the updates that carry it and merge into a copy of ``global_record``.
+
+    ``mean`` weights client i by ``min(num_examples_i, max_num_examples)``; ``median`` and
+    ``trimmed_mean`` are coordinate-wise and unweighted (like flwr's FedMedian/FedTrimmedAvg), over
+    the clients that sent the key. Arithmetic is float64, cast back to the global dtype (integers
+    rounded). Returns the new record (global key order) and the keys that were aggregated.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    if global_arrays is None:
+        global_arrays = decode_arrays(global_record)
+    merged = ArrayRecord()
+    updated: list[str] = []
+    for key, array in global_record.items():
+        senders = [u for u in updates if key in u.arrays]
+        if not senders:
+            merged[key] = _copy_array(array)
+            continue
+        stack = np.stack([u.arrays[key].astype(np.float64) for u in senders])
+        if aggregation == "mean":
+            weights = np.array([u.num_examples if max_num_examples is None
+                                else min(u.num_examples, max_num_examples) for u in senders],
+                               dtype=np.float64)
+            value = np.tensordot(weights / weights.sum(), stack, axes=1)
+        elif aggregation == "median":
+            value = np.median(stack, axis=0)
+        else:
+            value = _trimmed_mean(stack, trim_fraction)
+        merged[key] = Array(_cast_like(np.asarray(value), global_arrays[key]))
+        updated.append(key)
+    return merged, updated
+
+
+def aggregate_metrics(
+    entries: Sequence[tuple[float, dict[str, Any]]],
+    *,
+    weighted_by_key: str = "num-examples",
+) -> MetricRecord:
+    """Weighted mean of numeric metrics, each key over the clients that reported it.
+
+    ``entries`` are (weight, metrics). Non-finite values are skipped; list metrics are averaged
+    element-wise over the clients whose list has the most common length. The weighting key itself is
+    not averaged (it is summed by the caller when wanted).
+    """
+    sums: dict[str, Any] = {}
+    totals: dict[str, float] = {}
+    lengths: dict[str, dict[int, int]] = {}
+    for _, metrics in entries:
+        for key, value in metrics.items():
+            if isinstance(value, list):
+                counts = lengths.setdefault(key, {})
+                counts[len(value)] = counts.get(len(value), 0) + 1
+    for weight, metrics in entries:
+        for key, value in metrics.items():
+            if key == weighted_by_key:
+                continue
+            if isinstance(value, list):
+                counts = lengths[key]
+                if not value or len(value) != max(counts, key=lambda n: (counts[n], n)):
+                    continue
+                vec = np.asarray(value, dtype=np.float64)
+                if not np.all(np.isfinite(vec)):
+                    continue
+                sums[key] = sums.get(key, 0.0) + weight * vec
+            else:
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue
+                if not math.isfinite(value):
+                    continue
+                sums[key] = sums.get(key, 0.0) + weight * float(value)
+            totals[key] = totals.get(key, 0.0) + weight
+    out = MetricRecord()
+    for key, total in sums.items():
+        mean = total / totals[key]
+        out[key] = [float(v) for v in mean] if isinstance(mean, np.ndarray) else float(mean)
+    return out
+
+
+class PartialFedAvg(FedAvg):
+    """FedAvg over partial, heterogeneous key sets (one exit head per key group).
+
+    Parameters beyond :class:`flwr.serverapp.strategy.FedAvg`'s:
+
+    aggregation : "mean" | "median" | "trimmed_mean"
+        Per-key rule over the clients that sent the key (see :func:`merge_updates`).
+    trim_fraction : float in [0, 0.5)
+        Fraction cut at each end for ``trimmed_mean``.
+    max_update_norm : float or None
+        Reject a reply whose change (update − current global, over its keys) has a larger L2 norm.
+    max_num_examples : float or None
+        Cap on a client's weight in the mean (and in the weighted metrics).
+
+    A custom ``train_metrics_aggr_fn``/``evaluate_metrics_aggr_fn`` (flwr signature
+    ``(list[RecordDict], str) -> MetricRecord``) receives the contents of the *valid* replies only;
+    by default metrics are averaged per key with :func:`aggregate_metrics`, which tolerates clients
+    reporting different metric keys (exit-specific metrics), unlike flwr's default.
+    """
+
+    # pylint: disable=too-many-arguments
+    def __init__(
+        self,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
+        weighted_by_key: str = "num-examples",
+        arrayrecord_key: str = "arrays",
+        configrecord_key: str = "config",
+        train_metrics_aggr_fn: MetricsAggrFn | None = None,
+        evaluate_metrics_aggr_fn: MetricsAggrFn | None = None,
+        *,
+        aggregation: Aggregation = "mean",
+        trim_fraction: float = 0.2,
+        max_update_norm: float | None = None,
+        max_num_examples: float | None = None,
+    ) -> None:
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        if not 0.0 <= trim_fraction < 0.5:
+            raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
+        if max_update_norm is not None and not max_update_norm > 0:
+            raise ValueError(f"max_update_norm must be positive or None, got {max_update_norm}")
+        if max_num_examples is not None and not max_num_examples > 0:
+            raise ValueError(f"max_num_examples must be positive or None, got {max_num_examples}")
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=min_evaluate_nodes,
+            min_available_nodes=min_available_nodes,
+            weighted_by_key=weighted_by_key,
+            arrayrecord_key=arrayrecord_key,
+            configrecord_key=configrecord_key,
+            train_metrics_aggr_fn=train_metrics_aggr_fn,
+            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
+        )
+        self.aggregation: Aggregation = aggregation
+        self.trim_fraction = trim_fraction
+        self.max_update_norm = max_update_norm
+        self.max_num_examples = max_num_examples
+        self._custom_train_metrics_fn = train_metrics_aggr_fn
+        self._custom_evaluate_metrics_fn = evaluate_metrics_aggr_fn
+        self._current_record: ArrayRecord | None = None
+        self._current_arrays: dict[str, np.ndarray] | None = None
+        self.train_reports: dict[int, RoundReport] = {}
+        self.evaluate_reports: dict[int, RoundReport] = {}
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def current_arrays(self) -> ArrayRecord | None:
+        """The global record the current round was configured with (None before the first round)."""
+        return self._current_record
+
+    @property
+    def last_train_report(self) -> RoundReport | None:
+        return self.train_reports[max(self.train_reports)] if self.train_reports else None
+
+    @property
+    def last_evaluate_report(self) -> RoundReport | None:
+        return self.evaluate_reports[max(self.evaluate_reports)] if self.evaluate_reports else None
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> PartialFedAvg settings:")
+        log(INFO, "\t│\t├── aggregation: %s%s", self.aggregation,
+            f" (trim_fraction={self.trim_fraction})" if self.aggregation == "trimmed_mean" else "")
+        log(INFO, "\t│\t├── max_update_norm: %s", self.max_update_norm)
+        log(INFO, "\t│\t└── max_num_examples: %s", self.max_num_examples)
+        super().summary()
+
+    # ------------------------------------------------------------------ train
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Remember the current global record, then sample and build messages like FedAvg."""
+        self._current_record = _copy_record(arrays)
+        self._current_arrays = decode_arrays(self._current_record)
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate replies, then average each key over its senders into the current global record.
+
+        Returns the merged record (every key of the current global, untrained keys bit-identical) and
+        the aggregated train metrics. With fewer than ``min_train_nodes`` valid replies (or none), the
+        record is returned unchanged and the metrics are ``None``.
+        """
+        if self._current_record is None or self._current_arrays is None:
+            raise RuntimeError(
+                "PartialFedAvg.aggregate_train needs the current global ArrayRecord: call "
+                "configure_train for this round first (Strategy.start does)."
+            )
+        replies = list(replies)
+        updates, rejections = validate_train_replies(
+            replies, self._current_arrays, weighted_by_key=self.weighted_by_key,
+            max_update_norm=self.max_update_norm,
+        )
+        report = RoundReport(server_round=server_round, kind="train", rejections=rejections)
+        report.clients = [
+            ClientReport(node_id=u.node_id, num_examples=u.num_examples, metrics=u.metrics,
+                         keys=sorted(u.arrays), update_norm=u.update_norm)
+            for u in updates
+        ]
+        self.train_reports[server_round] = report
+        log(INFO, "aggregate_train: round %s, %s replies: %s valid, %s rejected",
+            server_round, len(replies), len(updates), len(rejections))
+        for rejection in rejections:
+            log(WARNING, "\t> rejected reply from node %s: %s", rejection.node_id, rejection.reason)
+
+        needed = max(self.min_train_nodes, 1)
+        if len(updates) < needed:
+            report.note = (f"{len(updates)} valid replies < {needed} required: "
+                           "global record left unchanged this round")
+            log(WARNING, "aggregate_train: round %s: %s", server_round, report.note)
+            return _copy_record(self._current_record), None
+
+        merged, updated = merge_updates(
+            self._current_record, updates, aggregation=self.aggregation,
+            trim_fraction=self.trim_fraction, max_num_examples=self.max_num_examples,
+            global_arrays=self._current_arrays,
+        )
+        report.aggregated = True
+        report.updated_keys = updated
+        untouched = len(self._current_record) - len(updated)
+        log(INFO, "\t└──> %s: updated %s keys, %s untouched", self.aggregation, len(updated), untouched)
+
+        return merged, self._train_metrics(updates, len(rejections))
+
+    def _weight(self, num_examples: float) -> float:
+        return num_examples if self.max_num_examples is None else min(num_examples, self.max_num_examples)
+
+    def _train_metrics(self, updates: list[ValidUpdate], rejected: int) -> MetricRecord:
+        if self._custom_train_metrics_fn is not None:
+            contents = [u.content for u in updates if u.content is not None]
+            return self._custom_train_metrics_fn(contents, self.weighted_by_key)
+        metrics = aggregate_metrics([(self._weight(u.num_examples), u.metrics) for u in updates],
+                                    weighted_by_key=self.weighted_by_key)
+        return self._add_counts(metrics, [u.num_examples for u in updates], rejected)
+
+    def _add_counts(self, metrics: MetricRecord, weights: list[float], rejected: int) -> MetricRecord:
+        total = sum(weights)
+        metrics[self.weighted_by_key] = int(total) if float(total).is_integer() else float(total)
+        metrics["num-clients"] = len(weights)
+        metrics["num-rejected"] = rejected
+        return metrics
+
+    # ------------------------------------------------------------------ evaluate
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Weighted mean of evaluation metrics per key; invalid replies are rejected and logged."""
+        replies = list(replies)
+        valid: list[ValidMetrics] = []
+        rejections: list[Rejection] = []
+        seen: set[int] = set()
+        for reply in replies:
+            node_id = int(reply.metadata.src_node_id)
+            if node_id in seen:
+                rejections.append(Rejection(node_id, "duplicate reply from the same node this round"))
+                continue
+            seen.add(node_id)
+            result = validate_evaluate_reply(reply, weighted_by_key=self.weighted_by_key)
+            (rejections if isinstance(result, Rejection) else valid).append(result)
+        report = RoundReport(server_round=server_round, kind="evaluate", rejections=rejections,
+                             clients=[ClientReport(node_id=v.node_id, num_examples=v.num_examples,
+                                                   metrics=v.metrics) for v in valid])
+        self.evaluate_reports[server_round] = report
+        log(INFO, "aggregate_evaluate: round %s, %s replies: %s valid, %s rejected",
+            server_round, len(replies), len(valid), len(rejections))
+        for rejection in rejections:
+            log(WARNING, "\t> rejected reply from node %s: %s", rejection.node_id, rejection.reason)
+        if not valid:
+            report.note = "no valid evaluate replies"
+            return None
+        report.aggregated = True
+        if self._custom_evaluate_metrics_fn is not None:
+            contents = [v.content for v in valid if v.content is not None]
+            return self._custom_evaluate_metrics_fn(contents, self.weighted_by_key)
+        metrics = aggregate_metrics([(self._weight(v.num_examples), v.metrics) for v in valid],
+                                    weighted_by_key=self.weighted_by_key)
+        return self._add_counts(metrics, [v.num_examples for v in valid], len(rejections))

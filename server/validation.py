@@ -1,0 +1,239 @@
+"""Validation of client replies before they are aggregated.
+
+A reply is checked against the *current* global record (exit-head weights only). Pure functions, no
+Flower state: the strategy (``fedsd.server.strategy``) calls them once per reply and tests call them
+directly.
+
+A train reply is rejected when
+
+- it carries an error instead of content (the ClientApp raised),
+- it does not hold exactly one ArrayRecord and exactly one MetricRecord (Flower's reply convention),
+- its ArrayRecord is empty, or names a key the global record does not have,
+- an array cannot be decoded, or its dtype or shape differ from the global array,
+- an array holds NaN or ±inf,
+- the weighting metric (``num-examples``) is missing, not a number, not finite, zero or negative,
+- the L2 norm of the change (update − current global, over the keys the reply sent) exceeds
+  ``max_update_norm`` (``None`` switches this check off),
+- the same node already sent a reply this round (the later one is rejected).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SType
+
+__all__ = [
+    "Rejection",
+    "ValidUpdate",
+    "ValidMetrics",
+    "decode_arrays",
+    "metric_values",
+    "read_weight",
+    "validate_evaluate_reply",
+    "validate_train_replies",
+    "validate_train_reply",
+]
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A reply that was left out of aggregation, and why."""
+
+    node_id: int
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"node_id": self.node_id, "reason": self.reason}
+
+
+@dataclass
+class ValidUpdate:
+    """A train reply that passed every check, decoded."""
+
+    node_id: int
+    arrays: dict[str, np.ndarray]
+    """Decoded arrays, keyed like the global record (a subset of its keys)."""
+    num_examples: float
+    metrics: dict[str, int | float | list[int] | list[float]] = field(default_factory=dict)
+    update_norm: float = 0.0
+    """L2 norm of (update − current global) over this reply's keys."""
+    content: RecordDict | None = field(default=None, repr=False, compare=False)
+    """The reply's content as received (for flwr-style custom metric aggregation functions)."""
+
+
+@dataclass
+class ValidMetrics:
+    """An evaluate reply that passed every check."""
+
+    node_id: int
+    num_examples: float
+    metrics: dict[str, int | float | list[int] | list[float]] = field(default_factory=dict)
+    content: RecordDict | None = field(default=None, repr=False, compare=False)
+
+
+def decode_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """Decode every Array of a record to numpy (no pickle: Flower stores ``np.save`` bytes)."""
+    return {key: array.numpy() for key, array in record.items()}
+
+
+def metric_values(record: MetricRecord) -> dict[str, int | float | list[int] | list[float]]:
+    """A plain-dict copy of a MetricRecord (lists copied)."""
+    return {key: (list(value) if isinstance(value, list) else value) for key, value in record.items()}
+
+
+def read_weight(metrics: Mapping[str, Any], weighted_by_key: str) -> float | str:
+    """The reply's weight, or the reason it is unusable."""
+    if weighted_by_key not in metrics:
+        return f"missing '{weighted_by_key}' in MetricRecord"
+    value = metrics[weighted_by_key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"'{weighted_by_key}' is not a number ({type(value).__name__})"
+    if not math.isfinite(value):
+        return f"'{weighted_by_key}' is not finite ({value})"
+    if value <= 0:
+        return f"'{weighted_by_key}' must be positive (got {value})"
+    return float(value)
+
+
+def _node_id(reply: Message) -> int:
+    return int(reply.metadata.src_node_id)
+
+
+def _single_record(records: Mapping[str, Any], what: str) -> Any | str:
+    if len(records) != 1:
+        return f"expected exactly one {what}, found {len(records)}"
+    return next(iter(records.values()))
+
+
+def _error_reason(reply: Message) -> str:
+    err = reply.error
+    return f"error reply (code {err.code}): {err.reason}"
+
+
+def _check_array(key: str, array: Array, reference: np.ndarray) -> np.ndarray | str:
+    """Decode one Array and compare it with the global array of the same key."""
+    if array.stype != SType.NUMPY:
+        return f"'{key}': unsupported serialisation type '{array.stype}'"
+    if array.dtype != str(reference.dtype):
+        return f"'{key}': dtype {array.dtype} != global {reference.dtype}"
+    if tuple(array.shape) != reference.shape:
+        return f"'{key}': shape {tuple(array.shape)} != global {reference.shape}"
+    try:
+        value = array.numpy()
+    except Exception as exc:  # malformed bytes: np.load raises many exception types
+        return f"'{key}': cannot decode array ({type(exc).__name__}: {exc})"
+    # The header inside the bytes is authoritative; the Array's metadata could disagree with it.
+    if value.dtype != reference.dtype:
+        return f"'{key}': dtype {value.dtype} != global {reference.dtype}"
+    if value.shape != reference.shape:
+        return f"'{key}': shape {value.shape} != global {reference.shape}"
+    if np.issubdtype(value.dtype, np.inexact) and not np.all(np.isfinite(value)):
+        return f"'{key}': non-finite values (NaN or inf)"
+    return value
+
+
+def validate_train_reply(
+    reply: Message,
+    global_arrays: Mapping[str, np.ndarray] | ArrayRecord,
+    *,
+    weighted_by_key: str = "num-examples",
+    max_update_norm: float | None = None,
+) -> ValidUpdate | Rejection:
+    """Check one train reply against the current global arrays.
+
+    ``global_arrays`` may be the global ArrayRecord or its decoded form (``decode_arrays``); pass the
+    decoded form when validating many replies against the same record.
+    """
+    node_id = _node_id(reply)
+    if reply.has_error():
+        return Rejection(node_id, _error_reason(reply))
+    if not reply.has_content():
+        return Rejection(node_id, "reply has neither content nor error")
+    if isinstance(global_arrays, ArrayRecord):
+        global_arrays = decode_arrays(global_arrays)
+
+    content = reply.content
+    record = _single_record(content.array_records, "ArrayRecord")
+    if isinstance(record, str):
+        return Rejection(node_id, record)
+    metric_record = _single_record(content.metric_records, "MetricRecord")
+    if isinstance(metric_record, str):
+        return Rejection(node_id, metric_record)
+
+    metrics = metric_values(metric_record)
+    weight = read_weight(metrics, weighted_by_key)
+    if isinstance(weight, str):
+        return Rejection(node_id, weight)
+
+    if len(record) == 0:
+        return Rejection(node_id, "empty ArrayRecord (no weights sent)")
+    unknown = sorted(key for key in record if key not in global_arrays)
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        return Rejection(node_id, f"unknown keys not in the global record: {shown}")
+
+    decoded: dict[str, np.ndarray] = {}
+    squared = 0.0
+    for key, array in record.items():
+        checked = _check_array(key, array, global_arrays[key])
+        if isinstance(checked, str):
+            return Rejection(node_id, checked)
+        decoded[key] = checked
+        diff = checked.astype(np.float64) - global_arrays[key].astype(np.float64)
+        squared += float(np.dot(diff.ravel(), diff.ravel()))
+    norm = math.sqrt(squared)
+    if max_update_norm is not None and not norm <= max_update_norm:
+        return Rejection(node_id, f"update norm {norm:.6g} exceeds max_update_norm {max_update_norm:g}")
+
+    return ValidUpdate(node_id=node_id, arrays=decoded, num_examples=weight, metrics=metrics,
+                       update_norm=norm, content=content)
+
+
+def validate_train_replies(
+    replies: Iterable[Message],
+    global_arrays: Mapping[str, np.ndarray] | ArrayRecord,
+    *,
+    weighted_by_key: str = "num-examples",
+    max_update_norm: float | None = None,
+) -> tuple[list[ValidUpdate], list[Rejection]]:
+    """Split a round's replies into valid updates and rejections (a node's second reply is rejected)."""
+    if isinstance(global_arrays, ArrayRecord):
+        global_arrays = decode_arrays(global_arrays)
+    valid: list[ValidUpdate] = []
+    rejections: list[Rejection] = []
+    seen: set[int] = set()
+    for reply in replies:
+        node_id = _node_id(reply)
+        if node_id in seen:
+            rejections.append(Rejection(node_id, "duplicate reply from the same node this round"))
+            continue
+        seen.add(node_id)
+        result = validate_train_reply(reply, global_arrays, weighted_by_key=weighted_by_key,
+                                      max_update_norm=max_update_norm)
+        (rejections if isinstance(result, Rejection) else valid).append(result)
+    return valid, rejections
+
+
+def validate_evaluate_reply(
+    reply: Message, *, weighted_by_key: str = "num-examples"
+) -> ValidMetrics | Rejection:
+    """Check one evaluate reply: content with exactly one MetricRecord and a usable weight."""
+    node_id = _node_id(reply)
+    if reply.has_error():
+        return Rejection(node_id, _error_reason(reply))
+    if not reply.has_content():
+        return Rejection(node_id, "reply has neither content nor error")
+    metric_record = _single_record(reply.content.metric_records, "MetricRecord")
+    if isinstance(metric_record, str):
+        return Rejection(node_id, metric_record)
+    metrics = metric_values(metric_record)
+    weight = read_weight(metrics, weighted_by_key)
+    if isinstance(weight, str):
+        return Rejection(node_id, weight)
+    return ValidMetrics(node_id=node_id, num_examples=weight, metrics=metrics, content=reply.content)

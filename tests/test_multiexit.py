@@ -1,0 +1,221 @@
+"""Multi-exit model: only needed layers run, early exit never recomputes, checkpoints exact and checked."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fedsd.checkpoint import CheckpointError, save_tensors, sha256_file
+from fedsd.model import ConfigError, MultiExitSER, load_backbone
+
+pytestmark = pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
+LABELS = ["angry", "happy", "neutral", "sad"]
+
+
+def make(family: str = "wav2vec2", exits=(1, 2, 4), head: str = "stats", seed: int = 0) -> MultiExitSER:
+    torch.manual_seed(seed)
+    return MultiExitSER(
+        load_backbone("tiny", family=family), exits, LABELS, head=head, meta={"crop": 48000}
+    ).eval()
+
+
+def batch(lengths=(6400, 4000), seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(len(lengths), max(lengths))
+    mask = torch.zeros_like(x, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        x[i, :n] = torch.randn(n, generator=g)
+        mask[i, :n] = 1
+    return x, mask
+
+
+def layer_calls(model: MultiExitSER) -> list[int]:
+    calls = [0] * model.encoder.num_layers
+    for i, layer in enumerate(model.backbone.encoder.layers):
+        layer.register_forward_hook(lambda *_a, i=i: calls.__setitem__(i, calls[i] + 1))
+    return calls
+
+
+@pytest.fixture(scope="module")
+def model() -> MultiExitSER:
+    return make()
+
+
+def test_structure(model):
+    assert model.exits == [1, 2, 4] and model.teacher_exit == 4
+    assert list(model.heads.keys()) == ["1", "2", "4"] and model.num_classes == 4
+    assert MultiExitSER(load_backbone("tiny"), [4, 2, 2], LABELS).exits == [2, 4]
+
+
+def test_forward_runs_only_layers_up_to_the_deepest_requested_exit():
+    m = make()
+    calls = layer_calls(m)
+    x, mask = batch()
+    with torch.no_grad():
+        out = m(x, attention_mask=mask, exits=[2])
+    assert list(out) == [2] and out[2].logits.shape == (2, 4) and out[2].embedding.shape == (2, 256)
+    assert calls == [1, 1, 0, 0]
+    with torch.no_grad():
+        m(x, attention_mask=mask)
+    assert calls == [2, 2, 1, 1]
+
+
+def test_exit_outputs_match_heads_on_hf_hidden_states(model):
+    x, mask = batch()
+    with torch.no_grad():
+        out = model(x, attention_mask=mask)
+        hs = model.backbone(x, attention_mask=mask, output_hidden_states=True).hidden_states
+        fmask = model.backbone._get_feature_vector_attention_mask(hs[0].shape[1], mask)
+        for k in model.exits:
+            ref = model.head(k)(hs[k], fmask)
+            torch.testing.assert_close(out[k].logits, ref.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_precompute_then_heads_equals_forward(model):
+    x, mask = batch()
+    with torch.no_grad():
+        direct = model(x, attention_mask=mask, exits=[1, 4])
+        cached = model.forward_precomputed(model.precompute(x, attention_mask=mask, exits=[1, 4]))
+    for k in (1, 4):
+        torch.testing.assert_close(direct[k].logits, cached[k].logits, atol=1e-6, rtol=1e-6)
+
+
+def test_early_exit_threshold_zero_uses_first_exit():
+    m = make()
+    calls = layer_calls(m)
+    x, mask = batch((6400,))
+    k, probs = m.predict_early_exit(x, mask, threshold=0.0)
+    assert k == 1 and calls == [1, 0, 0, 0]
+    assert probs.shape == (4,) and float(probs.sum()) == pytest.approx(1.0, abs=1e-6)
+    with torch.no_grad():
+        ref = torch.softmax(m(x, mask, exits=[1])[1].logits[0], -1)
+    torch.testing.assert_close(probs, ref)
+
+
+def test_early_exit_above_one_uses_teacher_without_recomputing():
+    m = make()
+    m.train()
+    calls = layer_calls(m)
+    head_calls = {k: 0 for k in m.exits}
+    for k in m.exits:
+        m.head(k).register_forward_hook(lambda *_a, k=k: head_calls.__setitem__(k, head_calls[k] + 1))
+    x, _ = batch((6400,))
+    k, probs = m.predict_early_exit(x[0], threshold=1.01)
+    assert k == 4 and calls == [1, 1, 1, 1] and head_calls == {1: 1, 2: 1, 4: 1}
+    assert m.training  # mode restored
+    m.eval()
+    with torch.no_grad():
+        ref = torch.softmax(m(x, exits=[4])[4].logits[0], -1)
+    torch.testing.assert_close(probs, ref)
+    k, _ = m.predict_early_exit(x, threshold=1.01, max_exit=3)
+    assert k == 2
+    with pytest.raises(ConfigError, match="max_exit"):
+        m.predict_early_exit(x, max_exit=0)
+
+
+def test_head_state_dict_roundtrip_and_checks(model):
+    sd = model.head_state_dict()
+    assert "heads.1.proj.weight" in sd and all(k.startswith("heads.") for k in sd)
+    assert set(model.head_state_dict(exits=[2])) == {k for k in sd if k.startswith("heads.2.")}
+    other = make(seed=5)
+    assert not torch.equal(other.head_state_dict()["heads.1.proj.weight"], sd["heads.1.proj.weight"])
+    other.load_head_state_dict(sd)
+    assert all(torch.equal(v, sd[k]) for k, v in other.head_state_dict().items())
+    part = {k: v for k, v in sd.items() if k.startswith("heads.1.")}
+    with pytest.raises(CheckpointError, match="missing"):
+        other.load_head_state_dict(part)
+    missing, unexpected = other.load_head_state_dict(part, strict=False)
+    assert missing and not unexpected
+    bad = dict(sd, **{"heads.1.proj.weight": torch.zeros(3, 3)})
+    with pytest.raises(CheckpointError, match="shape"):
+        other.load_head_state_dict(bad, strict=False)
+
+
+@pytest.mark.parametrize(("family", "head"), [("wav2vec2", "stats"), ("wavlm", "gru")])
+def test_save_load_reproduces_outputs_exactly(tmp_path, family, head):
+    m = make(family=family, head=head)
+    m.save_pretrained(tmp_path / "ckpt")
+    info = json.loads((tmp_path / "ckpt" / "fedsd.json").read_text())
+    assert info["exits"] == [1, 2, 4] and info["teacher_exit"] == 4 and info["head"] == head
+    assert info["label_names"] == LABELS and info["crop"] == 48000 and info["family"] == family
+    assert info["fingerprint"] == m.backbone_fingerprint() and info["sample_rate"] == 16000
+    assert (tmp_path / "ckpt" / "backbone" / "config.json").is_file()
+    again = MultiExitSER.from_pretrained(tmp_path / "ckpt")
+    x, mask = batch()
+    with torch.no_grad():
+        a, b = m(x, attention_mask=mask), again(x, attention_mask=mask)
+    for k in m.exits:
+        assert torch.equal(a[k].logits, b[k].logits) and torch.equal(a[k].embedding, b[k].embedding)
+    assert again.meta == {"crop": 48000} and again.head_kwargs == m.head_kwargs
+
+
+@pytest.fixture
+def saved(tmp_path):
+    path = tmp_path / "ckpt"
+    make().save_pretrained(path)
+    return path
+
+
+def test_corrupt_heads_file_is_a_checkpoint_error(saved):
+    heads = saved / "heads.safetensors"
+    heads.write_bytes(heads.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="heads.safetensors"):
+        MultiExitSER.from_pretrained(saved)
+    # unreadable even when the recorded hash is made to match
+    info = json.loads((saved / "fedsd.json").read_text())
+    info["heads_sha256"] = sha256_file(heads)
+    (saved / "fedsd.json").write_text(json.dumps(info))
+    with pytest.raises(CheckpointError, match="heads.safetensors.*safetensors"):
+        MultiExitSER.from_pretrained(saved)
+
+
+def test_heads_keys_not_matching_fedsd_json(saved):
+    heads = saved / "heads.safetensors"
+    sd = make().head_state_dict()
+    del sd["heads.4.classifier.bias"]
+    save_tensors(heads, sd)
+    info = json.loads((saved / "fedsd.json").read_text())
+    info["heads_sha256"] = sha256_file(heads)
+    (saved / "fedsd.json").write_text(json.dumps(info))
+    with pytest.raises(CheckpointError, match=r"heads\.safetensors.*heads\.4\.classifier\.bias"):
+        MultiExitSER.from_pretrained(saved)
+
+
+def test_fingerprint_mismatch_and_missing_files(saved, tmp_path):
+    info = json.loads((saved / "fedsd.json").read_text())
+    info["fingerprint"] = "0" * 64
+    (saved / "fedsd.json").write_text(json.dumps(info))
+    with pytest.raises(CheckpointError, match="fingerprint"):
+        MultiExitSER.from_pretrained(saved)
+    (saved / "fedsd.json").unlink()
+    with pytest.raises(CheckpointError, match="fedsd.json"):
+        MultiExitSER.from_pretrained(saved)
+    with pytest.raises(CheckpointError, match="fedsd.json"):
+        MultiExitSER.from_pretrained(tmp_path / "nowhere")
+
+
+def test_bad_settings_name_the_field():
+    bb = load_backbone("tiny")
+    for exits in ([0, 2], [5], [], "3"):
+        with pytest.raises(ConfigError, match=r"^exits: "):
+            MultiExitSER(bb, exits, LABELS)
+    with pytest.raises(ConfigError, match=r"^head: "):
+        MultiExitSER(bb, [2, 4], LABELS, head="mlp")
+    with pytest.raises(ConfigError, match=r"^label_names: "):
+        MultiExitSER(bb, [2, 4], ["only"])
+    with pytest.raises(ConfigError, match=r"^family: "):
+        load_backbone("tiny", family="whisper")
+    with pytest.raises(ConfigError, match=r"^exits: "):
+        MultiExitSER(bb, [2, 4], LABELS)(torch.zeros(1, 4000), exits=[3])
+
+
+def test_freeze_backbone():
+    m = make()
+    m.freeze_backbone(freeze_feature_encoder_only=True)
+    assert not any(p.requires_grad for p in m.backbone.feature_extractor.parameters())
+    assert all(p.requires_grad for p in m.backbone.encoder.parameters())
+    m.freeze_backbone()
+    assert not any(p.requires_grad for p in m.backbone.parameters())
+    assert all(p.requires_grad for p in m.heads.parameters())
