@@ -37,6 +37,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 import numpy as np
+from scipy import fft as sp_fft
 from scipy import signal
 
 from fedsd.data.manifest import ManifestRow, write_manifest
@@ -419,7 +420,8 @@ def _smooth(x: np.ndarray, n: int) -> np.ndarray:
         return x
     k = np.hanning(n + 2)[1:-1]
     k /= k.sum()
-    return np.convolve(np.pad(x, (n // 2, n - 1 - n // 2), mode="edge"), k, mode="valid")
+    xp = np.pad(x, (n // 2, n - 1 - n // 2), mode="edge")
+    return np.convolve(xp, k, mode="valid") if n <= 64 else signal.oaconvolve(xp, k, mode="valid")
 
 
 def _numpy_render(text: str, spk: Speaker, style: EmotionStyle, rng: np.random.Generator) -> np.ndarray:
@@ -528,9 +530,7 @@ def _apply_style(x: np.ndarray, style: EmotionStyle, rng: np.random.Generator) -
         noise = signal.sosfilt(_BREATH_SOS, rng.normal(0, 1, n))
         env = _envelope(x, int(0.02 * sr))
         x = x + style.breath * 1.2 * noise / (np.std(noise) + 1e-12) * env
-    spec = np.fft.rfft(x)
-    spec *= _tilt_response(np.fft.rfftfreq(n, 1 / sr), style.tilt_db_oct)
-    x = np.fft.irfft(spec, n)
+    x = _fft_filter(x, lambda f: _tilt_response(f, style.tilt_db_oct))
     x = x / _rms(x) * _REF_RMS * 10 ** (style.gain_db / 20)
     if style.drive > 0:  # level-relative soft clipping: harmonics and flattened peaks, loudness kept
         before = _rms(x)
@@ -563,12 +563,31 @@ def _noise(color: str, n: int, rng: np.random.Generator) -> np.ndarray:
     white = rng.normal(0, 1, n)
     if color == "white":
         return white
-    spec = np.fft.rfft(white)
-    f = np.fft.rfftfreq(n, 1 / SAMPLE_RATE)
-    f[0] = f[1] if n > 1 else 1.0
+    m = sp_fft.next_fast_len(n, real=True)
+    spec = sp_fft.rfft(white, m)
+    f = np.clip(sp_fft.rfftfreq(m, 1 / SAMPLE_RATE), 20.0, None)
     spec /= np.sqrt(f) if color == "pink" else f
-    y = np.fft.irfft(spec, n)
+    y = sp_fft.irfft(spec, m)[:n]
     return y / (np.std(y) + 1e-12)
+
+
+def _fft_filter(x: np.ndarray, response: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Zero-phase filtering by a magnitude response of frequency (Hz); padded against wrap-around."""
+    n = len(x)
+    m = sp_fft.next_fast_len(n + 2048, real=True)
+    spec = sp_fft.rfft(x, m) * response(sp_fft.rfftfreq(m, 1 / SAMPLE_RATE))
+    return sp_fft.irfft(spec, m)[:n]
+
+
+def _channel_response(spk: Speaker, f: np.ndarray) -> np.ndarray:
+    """Microphone and line: band limits, tilt and a few broad EQ bumps (zero-phase magnitude)."""
+    fz = np.clip(f, 1.0, None)
+    h = 1 / np.sqrt(1 + (spk.highpass_hz / fz) ** 4) / np.sqrt(1 + (f / spk.lowpass_hz) ** 8)
+    h = h * _tilt_response(f, spk.mic_tilt_db_oct)
+    lf = np.log2(fz)
+    for fc, g_db, width in spk.eq:
+        h = h * 10 ** (g_db * np.exp(-0.5 * ((lf - math.log2(fc)) / width) ** 2) / 20)
+    return h
 
 
 def _apply_speaker(x: np.ndarray, spk: Speaker, seed: int, rng: np.random.Generator) -> np.ndarray:
@@ -578,14 +597,7 @@ def _apply_speaker(x: np.ndarray, spk: Speaker, seed: int, rng: np.random.Genera
     x = np.pad(x, pad) * 10 ** ((spk.gain_db + rng.normal(0, 1.5)) / 20)
     n = len(x)
     x = signal.fftconvolve(x, _room_ir(seed, spk.index, spk.rt60_s, spk.wet_db))[:n]
-    f = np.fft.rfftfreq(n, 1 / sr)
-    fz = np.clip(f, 1.0, None)
-    h = 1 / np.sqrt(1 + (spk.highpass_hz / fz) ** 4) / np.sqrt(1 + (f / spk.lowpass_hz) ** 8)
-    h *= _tilt_response(f, spk.mic_tilt_db_oct)
-    lf = np.log2(fz)
-    for fc, g_db, width in spk.eq:
-        h *= 10 ** (g_db * np.exp(-0.5 * ((lf - math.log2(fc)) / width) ** 2) / 20)
-    x = np.fft.irfft(np.fft.rfft(x) * h, n)
+    x = _fft_filter(x, lambda f: _channel_response(spk, f))
     # The noise floor is fixed per speaker (set by a neutral utterance's level), so quiet emotions get
     # a worse SNR than loud ones, as in a real recording session.
     floor = _REF_RMS * 10 ** ((spk.gain_db - spk.snr_db + rng.normal(0, 1.5)) / 20)
