@@ -43,6 +43,10 @@ def _mount() -> None:
         from fedsd.train_cli import register as register_train
 
         register_train(app)
+    if _exists("fedsd.export_cli"):
+        from fedsd.export_cli import register as register_export
+
+        register_export(app)
     if _exists("fedsd.server.cli"):
         from fedsd.server.cli import app as server_app
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError, safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from fedsd.audio import CropPolicy
@@ -88,7 +88,7 @@ class FeatureCache:
                 if (fh.metadata() or {}).get("key") != key:
                     return None
                 x = fh.get_tensor("x")
-        except (SafetensorsError, OSError, ValueError, RuntimeError, KeyError):
+        except (SafetensorError, OSError, ValueError, RuntimeError, KeyError):
             return None
         if not torch.isfinite(x).all():
             return None

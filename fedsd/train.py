@@ -225,12 +225,14 @@ def train(
     cfg: ExperimentConfig,
     run_dir: str | Path,
     *,
+    splits: dict[str, list[ManifestRow]] | None = None,
     progress: Any | None = None,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train all exits centrally; write config, metrics.jsonl, best/ and last/ checkpoints to ``run_dir``.
 
-    ``progress`` is a ``rich.progress.Progress`` (optional): one task per epoch.
+    ``splits`` overrides the config's train/valid/test selection (the federated set-up trains on the
+    server's speaker pool). ``progress`` is a ``rich.progress.Progress`` (optional).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -242,7 +244,7 @@ def train(
 
     rows = read_manifest(cfg.data.manifest_path)
     label_names = resolve_label_names(cfg, rows)
-    splits = split_rows(cfg, rows)
+    splits = splits if splits is not None else split_rows(cfg, rows)
     root = cfg.data.root
     device = cfg.train.device
     tc = cfg.train
@@ -308,7 +310,7 @@ def train(
             n_batches += 1
             if progress is not None:
                 progress.update(
-                    task, advance=1, description=f"epoch {epoch}/{tc.epochs} loss {float(loss):.3f}"
+                    task, advance=1, description=f"epoch {epoch}/{tc.epochs} loss {float(comps['total']):.3f}"
                 )
         record: dict[str, Any] = {"epoch": epoch, "mode": mode}
         record.update({f"train/{k}": v / max(n_batches, 1) for k, v in sums.items()})

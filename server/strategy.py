@@ -65,8 +65,11 @@ class ClientReport:
     update_norm: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"node_id": self.node_id, "num_examples": self.num_examples,
-                               "metrics": dict(self.metrics)}
+        out: dict[str, Any] = {
+            "node_id": self.node_id,
+            "num_examples": self.num_examples,
+            "metrics": dict(self.metrics),
+        }
         if self.keys:
             out["keys"] = list(self.keys)
         if self.update_norm is not None:
@@ -159,9 +162,13 @@ def merge_updates(
             continue
         stack = np.stack([u.arrays[key].astype(np.float64) for u in senders])
         if aggregation == "mean":
-            weights = np.array([u.num_examples if max_num_examples is None
-                                else min(u.num_examples, max_num_examples) for u in senders],
-                               dtype=np.float64)
+            weights = np.array(
+                [
+                    u.num_examples if max_num_examples is None else min(u.num_examples, max_num_examples)
+                    for u in senders
+                ],
+                dtype=np.float64,
+            )
             value = np.tensordot(weights / weights.sum(), stack, axes=1)
         elif aggregation == "median":
             value = np.median(stack, axis=0)
@@ -304,8 +311,12 @@ class PartialFedAvg(FedAvg):
 
     def summary(self) -> None:
         log(INFO, "\t├──> PartialFedAvg settings:")
-        log(INFO, "\t│\t├── aggregation: %s%s", self.aggregation,
-            f" (trim_fraction={self.trim_fraction})" if self.aggregation == "trimmed_mean" else "")
+        log(
+            INFO,
+            "\t│\t├── aggregation: %s%s",
+            self.aggregation,
+            f" (trim_fraction={self.trim_fraction})" if self.aggregation == "trimmed_mean" else "",
+        )
         log(INFO, "\t│\t├── max_update_norm: %s", self.max_update_norm)
         log(INFO, "\t│\t└── max_num_examples: %s", self.max_num_examples)
         super().summary()
@@ -336,31 +347,48 @@ class PartialFedAvg(FedAvg):
             )
         replies = list(replies)
         updates, rejections = validate_train_replies(
-            replies, self._current_arrays, weighted_by_key=self.weighted_by_key,
+            replies,
+            self._current_arrays,
+            weighted_by_key=self.weighted_by_key,
             max_update_norm=self.max_update_norm,
         )
         report = RoundReport(server_round=server_round, kind="train", rejections=rejections)
         report.clients = [
-            ClientReport(node_id=u.node_id, num_examples=u.num_examples, metrics=u.metrics,
-                         keys=sorted(u.arrays), update_norm=u.update_norm)
+            ClientReport(
+                node_id=u.node_id,
+                num_examples=u.num_examples,
+                metrics=u.metrics,
+                keys=sorted(u.arrays),
+                update_norm=u.update_norm,
+            )
             for u in updates
         ]
         self.train_reports[server_round] = report
-        log(INFO, "aggregate_train: round %s, %s replies: %s valid, %s rejected",
-            server_round, len(replies), len(updates), len(rejections))
+        log(
+            INFO,
+            "aggregate_train: round %s, %s replies: %s valid, %s rejected",
+            server_round,
+            len(replies),
+            len(updates),
+            len(rejections),
+        )
         for rejection in rejections:
             log(WARNING, "\t> rejected reply from node %s: %s", rejection.node_id, rejection.reason)
 
         needed = max(self.min_train_nodes, 1)
         if len(updates) < needed:
-            report.note = (f"{len(updates)} valid replies < {needed} required: "
-                           "global record left unchanged this round")
+            report.note = (
+                f"{len(updates)} valid replies < {needed} required: global record left unchanged this round"
+            )
             log(WARNING, "aggregate_train: round %s: %s", server_round, report.note)
             return _copy_record(self._current_record), None
 
         merged, updated = merge_updates(
-            self._current_record, updates, aggregation=self.aggregation,
-            trim_fraction=self.trim_fraction, max_num_examples=self.max_num_examples,
+            self._current_record,
+            updates,
+            aggregation=self.aggregation,
+            trim_fraction=self.trim_fraction,
+            max_num_examples=self.max_num_examples,
             global_arrays=self._current_arrays,
         )
         report.aggregated = True
@@ -377,8 +405,9 @@ class PartialFedAvg(FedAvg):
         if self._custom_train_metrics_fn is not None:
             contents = [u.content for u in updates if u.content is not None]
             return self._custom_train_metrics_fn(contents, self.weighted_by_key)
-        metrics = aggregate_metrics([(self._weight(u.num_examples), u.metrics) for u in updates],
-                                    weighted_by_key=self.weighted_by_key)
+        metrics = aggregate_metrics(
+            [(self._weight(u.num_examples), u.metrics) for u in updates], weighted_by_key=self.weighted_by_key
+        )
         return self._add_counts(metrics, [u.num_examples for u in updates], rejected)
 
     def _add_counts(self, metrics: MetricRecord, weights: list[float], rejected: int) -> MetricRecord:
@@ -404,12 +433,23 @@ class PartialFedAvg(FedAvg):
             seen.add(node_id)
             result = validate_evaluate_reply(reply, weighted_by_key=self.weighted_by_key)
             (rejections if isinstance(result, Rejection) else valid).append(result)
-        report = RoundReport(server_round=server_round, kind="evaluate", rejections=rejections,
-                             clients=[ClientReport(node_id=v.node_id, num_examples=v.num_examples,
-                                                   metrics=v.metrics) for v in valid])
+        report = RoundReport(
+            server_round=server_round,
+            kind="evaluate",
+            rejections=rejections,
+            clients=[
+                ClientReport(node_id=v.node_id, num_examples=v.num_examples, metrics=v.metrics) for v in valid
+            ],
+        )
         self.evaluate_reports[server_round] = report
-        log(INFO, "aggregate_evaluate: round %s, %s replies: %s valid, %s rejected",
-            server_round, len(replies), len(valid), len(rejections))
+        log(
+            INFO,
+            "aggregate_evaluate: round %s, %s replies: %s valid, %s rejected",
+            server_round,
+            len(replies),
+            len(valid),
+            len(rejections),
+        )
         for rejection in rejections:
             log(WARNING, "\t> rejected reply from node %s: %s", rejection.node_id, rejection.reason)
         if not valid:
@@ -419,6 +459,7 @@ class PartialFedAvg(FedAvg):
         if self._custom_evaluate_metrics_fn is not None:
             contents = [v.content for v in valid if v.content is not None]
             return self._custom_evaluate_metrics_fn(contents, self.weighted_by_key)
-        metrics = aggregate_metrics([(self._weight(v.num_examples), v.metrics) for v in valid],
-                                    weighted_by_key=self.weighted_by_key)
+        metrics = aggregate_metrics(
+            [(self._weight(v.num_examples), v.metrics) for v in valid], weighted_by_key=self.weighted_by_key
+        )
         return self._add_counts(metrics, [v.num_examples for v in valid], len(rejections))

@@ -191,8 +191,14 @@ def validate_train_reply(
     if max_update_norm is not None and not norm <= max_update_norm:
         return Rejection(node_id, f"update norm {norm:.6g} exceeds max_update_norm {max_update_norm:g}")
 
-    return ValidUpdate(node_id=node_id, arrays=decoded, num_examples=weight, metrics=metrics,
-                       update_norm=norm, content=content)
+    return ValidUpdate(
+        node_id=node_id,
+        arrays=decoded,
+        num_examples=weight,
+        metrics=metrics,
+        update_norm=norm,
+        content=content,
+    )
 
 
 def validate_train_replies(
@@ -214,8 +220,9 @@ def validate_train_replies(
             rejections.append(Rejection(node_id, "duplicate reply from the same node this round"))
             continue
         seen.add(node_id)
-        result = validate_train_reply(reply, global_arrays, weighted_by_key=weighted_by_key,
-                                      max_update_norm=max_update_norm)
+        result = validate_train_reply(
+            reply, global_arrays, weighted_by_key=weighted_by_key, max_update_norm=max_update_norm
+        )
         (rejections if isinstance(result, Rejection) else valid).append(result)
     return valid, rejections
 

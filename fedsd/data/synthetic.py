@@ -433,7 +433,7 @@ def _numpy_render(text: str, spk: Speaker, style: EmotionStyle, rng: np.random.G
     for kind, dur, fm, acc in plan:
         d = dur / rate * float(np.exp(rng.normal(0, 0.08)))
         if kind == "gap":
-            d += style.pause * 0.01 * (kind == "gap")
+            d += style.pause * 0.01
         kinds.append(kind)
         durs.append(max(1, int(round(d * sr))))
         forms.append(fm)
@@ -453,9 +453,11 @@ def _numpy_render(text: str, spk: Speaker, style: EmotionStyle, rng: np.random.G
     starts = np.cumsum([0, *durs[:-1]]) / sr
     contour = np.linspace(1.0, -2.0, n)
     for s, d, acc in zip(starts, durs, accents):
-        if acc:
+        if acc:  # a pitch accent: a Gaussian bump (±3 sd = ±0.27 s) on the stressed syllable
             h = 2.5 * float(rng.uniform(0.5, 1.2))
-            contour += h * np.exp(-0.5 * ((t - s - d / sr / 2) / 0.09) ** 2)
+            c = s + d / sr / 2
+            lo, hi = max(0, int((c - 0.27) * sr)), min(n, int((c + 0.27) * sr))
+            contour[lo:hi] += h * np.exp(-0.5 * ((t[lo:hi] - c) / 0.09) ** 2)
     contour *= style.range
     wobble = _smooth(rng.normal(0, 1, n), int(0.03 * sr))
     wobble /= np.std(wobble) + 1e-12
@@ -467,10 +469,10 @@ def _numpy_render(text: str, spk: Speaker, style: EmotionStyle, rng: np.random.G
     src += style.breath * 0.3 * rng.normal(0, 1, n) * flow * voiced  # aspiration during the open phase
     src += noisy * rng.normal(0, 1, n) * 0.3
 
-    # Time-varying cascade of resonators, coefficients updated every 5 ms (filter state carried over).
+    # Time-varying cascade of resonators, coefficients updated every 10 ms (filter state carried over).
     y = src
     bws = (70.0, 100.0, 140.0)
-    block = int(0.005 * sr)
+    block = int(0.01 * sr)
     for j in range(3):
         bw = bws[j] * (1 + style.breath)
         out = np.empty_like(y)

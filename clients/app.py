@@ -1,0 +1,230 @@
+"""The Flower ClientApp of a device: train (local head adaptation), evaluate, and two queries.
+
+- ``query.info``  → the device's exit, data size and whether it holds the server's model.
+- ``query.model`` → receives the base model once (a device started without ``--model``).
+- ``train``       → fine-tunes its shallow heads from cached backbone features by self-distillation
+                    and replies with those heads, ``num-examples`` and metrics. Nothing else leaves.
+- ``evaluate``    → per-exit metrics on its local validation utterances.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedsd.audio import CropPolicy
+from fedsd.clients.device import DeviceError, DeviceSettings
+from fedsd.clients.training import ExitPlan, LocalTrainConfig, evaluate_cached, plan_exits, train_heads
+from fedsd.distill import DistillConfig
+from fedsd.features import CachedFeatures, FeatureCache
+from fedsd.model.multiexit import MultiExitSER
+from fedsd.wire import heads_to_record, record_to_checkpoint, record_to_heads
+
+
+def model_crop(model: MultiExitSER) -> CropPolicy:
+    """Devices cache deterministic features: the model's crop, with random crops made central."""
+    crop = dict(model.meta.get("crop") or {})
+    mode = crop.get("mode", "none")
+    return CropPolicy(
+        max_seconds=crop.get("max_seconds"),
+        mode="center" if mode == "random" else mode,
+        sample_rate=int(model.meta.get("sample_rate", 16000)),
+    )
+
+
+def load_device_model(settings: DeviceSettings, fingerprint: str) -> MultiExitSER:
+    """The device's model; refuses one whose backbone differs from the server's."""
+    path = settings.model_dir(fingerprint)
+    if path is None:
+        raise DeviceError(
+            "this device has no model: start it with --model DIR, or let the server deliver it "
+            f"(expected backbone fingerprint {fingerprint[:12]})"
+        )
+    model = MultiExitSER.from_pretrained(path)
+    mine = model.meta.get("exported_from", {}).get("fingerprint") or model.backbone_fingerprint()
+    if fingerprint and mine != fingerprint:
+        raise DeviceError(
+            f"model mismatch: this device has {path} (backbone fingerprint {mine[:12]}), "
+            f"the server federates backbone {fingerprint[:12]}; use the server's base model"
+        )
+    return model
+
+
+def _device_exit(settings: DeviceSettings, model: MultiExitSER, cfg: dict[str, Any]) -> int:
+    if settings.exit is not None:
+        return settings.exit
+    return int(cfg.get("default-exit", model.exits[-1]))
+
+
+def _local_config(cfg: dict[str, Any], exit_k: int) -> LocalTrainConfig:
+    return LocalTrainConfig(
+        exit=exit_k,
+        train_exits=str(cfg.get("train-exits", "upto")),  # type: ignore[arg-type]
+        teacher=str(cfg.get("teacher", "deep")),  # type: ignore[arg-type]
+        epochs=int(cfg.get("local-epochs", 5)),
+        batch_size=int(cfg.get("batch-size", 16)),
+        lr=float(cfg.get("lr", 1e-3)),
+        seed=int(cfg.get("seed", 0)) * 100003 + int(cfg.get("server-round", 0)),
+        distill=DistillConfig(
+            w_ce=float(cfg.get("w-ce", 1.0)),
+            w_kd=float(cfg.get("w-kd", 1.0)),
+            w_feat=float(cfg.get("w-feat", 1.0)),
+            temperature=float(cfg.get("temperature", 2.0)),
+            mode=str(cfg.get("mode", "sd")),  # type: ignore[arg-type]
+        ),
+    )
+
+
+def _features(
+    settings: DeviceSettings, model: MultiExitSER, plan: ExitPlan, *, evaluation: bool = False
+) -> CachedFeatures:
+    rows, labelled = settings.local_data()
+    held_out = {"valid", "test"}
+    if settings.partition is None:  # a real device: its manifest's valid/test rows are for evaluation
+        keep = [(r.split in held_out) == evaluation for r in rows]
+        if evaluation and not any(keep):  # no validation split: evaluate on the labelled rows
+            keep = [bool(r.label) for r in rows]
+        rows = [r for r, k in zip(rows, keep, strict=True) if k]
+        labelled = [m for m, k in zip(labelled, keep, strict=True) if k]
+    if not rows:
+        raise DeviceError(f"no local utterances for {'evaluation' if evaluation else 'training'}")
+    cache = FeatureCache(settings.cache_dir, model, model_crop(model))
+    return cache.get(
+        rows, settings.root, plan.needed, label_names=model.label_names, labelled=labelled,
+        device=settings.device,
+    )  # fmt: skip
+
+
+def _prepare(
+    msg: Message, context: Context
+) -> tuple[DeviceSettings, MultiExitSER, LocalTrainConfig, ExitPlan]:
+    """Settings, model with the received heads, local training config and exit plan of this device."""
+    settings = DeviceSettings.from_context(context)
+    cfg = dict(msg.content.config_records.get("config", ConfigRecord()))
+    model = load_device_model(settings, str(cfg.get("fingerprint", "")))
+    exit_k = _device_exit(settings, model, cfg)
+    lcfg = _local_config(cfg, exit_k)
+    plan = plan_exits(model.exits, exit_k, lcfg)
+    if plan.teacher not in model.exits:
+        raise DeviceError(f"teacher exit {plan.teacher} is not in this device's model; use teacher: local")
+    arrays = msg.content.array_records.get("arrays")
+    if arrays is not None and len(arrays):
+        heads = record_to_heads(arrays)
+        wanted = {k: v for k, v in heads.items() if int(k.split(".")[1]) in model.exits}
+        model.load_head_state_dict(wanted, strict=False)
+    return settings, model, lcfg, plan
+
+
+def _uar_metrics(prefix: str, reports: dict) -> dict[str, float]:
+    return {f"exit{k}/{prefix}": float(r.uar) for k, r in reports.items() if r.n > 0}
+
+
+def train(msg: Message, context: Context) -> Message:
+    """Adapt the shallow heads on local speech; reply with those heads and metrics only."""
+    t0 = time.perf_counter()
+    settings, model, lcfg, plan = _prepare(msg, context)
+    feats = _features(settings, model, plan)
+    n_labelled = int((feats.labels >= 0).sum())
+    if lcfg.distill.mode == "ce" and n_labelled == 0:
+        raise DeviceError("mode=ce needs labelled utterances and this device has none")
+    before = evaluate_cached(model, feats, plan.train) if n_labelled else {}
+    losses = train_heads(model, feats, plan, lcfg)
+    after = evaluate_cached(model, feats, plan.train) if n_labelled else {}
+    # CE-only training learns from labelled utterances only: weight the update by what it used.
+    num_examples = n_labelled if lcfg.distill.mode == "ce" else len(feats.utt_ids)
+    metrics: dict[str, Any] = {
+        "num-examples": num_examples,
+        "exit": lcfg.exit,
+        "n-labelled": n_labelled,
+        "n-utterances": len(feats.utt_ids),
+        "loss": float(losses.get("total", 0.0)),
+        "cache-hits": feats.hits,
+        "cache-misses": feats.misses,
+        "seconds": time.perf_counter() - t0,
+    }
+    metrics |= _uar_metrics("uar-before", before) | _uar_metrics("uar-after", after)
+    state = model.head_state_dict(plan.train)
+    content = RecordDict({"arrays": heads_to_record(state), "metrics": MetricRecord(metrics)})
+    return Message(content, reply_to=msg)
+
+
+def evaluate(msg: Message, context: Context) -> Message:
+    """Per-exit UAR/WA/F1 of the received heads on the device's validation utterances."""
+    settings, model, _lcfg, plan = _prepare(msg, context)
+    exits = [k for k in model.exits if k <= max(plan.needed)]
+    feats = _features(
+        settings, model, ExitPlan(needed=exits, train=[], teacher=plan.teacher), evaluation=True
+    )
+    reports = evaluate_cached(model, feats, exits)
+    metrics: dict[str, Any] = {"num-examples": max(1, int((feats.labels >= 0).sum()))}
+    for k, r in reports.items():
+        metrics |= {f"exit{k}/uar": r.uar, f"exit{k}/wa": r.wa, f"exit{k}/f1": r.macro_f1}
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def info(msg: Message, context: Context) -> Message:
+    """Tell the server what this device is; it decides whether to deliver the model."""
+    settings = DeviceSettings.from_context(context)
+    cfg = dict(msg.content.config_records.get("config", ConfigRecord()))
+    fingerprint = str(cfg.get("fingerprint", ""))
+    path = settings.model_dir(fingerprint)
+    has_model = False
+    if path is not None:
+        try:
+            load_device_model(settings, fingerprint)
+            has_model = True
+        except DeviceError:
+            if settings.model is not None:
+                raise  # the operator's own --model is wrong: say so, never silently replace it
+    rows, labelled = settings.local_data()
+    reply = ConfigRecord(
+        {
+            "has-model": has_model,
+            "exit": settings.exit if settings.exit is not None else -1,
+            "n-utterances": len(rows),
+            "n-labelled": int(sum(labelled)),
+            "device": settings.device,
+            "torch-threads": torch.get_num_threads(),
+        }
+    )
+    return Message(RecordDict({"info": reply}), reply_to=msg)
+
+
+def receive_model(msg: Message, context: Context) -> Message:
+    """Store the server's base model in the device cache, keyed by its backbone fingerprint."""
+    settings = DeviceSettings.from_context(context)
+    cfg = dict(msg.content.config_records["config"])
+    fingerprint = str(cfg["fingerprint"])
+    dest = settings.delivered_model_dir(fingerprint)
+    record_to_checkpoint(msg.content.array_records["files"], msg.content.config_records["digests"], dest)
+    load_device_model(DeviceSettings(**{**settings.__dict__, "model": dest}), fingerprint)
+    return Message(RecordDict({"info": ConfigRecord({"stored": str(dest)})}), reply_to=msg)
+
+
+def make_client_app(run_config_defaults: dict[str, Any] | None = None) -> ClientApp:
+    """A ClientApp with our handlers; ``run_config_defaults`` fill the run config (simulation runs,
+    whose engine passes no run config to virtual nodes, carry their data paths this way)."""
+    client_app = ClientApp()
+    defaults = dict(run_config_defaults or {})
+
+    def wrap(handler):
+        def handle(msg: Message, context: Context) -> Message:
+            for key, value in defaults.items():
+                context.run_config.setdefault(key, value)
+            return handler(msg, context)
+
+        handle.__name__ = handler.__name__
+        return handle
+
+    client_app.train()(wrap(train))
+    client_app.evaluate()(wrap(evaluate))
+    client_app.query("info")(wrap(info))
+    client_app.query("model")(wrap(receive_model))
+    return client_app
+
+
+app = make_client_app()

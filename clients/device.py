@@ -1,0 +1,105 @@
+"""What a device is: its exit, its private data, its copy of the model, its cache.
+
+Settings come from the SuperNode's ``--node-config`` in a deployment (``exit=4 device="cpu"
+data="/abs/manifest.csv" root="/abs/corpus"``) or, in simulation, from the run config plus the
+``partition-id`` Flower assigns each virtual node. Every message may run in a fresh process, so all
+state lives on disk (model, feature cache) or in ``context.state``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+
+from fedsd.data.manifest import ManifestRow, read_manifest
+
+DEFAULT_CACHE = Path(os.environ.get("FEDSD_CACHE", Path.home() / ".cache" / "fedsd"))
+
+# Keys a simulation run puts into the run config (see fedsd.server.simulation).
+SIM_PARTITION = "sim-partition"
+SIM_MANIFEST = "sim-manifest"
+SIM_ROOT = "sim-root"
+SIM_MODEL = "sim-model"
+SIM_EXITS_MIX = "sim-exits-mix"
+SIM_CACHE = "sim-cache"
+SIM_DEVICE = "sim-device"
+
+
+class DeviceError(RuntimeError):
+    """A device that cannot take part; the message says what to fix on the device."""
+
+
+@dataclass
+class DeviceSettings:
+    exit: int | None
+    device: str
+    cache_dir: Path
+    model: Path | None = None
+    manifest: Path | None = None
+    root: Path | None = None
+    partition: Path | None = None
+    partition_id: int | None = None
+
+    @classmethod
+    def from_context(cls, context: Context) -> DeviceSettings:
+        nc: dict[str, Any] = dict(context.node_config)
+        rc: dict[str, Any] = dict(context.run_config)
+        if "partition-id" in nc and SIM_PARTITION in rc:  # a simulated device
+            pid = int(nc["partition-id"])
+            mix = [int(x) for x in str(rc.get(SIM_EXITS_MIX, "")).split(",") if x.strip()]
+            return cls(
+                exit=mix[pid % len(mix)] if mix else None,
+                device=str(rc.get(SIM_DEVICE, "cpu")),
+                cache_dir=Path(str(rc.get(SIM_CACHE) or DEFAULT_CACHE)),
+                model=Path(str(rc[SIM_MODEL])) if rc.get(SIM_MODEL) else None,
+                manifest=Path(str(rc[SIM_MANIFEST])),
+                root=Path(str(rc[SIM_ROOT])),
+                partition=Path(str(rc[SIM_PARTITION])),
+                partition_id=pid,
+            )
+        for key in ("data", "root"):
+            if not nc.get(key):
+                raise DeviceError(
+                    f"node config has no '{key}': start the device with "
+                    "`fedsd client run --data manifest.csv --root DIR ...`"
+                )
+        return cls(
+            exit=int(nc["exit"]) if "exit" in nc else None,
+            device=str(nc.get("device", "cpu")),
+            cache_dir=Path(str(nc.get("cache") or DEFAULT_CACHE)),
+            model=Path(str(nc["model"])) if nc.get("model") else None,
+            manifest=Path(str(nc["data"])),
+            root=Path(str(nc["root"])),
+        )
+
+    def delivered_model_dir(self, fingerprint: str) -> Path:
+        return self.cache_dir / "models" / fingerprint[:16]
+
+    def model_dir(self, fingerprint: str | None = None) -> Path | None:
+        """The model to use: the one given at start-up, else one the server delivered earlier."""
+        if self.model is not None:
+            if not (self.model / "fedsd.json").exists():
+                raise DeviceError(f"--model {self.model}: not a fedsd checkpoint (no fedsd.json)")
+            return self.model
+        if fingerprint:
+            d = self.delivered_model_dir(fingerprint)
+            if (d / "fedsd.json").exists():
+                return d
+        return None
+
+    def local_data(self) -> tuple[list[ManifestRow], list[bool]]:
+        """This device's utterances and which of them carry a label it may use."""
+        if self.partition is not None:
+            from fedsd.data.dataset import rows_by_ids
+            from fedsd.data.partition import Partition
+
+            part = Partition.load(self.partition).client(self.partition_id)
+            rows = rows_by_ids(read_manifest(self.manifest), part.utt_ids)
+            return rows, list(part.labelled)
+        assert self.manifest is not None
+        rows = read_manifest(self.manifest)
+        return rows, [bool(r.label) for r in rows]

@@ -1,0 +1,50 @@
+"""The Flower ServerApp: reads its run spec from the run config and runs the federation.
+
+Two ways in:
+- `fedsd server start` / `fedsd simulate` put a complete JSON spec under the run-config key ``spec``;
+- `flwr run .` (plain Flower) gives ``config`` (a YAML path) and ``num-server-rounds`` from
+  ``[tool.flwr.app.config]``; the server then prepares what the config lacks (data, base model).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedsd.config import load_config
+from fedsd.server.federation import FederationSpec, run_federation
+
+app = ServerApp()
+
+
+def _info(msg: str) -> None:
+    log(logging.INFO, msg)
+
+
+def spec_from_run_config(run_config: dict) -> FederationSpec:
+    if run_config.get("spec"):
+        return FederationSpec.from_json(str(run_config["spec"]))
+    from fedsd.server.prepare import prepare_run
+
+    cfg_path = Path(str(run_config.get("config", "configs/demo.yaml"))).resolve()
+    cfg = load_config(cfg_path)
+    run_dir = Path(str(run_config.get("run-dir") or f"runs/{cfg.name}-flwr")).resolve()
+    prepared = prepare_run(cfg, run_dir, log=_info)
+    return FederationSpec(
+        config=str(cfg_path),
+        run_dir=str(run_dir),
+        base_model=str(prepared.base_model),
+        rounds=int(run_config.get("num-server-rounds", cfg.federated.rounds)),
+        partition=str(prepared.partition),
+    )
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    spec = spec_from_run_config(dict(context.run_config))
+    result = run_federation(grid, spec, log=_info)
+    _info(f"federated run finished: {result.rounds_done} rounds, final model {result.final_dir}")

@@ -1,0 +1,332 @@
+"""The server's federated run: handshake, model delivery, rounds, evaluation, checkpoints, resume.
+
+Independent of how messages travel: the same ``run_federation(grid, spec)`` runs inside a deployed
+ServerApp, Flower's simulation engine, or an in-process grid in tests.
+
+Run directory (every write atomic):
+    state.json              last completed round, fingerprint, settings (what --resume reads)
+    rounds/round_NNN.safetensors   global heads after round N (round 000 = the base model's heads)
+    metrics.jsonl           one line per round: server evaluation per exit, clients, rejections
+    final/                  complete checkpoint (base backbone + aggregated heads)
+    report.md, *.png        tables and plots
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from fedsd.checkpoint import append_jsonl, atomic_write_json, load_tensors, save_tensors
+from fedsd.clients.training import evaluate_cached
+from fedsd.config import ExperimentConfig, load_config
+from fedsd.data.dataset import rows_by_ids
+from fedsd.data.manifest import ManifestRow, read_manifest
+from fedsd.features import CachedFeatures, FeatureCache
+from fedsd.metrics import ClassificationReport
+from fedsd.model.multiexit import MultiExitSER
+from fedsd.server.strategy import PartialFedAvg
+from fedsd.wire import QUERY_INFO, QUERY_MODEL, checkpoint_to_record, heads_to_record, record_to_heads
+
+Log = Callable[[str], None]
+
+
+class FederationError(RuntimeError):
+    """The run cannot go on; the message says why and what to do."""
+
+
+@dataclass
+class FederationSpec:
+    """Everything the server needs; flat and JSON-able so it travels in a Flower run config."""
+
+    config: str
+    run_dir: str
+    base_model: str
+    rounds: int | None = None
+    min_clients: int | None = None
+    partition: str | None = None
+    eval_manifest: str | None = None
+    eval_root: str | None = None
+    resume: bool = False
+    deliver_model: bool = True
+    node_wait_s: float = 300.0
+    cache_dir: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> FederationSpec:
+        return cls(**json.loads(text))
+
+
+@dataclass
+class FederationResult:
+    run_dir: Path
+    rounds_done: int
+    history: list[dict[str, Any]]
+    final_dir: Path | None
+
+
+def _round_path(run_dir: Path, rnd: int) -> Path:
+    return run_dir / "rounds" / f"round_{rnd:03d}.safetensors"
+
+
+def _eval_rows(spec: FederationSpec, cfg: ExperimentConfig) -> tuple[list[ManifestRow], Path]:
+    """Server-held utterances of unseen speakers: the partition's test set, else split=test rows."""
+    manifest = Path(spec.eval_manifest) if spec.eval_manifest else cfg.data.manifest_path
+    root = Path(spec.eval_root) if spec.eval_root else cfg.data.root
+    if not manifest.exists():
+        return [], root
+    rows = read_manifest(manifest)
+    if spec.partition:
+        from fedsd.data.partition import Partition
+
+        ids = Partition.load(spec.partition).test_utt_ids
+        return rows_by_ids(rows, ids), root
+    return [r for r in rows if r.split == "test" and r.label], root
+
+
+def train_config_record(cfg: ExperimentConfig, fingerprint: str, round_offset: int) -> ConfigRecord:
+    """The hyper-parameters every device trains with this run (the server is their single source)."""
+    fc = cfg.federated
+    return ConfigRecord(
+        {
+            "fingerprint": fingerprint,
+            "round-offset": round_offset,
+            "local-epochs": fc.local_epochs,
+            "batch-size": fc.batch_size,
+            "lr": fc.lr,
+            "mode": fc.mode,
+            "train-exits": fc.train_exits,
+            "teacher": fc.teacher,
+            "w-ce": fc.distill.w_ce,
+            "w-kd": fc.distill.w_kd,
+            "w-feat": fc.distill.w_feat,
+            "temperature": fc.distill.temperature,
+            "seed": fc.seed,
+        }
+    )
+
+
+class Federation:
+    """One federated run over a grid; see the module docstring for what it writes."""
+
+    def __init__(self, spec: FederationSpec, log: Log = print) -> None:
+        self.spec = spec
+        self.log = log
+        self.cfg = load_config(spec.config, spec.overrides)
+        self.run_dir = Path(spec.run_dir)
+        self.model = MultiExitSER.from_pretrained(spec.base_model)
+        self.fingerprint = self.model.backbone_fingerprint()
+        fc = self.cfg.federated
+        self.rounds = spec.rounds or fc.rounds
+        self.min_clients = spec.min_clients or fc.min_clients
+        self.history: list[dict[str, Any]] = []
+        self._eval_feats: CachedFeatures | None = None
+        self.strategy = PartialFedAvg(
+            fraction_train=fc.fraction_train,
+            fraction_evaluate=1.0 if fc.federated_evaluation else 0.0,
+            min_train_nodes=self.min_clients,
+            min_evaluate_nodes=self.min_clients,
+            min_available_nodes=self.min_clients,
+            aggregation=fc.aggregation,
+            trim_fraction=fc.trim_fraction,
+            max_update_norm=fc.max_update_norm,
+        )
+
+    # ----------------------------------------------------------------- state and resume
+    def _state_path(self) -> Path:
+        return self.run_dir / "state.json"
+
+    def _load_start(self) -> int:
+        """Round to start after; loads the global heads of that round into the model."""
+        state_path = self._state_path()
+        if self.spec.resume and state_path.exists():
+            state = json.loads(state_path.read_text())
+            if state.get("fingerprint") != self.fingerprint:
+                raise FederationError(
+                    f"{state_path}: the run was started with backbone {state.get('fingerprint', '?')[:12]}, "
+                    f"but --base-model {self.spec.base_model} has {self.fingerprint[:12]}"
+                )
+            done = int(state["completed_round"])
+            self.model.load_head_state_dict(load_tensors(_round_path(self.run_dir, done)))
+            metrics = self.run_dir / "metrics.jsonl"
+            if metrics.exists():
+                lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+                self.history = [r for r in lines if int(r.get("round", -1)) <= done]
+            self.log(f"resuming after round {done} of {self.rounds} ({state_path})")
+            return done
+        if self.spec.resume:
+            self.log(f"--resume: no {state_path} yet, starting from round 0")
+        if (self.run_dir / "metrics.jsonl").exists():
+            (self.run_dir / "metrics.jsonl").unlink()
+        return 0
+
+    def _save_round(self, rnd: int, record: dict[str, Any]) -> None:
+        save_tensors(
+            _round_path(self.run_dir, rnd), self.model.head_state_dict(), {"fingerprint": self.fingerprint}
+        )
+        append_jsonl(self.run_dir / "metrics.jsonl", record)
+        atomic_write_json(
+            self._state_path(),
+            {
+                "completed_round": rnd,
+                "rounds": self.rounds,
+                "fingerprint": self.fingerprint,
+                "base_model": self.spec.base_model,
+                "spec": asdict(self.spec),
+                "time": time.time(),
+            },
+        )
+
+    # ----------------------------------------------------------------- evaluation
+    def evaluate(self) -> dict[int, ClassificationReport]:
+        """Per-exit metrics of the current global heads on the server's unseen speakers."""
+        if self._eval_feats is None:
+            rows, root = _eval_rows(self.spec, self.cfg)
+            if not rows:
+                return {}
+            from fedsd.clients.app import model_crop
+
+            cache_dir = Path(self.spec.cache_dir) if self.spec.cache_dir else self.run_dir / "cache"
+            cache = FeatureCache(cache_dir, self.model, model_crop(self.model))
+            self._eval_feats = cache.get(rows, root, self.model.exits, label_names=self.model.label_names)
+        return evaluate_cached(self.model, self._eval_feats, self.model.exits)
+
+    def _eval_record(self, rnd: int) -> dict[str, Any]:
+        reports = self.evaluate()
+        rec: dict[str, Any] = {"round": rnd, "time": time.time()}
+        for k, r in reports.items():
+            rec[f"exit{k}/uar"] = r.uar
+            rec[f"exit{k}/wa"] = r.wa
+            rec[f"exit{k}/f1"] = r.macro_f1
+        rec["eval"] = {str(k): r.to_dict() for k, r in reports.items()}
+        return rec
+
+    # ----------------------------------------------------------------- handshake
+    def _wait_for_nodes(self, grid: Grid) -> list[int]:
+        deadline = time.monotonic() + self.spec.node_wait_s
+        while True:
+            nodes = sorted(grid.get_node_ids())
+            if len(nodes) >= self.min_clients:
+                return nodes
+            if time.monotonic() > deadline:
+                raise FederationError(
+                    f"only {len(nodes)} device(s) connected after {self.spec.node_wait_s:.0f} s; "
+                    f"min_clients is {self.min_clients}"
+                )
+            time.sleep(1.0)
+
+    def handshake(self, grid: Grid) -> dict[int, dict[str, Any]]:
+        """Ask every device what it is; deliver the base model to those that lack it."""
+        nodes = self._wait_for_nodes(grid)
+        query = RecordDict({"config": ConfigRecord({"fingerprint": self.fingerprint})})
+        msgs = [Message(query, dst_node_id=n, message_type=QUERY_INFO) for n in nodes]
+        infos: dict[int, dict[str, Any]] = {}
+        for reply in grid.send_and_receive(msgs, timeout=self.cfg.federated.round_timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                self.log(f"device {node}: cannot take part: {reply.error.reason}")
+                continue
+            infos[node] = dict(reply.content.config_records["info"])
+        need = [n for n, i in infos.items() if not i.get("has-model")]
+        if need:
+            if not self.spec.deliver_model:
+                raise FederationError(f"devices {need} lack the model and model delivery is off")
+            files, digests = checkpoint_to_record(self.spec.base_model)
+            size = sum(a.numpy().nbytes for a in files.values())
+            self.log(f"delivering the base model ({size / 1e6:.1f} MB) to {len(need)} device(s)")
+            content = RecordDict(
+                {
+                    "files": files,
+                    "digests": digests,
+                    "config": ConfigRecord({"fingerprint": self.fingerprint}),
+                }
+            )
+            msgs = [Message(content, dst_node_id=n, message_type=QUERY_MODEL) for n in need]
+            for reply in grid.send_and_receive(msgs, timeout=self.cfg.federated.round_timeout):
+                if reply.has_error():
+                    node = reply.metadata.src_node_id
+                    self.log(f"device {node}: model delivery failed: {reply.error.reason}")
+                    infos.pop(node, None)
+        for n, i in sorted(infos.items()):
+            self.log(
+                f"device {n}: exit {i.get('exit')}, {i.get('n-utterances')} utterances "
+                f"({i.get('n-labelled')} labelled)"
+            )
+        return infos
+
+    # ----------------------------------------------------------------- the run
+    def run(self, grid: Grid) -> FederationResult:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        start = self._load_start()
+        if start >= self.rounds:
+            self.log(f"all {self.rounds} rounds are already done")
+            return FederationResult(self.run_dir, start, self.history, self._finish())
+        infos = self.handshake(grid)
+        if len(infos) < self.min_clients:
+            raise FederationError(f"{len(infos)} usable device(s); min_clients is {self.min_clients}")
+
+        def evaluate_fn(server_round: int, arrays: Any) -> MetricRecord | None:
+            rnd = start + server_round
+            if server_round == 0:
+                if start > 0:
+                    return None  # resumed: round `start` is on disk already
+                rec = self._eval_record(0)
+                rec["devices"] = {str(n): i for n, i in infos.items()}
+            else:
+                self.model.load_head_state_dict(record_to_heads(arrays))
+                rec = self._eval_record(rnd)
+                report = self.strategy.train_reports.get(server_round)
+                if report is not None:
+                    rec["train"] = report.to_dict() | {"round": rnd}
+                fed_eval = self.strategy.evaluate_reports.get(server_round)
+                if fed_eval is not None:
+                    rec["federated_eval"] = fed_eval.to_dict()
+            self._save_round(rnd, rec)
+            self.history.append(rec)
+            uars = ", ".join(
+                f"exit {k}: {rec.get(f'exit{k}/uar', float('nan')):.3f}" for k in self.model.exits
+            )
+            self.log(f"round {rnd}/{self.rounds}: UAR on unseen speakers — {uars}")
+            return MetricRecord({k: v for k, v in rec.items() if isinstance(v, float)})
+
+        self.strategy.start(
+            grid,
+            heads_to_record(self.model.head_state_dict()),
+            num_rounds=self.rounds - start,
+            timeout=self.cfg.federated.round_timeout,
+            train_config=train_config_record(self.cfg, self.fingerprint, start),
+            evaluate_fn=evaluate_fn,
+        )
+        return FederationResult(self.run_dir, self.rounds, self.history, self._finish())
+
+    def _finish(self) -> Path:
+        final = self.run_dir / "final"
+        self.model.meta = {
+            **self.model.meta,
+            "federated_rounds": self.rounds,
+            "federated_run": str(self.run_dir),
+        }
+        self.model.save_pretrained(final)
+        from fedsd.server.report import write_report
+
+        write_report(self.run_dir, self.history, self.model, self.cfg, log=self.log)
+        return final
+
+
+def run_federation(grid: Grid, spec: FederationSpec, log: Log = print) -> FederationResult:
+    return Federation(spec, log).run(grid)
+
+
+def exits_in(history: Sequence[dict[str, Any]]) -> list[int]:
+    keys = {k for rec in history for k in rec if k.startswith("exit") and k.endswith("/uar")}
+    return sorted(int(k[4 : k.index("/")]) for k in keys)
