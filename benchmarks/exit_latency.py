@@ -80,7 +80,11 @@ def build_variants(model: MultiExitSER, x: torch.Tensor) -> dict[str, Callable[[
 
 
 def measure(
-    variants: dict[str, Callable[[], Any]], repeats: int, warmup: int, seed: int = 0
+    variants: dict[str, Callable[[], Any]],
+    repeats: int,
+    warmup: int,
+    seed: int = 0,
+    progress: bool = True,
 ) -> dict[str, list[float]]:
     """Round-robin timing: each repetition runs every variant once, in a new random order."""
     names = list(variants)
@@ -100,6 +104,8 @@ def measure(
                 if rep >= warmup:
                     times[name].append(dt)
             gc.collect()
+            if progress and (rep + 1) % 5 == 0:
+                print(f"  repetition {rep + 1}/{warmup + repeats}", file=sys.stderr, flush=True)
     finally:
         if gc_was_enabled:
             gc.enable()

@@ -100,10 +100,10 @@ def _features(
 
 
 def _prepare(
-    msg: Message, context: Context
+    msg: Message, context: Context, defaults: dict[str, Any] | None
 ) -> tuple[DeviceSettings, MultiExitSER, LocalTrainConfig, ExitPlan]:
     """Settings, model with the received heads, local training config and exit plan of this device."""
-    settings = DeviceSettings.from_context(context)
+    settings = DeviceSettings.from_context(context, defaults)
     cfg = dict(msg.content.config_records.get("config", ConfigRecord()))
     model = load_device_model(settings, str(cfg.get("fingerprint", "")))
     exit_k = _device_exit(settings, model, cfg)
@@ -123,10 +123,10 @@ def _uar_metrics(prefix: str, reports: dict) -> dict[str, float]:
     return {f"exit{k}/{prefix}": float(r.uar) for k, r in reports.items() if r.n > 0}
 
 
-def train(msg: Message, context: Context) -> Message:
+def train(msg: Message, context: Context, defaults: dict[str, Any] | None = None) -> Message:
     """Adapt the shallow heads on local speech; reply with those heads and metrics only."""
     t0 = time.perf_counter()
-    settings, model, lcfg, plan = _prepare(msg, context)
+    settings, model, lcfg, plan = _prepare(msg, context, defaults)
     feats = _features(settings, model, plan)
     n_labelled = int((feats.labels >= 0).sum())
     if lcfg.distill.mode == "ce" and n_labelled == 0:
@@ -152,9 +152,9 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-def evaluate(msg: Message, context: Context) -> Message:
+def evaluate(msg: Message, context: Context, defaults: dict[str, Any] | None = None) -> Message:
     """Per-exit UAR/WA/F1 of the received heads on the device's validation utterances."""
-    settings, model, _lcfg, plan = _prepare(msg, context)
+    settings, model, _lcfg, plan = _prepare(msg, context, defaults)
     exits = [k for k in model.exits if k <= max(plan.needed)]
     feats = _features(
         settings, model, ExitPlan(needed=exits, train=[], teacher=plan.teacher), evaluation=True
@@ -166,9 +166,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
-def info(msg: Message, context: Context) -> Message:
+def info(msg: Message, context: Context, defaults: dict[str, Any] | None = None) -> Message:
     """Tell the server what this device is; it decides whether to deliver the model."""
-    settings = DeviceSettings.from_context(context)
+    settings = DeviceSettings.from_context(context, defaults)
     cfg = dict(msg.content.config_records.get("config", ConfigRecord()))
     fingerprint = str(cfg.get("fingerprint", ""))
     path = settings.model_dir(fingerprint)
@@ -194,9 +194,9 @@ def info(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"info": reply}), reply_to=msg)
 
 
-def receive_model(msg: Message, context: Context) -> Message:
+def receive_model(msg: Message, context: Context, defaults: dict[str, Any] | None = None) -> Message:
     """Store the server's base model in the device cache, keyed by its backbone fingerprint."""
-    settings = DeviceSettings.from_context(context)
+    settings = DeviceSettings.from_context(context, defaults)
     cfg = dict(msg.content.config_records["config"])
     fingerprint = str(cfg["fingerprint"])
     dest = settings.delivered_model_dir(fingerprint)
@@ -206,16 +206,14 @@ def receive_model(msg: Message, context: Context) -> Message:
 
 
 def make_client_app(run_config_defaults: dict[str, Any] | None = None) -> ClientApp:
-    """A ClientApp with our handlers; ``run_config_defaults`` fill the run config (simulation runs,
-    whose engine passes no run config to virtual nodes, carry their data paths this way)."""
+    """A ClientApp with our handlers. ``run_config_defaults`` complete the (read-only) run config:
+    simulation runs, whose engine passes no run config to virtual nodes, carry their data paths this way."""
     client_app = ClientApp()
     defaults = dict(run_config_defaults or {})
 
     def wrap(handler):
         def handle(msg: Message, context: Context) -> Message:
-            for key, value in defaults.items():
-                context.run_config.setdefault(key, value)
-            return handler(msg, context)
+            return handler(msg, context, defaults)
 
         handle.__name__ = handler.__name__
         return handle

@@ -45,9 +45,9 @@ class DeviceSettings:
     partition_id: int | None = None
 
     @classmethod
-    def from_context(cls, context: Context) -> DeviceSettings:
+    def from_context(cls, context: Context, defaults: dict[str, Any] | None = None) -> DeviceSettings:
         nc: dict[str, Any] = dict(context.node_config)
-        rc: dict[str, Any] = dict(context.run_config)
+        rc: dict[str, Any] = {**(defaults or {}), **dict(context.run_config)}
         if "partition-id" in nc and SIM_PARTITION in rc:  # a simulated device
             pid = int(nc["partition-id"])
             mix = [int(x) for x in str(rc.get(SIM_EXITS_MIX, "")).split(",") if x.strip()]

@@ -47,6 +47,10 @@ def _mount() -> None:
         from fedsd.export_cli import register as register_export
 
         register_export(app)
+    if _exists("fedsd.server.simulate_cli"):
+        from fedsd.server.simulate_cli import register as register_simulate
+
+        register_simulate(app)
     if _exists("fedsd.server.cli"):
         from fedsd.server.cli import app as server_app
 

@@ -20,6 +20,16 @@ def _fail(msg: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def progress_bar():
+    """The rich progress bar every long command uses."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=True,
+    )  # fmt: skip
+
+
 def _parse_overrides(items: list[str] | None) -> dict[str, Any]:
     """``--set train.epochs=2`` → ``{"train.epochs": 2}`` (values parsed as YAML scalars)."""
     import yaml
@@ -56,8 +66,6 @@ def train_command(
 
     Example: [bold]fedsd train --config configs/demo.yaml --out runs/demo-central[/]
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from fedsd.config import ConfigError, load_config
     from fedsd.data.prepare import ensure_corpus
     from fedsd.report import exit_table
@@ -83,14 +91,7 @@ def train_command(
         cfg = load_config(config, overrides)
         ensure_corpus(cfg.data, log=console.print)
         run_dir = out or Path("runs") / cfg.name
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        ) as progress:
+        with progress_bar() as progress:
             result = train(cfg, run_dir, progress=progress, log=console.print)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         _fail(str(e))

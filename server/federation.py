@@ -297,7 +297,7 @@ class Federation:
                 f"exit {k}: {rec.get(f'exit{k}/uar', float('nan')):.3f}" for k in self.model.exits
             )
             self.log(f"round {rnd}/{self.rounds}: UAR on unseen speakers — {uars}")
-            return MetricRecord({k: v for k, v in rec.items() if isinstance(v, float)})
+            return MetricRecord({k: v for k, v in rec.items() if k.startswith("exit") and isinstance(v, float)})
 
         self.strategy.start(
             grid,
