@@ -5,11 +5,18 @@
 - ``train``       → fine-tunes its shallow heads from cached backbone features by self-distillation
                     and replies with those heads, ``num-examples`` and metrics. Nothing else leaves.
 - ``evaluate``    → per-exit metrics on its local validation utterances.
+- ``query.done``  → the run is over (a supervised device stops its SuperNode).
+
+When the node config names an ``events`` file (`fedsd client run` does), every handled message appends
+one JSON line to it — what `fedsd client run` prints per round.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +29,7 @@ from fedsd.clients.training import ExitPlan, LocalTrainConfig, evaluate_cached, 
 from fedsd.distill import DistillConfig
 from fedsd.features import CachedFeatures, FeatureCache
 from fedsd.model.multiexit import MultiExitSER
-from fedsd.wire import heads_to_record, record_to_checkpoint, record_to_heads
+from fedsd.wire import QUERY_DONE, exit_of_key, heads_to_record, record_to_checkpoint, record_to_heads
 
 
 def model_crop(model: MultiExitSER) -> CropPolicy:
@@ -205,6 +212,61 @@ def receive_model(msg: Message, context: Context, defaults: dict[str, Any] | Non
     return Message(RecordDict({"info": ConfigRecord({"stored": str(dest)})}), reply_to=msg)
 
 
+def done(msg: Message, context: Context) -> Message:
+    """The server's last word: the run is over (the event log records it for the supervisor)."""
+    return Message(RecordDict(), reply_to=msg)
+
+
+def _event(msg: Message, reply: Message | None, context: Context, seconds: float) -> dict[str, Any]:
+    """One event-log line: what this message did, from the request's config and the reply."""
+    mtype = msg.metadata.message_type
+    cfg = dict(msg.content.config_records.get("config", ConfigRecord()))
+    ev: dict[str, Any] = {
+        "time": time.time(),
+        "kind": mtype.removeprefix("query."),
+        "run": context.run_id,
+        "node": context.node_id,
+        "seconds": round(seconds, 3),
+    }
+    if "server-round" in cfg:
+        ev["round"] = int(cfg["server-round"]) + int(cfg.get("round-offset", 0))
+    if mtype == QUERY_DONE:
+        ev |= {k.replace("-", "_"): v for k, v in cfg.items() if isinstance(v, int | float | str)}
+    if reply is None or reply.has_error():
+        return ev
+    content = reply.content
+    if "info" in content.config_records:
+        ev |= {k.replace("-", "_"): v for k, v in content.config_records["info"].items()}
+    metrics = dict(content.metric_records.get("metrics", MetricRecord()))
+    for key, value in metrics.items():
+        if "/" in key:  # exit3/uar-before → uar_before: {3: ...}
+            exit_part, name = key.split("/", 1)
+            ev.setdefault(name.replace("-", "_"), {})[exit_part.removeprefix("exit")] = value
+        else:
+            ev[key.replace("-", "_")] = value
+    arrays = content.array_records.get("arrays")
+    if arrays is not None and mtype == "train":
+        ev["trained_exits"] = sorted({exit_of_key(k) for k in arrays})
+    return ev
+
+
+def log_event(context: Context, event: dict[str, Any]) -> None:
+    """Append ``event`` to the node config's ``events`` file; no-op without one, never raises."""
+    path = dict(context.node_config).get("events")
+    if not path:
+        return
+    line = (json.dumps(event, default=str) + "\n").encode("utf-8")
+    try:
+        Path(str(path)).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(str(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)  # one write on an O_APPEND file: lines never interleave
+        finally:
+            os.close(fd)
+    except OSError:
+        pass  # the event log is for the operator's eyes; it must never fail a round
+
+
 def make_client_app(run_config_defaults: dict[str, Any] | None = None) -> ClientApp:
     """A ClientApp with our handlers. ``run_config_defaults`` complete the (read-only) run config:
     simulation runs, whose engine passes no run config to virtual nodes, carry their data paths this way."""
@@ -222,6 +284,7 @@ def make_client_app(run_config_defaults: dict[str, Any] | None = None) -> Client
     client_app.evaluate()(wrap(evaluate))
     client_app.query("info")(wrap(info))
     client_app.query("model")(wrap(receive_model))
+    client_app.query("done")(wrap(done))
     return client_app
 
 

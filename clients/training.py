@@ -118,7 +118,23 @@ def train_heads(
     cfg: LocalTrainConfig,
     optimizer_factory=None,
 ) -> dict[str, float]:
-    """Run ``cfg.epochs`` of self-distillation on the planned heads; returns loss components (means)."""
+    """Run ``cfg.epochs`` of self-distillation on the planned heads; returns loss components (means).
+
+    Deterministic for a seed (shuffling and dropout draw from a forked, seeded RNG), so a device's
+    update can be reproduced exactly.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return _train_heads(model, feats, plan, cfg, optimizer_factory)
+
+
+def _train_heads(
+    model: MultiExitSER,
+    feats: CachedFeatures,
+    plan: ExitPlan,
+    cfg: LocalTrainConfig,
+    optimizer_factory=None,
+) -> dict[str, float]:
     g = torch.Generator().manual_seed(cfg.seed)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -22,6 +22,8 @@ QUERY_INFO = "query.info"
 """Server asks a device for its exit, data size and whether it holds the server's model."""
 QUERY_MODEL = "query.model"
 """Server delivers the base model checkpoint to a device that lacks it."""
+QUERY_DONE = "query.done"
+"""Server tells every device the run is over (a supervised device then stops its SuperNode)."""
 
 HEAD_PREFIX = "heads."
 

@@ -1,7 +1,8 @@
 """The Flower ServerApp: reads its run spec from the run config and runs the federation.
 
 Two ways in:
-- `fedsd server start` / `fedsd simulate` put a complete JSON spec under the run-config key ``spec``;
+- a complete JSON spec under the run-config key ``spec``, or the absolute path of a JSON file holding
+  it under ``spec-file`` (what `fedsd server start` passes);
 - `flwr run .` (plain Flower) gives ``config`` (a YAML path) and ``num-server-rounds`` from
   ``[tool.flwr.app.config]``; the server then prepares what the config lacks (data, base model).
 """
@@ -28,6 +29,12 @@ def _info(msg: str) -> None:
 def spec_from_run_config(run_config: dict) -> FederationSpec:
     if run_config.get("spec"):
         return FederationSpec.from_json(str(run_config["spec"]))
+    if run_config.get("spec-file"):  # `fedsd server start` writes the spec next to the run
+        path = Path(str(run_config["spec-file"]))
+        try:
+            return FederationSpec.from_json(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise FileNotFoundError(f"run config spec-file {path}: cannot read it ({e})") from None
     from fedsd.server.prepare import prepare_run
 
     cfg_path = Path(str(run_config.get("config", "configs/demo.yaml"))).resolve()

@@ -32,7 +32,14 @@ from fedsd.features import CachedFeatures, FeatureCache
 from fedsd.metrics import ClassificationReport
 from fedsd.model.multiexit import MultiExitSER
 from fedsd.server.strategy import PartialFedAvg
-from fedsd.wire import QUERY_INFO, QUERY_MODEL, checkpoint_to_record, heads_to_record, record_to_heads
+from fedsd.wire import (
+    QUERY_DONE,
+    QUERY_INFO,
+    QUERY_MODEL,
+    checkpoint_to_record,
+    heads_to_record,
+    record_to_heads,
+)
 
 Log = Callable[[str], None]
 
@@ -270,7 +277,9 @@ class Federation:
         start = self._load_start()
         if start >= self.rounds:
             self.log(f"all {self.rounds} rounds are already done")
-            return FederationResult(self.run_dir, start, self.history, self._finish())
+            result = FederationResult(self.run_dir, start, self.history, self._finish())
+            self.notify_done(grid)
+            return result
         infos = self.handshake(grid)
         if len(infos) < self.min_clients:
             raise FederationError(f"{len(infos)} usable device(s); min_clients is {self.min_clients}")
@@ -297,7 +306,9 @@ class Federation:
                 f"exit {k}: {rec.get(f'exit{k}/uar', float('nan')):.3f}" for k in self.model.exits
             )
             self.log(f"round {rnd}/{self.rounds}: UAR on unseen speakers — {uars}")
-            return MetricRecord({k: v for k, v in rec.items() if k.startswith("exit") and isinstance(v, float)})
+            return MetricRecord(
+                {k: v for k, v in rec.items() if k.startswith("exit") and isinstance(v, float)}
+            )
 
         self.strategy.start(
             grid,
@@ -307,7 +318,29 @@ class Federation:
             train_config=train_config_record(self.cfg, self.fingerprint, start),
             evaluate_fn=evaluate_fn,
         )
-        return FederationResult(self.run_dir, self.rounds, self.history, self._finish())
+        result = FederationResult(self.run_dir, self.rounds, self.history, self._finish())
+        self.notify_done(grid)
+        return result
+
+    def notify_done(self, grid: Grid, timeout: float = 30.0) -> int:
+        """Tell every connected device the run is over (best effort); returns how many confirmed.
+
+        A supervised device (`fedsd client run`) stops its SuperNode when it hears this, instead of
+        waiting for the server to disappear.
+        """
+        try:
+            nodes = sorted(grid.get_node_ids())
+            if not nodes:
+                return 0
+            content = RecordDict({"config": ConfigRecord({"rounds": self.rounds, "status": "completed"})})
+            msgs = [Message(content, dst_node_id=n, message_type=QUERY_DONE) for n in nodes]
+            replies = grid.send_and_receive(msgs, timeout=timeout)
+            ok = sum(1 for r in replies if not r.has_error())
+            self.log(f"told {ok} of {len(nodes)} device(s) that the run is over")
+            return ok
+        except Exception as e:  # never fail a finished run over a courtesy message
+            self.log(f"could not tell the devices that the run is over: {e}")
+            return 0
 
     def _finish(self) -> Path:
         final = self.run_dir / "final"

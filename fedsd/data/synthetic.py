@@ -184,6 +184,7 @@ class Speaker:
     vtl: float  # numpy backend: formant scale (shorter vocal tract -> higher formants)
     expressiveness: float  # how strongly this speaker acts (multiplies intensity)
     quirks: dict[str, dict[str, float]]  # per emotion: the speaker's own offsets from the shared style
+    habit: dict[str, float]  # habitual voice quality (breath, drive, tremolo, jitter) in every emotion
     gain_db: float
     highpass_hz: float
     lowpass_hz: float
@@ -245,19 +246,44 @@ def _choose_voices(voices: Sequence[tuple[str, str]], n: int, seed: int) -> list
     return [pools[i % len(pools)][(i // len(pools)) % len(pools[i % len(pools)])] for i in range(n)]
 
 
+# How much speakers and utterances scatter around the shared emotion styles. These are what make the
+# corpus speaker-independently hard (tuned with benchmarks/synthetic_baseline.py; see its docstring).
+VARIABILITY: dict[str, float] = {
+    # a speaker's own way of expressing each emotion (sd; multiplicative ones are log-sd)
+    "quirk_pitch_st": 1.2, "quirk_range": 0.2, "quirk_rate": 0.05, "quirk_gain_db": 1.8,
+    "quirk_tilt_db_oct": 0.9, "quirk_voice": 0.5,
+    # the speaker's habitual voice, the same in every emotion (upper bounds of uniform draws)
+    "habit_breath": 0.2, "habit_drive": 0.15, "habit_tremolo": 0.05, "habit_jitter": 0.008,
+    # how strongly speakers act: uniform range multiplying intensity
+    "expr_min": 0.6, "expr_max": 1.3,
+    # per-utterance scatter
+    "utt_amount": 0.25, "utt_pitch_st": 0.7, "utt_range": 0.12, "utt_rate": 0.04, "utt_gain_db": 1.2,
+    "utt_tilt_db_oct": 0.6, "utt_voice": 0.4,
+}
+_QUIRK_KEYS = ("pitch_st", "range", "rate", "gain_db", "tilt_db_oct", "breath", "drive", "tremolo", "jitter")
+_MULTIPLICATIVE = frozenset({"range", "rate", "breath", "drive", "tremolo", "jitter"})
+
+
 def _make_speaker(seed: int, index: int, voice: str, gender: str, emotions: Sequence[str]) -> Speaker:
     rng = _rng(seed, _TAG_SPEAKER, index)
+    v = VARIABILITY
     female = gender == "F"
     quirks = {}
     for emo in EMOTIONS:  # drawn for every emotion so the --emotions list cannot change a speaker
-        q = {
-            "pitch_st": float(rng.normal(0, 1.2)),
-            "range": float(np.exp(rng.normal(0, 0.2))),
-            "rate": float(np.exp(rng.normal(0, 0.05))),
-            "gain_db": float(rng.normal(0, 1.8)),
-            "tilt_db_oct": float(rng.normal(0, 0.9)),
-        }
-        quirks[emo] = q if emo != "neutral" else dict.fromkeys(q, 0.0) | {"range": 1.0, "rate": 1.0}
+        z = rng.normal(0, 1, len(_QUIRK_KEYS))
+        q = {}
+        for k, zk in zip(_QUIRK_KEYS, z):
+            sd = v["quirk_voice"] if k in ("breath", "drive", "tremolo", "jitter") else v[f"quirk_{k}"]
+            q[k] = float(np.exp(sd * zk)) if k in _MULTIPLICATIVE else float(sd * zk)
+        if emo == "neutral":  # neutral is the reference: the speaker's habit, no quirk
+            q = {k: (1.0 if k in _MULTIPLICATIVE else 0.0) for k in _QUIRK_KEYS}
+        quirks[emo] = q
+    habit = {
+        "breath": float(rng.uniform(0, v["habit_breath"])),
+        "drive": float(rng.uniform(0, v["habit_drive"])),
+        "tremolo": float(rng.uniform(0, v["habit_tremolo"])),
+        "jitter": float(rng.uniform(0, v["habit_jitter"])),
+    }
     n_eq = int(rng.integers(1, 4))
     eq = tuple(
         (float(np.exp(rng.uniform(np.log(200), np.log(5000)))), float(rng.uniform(-8, 8)), float(rng.uniform(0.3, 1.5)))
@@ -274,7 +300,8 @@ def _make_speaker(seed: int, index: int, voice: str, gender: str, emotions: Sequ
         rate=float(np.exp(rng.uniform(np.log(0.88), np.log(1.12)))),
         f0_hz=float(rng.uniform(185, 240) if female else rng.uniform(95, 135)),
         vtl=float(rng.uniform(1.1, 1.22) if female else rng.uniform(0.92, 1.05)),
-        expressiveness=float(rng.uniform(0.6, 1.3)),
+        expressiveness=float(rng.uniform(v["expr_min"], v["expr_max"])),
+        habit=habit,
         quirks={e: quirks[e] for e in EMOTIONS if e in emotions or e == "neutral"},
         gain_db=float(rng.uniform(-8, 3)),
         highpass_hz=float(np.exp(rng.uniform(np.log(50), np.log(300)))),
@@ -616,22 +643,33 @@ def _apply_speaker(x: np.ndarray, spk: Speaker, seed: int, rng: np.random.Genera
 
 
 def _utterance_style(spk: Speaker, emotion: str, intensity: float, rng: np.random.Generator) -> EmotionStyle:
-    """The style this speaker uses for this utterance: shared style × expressiveness + quirks + jitter."""
-    amount = intensity * spk.expressiveness * float(rng.uniform(0.75, 1.25))
+    """The style this speaker uses for this utterance: shared style × expressiveness + quirks + scatter."""
+    v = VARIABILITY
+    amount = intensity * spk.expressiveness * float(np.exp(rng.normal(0, v["utt_amount"])))
     s = EMOTIONS[emotion].scaled(amount)
     q = spk.quirks.get(emotion, {})
-    k = intensity  # quirks shrink with intensity too: at 0 every emotion is neutral
+    k = intensity  # quirks shrink with intensity too: at 0 every emotion sounds like the speaker's neutral
+
+    def add(key: str) -> float:
+        return float(getattr(s, key) + k * q.get(key, 0.0) + rng.normal(0, v[f"utt_{key}"]))
+
+    def mul(key: str) -> float:
+        return float(getattr(s, key) * q.get(key, 1.0) ** k * np.exp(rng.normal(0, v[f"utt_{key}"])))
+
+    def voice(key: str) -> float:
+        return float((getattr(s, key) * q.get(key, 1.0) ** k + spk.habit[key]) * np.exp(rng.normal(0, v["utt_voice"])))
+
     return replace(
         s,
-        pitch_st=s.pitch_st + k * q.get("pitch_st", 0.0) + rng.normal(0, 0.7),
-        range=s.range * q.get("range", 1.0) ** k * float(np.exp(rng.normal(0, 0.12))),
-        rate=s.rate * q.get("rate", 1.0) ** k * float(np.exp(rng.normal(0, 0.04))),
-        gain_db=s.gain_db + k * q.get("gain_db", 0.0) + rng.normal(0, 1.2),
-        tilt_db_oct=s.tilt_db_oct + k * q.get("tilt_db_oct", 0.0) + rng.normal(0, 0.6),
-        breath=s.breath * float(np.exp(rng.normal(0, 0.25))),
-        tremolo=s.tremolo * float(np.exp(rng.normal(0, 0.25))),
-        jitter=s.jitter * float(np.exp(rng.normal(0, 0.25))) + 0.002,
-        drive=s.drive * float(np.exp(rng.normal(0, 0.25))),
+        pitch_st=add("pitch_st"),
+        range=mul("range"),
+        rate=mul("rate"),
+        gain_db=add("gain_db"),
+        tilt_db_oct=add("tilt_db_oct"),
+        breath=voice("breath"),
+        drive=voice("drive"),
+        tremolo=voice("tremolo"),
+        jitter=voice("jitter") + 0.002,
     )
 
 

@@ -30,8 +30,13 @@ from transformers import (
     WavLMConfig,
     WavLMModel,
 )
+from transformers.utils import logging as hf_logging
 
 from fedsd.config import ConfigError as _ProjectConfigError
+
+# Checkpoints are tiny-to-medium and saved often (every epoch, every round): Hugging Face's per-shard
+# progress bars would drown our own rich progress output.
+hf_logging.disable_progress_bar()
 
 FAMILIES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
     "wav2vec2": (Wav2Vec2Config, Wav2Vec2Model),

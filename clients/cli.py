@@ -1,0 +1,156 @@
+"""`fedsd client run`: one device — a supervised Flower SuperNode at a chosen exit.
+
+Example (the server prints the exact line for each device):
+    fedsd client run --server 127.0.0.1:8000 --insecure --exit 4 --data devices/client-000.csv --root data/synth
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
+    raise typer.Exit(code)
+
+
+def _model_exits(model: Path) -> list[int]:
+    import json
+
+    meta = json.loads((model / "fedsd.json").read_text(encoding="utf-8"))
+    return [int(k) for k in meta.get("exits", [])]
+
+
+@app.command("run")
+def run_command(
+    server: str = typer.Option(..., "--server", "-s", help="The server's SuperLink as HOST:PORT."),
+    exit_: int | None = typer.Option(
+        None, "--exit", "-e", help="Exit layer this device deploys (default: the model's deepest)."
+    ),
+    data: Path = typer.Option(..., "--data", help="This device's manifest CSV (its private speech)."),
+    root: Path = typer.Option(..., "--root", help="Directory the manifest's audio paths are relative to."),
+    model: Path | None = typer.Option(
+        None, "--model", "-m", help="The base model (checkpoint dir); omit to receive it from the server."
+    ),
+    device: str = typer.Option("cpu", "--device", help="torch device: cpu, cuda, cuda:1, mps ..."),
+    cache: Path | None = typer.Option(
+        None, "--cache", help="Feature cache, delivered models and session logs (default ~/.cache/fedsd)."
+    ),
+    insecure: bool = typer.Option(
+        False, "--insecure", help="Talk to the server over plain HTTP (the only transport until TLS)."
+    ),
+    server_timeout: float = typer.Option(
+        60.0, "--server-timeout", min=1.0, help="Stop after the server is unreachable this many seconds."
+    ),
+) -> None:
+    """Join a federated run as one device; stops by itself when the run ends or the server is gone.
+
+    Exit code 0 when the server ended the run, 3 when the server went away, 1 on a device error.
+    """
+    from fedsd.clients.device import DEFAULT_CACHE
+    from fedsd.clients.supervisor import (
+        EXIT_DONE,
+        EXIT_SERVER_GONE,
+        Supervisor,
+        SupervisorSettings,
+        default_session_dir,
+        describe_event,
+    )
+    from fedsd.data.manifest import ManifestError, read_manifest
+    from fedsd.server.deploy import TLS_MISSING, DeployError, join_address, parse_address
+
+    if not insecure:
+        _fail(TLS_MISSING, 2)
+    try:
+        host, port = parse_address(server)
+    except DeployError as e:
+        _fail(f"--server {e}", 2)
+    if exit_ is not None and exit_ < 1:
+        _fail(f"--exit {exit_}: an exit is a transformer layer number (>= 1)", 2)
+    data = data.expanduser().resolve()
+    root = root.expanduser().resolve()
+    if not data.is_file():
+        _fail(f"--data {data}: manifest file not found")
+    try:
+        rows = read_manifest(data)
+    except (ManifestError, OSError, ValueError) as e:
+        _fail(f"--data {data}: {e}")
+    if not rows:
+        _fail(f"--data {data}: the manifest has no rows")
+    if not root.is_dir():
+        _fail(f"--root {root}: directory not found")
+    missing = [r.path for r in rows if not (root / r.path).is_file()]
+    if missing:
+        _fail(
+            f"--root {root}: {len(missing)} of {len(rows)} audio files of {data.name} are missing there "
+            f"(first: {missing[0]})"
+        )
+    if model is not None:
+        model = model.expanduser().resolve()
+        if not (model / "fedsd.json").is_file():
+            _fail(f"--model {model}: not a fedsd checkpoint (no fedsd.json)")
+        exits = _model_exits(model)
+        if exit_ is not None and exits and exit_ not in exits:
+            _fail(f"--exit {exit_}: the model {model} has exits {exits}", 2)
+    cache_dir = (cache or DEFAULT_CACHE).expanduser().resolve()
+
+    console.print(
+        "[yellow]warning: --insecure: traffic to the server is not encrypted "
+        "(use only on loopback or a trusted network)[/]"
+    )
+    labelled = sum(1 for r in rows if r.label)
+    console.print(
+        f"device: exit {exit_ if exit_ is not None else 'deepest'} on {device}, {len(rows)} utterances "
+        f"({labelled} labelled) from {data}"
+    )
+    console.print(
+        f"model: {model}" if model else "model: none given — the server will deliver its base model"
+    )
+    node_config = {
+        "exit": exit_,
+        "device": device,
+        "data": str(data),
+        "root": str(root),
+        "model": str(model) if model else None,
+        "cache": str(cache_dir),
+    }
+    session = default_session_dir(cache_dir)
+    styles = {"info": "dim", "warning": "yellow", "error": "bold red"}
+
+    def on_event(ev: dict) -> None:
+        style = "red" if "error" in ev else ("bold green" if ev.get("kind") == "done" else "")
+        text = escape(describe_event(ev))
+        console.print(f"[{style}]{text}[/]" if style else text, highlight=False, soft_wrap=True)
+
+    def on_status(level: str, text: str) -> None:
+        target = err_console if level == "error" else console
+        target.print(f"[{styles.get(level, '')}]{escape(text)}[/]", highlight=False, soft_wrap=True)
+
+    console.print(f"connecting to {join_address(host, port)} (session files: {session})")
+    sup = Supervisor(
+        SupervisorSettings(
+            server=join_address(host, port),
+            node_config=node_config,
+            session_dir=session,
+            server_timeout=server_timeout,
+        ),
+        on_event=on_event,
+        on_status=on_status,
+    )
+    code = sup.run()
+    trained = [ev for ev in sup.events if ev.get("kind") == "train" and "error" not in ev]
+    if code == EXIT_DONE:
+        console.print(f"[bold green]done[/]: {len(trained)} round(s) trained on this device")
+    elif code == EXIT_SERVER_GONE:
+        err_console.print(
+            f"[yellow]the server went away after {len(trained)} trained round(s) on this device[/]"
+        )
+    raise typer.Exit(code)

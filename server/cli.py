@@ -1,0 +1,343 @@
+"""`fedsd server start`: prepare a run, start a Flower SuperLink, submit the federated run, report it.
+
+What it does, in order (each step says what it did):
+1. load the config; prepare data, partition, base model and one manifest per device
+   (`fedsd.server.prepare.prepare_run`; with --resume, reuse what the run directory already holds);
+2. print each device's manifest with a ready-to-paste `fedsd client run ...` line;
+3. write ``OUT/spec.json`` (the whole run spec), a private FLWR_HOME in ``OUT/.flwr`` with a SuperLink
+   connection ``fedsd`` and a code-free Flower app dir ``OUT/.flwr/app`` (every process imports the
+   installed `fedsd`);
+4. start `flower-superlink` (log: ``OUT/.flwr/superlink.log``), wait for its port;
+5. `flwr run OUT/.flwr/app fedsd --stream --run-config spec-file=...`, stream its output;
+6. ask the SuperLink for the run's real outcome (`flwr ls --format json`; the exit code of
+   `flwr run` is not it), stop the SuperLink, exit 0 only on ``finished:completed``.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from fedsd.server import deploy
+
+app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich")
+console = Console()
+err_console = Console(stderr=True)
+
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> None:
+    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
+    raise typer.Exit(code)
+
+
+def _say(message: str) -> None:
+    console.print(escape(message), highlight=False, soft_wrap=True)
+
+
+def _parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``--set federated.lr=0.01`` → ``{"federated.lr": 0.01}`` (values parsed as YAML scalars)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            _fail(f"--set {item!r}: expected KEY=VALUE, e.g. --set federated.local_epochs=2", 2)
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _raise_interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _client_host(host: str) -> str:
+    """What a device should dial: the bind address, or this machine's name for a wildcard bind."""
+    return socket.gethostname() if host in ("0.0.0.0", "::", "") else host
+
+
+def _resume_spec(out: Path) -> tuple[Any, str] | None:
+    """(spec, where it came from) of an earlier run in ``out``, or None."""
+    from fedsd.server.federation import FederationSpec
+
+    spec_path = out / "spec.json"
+    if spec_path.is_file():
+        return FederationSpec.from_json(spec_path.read_text(encoding="utf-8")), str(spec_path)
+    state_path = out / "state.json"
+    if state_path.is_file():
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+        if isinstance(state.get("spec"), dict):
+            return FederationSpec(**state["spec"]), str(state_path)
+    return None
+
+
+def _device_table(manifests: list[Path], exits: list[int], client_line: str) -> tuple[Table, list[str]]:
+    from fedsd.data.manifest import read_manifest
+
+    table = Table(title="devices", title_justify="left")
+    for col in ("device", "manifest", "utterances", "labelled", "suggested exit"):
+        table.add_column(col)
+    lines = []
+    for i, m in enumerate(manifests):
+        rows = read_manifest(m)
+        k = exits[i % len(exits)]
+        table.add_row(m.stem, str(m), str(len(rows)), str(sum(1 for r in rows if r.label)), str(k))
+        lines.append(client_line.format(exit=k, data=m))
+    return table, lines
+
+
+def _summary(run_dir: Path) -> Table | None:
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    recs = [json.loads(x) for x in metrics.read_text(encoding="utf-8").splitlines() if x.strip()]
+    if not recs:
+        return None
+    exits = sorted(
+        {int(k[4 : k.index("/")]) for r in recs for k in r if k.startswith("exit") and k.endswith("/uar")}
+    )
+    table = Table(title="UAR on the server's unseen speakers", title_justify="left")
+    table.add_column("round")
+    for k in exits:
+        table.add_column(f"exit {k}", justify="right")
+    for r in recs:
+        table.add_row(str(r.get("round")), *[f"{r.get(f'exit{k}/uar', float('nan')):.3f}" for k in exits])
+    return table
+
+
+@app.command("start")
+def start_command(
+    config: Path = typer.Option(..., "--config", "-c", help="Experiment YAML (see configs/)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address the SuperLink binds (0.0.0.0: all)."),
+    port: int = typer.Option(8000, "--port", "-p", min=1, max=65535, help="The SuperLink's one port."),
+    rounds: int | None = typer.Option(None, "--rounds", min=1, help="Federated rounds (default: config)."),
+    min_clients: int | None = typer.Option(
+        None, "--min-clients", min=1, help="Devices needed to start and per round (default: config)."
+    ),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Run directory (default runs/<name>-server)."),
+    base_model: Path | None = typer.Option(
+        None, "--base-model", help="Checkpoint to federate from (default: config, else trained here)."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run in --out from its last completed round."
+    ),
+    insecure: bool = typer.Option(
+        False, "--insecure", help="Serve plain HTTP (required: TLS is not available yet)."
+    ),
+    device_wait: float = typer.Option(
+        600.0, "--device-wait", min=1.0, help="Seconds to wait for --min-clients devices to connect."
+    ),
+    set_: list[str] | None = typer.Option(
+        None, "--set", help="Any config field: --set federated.local_epochs=2 (repeatable)."
+    ),
+) -> None:
+    """Start the server of a federated run and wait for it to finish.
+
+    Example: [bold]fedsd server start --config configs/demo.yaml --insecure --out runs/fed[/]
+    """
+    if not insecure:
+        _fail(deploy.TLS_MISSING, 2)
+    from fedsd.checkpoint import atomic_write_json
+    from fedsd.config import ConfigError, load_config
+    from fedsd.server.federation import FederationSpec
+
+    overrides = _parse_overrides(set_)
+    if not deploy.port_free(host, port):
+        _fail(f"port {port} on {host} is in use (another server?); choose another with --port", 1)
+    console.print(
+        "[yellow]warning: --insecure: the SuperLink serves plain HTTP; traffic (model heads, metrics) "
+        "is not encrypted — use it only on loopback or a trusted network[/]"
+    )
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    superlink = None
+    flwr_home: Path | None = None
+    run_id_box: dict[str, int | None] = {"id": None}
+    try:
+        try:
+            cfg = load_config(config, overrides)
+        except ConfigError as e:
+            _fail(str(e))
+        run_dir = (out or Path("runs") / f"{cfg.name}-server").expanduser().resolve()
+        config_abs = config.expanduser().resolve()
+
+        # ------------------------------------------------------------ 1. prepare (or reuse)
+        earlier = _resume_spec(run_dir) if resume else None
+        spec: FederationSpec
+        if earlier is not None:
+            spec, source = earlier
+            base_ok = (Path(spec.base_model) / "fedsd.json").is_file()
+            part_ok = spec.partition is None or Path(spec.partition).is_file()
+            if not (base_ok and part_ok):
+                _fail(
+                    f"--resume: {source} names base model {spec.base_model} and partition "
+                    f"{spec.partition}, which are gone; start over without --resume"
+                )
+            if base_model is not None and base_model.expanduser().resolve() != Path(spec.base_model):
+                _fail(
+                    f"--resume: the run in {run_dir} federates {spec.base_model}, not --base-model "
+                    f"{base_model}; drop --base-model or start a new run"
+                )
+            state_path = run_dir / "state.json"
+            done = (
+                json.loads(state_path.read_text(encoding="utf-8")).get("completed_round")
+                if state_path.is_file()
+                else None
+            )
+            _say(
+                f"resume: reusing {source} (base model {spec.base_model}, partition {spec.partition}); "
+                + (f"state.json says round {done} is complete" if done is not None else "no round done yet")
+                + " — no data preparation, no training"
+            )
+            spec.config = str(config_abs)
+            spec.overrides = {**spec.overrides, **overrides}
+            spec.resume = True
+            manifests = sorted((run_dir / "devices").glob("*.csv"))
+        else:
+            from fedsd.server.prepare import prepare_run
+
+            if resume:
+                _say(f"resume: {run_dir} holds no earlier run (no spec.json/state.json); starting a new one")
+            elif (run_dir / "state.json").is_file():
+                console.print(
+                    f"[yellow]{escape(str(run_dir))} holds an earlier run: starting over "
+                    "(pass --resume to continue it)[/]"
+                )
+            try:
+                prepared = prepare_run(
+                    cfg,
+                    run_dir,
+                    log=_say,
+                    base_model=base_model.expanduser().resolve() if base_model else None,
+                )
+            except (ConfigError, ValueError, FileNotFoundError) as e:
+                _fail(str(e))
+            _say(
+                "base model: "
+                + (
+                    f"trained here → {prepared.base_model}"
+                    if prepared.trained_here
+                    else f"{prepared.base_model} (existing checkpoint, not retrained)"
+                )
+            )
+            spec = FederationSpec(
+                config=str(config_abs),
+                run_dir=str(run_dir),
+                base_model=str(prepared.base_model),
+                partition=str(prepared.partition.resolve()),
+                eval_manifest=str(cfg.data.manifest_path.expanduser().resolve()),
+                eval_root=str(cfg.data.root.expanduser().resolve()),
+                resume=resume,
+                overrides=overrides,
+            )
+            manifests = [m.resolve() for m in prepared.client_manifests]
+        if rounds is not None:
+            spec.rounds = rounds
+        if min_clients is not None:
+            spec.min_clients = min_clients
+        spec.node_wait_s = device_wait
+        _say(f"partition: {spec.partition}")
+        _say(
+            f"rounds: {spec.rounds or cfg.federated.rounds}, devices needed: "
+            f"{spec.min_clients or cfg.federated.min_clients}"
+        )
+
+        # ------------------------------------------------------------ 2. how to start the devices
+        exits = list(cfg.federated.exits_mix or [cfg.model.exits[-1]])
+        address = deploy.join_address(_client_host(host), port)
+        data_root = cfg.data.root.expanduser().resolve()
+        client_line = f"fedsd client run --server {address} --insecure --exit {{exit}} --data {{data}} --root {data_root}"
+        if manifests:
+            table, lines = _device_table(manifests, exits, client_line)
+            console.print(table)
+            console.print("start each device with (add --model DIR if it already has the base model):")
+            for line in lines:
+                console.print(f"  [bold]{escape(line)}[/]", soft_wrap=True, highlight=False)
+
+        # ------------------------------------------------------------ 3. spec, FLWR_HOME, app dir
+        spec_path = atomic_write_json(run_dir / "spec.json", json.loads(spec.to_json()))
+        flwr_home = run_dir / ".flwr"
+        deploy.write_flwr_home(flwr_home, deploy.join_address(deploy.connect_host(host), port), insecure=True)
+        app_dir = deploy.write_app_dir(flwr_home / "app")
+        _say(f"run spec: {spec_path}; Flower home: {flwr_home}")
+
+        # ------------------------------------------------------------ 4. the SuperLink
+        if not deploy.port_free(host, port):
+            _fail(f"port {port} on {host} was taken while preparing; choose another with --port")
+        superlink = deploy.start_superlink(
+            flwr_home, host, port, log_path=flwr_home / "superlink.log", cwd=Path.cwd()
+        )
+        try:
+            deploy.wait_for_port(host, port, timeout=60.0, process=superlink, what="the SuperLink")
+        except deploy.DeployError as e:
+            _fail(str(e))
+        console.print(
+            f"[green]SuperLink listening on {escape(deploy.join_address(host, port))}[/] "
+            f"(pid {superlink.pid}, log {escape(str(superlink.log_path))})",
+            highlight=False,
+        )
+
+        # ------------------------------------------------------------ 5. submit and stream the run
+        tail: deque[str] = deque(maxlen=40)
+
+        def on_line(line: str) -> None:
+            tail.append(line)
+            if run_id_box["id"] is None:
+                run_id_box["id"] = deploy.parse_run_id(line)
+            console.print(Text.from_ansi(line), soft_wrap=True)
+
+        run_id, code = deploy.submit_run(
+            flwr_home, app_dir, {"spec-file": str(spec_path)}, on_line=on_line, cwd=Path.cwd()
+        )
+        run_id_box["id"] = run_id
+        if run_id is None:
+            _fail(f"`flwr run` started no run (exit code {code}); its last lines:\n" + "\n".join(tail))
+
+        # ------------------------------------------------------------ 6. the real outcome
+        try:
+            status = deploy.wait_finished(flwr_home, run_id, timeout=60.0)
+        except deploy.DeployError as e:
+            _fail(f"could not read the outcome of run {run_id}: {e}")
+        summary = _summary(run_dir)
+        if summary is not None:
+            console.print(summary)
+        state = str(status.get("status", "?"))
+        if state == "finished:completed":
+            console.print(
+                f"[bold green]run {run_id} finished: completed[/] — run directory {escape(str(run_dir))} "
+                f"(final model {escape(str(run_dir / 'final'))}, report {escape(str(run_dir / 'report.md'))})",
+                highlight=False,
+            )
+            return
+        details = status.get("status-details") or ""
+        err_console.print(
+            f"[bold red]run {run_id} {escape(state)}[/] {escape(str(details))}\n"
+            f"SuperLink log: {escape(str(superlink.log_path))}; "
+            f"resume with: fedsd server start --config {escape(str(config))} --out {escape(str(run_dir))} "
+            f"--port {port} --insecure --resume",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(EXIT_FAILED)
+    except KeyboardInterrupt as e:
+        err_console.print(f"[yellow]{escape(str(e) or 'SIGINT')}: stopping the server[/]")
+        if superlink is not None and superlink.alive() and flwr_home and run_id_box["id"] is not None:
+            deploy.stop_run(flwr_home, int(run_id_box["id"]))
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    finally:
+        if superlink is not None:
+            superlink.stop(timeout=10.0)
+            _say("SuperLink stopped")
+        signal.signal(signal.SIGTERM, previous)

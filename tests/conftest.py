@@ -1,0 +1,46 @@
+"""Shared fixtures: a small generated corpus and a tiny multi-exit model, built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+
+LABELS = ["neutral", "happy", "angry", "sad"]
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 speakers × 3 sentences × 4 emotions of generated speech (72 files) with a manifest."""
+    from fedsd.data.synthetic import generate_corpus
+
+    out = tmp_path_factory.mktemp("corpus")
+    generate_corpus(out, speakers=6, sentences=3, seed=0, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained tiny multi-exit model (exits 1–4, stats heads) saved as a fedsd checkpoint."""
+    import torch
+
+    from fedsd.model.backbone import load_backbone
+    from fedsd.model.multiexit import MultiExitSER
+
+    torch.manual_seed(0)
+    model = MultiExitSER(
+        load_backbone("tiny"),
+        [1, 2, 3, 4],
+        LABELS,
+        meta={"sample_rate": 16000, "crop": {"max_seconds": 2.0, "mode": "tile"}},
+    )
+    out = tmp_path_factory.mktemp("model") / "base"
+    model.save_pretrained(out)
+    return out

@@ -1,0 +1,156 @@
+"""Federated self-distillation end to end, in process (real ClientApp, real strategy, no sockets)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from fedsd.checkpoint import load_tensors
+from fedsd.clients.app import make_client_app
+from fedsd.config import load_config
+from fedsd.model.multiexit import MultiExitSER
+from fedsd.server.federation import FederationSpec, run_federation, train_config_record
+from fedsd.server.inprocess import InProcessGrid
+from fedsd.server.prepare import prepare_run
+from fedsd.server.simulation import client_run_config
+from fedsd.wire import heads_to_record
+
+CONFIG = """
+name: fedtest
+data: {{corpus: synth, root: {root}, labels: [neutral, happy, angry, sad], crop: {{max_seconds: 2.0, mode: tile}}}}
+model: {{backbone: tiny, pretrained: false, exits: [1, 2, 3, 4]}}
+federated: {{num_clients: 2, test_speakers: 1, server_speakers: 0, rounds: 2, local_epochs: 2,
+            batch_size: 8, lr: 0.01, exits_mix: [1, 2], label_fraction: 0.5, min_clients: 2}}
+"""
+
+
+@pytest.fixture()
+def setup(tmp_path: Path, small_corpus: Path, tiny_model_dir: Path):
+    cfg_path = tmp_path / "fed.yaml"
+    cfg_path.write_text(CONFIG.format(root=small_corpus))
+    cfg = load_config(cfg_path)
+    run_dir = tmp_path / "run"
+    prepared = prepare_run(cfg, run_dir, base_model=tiny_model_dir, log=lambda _: None)
+    rc = client_run_config(cfg, prepared, run_dir)
+    spec = FederationSpec(
+        config=str(cfg_path), run_dir=str(run_dir), base_model=str(prepared.base_model),
+        partition=str(prepared.partition),
+    )  # fmt: skip
+    return cfg, prepared, rc, spec
+
+
+def _grid(rc: dict, n: int = 2) -> InProcessGrid:
+    return InProcessGrid(make_client_app(rc), [{"partition-id": i, "num-partitions": n} for i in range(n)])
+
+
+def test_two_rounds_partial_average_is_exact(setup) -> None:
+    cfg, prepared, rc, spec = setup
+    result = run_federation(_grid(rc), spec, log=lambda _: None)
+    run_dir = Path(spec.run_dir)
+    base = MultiExitSER.from_pretrained(prepared.base_model)
+    r0 = load_tensors(run_dir / "rounds" / "round_000.safetensors")
+    r1 = load_tensors(run_dir / "rounds" / "round_001.safetensors")
+    r2 = load_tensors(run_dir / "rounds" / "round_002.safetensors")
+    for key, value in base.head_state_dict().items():
+        assert torch.equal(r0[key], value)
+    # Devices sit at exits 1 and 2 with the deep teacher: heads 3 and 4 are never trained.
+    for key in r0:
+        if key.startswith(("heads.3.", "heads.4.")):
+            assert torch.equal(r2[key], r0[key]), key
+    assert any(not torch.equal(r1[k], r0[k]) for k in r0 if k.startswith("heads.1."))
+
+    # Recompute round 1 independently: call each device's ClientApp with the round-0 heads.
+    grid = _grid(rc)
+    app = make_client_app(rc)
+    config = train_config_record(cfg, base.backbone_fingerprint(), 0)
+    config["server-round"] = 1
+    content = RecordDict(
+        {"arrays": heads_to_record(base.head_state_dict()), "config": ConfigRecord(dict(config))}
+    )
+    updates = []
+    for node_id, ctx in grid.contexts.items():
+        msg = Message(content, node_id, "train")
+        reply = app(msg, Context(ctx.run_id, node_id, ctx.node_config, RecordDict(), ctx.run_config))
+        arrays = {k: v.numpy() for k, v in reply.content.array_records["arrays"].items()}
+        updates.append((arrays, float(reply.content.metric_records["metrics"]["num-examples"])))
+    keys1 = [k for k in r0 if k.startswith("heads.1.")]
+    keys2 = [k for k in r0 if k.startswith("heads.2.")]
+    assert all(k in u for u, _ in updates for k in keys1)  # both devices train exit 1
+    assert sum(all(k in u for k in keys2) for u, _ in updates) == 1  # only the exit-2 device trains exit 2
+    for key in keys1 + keys2:
+        senders = [(u[key].astype(np.float64), n) for u, n in updates if key in u]
+        expected = sum(a * n for a, n in senders) / sum(n for _, n in senders)
+        np.testing.assert_allclose(r1[key].numpy(), expected, rtol=1e-5, atol=1e-6, err_msg=key)
+
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in lines] == [0, 1, 2]
+    assert all(f"exit{k}/uar" in lines[-1] for k in (1, 2, 3, 4))
+    assert lines[1]["train"]["num_clients"] == 2 and lines[1]["train"]["num_rejected"] == 0
+    assert (run_dir / "report.md").exists() and (run_dir / "uar_per_round.png").exists()
+    final = MultiExitSER.from_pretrained(result.final_dir)
+    for key, value in final.head_state_dict().items():
+        assert torch.equal(value, r2[key])
+
+
+def test_resume_continues_after_last_completed_round(setup) -> None:
+    _cfg, _prepared, rc, spec = setup
+    spec.rounds = 1
+    run_federation(_grid(rc), spec, log=lambda _: None)
+    run_dir = Path(spec.run_dir)
+    r1 = load_tensors(run_dir / "rounds" / "round_001.safetensors")
+    assert json.loads((run_dir / "state.json").read_text())["completed_round"] == 1
+    spec.rounds, spec.resume = 2, True
+    logs: list[str] = []
+    run_federation(_grid(rc), spec, log=logs.append)
+    assert any("resuming after round 1" in line for line in logs)
+    assert json.loads((run_dir / "state.json").read_text())["completed_round"] == 2
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in lines] == [0, 1, 2]
+    again = load_tensors(run_dir / "rounds" / "round_001.safetensors")
+    assert all(torch.equal(again[k], r1[k]) for k in r1)
+
+
+def test_device_with_another_model_is_refused(setup, tmp_path: Path, small_corpus: Path) -> None:
+    _cfg, prepared, rc, spec = setup
+    from fedsd.model.backbone import load_backbone
+
+    other = MultiExitSER(
+        load_backbone("tiny", family="hubert"), [1, 2, 3, 4], ["neutral", "happy", "angry", "sad"]
+    )
+    other.save_pretrained(tmp_path / "other")
+    # Device 0 is simulated; device 1 is configured like a deployed device that brought its own model.
+    nodes = [
+        {"partition-id": 0, "num-partitions": 2},
+        {
+            "exit": 2,
+            "data": str(prepared.client_manifests[1]),
+            "root": str(small_corpus),
+            "model": str(tmp_path / "other"),
+        },
+    ]
+    grid = InProcessGrid(make_client_app(rc), nodes)
+    victim = list(grid.contexts)[1]
+    spec.min_clients, spec.rounds = 1, 1
+    logs: list[str] = []
+    run_federation(grid, spec, log=logs.append)
+    refusal = [line for line in logs if f"device {victim}" in line]
+    assert refusal and "model mismatch" in refusal[0] and "fingerprint" in refusal[0], logs
+    lines = [json.loads(x) for x in (Path(spec.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert lines[1]["train"]["num_clients"] == 1
+
+
+@pytest.mark.slow
+def test_ray_simulation_two_rounds(setup) -> None:
+    cfg, prepared, _rc, spec = setup
+    from fedsd.server.simulation import run_simulation_engine
+
+    result = run_simulation_engine(cfg, spec, prepared, engine="ray", log=lambda _: None)
+    lines = [json.loads(x) for x in (Path(spec.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in lines] == [0, 1, 2]
+    assert lines[2]["train"]["num_clients"] == 2
+    assert result.final_dir is not None and (result.final_dir / "fedsd.json").exists()
