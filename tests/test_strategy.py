@@ -14,11 +14,12 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 import pytest
-from fedsd.server.strategy import PartialFedAvg, aggregate_metrics
-from fedsd.server.validation import Rejection, ValidUpdate, validate_train_reply
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+
+from fedsd.server.strategy import PartialFedAvg, aggregate_metrics
+from fedsd.server.validation import Rejection, ValidUpdate, validate_train_reply
 
 SHAPES = {
     "heads.3.fc.weight": (4, 3),
