@@ -212,7 +212,7 @@ def receive_model(msg: Message, context: Context, defaults: dict[str, Any] | Non
     return Message(RecordDict({"info": ConfigRecord({"stored": str(dest)})}), reply_to=msg)
 
 
-def done(msg: Message, context: Context) -> Message:
+def done(msg: Message, context: Context, defaults: dict[str, Any] | None = None) -> Message:
     """The server's last word: the run is over (the event log records it for the supervisor)."""
     return Message(RecordDict(), reply_to=msg)
 
@@ -275,7 +275,15 @@ def make_client_app(run_config_defaults: dict[str, Any] | None = None) -> Client
 
     def wrap(handler):
         def handle(msg: Message, context: Context) -> Message:
-            return handler(msg, context, defaults)
+            t0 = time.perf_counter()
+            try:
+                reply = handler(msg, context, defaults)
+            except Exception as e:
+                ev = _event(msg, None, context, time.perf_counter() - t0)
+                log_event(context, ev | {"error": f"{type(e).__name__}: {e}"})
+                raise
+            log_event(context, _event(msg, reply, context, time.perf_counter() - t0))
+            return reply
 
         handle.__name__ = handler.__name__
         return handle

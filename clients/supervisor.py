@@ -9,7 +9,10 @@ process group and watches three things:
   ``query.done`` at the end of the run) ends the session with exit code 0;
 - the server: a TCP connect to HOST:PORT every few seconds; unreachable for ``server_timeout``
   seconds ends the session with exit code 3;
-- the SuperNode itself: if it dies, its log tail is reported and the session ends with exit code 1.
+- the SuperNode itself: a SuperNode exits when a restarted SuperLink does not know its node id (a
+  server restarted with `fedsd server start --resume` has a fresh SuperLink); after a while up it is
+  restarted (a new node registers and the resumed run picks it up). One that dies soon after its
+  start, or too often, ends the session with exit code 1 and its log tail.
 
 SIGINT/SIGTERM end the session too (exit code 130). Every way out stops the SuperNode (SIGTERM to its
 process group, SIGKILL after a timeout), so no `flwr-clientapp` is left behind.
@@ -142,6 +145,9 @@ class SupervisorSettings:
     done_grace_s: float = 3.0
     """After ``done``, time for the SuperNode to send the reply before it is stopped."""
     stop_timeout_s: float = 10.0
+    max_restarts: int = 5
+    min_uptime_s: float = 10.0
+    """A SuperNode that dies sooner than this after its start is broken, not disconnected."""
 
 
 class Supervisor:
@@ -162,6 +168,8 @@ class Supervisor:
         self.log_path = self.session_dir / "supernode.log"
         self.flwr_home = self.session_dir / "flwr"
         self.node: ManagedProcess | None = None
+        self.restarts = 0
+        self._started_at = 0.0
         self.events: list[dict[str, Any]] = []
         self._offset = 0
         self._signal: str | None = None
@@ -173,6 +181,7 @@ class Supervisor:
         self.events_path.touch()
         node_config = {**self.settings.node_config, "events": str(self.events_path.resolve())}
         local_port = free_port("127.0.0.1")
+        self._started_at = time.monotonic()
         self.node = start_supernode(
             join_address(self.host, self.port),
             node_config,
@@ -239,9 +248,22 @@ class Supervisor:
                     time.sleep(0.1)
                 return EXIT_DONE
             if not self.node.alive():
+                code = self.node.returncode
+                uptime = time.monotonic() - self._started_at
+                if self.restarts < s.max_restarts and uptime >= s.min_uptime_s:
+                    self.restarts += 1
+                    self.on_status(
+                        "warning",
+                        f"flower-supernode exited (code {code}) after {uptime:.0f} s — the server "
+                        f"probably restarted and no longer knows this device; starting a new SuperNode "
+                        f"({self.restarts}/{s.max_restarts})",
+                    )
+                    self.node.stop(timeout=s.stop_timeout_s)
+                    self.start()
+                    continue
                 self.on_status(
                     "error",
-                    f"flower-supernode exited with code {self.node.returncode}; last lines of "
+                    f"flower-supernode exited with code {code} after {uptime:.0f} s; last lines of "
                     f"{self.log_path}:\n{self.node.tail()}",
                 )
                 return EXIT_SUPERNODE_FAILED

@@ -100,6 +100,8 @@ class TrainConfig(_Strict):
     batch_size: int = Field(16, ge=1)
     epochs: int = Field(20, ge=1)
     grad_accum: int = Field(1, ge=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm (transformers trained from scratch spike without it)."""
     label_fraction: float = Field(1.0, gt=0, le=1)
     freeze_feature_encoder: bool = True
     freeze_backbone: bool = False

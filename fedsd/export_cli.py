@@ -34,8 +34,7 @@ def export_command(
 ) -> None:
     """Export the model a device at one exit needs: front end, layers 1..K and heads <= K.
 
-    Outputs at every kept exit equal the full model's exactly; the parent fingerprint is recorded so
-    the device still matches the server's full model.
+    Outputs at every kept exit equal the full model's exactly; the parent fingerprint is recorded so the device still matches the server's full model.
 
     Example: [bold]fedsd export --model runs/demo/best --exit 2 --out runs/demo/exit2[/]
     """

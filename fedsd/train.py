@@ -303,6 +303,8 @@ def train(
             loss, comps = self_distill_loss(out, batch["labels"].to(device), model.teacher_exit, dcfg)
             (loss / tc.grad_accum).backward()
             if step % tc.grad_accum == 0 or step == len(train_loader):
+                if tc.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
                 opt.step()
                 opt.zero_grad()
             for key, v in comps.items():

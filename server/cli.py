@@ -161,7 +161,8 @@ def start_command(
         "[yellow]warning: --insecure: the SuperLink serves plain HTTP; traffic (model heads, metrics) "
         "is not encrypted — use it only on loopback or a trusted network[/]"
     )
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Both signals end the run cleanly (an `&` job of a script starts with SIGINT ignored: re-arm it).
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     superlink = None
     flwr_home: Path | None = None
     run_id_box: dict[str, int | None] = {"id": None}
@@ -340,4 +341,5 @@ def start_command(
         if superlink is not None:
             superlink.stop(timeout=10.0)
             _say("SuperLink stopped")
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

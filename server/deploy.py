@@ -124,9 +124,11 @@ def port_open(host: str, port: int, timeout: float = 1.0) -> bool:
 
 
 def port_free(host: str, port: int) -> bool:
-    """True when we could bind host:port (nobody listens there)."""
+    """True when a server could bind host:port now (nobody listens there; TIME_WAIT leftovers of a
+    server that just stopped do not count, as servers bind with SO_REUSEADDR)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -198,6 +200,51 @@ spec-file = ""
 
 
 # ----------------------------------------------------------------------------- processes
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (Linux /proc; empty elsewhere).
+
+    Needed because Flower's helpers start their own sessions (flower-superexec does), so signalling
+    the process group of the command we started does not reach them.
+    """
+    children: dict[int, list[int]] = {}
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 1:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    out: list[int] = []
+    todo = list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    try:  # a zombie is dead for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _kill(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+
+
 class ManagedProcess:
     """A child process in its own process group, output to a log file (or a pipe), stoppable as a group."""
 
@@ -254,16 +301,22 @@ class ManagedProcess:
             os.killpg(self.pid, sig)
 
     def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM the whole group, SIGKILL what is left after ``timeout``; returns the exit code."""
-        if self.alive() or self._group_alive():
+        """SIGTERM the process, its group and every descendant; SIGKILL what is left after
+        ``timeout``; returns the exit code."""
+        family = descendants(self.pid) if self.alive() else []
+        if self.alive() or self._group_alive() or any(_alive(p) for p in family):
             self._signal_group(signal.SIGTERM)
+            for p in family:
+                _kill(p, signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=timeout)
             deadline = time.monotonic() + min(timeout, 3.0)
-            while self._group_alive() and time.monotonic() < deadline:
+            while time.monotonic() < deadline and (self._group_alive() or any(_alive(p) for p in family)):
                 time.sleep(0.1)
-            if self.alive() or self._group_alive():
+            if self.alive() or self._group_alive() or any(_alive(p) for p in family):
                 self._signal_group(signal.SIGKILL)
+                for p in family:
+                    _kill(p, signal.SIGKILL)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self.proc.wait(timeout=5.0)
         if self.proc.stdout is not None:

@@ -27,6 +27,7 @@ def load_script():
 def test_exit_latency_smoke(tmp_path, capsys):
     bench = load_script()
     assert bench.default_exits(12) == [3, 6, 9, 12] and bench.default_exits(4) == [1, 2, 3, 4]
+    assert set(bench.CLOCKS) == {"wall", "cpu"}
     out = bench.main(
         [
             "--backbone",

@@ -67,9 +67,9 @@ def test_export_equals_full_model_exactly(tmp_path, family, preln, overrides):
     assert small.backbone.config.num_hidden_layers == 2 and full.encoder.num_layers == 4
     assert sorted(small.head_state_dict()) == sorted(full.head_state_dict([1, 2]))
     assert_same_outputs(full, small)
-    # ... and after a save/load round trip (the config change must survive serialisation).
-    small.save_pretrained(tmp_path / "m")
-    assert_same_outputs(full, MultiExitSER.from_pretrained(tmp_path / "m"))
+    if overrides:  # the pinned config must survive serialisation (the CLI test covers the plain case)
+        small.save_pretrained(tmp_path / "m")
+        assert_same_outputs(full, MultiExitSER.from_pretrained(tmp_path / "m"))
 
 
 def test_export_at_the_teacher_keeps_everything():
