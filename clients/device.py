@@ -15,6 +15,7 @@ from typing import Any
 
 from flwr.app import Context
 
+from fedsd.config import ExperimentConfig
 from fedsd.data.manifest import ManifestRow, read_manifest
 
 DEFAULT_CACHE = Path(os.environ.get("FEDSD_CACHE", Path.home() / ".cache" / "fedsd"))
@@ -27,6 +28,32 @@ SIM_MODEL = "sim-model"
 SIM_EXITS_MIX = "sim-exits-mix"
 SIM_CACHE = "sim-cache"
 SIM_DEVICE = "sim-device"
+
+
+def simulated_device_config(
+    cfg: ExperimentConfig, partition: Path, base_model: Path, run_dir: Path, device: str = "cpu"
+) -> dict[str, Any]:
+    """What every virtual device of a simulation needs to find its shard and model (absolute paths)."""
+    mix = cfg.federated.exits_mix or [cfg.model.exits[-1]]
+    return {
+        SIM_PARTITION: str(partition.resolve()),
+        SIM_MANIFEST: str(cfg.data.manifest_path.resolve()),
+        SIM_ROOT: str(cfg.data.root.resolve()),
+        SIM_MODEL: str(base_model.resolve()),
+        SIM_EXITS_MIX: ",".join(str(k) for k in mix),
+        SIM_CACHE: str((run_dir / "cache").resolve()),
+        SIM_DEVICE: device,
+    }
+
+
+def _flwr_run_defaults(run_config: dict[str, Any]) -> dict[str, Any]:
+    """`flwr run .` simulations carry only the app config: find what the ServerApp prepared from it."""
+    from fedsd.config import load_config
+
+    cfg = load_config(Path(str(run_config.get("config") or "configs/demo.yaml")).resolve())
+    run_dir = Path(str(run_config.get("run-dir") or f"runs/{cfg.name}-flwr")).resolve()
+    base = cfg.base_model or run_dir / "central" / "best"
+    return simulated_device_config(cfg, run_dir / "partition.json", Path(base), run_dir)
 
 
 class DeviceError(RuntimeError):
@@ -48,6 +75,8 @@ class DeviceSettings:
     def from_context(cls, context: Context, defaults: dict[str, Any] | None = None) -> DeviceSettings:
         nc: dict[str, Any] = dict(context.node_config)
         rc: dict[str, Any] = {**(defaults or {}), **dict(context.run_config)}
+        if "partition-id" in nc and SIM_PARTITION not in rc and "config" in rc:
+            rc |= _flwr_run_defaults(rc)
         if "partition-id" in nc and SIM_PARTITION in rc:  # a simulated device
             pid = int(nc["partition-id"])
             mix = [int(x) for x in str(rc.get(SIM_EXITS_MIX, "")).split(",") if x.strip()]

@@ -10,21 +10,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedsd.clients.app import make_client_app
-from fedsd.clients.device import (
-    SIM_CACHE,
-    SIM_DEVICE,
-    SIM_EXITS_MIX,
-    SIM_MANIFEST,
-    SIM_MODEL,
-    SIM_PARTITION,
-    SIM_ROOT,
-)
+from fedsd.clients.device import simulated_device_config
 from fedsd.config import ExperimentConfig
 from fedsd.data.partition import Partition
 from fedsd.server.federation import FederationResult, FederationSpec, run_federation
@@ -32,22 +24,6 @@ from fedsd.server.inprocess import InProcessGrid
 from fedsd.server.prepare import Prepared
 
 Engine = Literal["ray", "inprocess"]
-
-
-def client_run_config(
-    cfg: ExperimentConfig, prepared: Prepared, run_dir: Path, device: str = "cpu"
-) -> dict[str, Any]:
-    """What each virtual device needs to find its shard and model (absolute paths)."""
-    mix = cfg.federated.exits_mix or [cfg.model.exits[-1]]
-    return {
-        SIM_PARTITION: str(prepared.partition.resolve()),
-        SIM_MANIFEST: str(cfg.data.manifest_path.resolve()),
-        SIM_ROOT: str(cfg.data.root.resolve()),
-        SIM_MODEL: str(prepared.base_model.resolve()),
-        SIM_EXITS_MIX: ",".join(str(k) for k in mix),
-        SIM_CACHE: str((run_dir / "cache").resolve()),
-        SIM_DEVICE: device,
-    }
 
 
 def run_simulation_engine(
@@ -61,7 +37,7 @@ def run_simulation_engine(
 ) -> FederationResult:
     run_dir = Path(spec.run_dir)
     n = len(Partition.load(prepared.partition).clients)
-    client_app = make_client_app(client_run_config(cfg, prepared, run_dir))
+    client_app = make_client_app(simulated_device_config(cfg, prepared.partition, prepared.base_model, run_dir))
     if engine == "inprocess":
         grid = InProcessGrid(client_app, [{"partition-id": i, "num-partitions": n} for i in range(n)])
         return run_federation(grid, spec, log=log)

@@ -12,12 +12,12 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedsd.checkpoint import load_tensors
 from fedsd.clients.app import make_client_app
+from fedsd.clients.device import simulated_device_config
 from fedsd.config import load_config
 from fedsd.model.multiexit import MultiExitSER
 from fedsd.server.federation import FederationSpec, run_federation, train_config_record
 from fedsd.server.inprocess import InProcessGrid
 from fedsd.server.prepare import prepare_run
-from fedsd.server.simulation import client_run_config
 from fedsd.wire import heads_to_record
 
 CONFIG = """
@@ -36,7 +36,7 @@ def setup(tmp_path: Path, small_corpus: Path, tiny_model_dir: Path):
     cfg = load_config(cfg_path)
     run_dir = tmp_path / "run"
     prepared = prepare_run(cfg, run_dir, base_model=tiny_model_dir, log=lambda _: None)
-    rc = client_run_config(cfg, prepared, run_dir)
+    rc = simulated_device_config(cfg, prepared.partition, prepared.base_model, run_dir)
     spec = FederationSpec(
         config=str(cfg_path), run_dir=str(run_dir), base_model=str(prepared.base_model),
         partition=str(prepared.partition),
