@@ -10,6 +10,11 @@ real emotional speech. DESIGN.md §3 sets the target: this simple baseline shoul
 
 Reported per seed: accuracy and UAR (macro recall) on the manifest's test-split speakers (model trained on
 the train split), and the mean over leave-speakers-out folds (GroupKFold on all speakers; less noisy).
+
+Measured with the defaults (24 speakers × 12 sentences × 4 emotions, intensity 0.75, seeds 0 1 2):
+espeak-ng backend test UAR 0.78 / 0.80 / 0.82 (mean 0.80), 6-fold CV UAR 0.73 / 0.74 / 0.70 (mean 0.72);
+numpy backend test UAR 0.83 / 0.83 / 0.77 (mean 0.81), CV UAR 0.80 / 0.76 / 0.75 (mean 0.77).
+Typical confusions are neutral↔happy and happy↔angry; sad is the easiest class, as in acted corpora.
 """
 
 from __future__ import annotations
