@@ -1,0 +1,439 @@
+"""Cost of one device round: a warm feature cache against recomputing the frozen backbone every epoch.
+
+Why: on a device the backbone is frozen, so its head inputs are a pure function of the audio. fedsd
+caches them on disk (``fedsd.features``) and a steady-state round only reads them back and trains the
+small exit heads (DESIGN.md §3). This script measures what that buys, on the device's real code path
+(``plan_exits`` → ``FeatureCache.get`` → ``train_heads`` → ``heads_to_record``), and what a device
+uploads per round. Variants, all timed in one run, interleaved in a freshly shuffled order per
+repetition so that noise from other processes on a shared CPU spreads over all of them alike:
+
+* ``no cache``   — every epoch recomputes the head inputs with the frozen backbone
+                   (``hidden_for_exits`` + ``head.precompute`` under ``no_grad``), then trains the heads
+                   on them; audio is decoded once per round (the variant's most favourable form).
+* ``cold cache`` — the first round of a device: fills an empty cache (one backbone pass), then trains.
+* ``warm cache`` — a steady-state round: every head input is read from disk, then the heads train.
+* ``model load`` — ``MultiExitSER.from_pretrained`` of the saved model, which a deployed device pays
+                   per message whatever the cache holds (every Flower message runs in a fresh process).
+
+Every round starts from the same head weights and ends with the reply's ArrayRecord. Targets: warm
+cache ≥ 50× faster than no cache; upload ≤ 1 % of the full model.
+
+    .venv/bin/python benchmarks/round_cost.py                     # base, 32 × 4 s, exit 6, 2 epochs, 3 reps
+    .venv/bin/python benchmarks/round_cost.py --backbone tiny --utterances 8 --seconds 1 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flwr.app import MetricRecord, RecordDict  # noqa: E402
+from flwr.common.serde import recorddict_to_proto  # noqa: E402
+
+from fedsd.audio import CropPolicy  # noqa: E402
+from fedsd.clients.app import model_crop  # noqa: E402
+from fedsd.clients.training import ExitPlan, LocalTrainConfig, plan_exits, train_heads  # noqa: E402
+from fedsd.data.dataset import SpeechDataset, collate_batch  # noqa: E402
+from fedsd.data.manifest import ManifestRow, read_manifest  # noqa: E402
+from fedsd.data.synthetic import generate_corpus  # noqa: E402
+from fedsd.features import CachedFeatures, FeatureCache  # noqa: E402
+from fedsd.model import MultiExitSER, load_backbone  # noqa: E402
+from fedsd.wire import heads_to_record  # noqa: E402
+
+LABELS = ("neutral", "happy", "angry", "sad")
+SPEEDUP_TARGET = 50.0
+UPLOAD_TARGET = 0.01
+DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "round_cost.json"
+VARIANTS = ("no_cache", "cold_cache", "warm_cache", "model_load")
+TITLES = {
+    "no_cache": "no cache (backbone every epoch)",
+    "cold_cache": "cold cache (first round: fill + train)",
+    "warm_cache": "warm cache (steady state: read + train)",
+    "model_load": "model load (`from_pretrained`, per message)",
+}
+
+
+def default_exits(num_layers: int) -> list[int]:
+    """Quarter depths ([3, 6, 9, 12] for a 12-layer model, [1, 2, 3, 4] for the tiny one)."""
+    return sorted({max(1, round(num_layers * q / 4)) for q in (1, 2, 3, 4)})
+
+
+def make_corpus(out: Path, utterances: int, seed: int) -> tuple[list[ManifestRow], Path]:
+    """``utterances`` synthetic clips (2 or more speakers × sentences × 4 emotions), first N rows."""
+    speakers = max(1, math.ceil(utterances / 16))
+    sentences = min(12, max(1, math.ceil(utterances / (len(LABELS) * speakers))))
+    while speakers * sentences * len(LABELS) < utterances:
+        speakers += 1
+    res = generate_corpus(out, speakers=speakers, sentences=sentences, emotions=LABELS, seed=seed,
+                          progress=False)  # fmt: skip
+    return read_manifest(res.manifest)[:utterances], out
+
+
+def labelled_mask(n: int, fraction: float, seed: int) -> list[bool]:
+    """A device's scarce labels: ``round(n * fraction)`` labelled utterances drawn by seed."""
+    chosen = set(random.Random(seed).sample(range(n), round(n * fraction)))
+    return [i in chosen for i in range(n)]
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def quantiles(samples: Sequence[float]) -> dict[str, float]:
+    s = sorted(samples)
+    return {"median_s": statistics.median(s), "min_s": s[0], "max_s": s[-1], "samples_s": list(s)}
+
+
+class Device:
+    """One device's round on the real code path, with three ways of getting its head inputs."""
+
+    def __init__(
+        self,
+        model: MultiExitSER,
+        rows: list[ManifestRow],
+        root: Path,
+        labelled: list[bool],
+        plan: ExitPlan,
+        cfg: LocalTrainConfig,
+        crop: CropPolicy,
+        batch_size: int,
+    ) -> None:
+        self.model, self.rows, self.root, self.labelled = model, rows, root, labelled
+        self.plan, self.cfg, self.crop, self.batch_size = plan, cfg, crop, batch_size
+        self.initial_heads = model.head_state_dict()
+        index = {n: i for i, n in enumerate(model.label_names)}
+        self.labels = torch.tensor(
+            [index[r.label] if m and r.label else -1 for r, m in zip(rows, labelled, strict=True)]
+        )
+
+    def reset(self) -> None:
+        """Every round starts from the same global heads (what the server would send)."""
+        self.model.load_head_state_dict(self.initial_heads)
+
+    def reply(self, feats: CachedFeatures, losses: dict[str, float]) -> RecordDict:
+        """The train reply's content, as ``fedsd.clients.app.train`` builds it."""
+        metrics = {
+            "num-examples": len(feats.utt_ids),
+            "exit": self.cfg.exit,
+            "n-labelled": int((feats.labels >= 0).sum()),
+            "n-utterances": len(feats.utt_ids),
+            "loss": float(losses.get("total", 0.0)),
+            "cache-hits": feats.hits,
+            "cache-misses": feats.misses,
+            "seconds": 0.0,
+        }
+        arrays = heads_to_record(self.model.head_state_dict(self.plan.train))
+        return RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
+
+    @torch.no_grad()
+    def backbone_features(self, waves: list[dict[str, Any]]) -> CachedFeatures:
+        """Head inputs straight from the frozen backbone (what the cache would have stored)."""
+        self.model.eval()
+        inputs: dict[int, list[torch.Tensor]] = {k: [] for k in self.plan.needed}
+        for s in range(0, len(waves), self.batch_size):
+            batch = collate_batch(waves[s : s + self.batch_size])
+            states = self.model.hidden_for_exits(
+                batch["input_values"], batch["attention_mask"], self.plan.needed
+            )
+            for k in self.plan.needed:
+                hidden, mask = states[k]
+                pre = self.model.heads[str(k)].precompute(hidden, mask).float()
+                for j in range(pre.shape[0]):
+                    x = pre[j]
+                    inputs[k].append(x[: int(mask[j].sum())] if x.dim() == 2 else x)
+        ids = [r.utt_id for r in self.rows]
+        return CachedFeatures(ids, inputs, self.labels.clone(), hits=0, misses=len(ids))
+
+    def round_no_cache(self) -> tuple[RecordDict, CachedFeatures]:
+        """Decode once, then per epoch: backbone forward → head inputs → one epoch of head training."""
+        ds = SpeechDataset(self.rows, self.root, self.model.label_names, self.crop,
+                           labelled=self.labelled, train=False)  # fmt: skip
+        waves = [ds[i] for i in range(len(ds))]
+        params = [p for k in self.plan.train for p in self.model.heads[str(k)].parameters()]
+        opt = torch.optim.Adam(params, lr=self.cfg.lr)  # one optimizer for the whole round
+        losses: dict[str, float] = {}
+        for epoch in range(self.cfg.epochs):
+            feats = self.backbone_features(waves)
+            one = dataclasses.replace(self.cfg, epochs=1, seed=self.cfg.seed + epoch)
+            losses = train_heads(self.model, feats, self.plan, one, optimizer_factory=lambda _p: opt)
+        return self.reply(feats, losses), feats
+
+    def round_cached(self, cache: FeatureCache) -> tuple[RecordDict, CachedFeatures]:
+        """What ``fedsd.clients.app.train`` does: cached head inputs → ``cfg.epochs`` of head training."""
+        feats = cache.get(self.rows, self.root, self.plan.needed, label_names=self.model.label_names,
+                          labelled=self.labelled, batch_size=self.batch_size)  # fmt: skip
+        losses = train_heads(self.model, feats, self.plan, self.cfg)
+        return self.reply(feats, losses), feats
+
+
+def measure(
+    variants: dict[str, Callable[[], Any]],
+    before: dict[str, Callable[[], Any]],
+    repeats: int,
+    seed: int,
+    log: Callable[[str], None],
+) -> dict[str, list[float]]:
+    """Each repetition runs every variant once, in a new random order; ``before`` runs untimed."""
+    rng = random.Random(seed)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for rep in range(repeats):
+        order = list(variants)
+        rng.shuffle(order)
+        for name in order:
+            if name in before:
+                before[name]()
+            t0 = time.perf_counter()
+            variants[name]()
+            times[name].append(time.perf_counter() - t0)
+            log(f"  rep {rep + 1}/{repeats} {name}: {times[name][-1]:.3f} s")
+    return times
+
+
+def feature_gap(a: CachedFeatures, b: CachedFeatures) -> float:
+    """Largest absolute difference between two sets of head inputs (recomputed vs cached)."""
+    return max(
+        float((x - y).abs().max()) for k in a.inputs for x, y in zip(a.inputs[k], b.inputs[k], strict=True)
+    )
+
+
+def run(args: argparse.Namespace, work: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    rows, root = make_corpus(work / "corpus", args.utterances, args.seed)
+    corpus_s = time.perf_counter() - t0
+    durations = [r.duration for r in rows]
+    log(f"corpus: {len(rows)} utterances of {min(durations):.2f}–{max(durations):.2f} s "
+        f"(tiled/cropped to {args.seconds} s) in {corpus_s:.1f} s")  # fmt: skip
+
+    backbone = load_backbone(args.backbone)
+    exits = args.exits or default_exits(backbone.config.num_hidden_layers)
+    meta = {"sample_rate": 16000, "crop": {"max_seconds": args.seconds, "mode": "tile"}}
+    model = MultiExitSER(backbone, exits, LABELS, head="stats", meta=meta).eval()
+    device_exit = args.exit if args.exit is not None else exits[1]
+    cfg = LocalTrainConfig(exit=device_exit, teacher="deep", epochs=args.epochs, batch_size=args.batch_size,
+                           lr=1e-3, seed=args.seed)  # fmt: skip
+    plan = plan_exits(model.exits, device_exit, cfg)
+    crop = model_crop(model)
+    labelled = labelled_mask(len(rows), args.label_fraction, args.seed)
+    dev = Device(model, rows, root, labelled, plan, cfg, crop, args.batch_size)
+    log(f"model: {args.backbone} exits {exits}; device at exit {device_exit}, teacher {plan.teacher}: "
+        f"runs {plan.needed}, trains {plan.train}; {sum(labelled)}/{len(rows)} labelled; "
+        f"{args.epochs} epochs; torch threads {torch.get_num_threads()}")  # fmt: skip
+
+    model_dir = model.save_pretrained(work / "model")
+    warm = FeatureCache(work / "warm", model, crop)
+    t0 = time.perf_counter()
+    _, first = dev.round_cached(warm)  # fills the warm cache; also warms up the backbone
+    log(f"warm cache filled ({first.misses} misses) in {time.perf_counter() - t0:.1f} s")
+    dev.reset()
+    _, again = dev.round_cached(warm)
+    if again.misses:
+        raise RuntimeError(f"the warm cache missed {again.misses} utterances")
+
+    # Cold rounds need an empty cache each time; FeatureCache's constructor (which hashes the backbone
+    # for its fingerprint) runs untimed, like the other variants' model setup.
+    cold: dict[str, FeatureCache] = {}
+    count = {"cold": 0}
+
+    def setup_cold() -> None:
+        dev.reset()
+        count["cold"] += 1
+        cold["cache"] = FeatureCache(work / f"cold{count['cold']}", model, crop)
+
+    recomputed: dict[str, CachedFeatures] = {}
+
+    def no_cache() -> None:
+        _, recomputed["feats"] = dev.round_no_cache()
+
+    variants: dict[str, Callable[[], Any]] = {
+        "no_cache": no_cache,
+        "cold_cache": lambda: dev.round_cached(cold["cache"]),
+        "warm_cache": lambda: dev.round_cached(warm),
+        "model_load": lambda: MultiExitSER.from_pretrained(model_dir),
+    }
+    before: dict[str, Callable[[], Any]] = {
+        "no_cache": dev.reset,
+        "cold_cache": setup_cold,
+        "warm_cache": dev.reset,
+    }
+    log(f"timing {len(variants)} variants × {args.repeats} repetitions, interleaved")
+    load_before = os.getloadavg()
+    times = measure(variants, before, args.repeats, args.seed, log)
+    load_after = os.getloadavg()
+    stats = {name: quantiles(t) for name, t in times.items()}
+    gap = feature_gap(recomputed["feats"], again)
+
+    # What a device uploads per round: the train reply's content (its heads + a few metrics).
+    dev.reset()
+    reply, _ = dev.round_cached(warm)
+    arrays = reply.array_records["arrays"]
+    array_bytes = sum(int(a.numpy().nbytes) for a in arrays.values())
+    proto_arrays = recorddict_to_proto(RecordDict({"arrays": arrays})).ByteSize()
+    proto_reply = recorddict_to_proto(reply).ByteSize()
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    ckpt_bytes = dir_bytes(model_dir)
+    med = {name: s["median_s"] for name, s in stats.items()}
+    speedup = med["no_cache"] / med["warm_cache"]
+    upload_ratio = proto_reply / param_bytes
+    return {
+        "benchmark": "round_cost",
+        "argv": sys.argv[1:],
+        "settings": {
+            "backbone": args.backbone,
+            "exits": exits,
+            "device_exit": device_exit,
+            "teacher": plan.teacher,
+            "needed_exits": plan.needed,
+            "trained_exits": plan.train,
+            "utterances": len(rows),
+            "seconds": args.seconds,
+            "crop": crop.key(),
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "labelled": sum(labelled),
+            "repeats": args.repeats,
+            "head": "stats",
+        },
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "loadavg_before": load_before,
+            "loadavg_after": load_after,
+        },
+        "corpus_seconds": corpus_s,
+        "times": stats,
+        "speedup_warm_vs_no_cache": speedup,
+        "speedup_cold_vs_no_cache": med["no_cache"] / med["cold_cache"],
+        "speedup_with_model_load": (med["no_cache"] + med["model_load"]) / (med["warm_cache"] + med["model_load"]),
+        "max_feature_gap": gap,
+        "bytes": {
+            "upload_array_bytes": array_bytes,
+            "upload_proto_arrays_bytes": proto_arrays,
+            "upload_proto_reply_bytes": proto_reply,
+            "model_parameter_bytes": param_bytes,
+            "model_parameters": sum(p.numel() for p in model.parameters()),
+            "checkpoint_dir_bytes": ckpt_bytes,
+            "upload_over_parameters": upload_ratio,
+            "upload_over_checkpoint": proto_reply / ckpt_bytes,
+        },
+        "targets": {
+            "speedup_min": SPEEDUP_TARGET,
+            "speedup_met": speedup >= SPEEDUP_TARGET,
+            "upload_max_fraction": UPLOAD_TARGET,
+            "upload_met": upload_ratio <= UPLOAD_TARGET,
+        },
+    }
+
+
+def mb(n: float) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def table(res: dict[str, Any]) -> str:
+    st, t, b = res["settings"], res["times"], res["bytes"]
+    warm = t["warm_cache"]["median_s"]
+    lines = [
+        f"Round cost — `{st['backbone']}` backbone, exits {st['exits']}, device at exit {st['device_exit']} "
+        f"(teacher {st['teacher']}, trains {st['trained_exits']}), {st['utterances']} × {st['seconds']} s, "
+        f"{st['epochs']} epochs, {st['repeats']} interleaved repetitions "
+        f"(load avg {res['machine']['loadavg_before'][0]:.1f} → {res['machine']['loadavg_after'][0]:.1f})",
+        "",
+        "| variant | median s | min s | max s | × warm cache |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name in VARIANTS:
+        s = t[name]
+        lines.append(f"| {TITLES[name]} | {s['median_s']:.3f} | {s['min_s']:.3f} | {s['max_s']:.3f} | "
+                     f"{s['median_s'] / warm:.1f} |")  # fmt: skip
+    tg = res["targets"]
+    lines += [
+        "",
+        f"Speed-up, warm cache vs no cache: **{res['speedup_warm_vs_no_cache']:.0f}×** "
+        f"(target ≥ {tg['speedup_min']:.0f}×: {'met' if tg['speedup_met'] else 'NOT met'}); "
+        f"cold vs no cache {res['speedup_cold_vs_no_cache']:.1f}×; counting one model load per message "
+        f"on both sides {res['speedup_with_model_load']:.1f}×. Recomputed vs cached head inputs differ by "
+        f"at most {res['max_feature_gap']:.1e}.",
+        "",
+        "| per client per round | bytes | share of full model parameters |",
+        "|---|---:|---:|",
+        f"| upload: raw head arrays (sum of `nbytes`) | {b['upload_array_bytes']:,} ({mb(b['upload_array_bytes'])}) "
+        f"| {b['upload_array_bytes'] / b['model_parameter_bytes']:.3%} |",
+        f"| upload: `recorddict_to_proto(RecordDict(arrays)).ByteSize()` | {b['upload_proto_arrays_bytes']:,} "
+        f"| {b['upload_proto_arrays_bytes'] / b['model_parameter_bytes']:.3%} |",
+        f"| upload: whole train reply (arrays + metrics), serialized | {b['upload_proto_reply_bytes']:,} "
+        f"| {b['upload_over_parameters']:.3%} |",
+        f"| full model: all parameters ({b['model_parameters']:,} float32) | {b['model_parameter_bytes']:,} "
+        f"({mb(b['model_parameter_bytes'])}) | 100 % |",
+        f"| full model: checkpoint directory (`save_pretrained`) | {b['checkpoint_dir_bytes']:,} "
+        f"({mb(b['checkpoint_dir_bytes'])}) | {b['checkpoint_dir_bytes'] / b['model_parameter_bytes']:.1%} |",
+        "",
+        f"Upload / full model: {b['upload_over_parameters']:.3%} of parameter bytes, "
+        f"{b['upload_over_checkpoint']:.3%} of the checkpoint (target ≤ {tg['upload_max_fraction']:.0%}: "
+        f"{'met' if tg['upload_met'] else 'NOT met'}).",
+    ]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--backbone", default="base", help="built-in backbone: base (wav2vec2-base shape) or tiny")
+    p.add_argument("--utterances", type=int, default=32, help="utterances on the device")
+    p.add_argument("--seconds", type=float, default=4.0, help="clip length (tile/crop policy)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions per variant")
+    p.add_argument("--epochs", type=int, default=2, help="local epochs per round")
+    p.add_argument("--exits", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help="model exits (default: quarter depths, 3,6,9,12 for base)")  # fmt: skip
+    p.add_argument("--exit", type=int, default=None, help="the device's exit (default: the second exit)")
+    p.add_argument("--batch-size", type=int, default=8, help="backbone and head batch size")
+    p.add_argument("--label-fraction", type=float, default=0.2, help="labelled share of the device's data")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", type=Path, default=None, help="keep corpus, model and caches here")
+    p.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the results")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    args = p.parse_args(argv)
+    if args.utterances < 1 or args.repeats < 1 or args.epochs < 1 or args.seconds <= 0:
+        p.error("--utterances, --repeats, --epochs must be >= 1 and --seconds > 0")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def log(msg: str) -> None:
+        if not args.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        res = run(args, args.workdir, log)
+    else:
+        with tempfile.TemporaryDirectory(prefix="fedsd-round-cost-") as tmp:
+            res = run(args, Path(tmp), log)
+    print(table(res))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+    log(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
