@@ -80,8 +80,9 @@ def make_corpus(out: Path, utterances: int, seed: int) -> tuple[list[ManifestRow
     sentences = min(12, max(1, math.ceil(utterances / (len(LABELS) * speakers))))
     while speakers * sentences * len(LABELS) < utterances:
         speakers += 1
-    res = generate_corpus(out, speakers=speakers, sentences=sentences, emotions=LABELS, seed=seed,
-                          progress=False)  # fmt: skip
+    res = generate_corpus(
+        out, speakers=speakers, sentences=sentences, emotions=LABELS, seed=seed, progress=False
+    )
     return read_manifest(res.manifest)[:utterances], out
 
 
@@ -162,8 +163,9 @@ class Device:
 
     def round_no_cache(self) -> tuple[RecordDict, CachedFeatures]:
         """Decode once, then per epoch: backbone forward → head inputs → one epoch of head training."""
-        ds = SpeechDataset(self.rows, self.root, self.model.label_names, self.crop,
-                           labelled=self.labelled, train=False)  # fmt: skip
+        ds = SpeechDataset(
+            self.rows, self.root, self.model.label_names, self.crop, labelled=self.labelled, train=False
+        )
         waves = [ds[i] for i in range(len(ds))]
         params = [p for k in self.plan.train for p in self.model.heads[str(k)].parameters()]
         opt = torch.optim.Adam(params, lr=self.cfg.lr)  # one optimizer for the whole round
@@ -176,8 +178,14 @@ class Device:
 
     def round_cached(self, cache: FeatureCache) -> tuple[RecordDict, CachedFeatures]:
         """What ``fedsd.clients.app.train`` does: cached head inputs → ``cfg.epochs`` of head training."""
-        feats = cache.get(self.rows, self.root, self.plan.needed, label_names=self.model.label_names,
-                          labelled=self.labelled, batch_size=self.batch_size)  # fmt: skip
+        feats = cache.get(
+            self.rows,
+            self.root,
+            self.plan.needed,
+            label_names=self.model.label_names,
+            labelled=self.labelled,
+            batch_size=self.batch_size,
+        )
         losses = train_heads(self.model, feats, self.plan, self.cfg)
         return self.reply(feats, losses), feats
 
@@ -218,23 +226,33 @@ def run(args: argparse.Namespace, work: Path, log: Callable[[str], None]) -> dic
     rows, root = make_corpus(work / "corpus", args.utterances, args.seed)
     corpus_s = time.perf_counter() - t0
     durations = [r.duration for r in rows]
-    log(f"corpus: {len(rows)} utterances of {min(durations):.2f}–{max(durations):.2f} s "
-        f"(tiled/cropped to {args.seconds} s) in {corpus_s:.1f} s")  # fmt: skip
+    log(
+        f"corpus: {len(rows)} utterances of {min(durations):.2f}–{max(durations):.2f} s "
+        f"(tiled/cropped to {args.seconds} s) in {corpus_s:.1f} s"
+    )
 
     backbone = load_backbone(args.backbone)
     exits = args.exits or default_exits(backbone.config.num_hidden_layers)
     meta = {"sample_rate": 16000, "crop": {"max_seconds": args.seconds, "mode": "tile"}}
     model = MultiExitSER(backbone, exits, LABELS, head="stats", meta=meta).eval()
     device_exit = args.exit if args.exit is not None else exits[1]
-    cfg = LocalTrainConfig(exit=device_exit, teacher="deep", epochs=args.epochs, batch_size=args.batch_size,
-                           lr=1e-3, seed=args.seed)  # fmt: skip
+    cfg = LocalTrainConfig(
+        exit=device_exit,
+        teacher="deep",
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=1e-3,
+        seed=args.seed,
+    )
     plan = plan_exits(model.exits, device_exit, cfg)
     crop = model_crop(model)
     labelled = labelled_mask(len(rows), args.label_fraction, args.seed)
     dev = Device(model, rows, root, labelled, plan, cfg, crop, args.batch_size)
-    log(f"model: {args.backbone} exits {exits}; device at exit {device_exit}, teacher {plan.teacher}: "
+    log(
+        f"model: {args.backbone} exits {exits}; device at exit {device_exit}, teacher {plan.teacher}: "
         f"runs {plan.needed}, trains {plan.train}; {sum(labelled)}/{len(rows)} labelled; "
-        f"{args.epochs} epochs; torch threads {torch.get_num_threads()}")  # fmt: skip
+        f"{args.epochs} epochs; torch threads {torch.get_num_threads()}"
+    )
 
     model_dir = model.save_pretrained(work / "model")
     warm = FeatureCache(work / "warm", model, crop)
@@ -322,7 +340,8 @@ def run(args: argparse.Namespace, work: Path, log: Callable[[str], None]) -> dic
         "times": stats,
         "speedup_warm_vs_no_cache": speedup,
         "speedup_cold_vs_no_cache": med["no_cache"] / med["cold_cache"],
-        "speedup_with_model_load": (med["no_cache"] + med["model_load"]) / (med["warm_cache"] + med["model_load"]),
+        "speedup_with_model_load": (med["no_cache"] + med["model_load"])
+        / (med["warm_cache"] + med["model_load"]),
         "max_feature_gap": gap,
         "bytes": {
             "upload_array_bytes": array_bytes,
@@ -361,8 +380,10 @@ def table(res: dict[str, Any]) -> str:
     ]
     for name in VARIANTS:
         s = t[name]
-        lines.append(f"| {TITLES[name]} | {s['median_s']:.3f} | {s['min_s']:.3f} | {s['max_s']:.3f} | "
-                     f"{s['median_s'] / warm:.1f} |")  # fmt: skip
+        lines.append(
+            f"| {TITLES[name]} | {s['median_s']:.3f} | {s['min_s']:.3f} | {s['max_s']:.3f} | "
+            f"{s['median_s'] / warm:.1f} |"
+        )
     tg = res["targets"]
     lines += [
         "",
@@ -393,15 +414,20 @@ def table(res: dict[str, Any]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--backbone", default="base", help="built-in backbone: base (wav2vec2-base shape) or tiny")
     p.add_argument("--utterances", type=int, default=32, help="utterances on the device")
     p.add_argument("--seconds", type=float, default=4.0, help="clip length (tile/crop policy)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions per variant")
     p.add_argument("--epochs", type=int, default=2, help="local epochs per round")
-    p.add_argument("--exits", type=lambda s: [int(x) for x in s.split(",")], default=None,
-                   help="model exits (default: quarter depths, 3,6,9,12 for base)")  # fmt: skip
+    p.add_argument(
+        "--exits",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=None,
+        help="model exits (default: quarter depths, 3,6,9,12 for base)",
+    )
     p.add_argument("--exit", type=int, default=None, help="the device's exit (default: the second exit)")
     p.add_argument("--batch-size", type=int, default=8, help="backbone and head batch size")
     p.add_argument("--label-fraction", type=float, default=0.2, help="labelled share of the device's data")

@@ -1,0 +1,82 @@
+"""The on-device feature cache: computed once, reused, and never trusted when stale or corrupt."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from fedsd.audio import CropPolicy
+from fedsd.data.manifest import read_manifest
+from fedsd.features import FeatureCache
+from fedsd.model.multiexit import MultiExitSER
+
+LABELS = ["neutral", "happy", "angry", "sad"]
+
+
+def _setup(tmp_path: Path, small_corpus: Path, tiny_model_dir: Path):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(small_corpus, corpus)
+    rows = read_manifest(corpus / "manifest.csv")[:6]
+    model = MultiExitSER.from_pretrained(tiny_model_dir)
+    return corpus, rows, model
+
+
+def test_second_pass_hits_and_matches_a_fresh_forward(
+    tmp_path: Path, small_corpus: Path, tiny_model_dir: Path
+) -> None:
+    corpus, rows, model = _setup(tmp_path, small_corpus, tiny_model_dir)
+    crop = CropPolicy(1.0, "center")
+    cache = FeatureCache(tmp_path / "cache", model, crop)
+    first = cache.get(rows, corpus, [1, 4], label_names=LABELS)
+    assert (first.hits, first.misses) == (0, 6)
+    second = cache.get(rows, corpus, [1, 4], label_names=LABELS)
+    assert (second.hits, second.misses) == (6, 0)
+    for k in (1, 4):
+        assert torch.equal(first.stacked(k), second.stacked(k))
+    assert first.labels.tolist() == [LABELS.index(r.label) for r in rows]
+    # Cached head inputs reproduce the model's own logits exactly.
+    from fedsd.data.dataset import SpeechDataset, collate_batch
+
+    ds = SpeechDataset(rows, corpus, LABELS, crop)
+    batch = collate_batch([ds[i] for i in range(len(rows))])
+    with torch.no_grad():
+        direct = model(batch["input_values"], batch["attention_mask"], exits=[1, 4])
+        from_cache = model.heads["4"].forward_precomputed(second.stacked(4))
+    torch.testing.assert_close(from_cache.logits, direct[4].logits, rtol=1e-5, atol=1e-5)
+
+
+def test_corrupt_and_stale_entries_are_recomputed(
+    tmp_path: Path, small_corpus: Path, tiny_model_dir: Path
+) -> None:
+    corpus, rows, model = _setup(tmp_path, small_corpus, tiny_model_dir)
+    cache = FeatureCache(tmp_path / "cache", model, CropPolicy(1.0, "center"))
+    ref = cache.get(rows, corpus, [2], label_names=LABELS)
+    files = sorted((tmp_path / "cache").rglob("*.safetensors"))
+    assert len(files) == 6
+    files[0].write_bytes(files[0].read_bytes()[:20])  # truncated: corrupt
+    again = cache.get(rows, corpus, [2], label_names=LABELS)
+    assert (again.hits, again.misses) == (5, 1)
+    torch.testing.assert_close(again.stacked(2), ref.stacked(2), rtol=1e-5, atol=1e-5)  # batch of 1 vs 6
+
+    audio = corpus / rows[3].path  # the audio changed after caching: the entry is stale
+    st = audio.stat()
+    os.utime(audio, ns=(st.st_atime_ns, st.st_mtime_ns + 10_000_000_000))
+    stale = cache.get(rows, corpus, [2], label_names=LABELS)
+    assert (stale.hits, stale.misses) == (5, 1)
+
+
+def test_keys_change_with_crop_and_backbone(tmp_path: Path, small_corpus: Path, tiny_model_dir: Path) -> None:
+    corpus, rows, model = _setup(tmp_path, small_corpus, tiny_model_dir)
+    FeatureCache(tmp_path / "cache", model, CropPolicy(1.0, "center")).get(
+        rows, corpus, [1], label_names=LABELS
+    )
+    other_crop = FeatureCache(tmp_path / "cache", model, CropPolicy(1.5, "center"))
+    assert other_crop.get(rows, corpus, [1], label_names=LABELS).misses == 6
+    with torch.no_grad():
+        next(model.encoder.parameters()).add_(0.01)  # another backbone: another fingerprint, another folder
+    changed = FeatureCache(tmp_path / "cache", model, CropPolicy(1.0, "center"))
+    assert changed.dir != other_crop.dir
+    assert changed.get(rows, corpus, [1], label_names=LABELS).misses == 6
