@@ -154,3 +154,16 @@ def test_ray_simulation_two_rounds(setup) -> None:
     assert [r["round"] for r in lines] == [0, 1, 2]
     assert lines[2]["train"]["num_clients"] == 2
     assert result.final_dir is not None and (result.final_dir / "fedsd.json").exists()
+
+
+def test_federated_evaluation_on_devices(setup) -> None:
+    _cfg, _prepared, rc, spec = setup
+    spec.rounds = 1
+    spec.overrides = {"federated.federated_evaluation": True}
+    run_federation(_grid(rc), spec, log=lambda _: None)
+    lines = [json.loads(x) for x in (Path(spec.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    fed = lines[1]["federated_eval"]
+    assert fed["num_clients"] == 2 and fed["num_rejected"] == 0
+    for client in fed["clients"]:
+        assert {"exit1/uar", "exit2/uar"} <= set(client["metrics"])
+        assert 0.0 <= client["metrics"]["exit1/uar"] <= 1.0
