@@ -34,13 +34,7 @@ from fedsd.wire import QUERY_DONE, exit_of_key, heads_to_record, record_to_check
 
 def model_crop(model: MultiExitSER) -> CropPolicy:
     """Devices cache deterministic features: the model's crop, with random crops made central."""
-    crop = dict(model.meta.get("crop") or {})
-    mode = crop.get("mode", "none")
-    return CropPolicy(
-        max_seconds=crop.get("max_seconds"),
-        mode="center" if mode == "random" else mode,
-        sample_rate=int(model.meta.get("sample_rate", 16000)),
-    )
+    return CropPolicy.for_evaluation(model.meta.get("crop"), int(model.meta.get("sample_rate", 16000)))
 
 
 def load_device_model(settings: DeviceSettings, fingerprint: str) -> MultiExitSER:

@@ -125,6 +125,20 @@ class CropPolicy:
             return f"full@{self.sample_rate}"
         return f"{self.mode}-{n}@{self.sample_rate}"
 
+    @classmethod
+    def for_evaluation(cls, crop: dict | None, sample_rate: int = 16000) -> CropPolicy:
+        """The deterministic twin of a training crop (``{max_seconds, mode}``): random becomes center.
+
+        Evaluation, prediction and cached device features must not depend on a random draw.
+        """
+        crop = dict(crop or {})
+        mode = crop.get("mode", "none")
+        return cls(
+            max_seconds=crop.get("max_seconds"),
+            mode="center" if mode == "random" else mode,
+            sample_rate=sample_rate,
+        )
+
 
 def apply_crop(wav: np.ndarray, policy: CropPolicy, rng: np.random.Generator | None = None) -> np.ndarray:
     """Cut ``wav`` (1-D) according to ``policy``.

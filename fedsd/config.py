@@ -191,6 +191,17 @@ def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None =
         raise ConfigError(_format_validation_error(e, str(path))) from None
 
 
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """Command-line ``KEY=VALUE`` items (``train.epochs=2``) → dotted overrides, values read as YAML."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.epochs=2")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     node = tree

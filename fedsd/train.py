@@ -49,8 +49,7 @@ def train_crop(cfg: ExperimentConfig) -> CropPolicy:
 def eval_crop(cfg: ExperimentConfig) -> CropPolicy:
     """Evaluation must be deterministic: a random training crop becomes a center crop."""
     c = cfg.data.eval_crop or cfg.data.crop
-    mode = "center" if c.mode == "random" else c.mode
-    return CropPolicy(max_seconds=c.max_seconds, mode=mode, sample_rate=cfg.data.sample_rate)
+    return CropPolicy.for_evaluation(c.model_dump(), cfg.data.sample_rate)
 
 
 def resolve_label_names(cfg: ExperimentConfig, rows: Sequence[ManifestRow]) -> list[str]:

@@ -31,16 +31,14 @@ def progress_bar():
 
 
 def _parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """``--set train.epochs=2`` → ``{"train.epochs": 2}`` (values parsed as YAML scalars)."""
-    import yaml
+    """``--set train.epochs=2`` → ``{"train.epochs": 2}``; a malformed item exits 2 with the reason."""
+    from fedsd.config import ConfigError, parse_overrides
 
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            _fail(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.epochs=2", 2)
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+    try:
+        return parse_overrides(items)
+    except ConfigError as e:
+        _fail(str(e), 2)
+        raise  # unreachable: _fail exits
 
 
 def train_command(
@@ -163,13 +161,7 @@ def evaluate_command(
 def _model_eval_crop(net: Any):
     from fedsd.audio import CropPolicy
 
-    crop = dict(net.meta.get("crop") or {})
-    mode = crop.get("mode", "none")
-    return CropPolicy(
-        max_seconds=crop.get("max_seconds"),
-        mode="center" if mode == "random" else mode,
-        sample_rate=int(net.meta.get("sample_rate", 16000)),
-    )
+    return CropPolicy.for_evaluation(net.meta.get("crop"), int(net.meta.get("sample_rate", 16000)))
 
 
 def predict_command(

@@ -48,16 +48,14 @@ def _say(message: str) -> None:
 
 
 def _parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """``--set federated.lr=0.01`` → ``{"federated.lr": 0.01}`` (values parsed as YAML scalars)."""
-    import yaml
+    """``--set federated.lr=0.01`` → ``{"federated.lr": 0.01}``; a malformed item exits 2."""
+    from fedsd.config import ConfigError, parse_overrides
 
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            _fail(f"--set {item!r}: expected KEY=VALUE, e.g. --set federated.local_epochs=2", 2)
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+    try:
+        return parse_overrides(items)
+    except ConfigError as e:
+        _fail(str(e), 2)
+        raise  # unreachable: _fail exits
 
 
 def _raise_interrupt(signum: int, _frame: Any) -> None:
