@@ -32,7 +32,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -279,8 +281,13 @@ def plot(
     groups: dict[str, list[tuple[str, dict[str, list[float]]]]] = {}
     for labels, method, per_exit in rows:
         groups.setdefault(labels, []).append((method, per_exit))
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 3.8), sharey=True, squeeze=False)
-    for ax, (labels, methods) in zip(axes[0], groups.items(), strict=True):
+    n_methods = max(len(m) for m in groups.values())
+    panel = max(5.5, 0.22 * n_methods * len(exits))
+    fig, axes = plt.subplots(
+        1, len(groups), figsize=(panel * len(groups) + (3.5 if n_methods > 4 else 0), 3.8)
+    )
+    axes = [axes] if not hasattr(axes, "__len__") else list(axes)
+    for ax, (labels, methods) in zip(axes, groups.items(), strict=True):
         width = 0.8 / len(methods)
         for j, (method, per_exit) in enumerate(methods):
             stats = [mean_std(per_exit[str(k)]) for k in exits]
@@ -292,8 +299,11 @@ def plot(
         ax.set_title(f"{labels} labelled on devices")
         ax.set_ylim(0, 1)
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].set_ylabel("UAR, unseen test speakers")
-    axes[0][-1].legend(loc="lower right", fontsize=8)
+    axes[0].set_ylabel("UAR, unseen test speakers")
+    if n_methods > 4:
+        axes[-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
+    else:
+        axes[0].legend(loc="upper left", fontsize=7, ncol=n_methods, framealpha=0.9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -320,7 +330,12 @@ def main() -> None:
     ap.add_argument("--ablation-fraction", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the machine is shared)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "adaptation")
+    ap.add_argument("--verbose", action="store_true", help="show Flower's per-round log")
     args = ap.parse_args()
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    if not args.verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
 

@@ -5,8 +5,10 @@ federates an untrained tiny base model (3 rounds, devices at exits 1/2/3 dealt r
 epoch) over one synthetic corpus partitioned by speaker into 10, 25 and 50 devices, with Flower's Ray
 engine (``run_simulation_engine(..., engine="ray")``), and reports per device count:
 
-* total seconds of the simulation (Ray start → Ray shutdown) and of the preparation (partition,
-  device manifests) before it;
+* total seconds: the whole run of one device count, from starting its process to its exit (imports,
+  preparation — partition and device manifests —, Ray start, handshake, rounds, final checkpoint and
+  report, Ray shutdown), with the preparation and the simulation proper (Ray start → Ray shutdown)
+  also on their own;
 * seconds per round, from the ``time`` of consecutive records in the run's ``metrics.jsonl``
   (round 1 includes every device's first feature-cache fill);
 * peak memory: every 0.5 s a background thread sums the RSS of this process and all its descendants
@@ -175,31 +177,49 @@ def child_simulate(work: Path, clients: int, args: argparse.Namespace) -> dict[s
 
 
 # ----------------------------------------------------------------------------------------- parent
+def role(p: psutil.Process) -> str:
+    """A readable name: Ray's process title (``ray::ClientAppActor``), a Python script, or the binary."""
+    try:
+        cmd = p.cmdline()
+    except psutil.Error:
+        return "?"
+    if cmd and cmd[0].startswith("ray::"):
+        return cmd[0].split()[0].split(".")[0]
+    script = next((Path(a).name for a in cmd[1:] if a.endswith(".py")), None)
+    try:
+        return script or p.name()
+    except psutil.Error:
+        return "?"
+
+
 class MemorySampler(threading.Thread):
     """Every 0.5 s: RSS summed over this process, its descendants and any process of this Ray session."""
 
     def __init__(self, marker: str) -> None:
         super().__init__(daemon=True)
-        self.marker = marker  # the private Ray temp dir: in the command line of every Ray process
+        self.marker = marker  # the private Ray temp dir: in the command line of Ray's own daemons
         self.stop_event = threading.Event()
         self.peak_rss = 0
         self.peak_pss = 0
         self.peak_procs = 0
+        self.peak_breakdown: dict[str, list[int]] = {}  # role → [RSS bytes, processes] at the peak sample
+        self.names: dict[int, str] = {}  # roles given by the caller (the simulation's own process)
         self.samples = 0
-        self.seen: dict[int, tuple[float, str]] = {}  # pid → (create_time, name)
+        self.seen: dict[int, tuple[float, str]] = {}  # pid → (create_time, role)
         self.me = psutil.Process()
 
     def processes(self) -> list[psutil.Process]:
+        """This process, its descendants, and Ray daemons of this run (with theirs) that were re-parented."""
         procs = {self.me.pid: self.me}
-        try:
-            for p in self.me.children(recursive=True):
-                procs[p.pid] = p
-        except psutil.Error:
-            pass
+        roots = [self.me]
         for p in psutil.process_iter(["cmdline"]):
-            cmd = " ".join(p.info.get("cmdline") or [])
-            if self.marker in cmd:
-                procs.setdefault(p.pid, p)
+            if self.marker in " ".join(p.info.get("cmdline") or []):
+                roots.append(p)
+        for root in roots:
+            procs.setdefault(root.pid, root)
+            with contextlib.suppress(psutil.Error):
+                for p in root.children(recursive=True):
+                    procs.setdefault(p.pid, p)
         return list(procs.values())
 
     def run(self) -> None:
@@ -207,19 +227,28 @@ class MemorySampler(threading.Thread):
             rss = pss = 0
             with_pss = self.samples % PSS_EVERY == 0
             procs = self.processes()
+            breakdown: dict[str, list[int]] = {}
             for p in procs:
                 try:
                     if p.pid != self.me.pid and p.pid not in self.seen:
-                        self.seen[p.pid] = (p.create_time(), p.name())
+                        self.seen[p.pid] = (p.create_time(), self.names.get(p.pid) or role(p))
                     if with_pss:
                         info = p.memory_full_info()
-                        rss += info.rss
                         pss += getattr(info, "pss", info.rss)
                     else:
-                        rss += p.memory_info().rss
+                        info = p.memory_info()
+                    rss += info.rss
+                    # Ray workers retitle themselves once started: name every process afresh each time
+                    mine = p.pid == self.me.pid
+                    name = "benchmark (parent)" if mine else self.names.get(p.pid) or role(p)
+                    entry = breakdown.setdefault(name, [0, 0])
+                    entry[0] += info.rss
+                    entry[1] += 1
                 except psutil.Error:
                     continue
-            self.peak_rss = max(self.peak_rss, rss)
+            if rss > self.peak_rss:
+                self.peak_rss = rss
+                self.peak_breakdown = dict(sorted(breakdown.items(), key=lambda kv: -kv[1][0]))
             self.peak_pss = max(self.peak_pss, pss)
             self.peak_procs = max(self.peak_procs, len(procs))
             self.samples += 1
@@ -282,13 +311,15 @@ def run_child(
         str(out_json),
         *passthrough(args),
     ]
+    metrics = work / f"clients{tag.removeprefix('sim')}" / "metrics.jsonl"  # for progress lines only
+    metrics.unlink(missing_ok=True)  # a reused --workdir: never report an earlier run's rounds
     sampler = MemorySampler(str(ray_tmp))
     sampler.start()
     t0 = time.perf_counter()
     timed_out = False
     with log_path.open("w", encoding="utf-8") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=child_env(ray_tmp), cwd=REPO)
-        metrics = work / f"clients{tag.removeprefix('sim')}" / "metrics.jsonl"
+        sampler.names[proc.pid] = "driver (ServerApp + Ray driver)"
         reported = 0
         while proc.poll() is None:
             if time.perf_counter() - t0 > args.timeout:
@@ -306,10 +337,18 @@ def run_child(
             time.sleep(1.0)
         proc.wait()
     wall = time.perf_counter() - t0
-    time.sleep(1.0)  # let Ray's last processes finish exiting before we look for survivors
+    # Ray's workers notice their raylet is gone and exit on their own, a little after the driver: give
+    # them --grace seconds (the memory sampler keeps counting them), then stop whatever is still there.
+    lingering = sampler.survivors()
+    while lingering and time.perf_counter() - t0 - wall < args.grace:
+        time.sleep(0.25)
+        lingering = sampler.survivors()
+    exit_lag = time.perf_counter() - t0 - wall
     sampler.stop_event.set()
     sampler.join()
     leftovers = sampler.survivors()
+    if leftovers:
+        log(f"  {tag}: {len(leftovers)} process(es) still alive {exit_lag:.0f} s after the run ended")
     killed = stop_processes(leftovers, log) if leftovers else 0
     shutil.rmtree(ray_tmp, ignore_errors=True)
     report = {
@@ -321,7 +360,9 @@ def run_child(
         "peak_processes": sampler.peak_procs,
         "memory_samples": sampler.samples,
         "processes_seen": len(sampler.seen),
-        "process_names": sorted({name for _c, name in sampler.seen.values()}),
+        "process_roles": sorted({name for _c, name in sampler.seen.values()}),
+        "peak_rss_by_role_bytes": sampler.peak_breakdown,
+        "ray_exit_lag_seconds": exit_lag,
         "leftover_processes_killed": killed,
         "log": str(log_path),
     }
@@ -372,15 +413,15 @@ def table(res: dict[str, Any]) -> str:
         "",
         "| devices | utt./device | total s | prepare s | simulation s | start → round 0 s | "
         "round 1 s (cold cache) | later rounds s | after last round s | peak RSS sum GB | "
-        "peak PSS sum GB | processes | all trained | leftovers |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|",
+        "peak PSS sum GB | processes | all trained | Ray gone after s | killed |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|---:|",
     ]
     for r in res["runs"]:
         if not r.get("ok") and "round_seconds" not in r:
             lines.append(
                 f"| {r['clients']} | – | failed after {r['child_wall_seconds']:.0f} s | | | | | | | "
                 f"{gb(r['peak_rss_sum_bytes'])} | {gb(r['peak_pss_sum_bytes'])} | "
-                f"{r['peak_processes']} | no | {r['leftover_processes_killed']} |"
+                f"{r['peak_processes']} | no | {r['ray_exit_lag_seconds']:.1f} | {r['leftover_processes_killed']} |"
             )
             continue
         rs = r["round_seconds"]
@@ -390,7 +431,7 @@ def table(res: dict[str, Any]) -> str:
             f"| {r['prepare_seconds']:.1f} | {r['simulation_seconds']:.1f} "
             f"| {r['startup_to_round0_seconds']:.1f} | {rs[0]:.1f} | {later} | {r['after_last_round_seconds']:.1f} "
             f"| {gb(r['peak_rss_sum_bytes'])} | {gb(r['peak_pss_sum_bytes'])} | {r['peak_processes']} "
-            f"| {'yes' if r['ok'] else 'NO'} | {r['leftover_processes_killed']} |"
+            f"| {'yes' if r['ok'] else 'NO'} | {r['ray_exit_lag_seconds']:.1f} | {r['leftover_processes_killed']} |"
         )
     t = res["targets"]
     if t["measured"]:
@@ -403,9 +444,15 @@ def table(res: dict[str, Any]) -> str:
         ]
     else:
         lines += ["", f"Targets at {TARGET_CLIENTS} devices: not measured in this run."]
+    done = [r for r in res["runs"] if r.get("peak_rss_by_role_bytes")]
+    if done:
+        big = max(done, key=lambda r: r["clients"])
+        parts = ", ".join(f"{name} ×{n}: {gb(b)}" for name, (b, n) in big["peak_rss_by_role_bytes"].items())
+        lines.append(f"Peak RSS by process at {big['clients']} devices (GB): {parts}.")
     lines.append(
         f"Corpus generation (once, shared): {res['setup']['corpus_seconds']:.1f} s; "
-        f"Ray processes left after all runs: {res['leftover_processes_total']}."
+        f"Ray processes still alive after the grace period (then killed by pid): "
+        f"{res['leftover_processes_total']}."
     )
     return "\n".join(lines)
 
@@ -448,6 +495,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test-speakers", type=int, default=4)
     p.add_argument("--server-speakers", type=int, default=2)
     p.add_argument("--timeout", type=float, default=900.0, help="give up on one device count after this")
+    p.add_argument(
+        "--grace", type=float, default=30.0, help="seconds Ray's processes get to exit after a run ends"
+    )
     p.add_argument("--workdir", type=Path, default=None, help="keep corpus, model and runs here")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the results")
     p.add_argument("--child-setup", action="store_true", help=argparse.SUPPRESS)

@@ -123,9 +123,14 @@ def train_heads(
     Deterministic for a seed (shuffling and dropout draw from a forked, seeded RNG), so a device's
     update can be reproduced exactly.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        return _train_heads(model, feats, plan, cfg, optimizer_factory)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # heads are tiny: thread synchronisation costs more than it saves
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            return _train_heads(model, feats, plan, cfg, optimizer_factory)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _train_heads(
