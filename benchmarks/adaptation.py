@@ -61,24 +61,28 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
 METHOD_NAMES = {"before": "before (base model)", "ce": "CE only", "sd": "self-distillation"}
 
-# Ablations of the self-distillation run: name → (mode, config overrides, label fraction or None).
-ABLATIONS: dict[str, tuple[str, dict[str, Any], float | None]] = {
-    "CE only": ("ce", {}, None),
-    "SD (default: w_ce=w_kd=w_feat=1, T=2)": ("sd", {}, None),
-    "SD, no feature term (w_feat=0)": ("sd", {"federated.distill.w_feat": 0.0}, None),
-    "SD, KD only (w_ce=0, w_feat=0)": (
+# The two methods of the main table and the ablations (``--ablations``, pick with ``--variants``):
+# key → (row name, device loss mode, config overrides, label fraction or None = the run's fraction).
+Variant = tuple[str, str, dict[str, Any], float | None]
+MAIN: dict[str, Variant] = {"ce": ("CE only", "ce", {}, None), "sd": ("self-distillation", "sd", {}, None)}
+ABLATIONS: dict[str, Variant] = {
+    "ce": ("CE only", "ce", {}, None),
+    "sd": ("SD (default: w_ce = w_kd = w_feat = 1, T = 2)", "sd", {}, None),
+    "sd-nofeat": ("SD, no feature term (w_feat = 0)", "sd", {"federated.distill.w_feat": 0.0}, None),
+    "sd-kdonly": (
+        "SD, KD only (w_ce = w_feat = 0)",
         "sd",
         {"federated.distill.w_ce": 0.0, "federated.distill.w_feat": 0.0},
         None,
     ),
-    "SD, T=1": ("sd", {"federated.distill.temperature": 1.0}, None),
-    "SD, T=4": ("sd", {"federated.distill.temperature": 4.0}, None),
-    "SD, w_kd=0.25": ("sd", {"federated.distill.w_kd": 0.25}, None),
-    "SD, lr 3e-4": ("sd", {"federated.lr": 3e-4}, None),
-    "CE only, lr 3e-4": ("ce", {"federated.lr": 3e-4}, None),
-    "SD, 1 local epoch": ("sd", {"federated.local_epochs": 1}, None),
-    "CE only, 1 local epoch": ("ce", {"federated.local_epochs": 1}, None),
-    "CE only, 100 % labels (oracle)": ("ce", {}, 1.0),
+    "sd-wkd0.25": ("SD, w_kd = 0.25", "sd", {"federated.distill.w_kd": 0.25}, None),
+    "sd-T1": ("SD, T = 1", "sd", {"federated.distill.temperature": 1.0}, None),
+    "sd-T4": ("SD, T = 4", "sd", {"federated.distill.temperature": 4.0}, None),
+    "sd-lr3e-4": ("SD, lr 3e-4", "sd", {"federated.lr": 3e-4}, None),
+    "ce-lr3e-4": ("CE only, lr 3e-4", "ce", {"federated.lr": 3e-4}, None),
+    "sd-1ep": ("SD, 1 local epoch", "sd", {"federated.local_epochs": 1}, None),
+    "ce-1ep": ("CE only, 1 local epoch", "ce", {"federated.local_epochs": 1}, None),
+    "ce-oracle": ("CE only, 100 % labels (oracle)", "ce", {}, 1.0),
 }
 
 
@@ -180,7 +184,7 @@ def federate(
     if done.exists():
         prev = json.loads(done.read_text())
         if prev.get("key") == key:
-            return prev
+            return prev | {"cached": True}
     cfg = load_config(DEMO, overrides)
     spec = FederationSpec(
         config=str(DEMO),
@@ -211,7 +215,7 @@ def federate(
         "train_reports": trained,
     }
     done.write_text(json.dumps(out, indent=1) + "\n")
-    return out
+    return out | {"cached": False}
 
 
 def teacher_quality(base: Path, split: Partition, rows_all: list, root: Path, cache: Path) -> dict[str, Any]:
@@ -252,21 +256,29 @@ def markdown_table(rows: list[tuple[str, str, dict[str, list[float]]]], exits: S
     return "\n".join(lines)
 
 
-def paired_table(runs: list[dict[str, Any]], fractions: Sequence[float], exits: Sequence[int]) -> str:
-    """SD − CE per seed (same devices, labels and local seed), mean ± std and wins."""
-    head = "| labels | " + " | ".join(f"exit {k}: SD − CE (wins)" for k in exits) + " |"
-    lines = [head, "|---|" + "---:|" * len(exits)]
+def paired_table(
+    runs: list[dict[str, Any]], fractions: Sequence[float], exits: Sequence[int], ref: str = "ce"
+) -> str:
+    """Each variant − the reference variant per seed (same devices, labels, local seed): mean ± std, wins."""
+    names = {r["key"]: r["variant"] for r in runs}
+    head = (
+        "| labels | variant − " + names.get(ref, ref) + " | " + " | ".join(f"exit {k}" for k in exits) + " |"
+    )
+    lines = [head, "|---|---|" + "---:|" * len(exits)]
     for f in fractions:
         by_seed: dict[int, dict[str, dict[str, float]]] = {}
         for r in runs:
             if r["fraction"] == f:
-                by_seed.setdefault(r["seed"], {})[r["mode"]] = r["after"]
-        cells = []
-        for k in exits:
-            d = [v["sd"][str(k)] - v["ce"][str(k)] for v in by_seed.values() if {"sd", "ce"} <= set(v)]
-            m, s = mean_std(d)
-            cells.append(f"{m:+.3f} ± {s:.3f} ({sum(x > 0 for x in d)}/{len(d)})")
-        lines.append(f"| {f:.0%} | " + " | ".join(cells) + " |")
+                by_seed.setdefault(r["seed"], {})[r["key"]] = r["after"]
+        for key, name in names.items():
+            if key == ref:
+                continue
+            cells = []
+            for k in exits:
+                d = [v[key][str(k)] - v[ref][str(k)] for v in by_seed.values() if {key, ref} <= set(v)]
+                m, s = mean_std(d)
+                cells.append(f"{m:+.3f} ± {s:.3f} ({sum(x > 0 for x in d)}/{len(d)} up)")
+            lines.append(f"| {f:.0%} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -311,6 +323,24 @@ def plot(
     plt.close(fig)
 
 
+def _curves(
+    table_rows: list[tuple[str, str, dict[str, list[float]]]],
+    runs: list[dict[str, Any]],
+    variants: dict[str, Variant],
+    fractions: Sequence[float],
+) -> list[dict[str, list[list[float]]]]:
+    """Per table row, per exit, the per-round UAR curve of each seed (the 'before' row: round 0 only)."""
+    out: list[dict[str, list[list[float]]]] = []
+    for f in fractions:
+        sel = [r for r in runs if r["fraction"] == f]
+        out.append({k: [[v]] for k, v in sel[0]["before"].items()})
+        for key in variants:
+            per = [r for r in sel if r["key"] == key]
+            out.append({k: [r["curve"][k] for r in per] for k in sel[0]["curve"]})
+    assert len(out) == len(table_rows)
+    return out
+
+
 # ---------------------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -328,6 +358,7 @@ def main() -> None:
     ap.add_argument("--local-epochs", type=int, default=5)
     ap.add_argument("--ablations", action="store_true", help="SD loss/optimizer ablations instead")
     ap.add_argument("--ablation-fraction", type=float, default=0.1)
+    ap.add_argument("--variants", nargs="+", help=f"run these (CE only always): {', '.join(ABLATIONS)}")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the machine is shared)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "adaptation")
     ap.add_argument("--verbose", action="store_true", help="show Flower's per-round log")
@@ -357,7 +388,6 @@ def main() -> None:
         f"speakers (seed {args.speaker_seed}): test {', '.join(split.test_speakers)}; "
         f"server pool {len(split.server_speakers)}; devices {sum(len(c.speakers) for c in split.clients)}"
     )
-    t0 = time.perf_counter()
     base, base_seconds = (
         (args.base_model.resolve(), 0.0)
         if args.base_model
@@ -366,18 +396,23 @@ def main() -> None:
     cache = work / "cache"
     rows_all = read_manifest(corpus / "manifest.csv")
     teacher = teacher_quality(base, split, rows_all, corpus, cache)
-    log(f"base model per exit: {json.dumps(teacher)} ({time.perf_counter() - t0:.0f} s incl. training)")
+    for name, per_exit in teacher.items():
+        log(f"base model, {name}: " + ", ".join(f"exit {k} {v:.3f}" for k, v in per_exit.items()))
     num_clients = load_config(DEMO, common).federated.num_clients or 8
 
-    if args.ablations:
-        variants = ABLATIONS
-    else:
-        variants = {"CE only": ("ce", {}, None), "self-distillation": ("sd", {}, None)}
+    variants = ABLATIONS if args.ablations else MAIN
+    if args.variants and not args.ablations:
+        ap.error("--variants picks ablations: add --ablations")
+    if args.variants:
+        unknown = sorted(set(args.variants) - set(ABLATIONS))
+        if unknown:
+            ap.error(f"--variants {unknown}: choose from {', '.join(ABLATIONS)}")
+        variants = {k: ABLATIONS[k] for k in dict.fromkeys(["ce", *args.variants])}
     fractions = [args.ablation_fraction] if args.ablations else args.fractions
     runs: list[dict[str, Any]] = []
     for f in fractions:
         for seed in args.seeds:
-            for name, (mode, extra, frac_override) in variants.items():
+            for key, (name, mode, extra, frac_override) in variants.items():
                 frac = frac_override if frac_override is not None else f
                 part_path = work / "partitions" / f"spk{args.speaker_seed}-f{frac:g}-s{seed}.json"
                 if not part_path.exists():
@@ -393,14 +428,21 @@ def main() -> None:
                 )
                 res = federate(overrides, part_path, base, run_dir, cache)
                 runs.append(
-                    {"variant": name, "mode": mode, "fraction": f, "label_fraction": frac, "seed": seed}
-                    | {k: res[k] for k in ("before", "after", "curve", "seconds")}
+                    {
+                        "key": key,
+                        "variant": name,
+                        "mode": mode,
+                        "fraction": f,
+                        "label_fraction": frac,
+                        "seed": seed,
+                    }
+                    | {k: res[k] for k in ("before", "after", "curve", "seconds", "cached")}
                     | {"overrides": extra, "run_dir": str(run_dir)}
                 )
                 log(
                     f"{f:.0%} seed {seed} {name}: "
                     + ", ".join(f"exit {k} {v:.3f}" for k, v in res["after"].items())
-                    + f" ({res['seconds']:.0f} s)"
+                    + f" ({res['seconds']:.0f} s{', cached' if res['cached'] else ''})"
                 )
     exits = sorted(int(k) for k in runs[0]["after"])
     table_rows: list[tuple[str, str, dict[str, list[float]]]] = []
@@ -408,10 +450,16 @@ def main() -> None:
         sel = [r for r in runs if r["fraction"] == f]
         first = sel[0]
         table_rows.append((f"{f:.0%}", METHOD_NAMES["before"], {k: [v] for k, v in first["before"].items()}))
-        for name in variants:
-            per = [r for r in sel if r["variant"] == name]
+        for key, (name, *_) in variants.items():
+            per = [r for r in sel if r["key"] == key]
             table_rows.append((f"{f:.0%}", name, {str(k): [r["after"][str(k)] for r in per] for k in exits}))
 
+    last3 = [
+        (labels, method, {k: [statistics.mean(c[-3:]) for c in v] for k, v in per.items()})
+        for (labels, method, _), per in zip(
+            table_rows, _curves(table_rows, runs, variants, fractions), strict=True
+        )
+    ]
     title = (
         f"UAR on {len(split.test_speakers)} unseen test speakers, mean ± std over device seeds {args.seeds} "
         f"(one base model; exit {exits[-1]} = frozen teacher, for reference)"
@@ -420,19 +468,19 @@ def main() -> None:
     print(f"### {title}")
     print()
     print(markdown_table(table_rows, exits))
-    paired = ""
-    if not args.ablations:
-        paired = paired_table(runs, fractions, exits)
-        print()
-        print("Paired difference per seed, self-distillation − CE only (same devices, labels, local seed):")
-        print()
-        print(paired)
+    paired = paired_table(runs, fractions, exits)
+    print()
+    print("Paired difference per seed, variant − CE only (same base model, devices, labels, local seed):")
+    print()
+    print(paired)
     total = time.perf_counter() - t_start
     fed_seconds = sum(r["seconds"] for r in runs)
+    fresh = [r for r in runs if not r["cached"]]
     print()
     print(
-        f"{len(runs)} federated runs ({fed_seconds:.0f} s of them run now or earlier), "
-        f"base model {base_seconds:.0f} s, {total:.0f} s in all; work dir {work}"
+        f"{len(runs)} federated runs, {fed_seconds:.0f} s of federation in all "
+        f"({fed_seconds / len(runs):.0f} s each; {len(fresh)} run now, the rest cached in the work dir); "
+        f"base model {base_seconds:.0f} s; this invocation {total:.0f} s; work dir {work}"
     )
     stem = args.out.name + (".ablations" if args.ablations else "")
     json_path, png_path = (args.out.parent / f"{stem}.{ext}" for ext in ("json", "png"))
@@ -465,6 +513,7 @@ def main() -> None:
             for labels, method, per_exit in table_rows
         ],
         "markdown": markdown_table(table_rows, exits),
+        "markdown_last3_rounds": markdown_table(last3, exits),
         "paired_markdown": paired,
         "runs": runs,
         "timings_s": {"total": total, "base_model": base_seconds, "federated_runs": fed_seconds},
