@@ -394,6 +394,7 @@ def main() -> None:
         else ensure_base_model(common, split, work / f"base-spk{args.speaker_seed}", log)
     )
     cache = work / "cache"
+    base_tag = f"spk{args.speaker_seed}-{base.parent.name}-{base.name}-{_digest(str(base))[:6]}"
     rows_all = read_manifest(corpus / "manifest.csv")
     teacher = teacher_quality(base, split, rows_all, corpus, cache)
     for name, per_exit in teacher.items():
@@ -423,9 +424,7 @@ def main() -> None:
                     "federated.label_fraction": frac,
                     **extra,
                 }
-                run_dir = (
-                    work / "runs" / f"spk{args.speaker_seed}-f{frac:g}-s{seed}-{mode}-{_digest(overrides)}"
-                )
+                run_dir = work / "runs" / base_tag / f"f{frac:g}-s{seed}-{mode}-{_digest(overrides)}"
                 res = federate(overrides, part_path, base, run_dir, cache)
                 runs.append(
                     {

@@ -22,8 +22,8 @@ from fedsd.server.deploy import ManagedProcess, free_port, port_open
 runner = CliRunner()
 
 FEDSD = [sys.executable, "-m", "fedsd.cli"]
-START_TIMEOUT = 240.0  # corpus is made by the fixture; the server trains a tiny base model first
-RUN_TIMEOUT = 420.0  # handshake + model delivery + 2 rounds + done, ~6-20 s per message step
+START_TIMEOUT = 600.0  # corpus is made by the fixture; the server trains a tiny base model first
+RUN_TIMEOUT = 900.0  # handshake + model delivery + 2 rounds + done, ~6-20 s per message step
 
 
 def _env() -> dict[str, str]:
