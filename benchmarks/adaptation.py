@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import statistics
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -259,7 +260,7 @@ def markdown_table(rows: list[tuple[str, str, dict[str, list[float]]]], exits: S
 def paired_table(
     runs: list[dict[str, Any]], fractions: Sequence[float], exits: Sequence[int], ref: str = "ce"
 ) -> str:
-    """Each variant − the reference variant per seed (same devices, labels, local seed): mean ± std, wins."""
+    """Each variant − the reference per seed (same devices, labels, local seed): mean ± std, wins, paired t."""
     names = {r["key"]: r["variant"] for r in runs}
     head = (
         "| labels | variant − " + names.get(ref, ref) + " | " + " | ".join(f"exit {k}" for k in exits) + " |"
@@ -277,7 +278,9 @@ def paired_table(
             for k in exits:
                 d = [v[key][str(k)] - v[ref][str(k)] for v in by_seed.values() if {key, ref} <= set(v)]
                 m, s = mean_std(d)
-                cells.append(f"{m:+.3f} ± {s:.3f} ({sum(x > 0 for x in d)}/{len(d)} up)")
+                t = m / (s / math.sqrt(len(d))) if len(d) > 1 and s > 0 else math.nan
+                t_txt = f", t = {t:.1f}" if not math.isnan(t) else ""
+                cells.append(f"{m:+.3f} ± {s:.3f} ({sum(x > 0 for x in d)}/{len(d)} up{t_txt})")
             lines.append(f"| {f:.0%} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -299,12 +302,21 @@ def plot(
         1, len(groups), figsize=(panel * len(groups) + (3.5 if n_methods > 4 else 0), 3.8)
     )
     axes = [axes] if not hasattr(axes, "__len__") else list(axes)
+    cmap = plt.get_cmap("tab20" if n_methods > 10 else "tab10")
     for ax, (labels, methods) in zip(axes, groups.items(), strict=True):
         width = 0.8 / len(methods)
         for j, (method, per_exit) in enumerate(methods):
             stats = [mean_std(per_exit[str(k)]) for k in exits]
             xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(exits))]
-            ax.bar(xs, [m for m, _ in stats], width, yerr=[s for _, s in stats], capsize=3, label=method)
+            ax.bar(
+                xs,
+                [m for m, _ in stats],
+                width,
+                yerr=[s for _, s in stats],
+                capsize=3,
+                label=method,
+                color=cmap(j % cmap.N),
+            )
         ax.set_xticks(
             range(len(exits)), [f"exit {k}" + (" (teacher)" if k == exits[-1] else "") for k in exits]
         )
@@ -316,7 +328,7 @@ def plot(
         axes[-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
     else:
         axes[0].legend(loc="upper left", fontsize=7, ncol=n_methods, framealpha=0.9)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(textwrap.fill(title, 120), fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -333,7 +345,8 @@ def _curves(
     out: list[dict[str, list[list[float]]]] = []
     for f in fractions:
         sel = [r for r in runs if r["fraction"] == f]
-        out.append({k: [[v]] for k, v in sel[0]["before"].items()})
+        once = list({r["seed"]: r for r in sel}.values())
+        out.append({k: [[r["before"][k]] for r in once] for k in sel[0]["before"]})
         for key in variants:
             per = [r for r in sel if r["key"] == key]
             out.append({k: [r["curve"][k] for r in per] for k in sel[0]["curve"]})
@@ -352,6 +365,17 @@ def main() -> None:
     ap.add_argument("--sentences", type=int, default=12)
     ap.add_argument("--base-model", type=Path, help="reuse this central checkpoint (default: WORK/base)")
     ap.add_argument("--speaker-seed", type=int, default=0, help="draws test and server speakers (fixed)")
+    ap.add_argument(
+        "--base-per-seed",
+        action="store_true",
+        help="seed s also draws the speaker split (speaker seed s) and trains its own base model",
+    )
+    ap.add_argument(
+        "--checkpoint",
+        choices=["best", "last"],
+        default="best",
+        help="which checkpoint of the trained base model (best = what prepare_run federates)",
+    )
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.2])
     ap.add_argument("--rounds", type=int, default=5)
@@ -383,22 +407,36 @@ def main() -> None:
         "federated.rounds": args.rounds,
         "federated.local_epochs": args.local_epochs,
     }
-    split = speaker_split(common, args.speaker_seed)
-    log(
-        f"speakers (seed {args.speaker_seed}): test {', '.join(split.test_speakers)}; "
-        f"server pool {len(split.server_speakers)}; devices {sum(len(c.speakers) for c in split.clients)}"
-    )
-    base, base_seconds = (
-        (args.base_model.resolve(), 0.0)
-        if args.base_model
-        else ensure_base_model(common, split, work / f"base-spk{args.speaker_seed}", log)
-    )
+    if args.base_per_seed and args.base_model:
+        ap.error("--base-per-seed trains one base model per seed; it cannot take --base-model")
     cache = work / "cache"
-    base_tag = f"spk{args.speaker_seed}-{base.parent.name}-{base.name}-{_digest(str(base))[:6]}"
     rows_all = read_manifest(corpus / "manifest.csv")
-    teacher = teacher_quality(base, split, rows_all, corpus, cache)
-    for name, per_exit in teacher.items():
-        log(f"base model, {name}: " + ", ".join(f"exit {k} {v:.3f}" for k, v in per_exit.items()))
+    setups: dict[int, dict[str, Any]] = {}
+
+    def setup(spk_seed: int) -> dict[str, Any]:
+        """Speaker split, base model and its quality for one speaker seed (memoized)."""
+        if spk_seed in setups:
+            return setups[spk_seed]
+        split = speaker_split(common, spk_seed)
+        log(
+            f"speakers (seed {spk_seed}): test {', '.join(split.test_speakers)}; server pool "
+            f"{len(split.server_speakers)}; devices {sum(len(c.speakers) for c in split.clients)}"
+        )
+        if args.base_model:
+            base, seconds = args.base_model.resolve(), 0.0
+        else:
+            best, seconds = ensure_base_model(common, split, work / f"base-spk{spk_seed}", log)
+            base = best.parent / args.checkpoint
+        quality = teacher_quality(base, split, rows_all, corpus, cache)
+        for name, per_exit in quality.items():
+            log(
+                f"base model {base.parent.name}/{base.name}, {name}: "
+                + ", ".join(f"exit {k} {v:.3f}" for k, v in per_exit.items())
+            )
+        tag = f"spk{spk_seed}-{base.parent.name}-{base.name}-{_digest(str(base))[:6]}"
+        setups[spk_seed] = {"split": split, "base": base, "seconds": seconds, "quality": quality, "tag": tag}
+        return setups[spk_seed]
+
     num_clients = load_config(DEMO, common).federated.num_clients or 8
 
     variants = ABLATIONS if args.ablations else MAIN
@@ -413,9 +451,12 @@ def main() -> None:
     runs: list[dict[str, Any]] = []
     for f in fractions:
         for seed in args.seeds:
+            spk_seed = seed if args.base_per_seed else args.speaker_seed
+            st = setup(spk_seed)
+            split, base, base_tag = st["split"], st["base"], st["tag"]
             for key, (name, mode, extra, frac_override) in variants.items():
                 frac = frac_override if frac_override is not None else f
-                part_path = work / "partitions" / f"spk{args.speaker_seed}-f{frac:g}-s{seed}.json"
+                part_path = work / "partitions" / f"spk{spk_seed}-f{frac:g}-s{seed}.json"
                 if not part_path.exists():
                     device_partition(split, rows_all, seed, frac, num_clients).save(part_path)
                 overrides = common | {
@@ -434,6 +475,8 @@ def main() -> None:
                         "fraction": f,
                         "label_fraction": frac,
                         "seed": seed,
+                        "speaker_seed": spk_seed,
+                        "base_model": str(base),
                     }
                     | {k: res[k] for k in ("before", "after", "curve", "seconds", "cached")}
                     | {"overrides": extra, "run_dir": str(run_dir)}
@@ -447,8 +490,9 @@ def main() -> None:
     table_rows: list[tuple[str, str, dict[str, list[float]]]] = []
     for f in fractions:
         sel = [r for r in runs if r["fraction"] == f]
-        first = sel[0]
-        table_rows.append((f"{f:.0%}", METHOD_NAMES["before"], {k: [v] for k, v in first["before"].items()}))
+        once = list({r["seed"]: r for r in sel}.values())  # the base model's UAR, once per seed
+        before = {str(k): [r["before"][str(k)] for r in once] for k in exits}
+        table_rows.append((f"{f:.0%}", METHOD_NAMES["before"], before))
         for key, (name, *_) in variants.items():
             per = [r for r in sel if r["key"] == key]
             table_rows.append((f"{f:.0%}", name, {str(k): [r["after"][str(k)] for r in per] for k in exits}))
@@ -459,15 +503,23 @@ def main() -> None:
             table_rows, _curves(table_rows, runs, variants, fractions), strict=True
         )
     ]
+    first = setups[next(iter(setups))]
+    base_desc = f"{first['base'].parent.name}/{first['base'].name}"
     title = (
-        f"UAR on {len(split.test_speakers)} unseen test speakers, mean ± std over device seeds {args.seeds} "
-        f"(one base model; exit {exits[-1]} = frozen teacher, for reference)"
+        f"UAR on {len(first['split'].test_speakers)} unseen test speakers, "
+        f"mean ± std over seeds {args.seeds} "
+        + (
+            "(speaker split and base model per seed; "
+            if args.base_per_seed
+            else f"(one base model, {base_desc}; "
+        )
+        + f"exit {exits[-1]} = frozen teacher, for reference)"
     )
     print()
     print(f"### {title}")
     print()
     print(markdown_table(table_rows, exits))
-    paired = paired_table(runs, fractions, exits)
+    paired = paired_table(runs, fractions, exits[:-1])  # the teacher exit never changes
     print()
     print("Paired difference per seed, variant − CE only (same base model, devices, labels, local seed):")
     print()
@@ -479,9 +531,17 @@ def main() -> None:
     print(
         f"{len(runs)} federated runs, {fed_seconds:.0f} s of federation in all "
         f"({fed_seconds / len(runs):.0f} s each; {len(fresh)} run now, the rest cached in the work dir); "
-        f"base model {base_seconds:.0f} s; this invocation {total:.0f} s; work dir {work}"
+        f"base model training {sum(st['seconds'] for st in setups.values()):.0f} s now; this invocation {total:.0f} s; work dir {work}"
     )
-    stem = args.out.name + (".ablations" if args.ablations else "")
+    stem = args.out.name + "".join(
+        suffix
+        for on, suffix in (
+            (args.checkpoint == "last" and not args.base_model, ".last"),
+            (args.base_per_seed, ".perseed"),
+            (args.ablations, ".ablations"),
+        )
+        if on
+    )
     json_path, png_path = (args.out.parent / f"{stem}.{ext}" for ext in ("json", "png"))
     json_path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -489,19 +549,24 @@ def main() -> None:
             "corpus": str(corpus),
             "speakers": args.speakers,
             "sentences": args.sentences,
-            "speaker_seed": args.speaker_seed,
-            "test_speakers": split.test_speakers,
-            "server_speakers": split.server_speakers,
-            "device_speakers": sorted(s for c in split.clients for s in c.speakers),
+            "base_per_seed": args.base_per_seed,
+            "splits": {
+                str(k): {
+                    "test_speakers": st["split"].test_speakers,
+                    "server_speakers": st["split"].server_speakers,
+                    "device_speakers": sorted(s for c in st["split"].clients for s in c.speakers),
+                    "base_model": str(st["base"]),
+                }
+                for k, st in setups.items()
+            },
             "seeds": args.seeds,
             "fractions": fractions,
             "config": str(DEMO.relative_to(ROOT)),
             "overrides": common | {"data.root": "<corpus>", "data.manifest": "<corpus>/manifest.csv"},
-            "base_model": str(base),
             "engine": "inprocess",
             "torch_threads": args.threads,
         },
-        "base_model_quality": teacher,
+        "base_model_quality": {str(k): st["quality"] for k, st in setups.items()},
         "table": [
             {
                 "labels": labels,
@@ -515,7 +580,11 @@ def main() -> None:
         "markdown_last3_rounds": markdown_table(last3, exits),
         "paired_markdown": paired,
         "runs": runs,
-        "timings_s": {"total": total, "base_model": base_seconds, "federated_runs": fed_seconds},
+        "timings_s": {
+            "total": total,
+            "base_model_training_now": sum(st["seconds"] for st in setups.values()),
+            "federated_runs": fed_seconds,
+        },
     }
     json_path.write_text(json.dumps(payload, indent=1) + "\n")
     plot(table_rows, exits, png_path, title)
