@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,14 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsd.audio import CropPolicy
+from fedsd.checkpoint import atomic_write_text
 from fedsd.clients.device import DeviceError, DeviceSettings
+from fedsd.clients.dp_training import train_heads_private
 from fedsd.clients.training import ExitPlan, LocalTrainConfig, evaluate_cached, plan_exits, train_heads
 from fedsd.distill import DistillConfig
 from fedsd.features import CachedFeatures, FeatureCache
 from fedsd.model.multiexit import MultiExitSER
+from fedsd.privacy import DPSettings, PrivacyError, PrivacyLedger, calibrate_noise, local_schedule
 from fedsd.wire import QUERY_DONE, exit_of_key, heads_to_record, record_to_checkpoint, record_to_heads
 
 
@@ -133,7 +137,13 @@ def train(msg: Message, context: Context, defaults: dict[str, Any] | None = None
     if lcfg.distill.mode == "ce" and n_labelled == 0:
         raise DeviceError("mode=ce needs labelled utterances and this device has none")
     before = evaluate_cached(model, feats, plan.train) if n_labelled else {}
-    losses = train_heads(model, feats, plan, lcfg)
+    cfg = dict(msg.content.config_records.get("config", ConfigRecord()))
+    dp = dp_settings(context, cfg)
+    dp_metrics: dict[str, Any] = {}
+    if dp is None:
+        losses = train_heads(model, feats, plan, lcfg)
+    else:
+        losses, dp_metrics = _train_private(context, settings, model, feats, plan, lcfg, dp, cfg)
     after = evaluate_cached(model, feats, plan.train) if n_labelled else {}
     # CE-only training learns from labelled utterances only: weight the update by what it used.
     num_examples = n_labelled if lcfg.distill.mode == "ce" else len(feats.utt_ids)
@@ -147,10 +157,111 @@ def train(msg: Message, context: Context, defaults: dict[str, Any] | None = None
         "cache-misses": feats.misses,
         "seconds": time.perf_counter() - t0,
     }
-    metrics |= _uar_metrics("uar-before", before) | _uar_metrics("uar-after", after)
+    metrics |= _uar_metrics("uar-before", before) | _uar_metrics("uar-after", after) | dp_metrics
     state = model.head_state_dict(plan.train)
     content = RecordDict({"arrays": heads_to_record(state), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
+
+
+def dp_settings(context: Context, train_config: dict[str, Any]) -> DPSettings | None:
+    """This round's DP settings: the device's own ``dp-*`` node config over the server's; None = off."""
+    try:
+        dp = DPSettings.from_records(dict(context.node_config), train_config)
+    except PrivacyError as e:
+        raise DeviceError(str(e)) from None
+    if dp is not None and dp.target_epsilon is not None and dp.rounds is None:
+        rounds = train_config.get("num-rounds")
+        if rounds is None:
+            raise DeviceError("--dp-target-epsilon needs the number of rounds it covers: add --dp-rounds")
+        dp = replace(dp, rounds=int(rounds))
+    return dp
+
+
+def _ledger_file(settings: DeviceSettings, train_config: dict[str, Any]) -> Path | None:
+    """A real device mirrors its ledger on disk: a restarted SuperNode must not forget what it spent."""
+    fid = str(train_config.get("federation-id", ""))
+    if settings.partition is not None or not fid:
+        return None
+    return settings.cache_dir / "privacy" / f"{fid}.json"
+
+
+def load_ledger(
+    context: Context, settings: DeviceSettings, train_config: dict[str, Any]
+) -> tuple[PrivacyLedger, str]:
+    """The ledger of this run from ``context.state`` (or the disk mirror), and where it came from."""
+    fid = str(train_config.get("federation-id", ""))
+    record = context.state.config_records.get(PrivacyLedger.STATE_KEY)
+    ledger, source = PrivacyLedger(), "new"
+    if record is not None and str(record.get("federation-id", "")) == fid:
+        ledger, source = PrivacyLedger.from_json(str(record["ledger"])), "state"
+    path = _ledger_file(settings, train_config)
+    if path is not None and path.is_file():
+        on_disk = PrivacyLedger.from_json(path.read_text(encoding="utf-8"))
+        if on_disk.rounds > ledger.rounds:  # the SuperNode restarted: its memory is gone, the disk is not
+            ledger, source = on_disk, "disk"
+    return ledger, source
+
+
+def save_ledger(
+    context: Context, settings: DeviceSettings, train_config: dict[str, Any], ledger: PrivacyLedger
+) -> None:
+    fid = str(train_config.get("federation-id", ""))
+    context.state[PrivacyLedger.STATE_KEY] = ConfigRecord({"ledger": ledger.to_json(), "federation-id": fid})
+    path = _ledger_file(settings, train_config)
+    if path is not None:
+        atomic_write_text(path, ledger.to_json())
+
+
+def _train_private(
+    context: Context,
+    settings: DeviceSettings,
+    model: MultiExitSER,
+    feats: CachedFeatures,
+    plan: ExitPlan,
+    lcfg: LocalTrainConfig,
+    dp: DPSettings,
+    train_config: dict[str, Any],
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """One round of DP-SGD, refused when it would push ε past the budget; returns losses, dp metrics."""
+    ledger, source = load_ledger(context, settings, train_config)
+    n = len(feats.utt_ids)
+    q, steps = local_schedule(n, lcfg.batch_size, lcfg.epochs)
+    sigma = ledger.noise_multiplier
+    if sigma is None:
+        if dp.noise_multiplier is not None:
+            sigma = dp.noise_multiplier
+        else:
+            assert dp.target_epsilon is not None and dp.rounds is not None
+            sigma = calibrate_noise(dp.target_epsilon, dp.delta, q, steps * dp.rounds, dp.accountant)
+    spent = ledger.epsilon(dp)
+    after = ledger.with_round(sigma, q, steps)
+    eps = after.epsilon(dp)
+    if dp.budget is not None and eps > dp.budget:
+        ledger.stopped = True
+        save_ledger(context, settings, train_config, ledger)
+        raise DeviceError(
+            f"privacy budget reached: this round would raise ε from {spent:.3f} to {eps:.3f} "
+            f"(budget {dp.budget:g}, δ = {dp.delta:g}, after {ledger.rounds} DP round(s)); "
+            "this device stops training"
+        )
+    losses = train_heads_private(
+        model, feats, plan, lcfg, noise_multiplier=sigma, max_grad_norm=dp.max_grad_norm,
+        sample_rate=q, steps=steps,
+    )  # fmt: skip
+    save_ledger(context, settings, train_config, after)
+    metrics: dict[str, Any] = {
+        "dp-epsilon": eps,
+        "dp-delta": dp.delta,
+        "dp-noise-multiplier": sigma,
+        "dp-max-grad-norm": dp.max_grad_norm,
+        "dp-sample-rate": q,
+        "dp-steps": after.steps(),
+        "dp-rounds": after.rounds,
+        "dp-ledger-from-state": int(source == "state"),
+    }
+    if dp.budget is not None:
+        metrics["dp-epsilon-budget"] = dp.budget
+    return losses, metrics
 
 
 def evaluate(msg: Message, context: Context, defaults: dict[str, Any] | None = None) -> Message:

@@ -69,7 +69,7 @@ def plan_exits(model_exits: Sequence[int], device_exit: int, cfg: LocalTrainConf
     return ExitPlan(needed=needed, train=train, teacher=teacher)
 
 
-def _batch_input(
+def batch_input(
     model: MultiExitSER, feats: CachedFeatures, k: int, idx: Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     items = [feats.inputs[k][i] for i in idx]
@@ -86,7 +86,7 @@ def head_outputs(
 ) -> dict[int, HeadOutput]:
     out = {}
     for k in exits:
-        x, mask = _batch_input(model, feats, k, idx)
+        x, mask = batch_input(model, feats, k, idx)
         out[k] = model.heads[str(k)].forward_precomputed(x, mask)
     return out
 

@@ -112,6 +112,43 @@ class TrainConfig(_Strict):
     num_workers: int = Field(0, ge=0)
 
 
+class DPConfig(_Strict):
+    """Sample-level differential privacy of each device's head training (Opacus DP-SGD).
+
+    Give either ``noise_multiplier`` (σ, fixed) or ``target_epsilon`` (σ calibrated so that ``rounds``
+    rounds of local training spend exactly that ε). ``max_grad_norm`` is the per-utterance clip C,
+    ``delta`` the δ of (ε, δ)-DP (keep it below 1 / utterances on a device).
+    """
+
+    noise_multiplier: float | None = Field(None, ge=0)
+    target_epsilon: float | None = Field(None, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    rounds: int | None = Field(None, ge=1)
+    """Rounds a ``target_epsilon`` must cover (default: ``federated.rounds``)."""
+    epsilon_budget: float | None = Field(None, gt=0)
+    """Stop training when the next round would push ε past this (default: ``target_epsilon``)."""
+    accountant: Literal["rdp", "prv", "gdp"] = "rdp"
+
+    @model_validator(mode="after")
+    def _one_of(self) -> DPConfig:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("give exactly one of noise_multiplier or target_epsilon")
+        return self
+
+
+class CentralDPConfig(_Strict):
+    """Client-level DP at the server: clip each device's update per exit head, add Gaussian noise."""
+
+    clip_norm: float = Field(..., gt=0)
+    """L2 bound of one device's update (change of one exit head's weights in one round)."""
+    noise_multiplier: float = Field(..., ge=0)
+    """Noise std per coordinate = noise_multiplier × clip_norm / (devices that sent the head)."""
+    delta: float = Field(1e-5, gt=0, lt=1)
+    seed: int | None = None
+    """Seed of the server's noise (None: fresh OS randomness — the only safe choice in production)."""
+
+
 class FederatedConfig(_Strict):
     num_clients: int | None = Field(8, ge=1)
     by: Literal["speaker", "dirichlet", "iid"] = "speaker"
@@ -135,9 +172,25 @@ class FederatedConfig(_Strict):
     max_update_norm: float | None = Field(None, gt=0)
     aggregation: Literal["mean", "median", "trimmed_mean"] = "mean"
     trim_fraction: float = Field(0.2, ge=0, lt=0.5)
+    max_update_norm_ratio: float | None = Field(None, gt=1)
+    """Reject an update whose change of a head exceeds this multiple of the round's median change."""
+    max_num_examples: float | None = Field(None, gt=0)
+    """Cap on one device's weight in the mean (its ``num-examples``)."""
+    dp: DPConfig | None = None
+    """Sample-level DP on every device (a device's own ``--dp-*`` flags take precedence)."""
+    central_dp: CentralDPConfig | None = None
     round_timeout: float = Field(600.0, gt=0)
     federated_evaluation: bool = False
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _central_dp_needs_mean(self) -> FederatedConfig:
+        if self.central_dp is not None and self.aggregation != "mean":
+            raise ValueError(
+                "central_dp averages clipped updates; it cannot be combined with "
+                f"aggregation={self.aggregation!r} (use aggregation: mean)"
+            )
+        return self
 
 
 class ExperimentConfig(_Strict):

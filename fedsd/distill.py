@@ -63,17 +63,42 @@ def feat_loss(student_embedding: Tensor, teacher_embedding: Tensor) -> Tensor:
     return F.mse_loss(student_embedding, teacher_embedding.detach().to(student_embedding))
 
 
+def per_sample_losses(
+    student: HeadOutput, teacher: HeadOutput | None, labels: Tensor, cfg: DistillConfig
+) -> dict[str, Tensor]:
+    """The loss terms of one exit per utterance (shape ``[B]``), each depending on its own utterance only.
+
+    DP-SGD needs this: a batch-mean CE over the *labelled* items (``labelled_ce``) would let one
+    utterance's presence rescale every other utterance's gradient, which breaks the per-sample
+    sensitivity bound. Unlabelled items get CE 0.
+    """
+    keep = labels >= 0
+    ce = F.cross_entropy(student.logits, labels.clamp_min(0), reduction="none") * keep
+    out = {"ce": ce}
+    if teacher is not None:
+        t = cfg.temperature
+        log_t = F.log_softmax(teacher.logits.detach().to(student.logits) / t, dim=-1)
+        log_s = F.log_softmax(student.logits / t, dim=-1)
+        out["kd"] = (t * t) * (log_t.exp() * (log_t - log_s)).sum(-1)
+        diff = student.embedding - teacher.embedding.detach().to(student.embedding)
+        out["feat"] = diff.pow(2).mean(-1)
+    return out
+
+
 def self_distill_loss(
     outputs: Mapping[int, HeadOutput],
     labels: Tensor,
     teacher_exit: int,
     cfg: DistillConfig,
     train_exits: Sequence[int] | None = None,
+    reduction: Literal["mean", "none"] = "mean",
 ) -> tuple[Tensor, dict[str, float]]:
     """Total loss over the trained exits (sum of per-exit losses) and its components as floats.
 
     ``outputs[teacher_exit]`` may be precomputed (cached teacher logits/embedding without grad).
     Component keys: ``ce/<k>``, ``kd/<k>``, ``feat/<k>``, ``loss/<k>`` and ``total``.
+    ``reduction="none"`` returns one loss per utterance (``[B]``, see :func:`per_sample_losses`);
+    its components are batch means.
     """
     exits = sorted(outputs) if train_exits is None else sorted({int(k) for k in train_exits})
     if not exits:
@@ -97,6 +122,18 @@ def self_distill_loss(
         out = outputs[k]
         if out.logits.shape[0] != labels.shape[0]:
             raise ValueError(f"exit {k}: {out.logits.shape[0]} logits for {labels.shape[0]} labels")
+        if reduction == "none":
+            terms = per_sample_losses(
+                out, teacher if k in students else None, labels.to(out.logits.device), cfg
+            )
+            loss = (
+                cfg.w_ce * terms["ce"] + cfg.w_kd * terms.get("kd", 0.0) + cfg.w_feat * terms.get("feat", 0.0)
+            )
+            for name, value in terms.items():
+                parts[f"{name}/{k}"] = float(value.detach().mean()) if value.numel() else 0.0
+            parts[f"loss/{k}"] = float(loss.detach().mean()) if loss.numel() else 0.0
+            total = loss if total is None else total + loss
+            continue
         ce = labelled_ce(out.logits, labels.to(out.logits.device))
         loss = cfg.w_ce * ce
         parts[f"ce/{k}"] = float(ce.detach())
@@ -109,5 +146,5 @@ def self_distill_loss(
         parts[f"loss/{k}"] = float(loss.detach())
         total = loss if total is None else total + loss
     assert total is not None
-    parts["total"] = float(total.detach())
+    parts["total"] = float(total.detach().mean()) if total.numel() else 0.0
     return total, parts

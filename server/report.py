@@ -124,6 +124,40 @@ def write_report(
             lines.append("")
         else:
             lines.append("None.\n")
+    lines += privacy_section(history)
     path = atomic_write_text(run_dir / "report.md", "\n".join(lines))
     log(f"report: {path}")
     return path
+
+
+def privacy_section(history: Sequence[dict[str, Any]]) -> list[str]:
+    """Markdown: cumulative ε of every device per round (and the server's client-level ε), if any."""
+    recs = [h for h in history if h.get("privacy")]
+    if not recs:
+        return []
+    devices = sorted({n for h in recs for n in h["privacy"].get("device_epsilon", {})}, key=int)
+    central = any("central" in h["privacy"] for h in recs)
+    lines = ["## Privacy\n"]
+    if devices:
+        delta = max(float(h["privacy"].get("delta", math.nan)) for h in recs)
+        lines.append(
+            f"Sample-level DP on the devices (Opacus DP-SGD on the heads): cumulative ε at δ = {delta:g} "
+            "as each device reported it (a device that skipped a round keeps its last value).\n"
+        )
+    header = ["round"] + (["max ε"] + [f"device {n}" for n in devices] if devices else [])
+    header += ["central ε (client-level)"] if central else []
+    rows = []
+    for h in recs:
+        p = h["privacy"]
+        row: list[Any] = [h["round"]]
+        if devices:
+            eps = p.get("device_epsilon", {})
+            row += [p.get("max_epsilon", math.nan)] + [eps.get(n, math.nan) for n in devices]
+        if central:
+            row.append(p.get("central", {}).get("epsilon", math.nan))
+        rows.append(row)
+    lines.append(markdown_table(header, rows))
+    stopped = sorted({n for h in recs for n in h["privacy"].get("budget_stopped", [])})
+    if stopped:
+        lines.append(f"Devices that stopped training at their ε budget: {', '.join(map(str, stopped))}.\n")
+    return lines

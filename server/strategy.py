@@ -30,11 +30,13 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from .central_dp import CentralDP
 from .validation import (
     Rejection,
     ValidMetrics,
     ValidUpdate,
     decode_arrays,
+    reject_norm_outliers,
     validate_evaluate_reply,
     validate_train_replies,
 )
@@ -90,9 +92,12 @@ class RoundReport:
     updated_keys: list[str] = field(default_factory=list)
     note: str | None = None
     """Why nothing was aggregated, when that happened."""
+    central_dp: dict[str, Any] | None = None
+    """Clipping, noise and ε of the server's client-level DP this round (when on)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        extra = {"central_dp": self.central_dp} if self.central_dp is not None else {}
+        return extra | {
             "round": self.server_round,
             "kind": self.kind,
             "aggregated": self.aggregated,
@@ -237,6 +242,16 @@ class PartialFedAvg(FedAvg):
         Reject a reply whose change (update − current global, over its keys) has a larger L2 norm.
     max_num_examples : float or None
         Cap on a client's weight in the mean (and in the weighted metrics).
+    max_update_norm_ratio : float or None
+        Reject a reply whose change of some exit head exceeds this multiple of the round's median
+        change of that head (needs 3+ senders of the head).
+    central_dp : CentralDP or None
+        Client-level DP: clip each device's change per head and add Gaussian noise (mean only).
+    required_metrics : sequence of str
+        Metrics every train reply must carry (e.g. ``dp-epsilon`` when devices must train with DP).
+
+    ``declared_examples`` (node id → utterances it declared when it joined) may be set before a
+    round: a reply whose ``num-examples`` exceeds its declaration is rejected.
 
     A custom ``train_metrics_aggr_fn``/``evaluate_metrics_aggr_fn`` (flwr signature
     ``(list[RecordDict], str) -> MetricRecord``) receives the contents of the *valid* replies only;
@@ -262,6 +277,9 @@ class PartialFedAvg(FedAvg):
         trim_fraction: float = 0.2,
         max_update_norm: float | None = None,
         max_num_examples: float | None = None,
+        max_update_norm_ratio: float | None = None,
+        central_dp: CentralDP | None = None,
+        required_metrics: Sequence[str] = (),
     ) -> None:
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
@@ -271,6 +289,10 @@ class PartialFedAvg(FedAvg):
             raise ValueError(f"max_update_norm must be positive or None, got {max_update_norm}")
         if max_num_examples is not None and not max_num_examples > 0:
             raise ValueError(f"max_num_examples must be positive or None, got {max_num_examples}")
+        if max_update_norm_ratio is not None and not max_update_norm_ratio > 1:
+            raise ValueError(f"max_update_norm_ratio must be > 1 or None, got {max_update_norm_ratio}")
+        if central_dp is not None and aggregation != "mean":
+            raise ValueError("central_dp needs aggregation='mean' (it averages clipped updates)")
         super().__init__(
             fraction_train=fraction_train,
             fraction_evaluate=fraction_evaluate,
@@ -287,6 +309,10 @@ class PartialFedAvg(FedAvg):
         self.trim_fraction = trim_fraction
         self.max_update_norm = max_update_norm
         self.max_num_examples = max_num_examples
+        self.max_update_norm_ratio = max_update_norm_ratio
+        self.central_dp = central_dp
+        self.required_metrics = tuple(required_metrics)
+        self.declared_examples: dict[int, float] | None = None
         self._custom_train_metrics_fn = train_metrics_aggr_fn
         self._custom_evaluate_metrics_fn = evaluate_metrics_aggr_fn
         self._current_record: ArrayRecord | None = None
@@ -318,7 +344,9 @@ class PartialFedAvg(FedAvg):
             f" (trim_fraction={self.trim_fraction})" if self.aggregation == "trimmed_mean" else "",
         )
         log(INFO, "\t│\t├── max_update_norm: %s", self.max_update_norm)
-        log(INFO, "\t│\t└── max_num_examples: %s", self.max_num_examples)
+        log(INFO, "\t│\t├── max_num_examples: %s", self.max_num_examples)
+        log(INFO, "\t│\t├── max_update_norm_ratio: %s", self.max_update_norm_ratio)
+        log(INFO, "\t│\t└── central_dp: %s", self.central_dp)
         super().summary()
 
     # ------------------------------------------------------------------ train
@@ -351,7 +379,14 @@ class PartialFedAvg(FedAvg):
             self._current_arrays,
             weighted_by_key=self.weighted_by_key,
             max_update_norm=self.max_update_norm,
+            declared_examples=self.declared_examples,
+            required_metrics=self.required_metrics,
         )
+        if self.max_update_norm_ratio is not None:
+            updates, outliers = reject_norm_outliers(
+                updates, self._current_arrays, self.max_update_norm_ratio
+            )
+            rejections = [*rejections, *outliers]
         report = RoundReport(server_round=server_round, kind="train", rejections=rejections)
         report.clients = [
             ClientReport(
@@ -383,14 +418,27 @@ class PartialFedAvg(FedAvg):
             log(WARNING, "aggregate_train: round %s: %s", server_round, report.note)
             return _copy_record(self._current_record), None
 
-        merged, updated = merge_updates(
-            self._current_record,
-            updates,
-            aggregation=self.aggregation,
-            trim_fraction=self.trim_fraction,
-            max_num_examples=self.max_num_examples,
-            global_arrays=self._current_arrays,
-        )
+        if self.central_dp is not None:
+            noised, report.central_dp = self.central_dp.aggregate(self._current_arrays, updates)
+            merged = ArrayRecord()
+            for key, array in self._current_record.items():
+                merged[key] = Array(noised[key]) if key in noised else _copy_array(array)
+            updated = [k for k in self._current_record if k in noised]
+            log(
+                INFO,
+                "\t├──> central DP: ε = %.3f (δ = %g)",
+                report.central_dp["epsilon"],
+                self.central_dp.delta,
+            )
+        else:
+            merged, updated = merge_updates(
+                self._current_record,
+                updates,
+                aggregation=self.aggregation,
+                trim_fraction=self.trim_fraction,
+                max_num_examples=self.max_num_examples,
+                global_arrays=self._current_arrays,
+            )
         report.aggregated = True
         report.updated_keys = updated
         untouched = len(self._current_record) - len(updated)

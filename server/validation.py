@@ -12,6 +12,9 @@ A train reply is rejected when
 - an array cannot be decoded, or its dtype or shape differ from the global array,
 - an array holds NaN or ±inf,
 - the weighting metric (``num-examples``) is missing, not a number, not finite, zero or negative,
+  or larger than the number of utterances the device declared when it joined,
+- a required metric is missing (``dp-epsilon`` when the server requires DP), or any metric is not a
+  finite number,
 - the L2 norm of the change (update − current global, over the keys the reply sent) exceeds
   ``max_update_norm`` (``None`` switches this check off),
 - the same node already sent a reply this round (the later one is rejected).
@@ -33,6 +36,8 @@ __all__ = [
     "ValidUpdate",
     "ValidMetrics",
     "decode_arrays",
+    "head_update_norms",
+    "reject_norm_outliers",
     "metric_values",
     "read_weight",
     "validate_evaluate_reply",
@@ -144,11 +149,14 @@ def validate_train_reply(
     *,
     weighted_by_key: str = "num-examples",
     max_update_norm: float | None = None,
+    declared_examples: Mapping[int, float] | None = None,
+    required_metrics: Iterable[str] = (),
 ) -> ValidUpdate | Rejection:
     """Check one train reply against the current global arrays.
 
     ``global_arrays`` may be the global ArrayRecord or its decoded form (``decode_arrays``); pass the
-    decoded form when validating many replies against the same record.
+    decoded form when validating many replies against the same record. ``declared_examples`` maps a
+    node to the number of utterances it declared when it joined: a reply may not weigh more.
     """
     node_id = _node_id(reply)
     if reply.has_error():
@@ -170,6 +178,19 @@ def validate_train_reply(
     weight = read_weight(metrics, weighted_by_key)
     if isinstance(weight, str):
         return Rejection(node_id, weight)
+    bad = _bad_metrics(metrics, required_metrics)
+    if bad:
+        return Rejection(node_id, bad)
+    if declared_examples is not None:
+        declared = declared_examples.get(node_id)
+        if declared is None:
+            return Rejection(node_id, "device did not join through the handshake (no declared data size)")
+        if weight > declared:
+            return Rejection(
+                node_id,
+                f"'{weighted_by_key}' {weight:g} exceeds the {declared:g} utterances the device "
+                "declared when it joined",
+            )
 
     if len(record) == 0:
         return Rejection(node_id, "empty ArrayRecord (no weights sent)")
@@ -201,12 +222,29 @@ def validate_train_reply(
     )
 
 
+def _bad_metrics(metrics: Mapping[str, Any], required: Iterable[str]) -> str | None:
+    """Why the metrics are unusable: a required one is missing, or a value is not a finite number."""
+    missing = [k for k in required if k not in metrics]
+    if missing:
+        return f"missing metric(s) {', '.join(missing)}"
+    for key, value in metrics.items():
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                return f"metric '{key}' is not a number ({type(v).__name__})"
+            if not math.isfinite(v):
+                return f"metric '{key}' is not finite ({v})"
+    return None
+
+
 def validate_train_replies(
     replies: Iterable[Message],
     global_arrays: Mapping[str, np.ndarray] | ArrayRecord,
     *,
     weighted_by_key: str = "num-examples",
     max_update_norm: float | None = None,
+    declared_examples: Mapping[int, float] | None = None,
+    required_metrics: Iterable[str] = (),
 ) -> tuple[list[ValidUpdate], list[Rejection]]:
     """Split a round's replies into valid updates and rejections (a node's second reply is rejected)."""
     if isinstance(global_arrays, ArrayRecord):
@@ -221,7 +259,12 @@ def validate_train_replies(
             continue
         seen.add(node_id)
         result = validate_train_reply(
-            reply, global_arrays, weighted_by_key=weighted_by_key, max_update_norm=max_update_norm
+            reply,
+            global_arrays,
+            weighted_by_key=weighted_by_key,
+            max_update_norm=max_update_norm,
+            declared_examples=declared_examples,
+            required_metrics=tuple(required_metrics),
         )
         (rejections if isinstance(result, Rejection) else valid).append(result)
     return valid, rejections
@@ -244,3 +287,54 @@ def validate_evaluate_reply(
     if isinstance(weight, str):
         return Rejection(node_id, weight)
     return ValidMetrics(node_id=node_id, num_examples=weight, metrics=metrics, content=reply.content)
+
+
+def head_update_norms(update: ValidUpdate, global_arrays: Mapping[str, np.ndarray]) -> dict[int, float]:
+    """L2 norm of the change per exit head (keys ``heads.<exit>.*``) of one update."""
+    squared: dict[int, float] = {}
+    for key, value in update.arrays.items():
+        exit_k = int(key.split(".")[1]) if key.count(".") >= 2 else -1
+        diff = value.astype(np.float64) - np.asarray(global_arrays[key], dtype=np.float64)
+        squared[exit_k] = squared.get(exit_k, 0.0) + float(np.dot(diff.ravel(), diff.ravel()))
+    return {k: math.sqrt(v) for k, v in squared.items()}
+
+
+def reject_norm_outliers(
+    updates: list[ValidUpdate],
+    global_arrays: Mapping[str, np.ndarray],
+    ratio: float,
+    min_senders: int = 3,
+) -> tuple[list[ValidUpdate], list[Rejection]]:
+    """Reject updates whose change of some head exceeds ``ratio`` × that head's median change this round.
+
+    A scale-free norm bound: no absolute threshold to tune, and a device that scales its update
+    (×100) stands out however large honest updates happen to be. Heads sent by fewer than
+    ``min_senders`` devices are not judged (a median of two says nothing).
+    """
+    norms = {u.node_id: head_update_norms(u, global_arrays) for u in updates}
+    per_head: dict[int, list[float]] = {}
+    for by_head in norms.values():
+        for k, v in by_head.items():
+            per_head.setdefault(k, []).append(v)
+    medians = {k: float(np.median(v)) for k, v in per_head.items() if len(v) >= min_senders}
+    kept: list[ValidUpdate] = []
+    rejected: list[Rejection] = []
+    for u in updates:
+        worst = None
+        for k, v in norms[u.node_id].items():
+            m = medians.get(k)
+            if m is not None and v > ratio * max(m, 1e-12):
+                worst = (k, v, m)
+                break
+        if worst is None:
+            kept.append(u)
+        else:
+            k, v, m = worst
+            rejected.append(
+                Rejection(
+                    u.node_id,
+                    f"exit {k} head changed by {v:.4g}, {v / max(m, 1e-12):.1f}× the round's median "
+                    f"{m:.4g} (max_update_norm_ratio {ratio:g})",
+                )
+            )
+    return kept, rejected

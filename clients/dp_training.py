@@ -1,0 +1,163 @@
+"""DP-SGD on a device's exit heads with Opacus (sample-level differential privacy).
+
+Only the heads train, on features the frozen backbone computed without gradients, so per-sample
+gradients (Opacus ``GradSampleModule``) are needed for a few small layers only. What makes the
+guarantee hold, and how this module keeps each condition:
+
+- **Poisson sampling**: every step draws each utterance independently with probability ``q``
+  (batches vary in size and may be empty; an empty step still adds noise and is accounted);
+- **per-sample losses**: each utterance's loss depends on that utterance only
+  (``self_distill_loss(reduction="none")``), summed, then clipped per sample to ``max_grad_norm``
+  and noised with ``σ · max_grad_norm`` by ``DPOptimizer``;
+- **secret randomness**: sampling, noise and dropout draw from OS entropy, never from the seed the
+  server sends (a server that knew the noise could subtract it);
+- the ``gru`` head trains through Opacus' ``DPGRU`` (same parameters, same state-dict names as
+  ``nn.GRU``), copied back into the model afterwards.
+"""
+
+from __future__ import annotations
+
+import copy
+import secrets
+
+import torch
+from opacus import GradSampleModule
+from opacus.layers import DPGRU
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from fedsd.clients.training import ExitPlan, LocalTrainConfig, batch_input, head_outputs
+from fedsd.distill import self_distill_loss
+from fedsd.features import CachedFeatures
+from fedsd.model.heads import ExitHead, HeadOutput
+from fedsd.model.multiexit import MultiExitSER
+
+
+def dp_compatible(head: ExitHead) -> ExitHead:
+    """A trainable copy of ``head`` whose layers all have Opacus per-sample gradients."""
+    twin = copy.deepcopy(head)
+    for name, module in list(twin.named_children()):
+        if isinstance(module, nn.GRU):
+            if module.num_layers != 1 or module.bidirectional:
+                raise ValueError(f"head {head.kind}: only single-layer, unidirectional GRUs are supported")
+            dp = DPGRU(
+                module.input_size, module.hidden_size, batch_first=module.batch_first, bias=module.bias
+            )
+            dp.load_state_dict(module.state_dict())
+            setattr(twin, name, dp)
+    twin.train()  # Opacus validates training-mode modules
+    errors = ModuleValidator.validate(twin, strict=False)
+    if errors:
+        raise ValueError(f"head {head.kind} cannot be trained with DP: {errors}")
+    return twin
+
+
+def _outputs(
+    model: MultiExitSER,
+    trained: dict[int, ExitHead],
+    feats: CachedFeatures,
+    plan: ExitPlan,
+    idx: list[int],
+) -> dict[int, HeadOutput]:
+    """Outputs of the DP copies for the trained exits, the frozen teacher without gradient."""
+
+    out = {}
+    for k, head in trained.items():
+        x, mask = batch_input(model, feats, k, idx)
+        out[k] = head.forward_precomputed(x, mask)
+    if plan.teacher not in out:
+        with torch.no_grad():
+            out |= head_outputs(model, feats, [plan.teacher], idx)
+    return out
+
+
+def train_heads_private(
+    model: MultiExitSER,
+    feats: CachedFeatures,
+    plan: ExitPlan,
+    cfg: LocalTrainConfig,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    sample_rate: float,
+    steps: int,
+    rng_seed: int | None = None,
+) -> dict[str, float]:
+    """``steps`` DP-SGD steps on the planned heads (Poisson rate ``sample_rate``); loss means.
+
+    ``rng_seed`` is for tests only: a device must leave it None (OS entropy).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    seed = rng_seed if rng_seed is not None else secrets.randbits(63)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return _train(model, feats, plan, cfg, noise_multiplier, max_grad_norm, sample_rate, steps, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(
+    model: MultiExitSER,
+    feats: CachedFeatures,
+    plan: ExitPlan,
+    cfg: LocalTrainConfig,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    sample_rate: float,
+    steps: int,
+    seed: int,
+) -> dict[str, float]:
+    n = len(feats.utt_ids)
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trained = {k: dp_compatible(model.heads[str(k)]) for k in plan.train}
+    container = nn.ModuleDict({str(k): h for k, h in trained.items()})
+    for p in container.parameters():
+        p.requires_grad_(True)
+    gsm = GradSampleModule(container, loss_reduction="sum")
+    params = [p for p in container.parameters() if p.requires_grad]
+    optimizer = DPOptimizer(
+        torch.optim.Adam(params, lr=cfg.lr),
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=max(1, round(n * sample_rate)),
+        loss_reduction="mean",
+        generator=g,
+    )
+    teacher_head = model.heads[str(plan.teacher)]
+    sums: dict[str, float] = {}
+    counted = 0
+    try:
+        container.train()
+        teacher_head.eval()
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            idx = torch.nonzero(torch.rand(n, generator=g) < sample_rate).flatten().tolist()
+            if idx:
+                out = _outputs(model, trained, feats, plan, idx)
+                losses, comps = self_distill_loss(
+                    out,
+                    feats.labels[idx],
+                    plan.teacher,
+                    cfg.distill,
+                    train_exits=plan.train,
+                    reduction="none",
+                )
+                losses.sum().backward()
+                for key, v in comps.items():
+                    sums[key] = sums.get(key, 0.0) + float(v)
+                counted += 1
+            else:  # an empty Poisson batch: still a noisy step (the accountant counts it)
+                for p in params:
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+            optimizer.step()
+    finally:
+        gsm._close()
+    for k, head in trained.items():
+        model.heads[str(k)].load_state_dict(head.state_dict())
+    model.eval()
+    return {k: v / max(counted, 1) for k, v in sums.items()}
