@@ -8,10 +8,13 @@ then atomically renamed over the target.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,34 +66,87 @@ def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> Path:
     return atomic_write_bytes(path, old + (json.dumps(record, default=str) + "\n").encode("utf-8"))
 
 
+def _fsync_tree(root: Path) -> None:
+    for child in root.rglob("*"):
+        if child.is_file():
+            with open(child, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directory entries in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False where the platform or file system cannot do it (the caller falls back to two renames).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc < 2.28, musl without it
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _backup_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def recover_directory(path: str | os.PathLike[str]) -> bool:
+    """Put back ``path`` from its backup if a process died between the two renames of a non-atomic
+    swap (only where :func:`_exchange` is unavailable); True if it did."""
+    path = Path(path)
+    backup = _backup_path(path)
+    if backup.is_dir() and not path.exists():
+        os.replace(backup, path)
+        return True
+    return False
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces ``path`` in one rename.
+    """Yield a temporary sibling directory; on success it replaces ``path`` atomically.
 
-    If the block raises, the temporary directory is removed and ``path`` is left exactly as it was.
+    If the block raises (or the swap fails), the temporary directory is removed and ``path`` is left
+    exactly as it was. On Linux the swap is one ``renameat2(RENAME_EXCHANGE)``, so readers (and a
+    crash at any instant) see the old or the new directory, never none; elsewhere it is two renames
+    via ``.NAME.old``, which :func:`recover_directory` undoes after a crash between them.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover_directory(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        for child in tmp.rglob("*"):
-            if child.is_file():
-                with open(child, "rb") as fh:
-                    os.fsync(fh.fileno())
-        if path.exists():
-            backup = path.with_name(f".{path.name}.old")
+        _fsync_tree(tmp)
+        if path.exists() and _exchange(tmp, path):
+            pass  # tmp now holds the previous version; removed below
+        elif path.exists():
+            backup = _backup_path(path)
             if backup.exists():
                 shutil.rmtree(backup)
             os.replace(path, backup)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(backup, path)
+                raise
             shutil.rmtree(backup, ignore_errors=True)
         else:
             os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
