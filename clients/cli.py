@@ -1,7 +1,8 @@
-"""`fedsd client run`: one device — a supervised Flower SuperNode at a chosen exit.
+"""`fedsd client run`: one device — a supervised Flower SuperNode at a chosen exit;
+`fedsd client keygen`: the device's key pair for servers that authenticate devices.
 
 Example (the server prints the exact line for each device):
-    fedsd client run --server 127.0.0.1:8000 --insecure --exit 4 --data devices/client-000.csv --root data/synth
+    fedsd client run --server server.lan:8000 --root-cert ca.pem --exit 4 --data devices/client-000.csv --root data/synth
 """
 
 from __future__ import annotations
@@ -29,6 +30,49 @@ def _model_exits(model: Path) -> list[int]:
     return [int(k) for k in meta.get("exits", [])]
 
 
+def _check_key_material(root_cert: Path | None, auth_key: Path | None) -> tuple[Path | None, Path | None]:
+    """Resolve and check --root-cert (a PEM certificate) and --auth-key (an OpenSSH EC key); exit 2 naming
+    the file otherwise, so a bad file fails here and not deep inside Flower."""
+    from fedsd.security import SecurityError, load_certificate, load_node_private_key
+
+    try:
+        if root_cert is not None:
+            root_cert = root_cert.expanduser().resolve()
+            load_certificate(root_cert, "--root-cert")
+        if auth_key is not None:
+            auth_key = auth_key.expanduser().resolve()
+            load_node_private_key(auth_key)
+    except SecurityError as e:
+        _fail(str(e), 2)
+    return root_cert, auth_key
+
+
+@app.command("keygen")
+def keygen_command(
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Private key file to write (KEY.pub is written next to it)."
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace an existing key pair."),
+) -> None:
+    """Make this device's key pair for servers that admit only registered devices (--auth).
+
+    KEY stays on this device (mode 0600; pass it to [bold]fedsd client run --auth-key KEY[/]); send KEY.pub
+    to the server operator, who registers it with [bold]fedsd server register-node KEY.pub[/].
+    """
+    from fedsd.security import SecurityError, generate_node_key
+
+    try:
+        private, public = generate_node_key(out, force=force)
+    except SecurityError as e:
+        _fail(str(e), 1)
+    except OSError as e:
+        _fail(f"--out {out}: {e}", 1)
+    console.print(
+        f"private key: {escape(str(private))} (mode 0600 — keep it on this device)", highlight=False
+    )
+    console.print(f"public key:  {escape(str(public))} (give it to the server operator)", highlight=False)
+
+
 @app.command("run")
 def run_command(
     server: str = typer.Option(..., "--server", "-s", help="The server's SuperLink as HOST:PORT."),
@@ -44,8 +88,14 @@ def run_command(
     cache: Path | None = typer.Option(
         None, "--cache", help="Feature cache, delivered models and session logs (default ~/.cache/fedsd)."
     ),
+    root_cert: Path | None = typer.Option(
+        None, "--root-cert", help="TLS: the server's CA certificate (ca.pem of its --tls-dir)."
+    ),
     insecure: bool = typer.Option(
-        False, "--insecure", help="Talk to the server over plain HTTP (the only transport until TLS)."
+        False, "--insecure", help="Talk plain HTTP, unencrypted (only to a server started with --insecure)."
+    ),
+    auth_key: Path | None = typer.Option(
+        None, "--auth-key", help="This device's private key (fedsd client keygen) for a server with --auth."
     ),
     server_timeout: float = typer.Option(
         60.0, "--server-timeout", min=1.0, help="Stop after the server is unreachable this many seconds."
@@ -53,11 +103,13 @@ def run_command(
 ) -> None:
     """Join a federated run as one device; stops by itself when the run ends or the server is gone.
 
-    Exit code 0 when the server ended the run, 3 when the server went away, 1 on a device error.
+    Exit code 0 when the server ended the run, 3 when the server went away, 4 when the server refused
+    this device (TLS or node authentication), 1 on a device error.
     """
     from fedsd.clients.device import DEFAULT_CACHE
     from fedsd.clients.supervisor import (
         EXIT_DONE,
+        EXIT_REFUSED,
         EXIT_SERVER_GONE,
         Supervisor,
         SupervisorSettings,
@@ -65,10 +117,21 @@ def run_command(
         describe_event,
     )
     from fedsd.data.manifest import ManifestError, read_manifest
-    from fedsd.server.deploy import TLS_MISSING, DeployError, join_address, parse_address
+    from fedsd.server.deploy import (
+        TLS_MISSING_CLIENT,
+        DeployError,
+        join_address,
+        parse_address,
+        probe_transport,
+    )
 
-    if not insecure:
-        _fail(TLS_MISSING, 2)
+    if root_cert is not None and insecure:
+        _fail("--root-cert and --insecure contradict each other: give one (--root-cert talks TLS)", 2)
+    if root_cert is None and not insecure:
+        _fail(TLS_MISSING_CLIENT, 2)
+    if auth_key is not None and root_cert is None:
+        _fail("--auth-key (node authentication) needs TLS: give --root-cert CA.pem instead of --insecure", 2)
+    root_cert, auth_key = _check_key_material(root_cert, auth_key)
     try:
         host, port = parse_address(server)
     except DeployError as e:
@@ -102,10 +165,32 @@ def run_command(
             _fail(f"--exit {exit_}: the model {model} has exits {exits}", 2)
     cache_dir = (cache or DEFAULT_CACHE).expanduser().resolve()
 
-    console.print(
-        "[yellow]warning: --insecure: traffic to the server is not encrypted "
-        "(use only on loopback or a trusted network)[/]"
-    )
+    # A device set up for the other transport than the server's would never join (a plain-HTTP
+    # SuperNode retries a TLS server forever): tell the two apart before starting anything.
+    spoken = probe_transport(host, port)
+    if insecure and spoken == "tls":
+        _fail(
+            f"the server {join_address(host, port)} serves TLS: start this device with --root-cert CA.pem "
+            "(the ca.pem of the server's --tls-dir) instead of --insecure",
+            2,
+        )
+    if root_cert is not None and spoken == "plain":
+        _fail(
+            f"the server {join_address(host, port)} serves plain HTTP (started with --insecure): this "
+            "device will not send its data unencrypted; ask for a TLS server (fedsd server start --tls-dir)",
+            2,
+        )
+    if insecure:
+        console.print(
+            "[yellow]warning: --insecure: traffic to the server is not encrypted "
+            "(use only on loopback or a trusted network)[/]"
+        )
+    else:
+        console.print(
+            f"TLS: the server must present a certificate signed by {root_cert}"
+            + (f"; node authentication with {auth_key}" if auth_key else ""),
+            highlight=False,
+        )
     labelled = sum(1 for r in rows if r.label)
     console.print(
         f"device: exit {exit_ if exit_ is not None else 'deepest'} on {device}, {len(rows)} utterances "
@@ -141,6 +226,8 @@ def run_command(
             node_config=node_config,
             session_dir=session,
             server_timeout=server_timeout,
+            root_certificates=root_cert,
+            auth_key=auth_key,
         ),
         on_event=on_event,
         on_status=on_status,
@@ -149,6 +236,8 @@ def run_command(
     trained = [ev for ev in sup.events if ev.get("kind") == "train" and "error" not in ev]
     if code == EXIT_DONE:
         console.print(f"[bold green]done[/]: {len(trained)} round(s) trained on this device")
+    elif code == EXIT_REFUSED:
+        err_console.print("[bold red]the server refused this device[/] (see the reason above)")
     elif code == EXIT_SERVER_GONE:
         err_console.print(
             f"[yellow]the server went away after {len(trained)} trained round(s) on this device[/]"

@@ -14,6 +14,12 @@ process group and watches three things:
   restarted (a new node registers and the resumed run picks it up). One that dies soon after its
   start, or too often, ends the session with exit code 1 and its log tail.
 
+- refusals: a SuperNode the server turns away exits at once with Flower's reason in its log. A TLS
+  failure (the server's certificate does not verify against --root-cert, or the server speaks plain
+  HTTP) or a server that wants node authentication from a device without a key ends the session with
+  exit code 4 and a hint; a key the server does not know (yet) is tried again every few seconds for
+  ``server_timeout`` seconds — the operator may still be registering it — then exit code 4.
+
 SIGINT/SIGTERM end the session too (exit code 130). Every way out stops the SuperNode (SIGTERM to its
 process group, SIGKILL after a timeout), so no `flwr-clientapp` is left behind.
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -43,6 +50,7 @@ from fedsd.server.deploy import (
 EXIT_DONE = 0
 EXIT_SUPERNODE_FAILED = 1
 EXIT_SERVER_GONE = 3
+EXIT_REFUSED = 4
 EXIT_INTERRUPTED = 130
 
 EventHandler = Callable[[dict[str, Any]], None]
@@ -58,14 +66,27 @@ def start_supernode(
     flwr_home: Path,
     log_path: Path,
     cwd: Path | None = None,
+    root_certificates: Path | None = None,
+    auth_key: Path | None = None,
 ) -> ManagedProcess:
-    """`flower-supernode --insecure` connected to ``superlink`` (HOST:PORT), with its own Runtime API
-    port (several SuperNodes on one host each need one)."""
+    """`flower-supernode` connected to ``superlink`` (HOST:PORT), with its own Runtime API port
+    (several SuperNodes on one host each need one).
+
+    TLS verified against ``root_certificates`` (a CA PEM) when given, else plain HTTP (`--insecure`);
+    ``auth_key`` (OpenSSH EC private key, needs TLS) signs every request for node authentication.
+    """
+    if auth_key is not None and root_certificates is None:
+        raise ValueError("node authentication (auth_key) needs TLS (root_certificates)")
+    security = (
+        ["--insecure"] if root_certificates is None else ["--root-certificates", str(root_certificates)]
+    )
+    if auth_key is not None:
+        security += ["--auth-supernode-private-key", str(auth_key)]
     cmd = [
         flower_bin("flower-supernode"),
         "--superlink",
         superlink,
-        "--insecure",
+        *security,
         "--node-config",
         config_arg(node_config),
         "--host",
@@ -89,6 +110,51 @@ def read_new_lines(path: Path, offset: int) -> tuple[list[str], int]:
         return [], offset
     chunk = data[: end + 1]
     return chunk.decode("utf-8", "replace").splitlines(), offset + len(chunk)
+
+
+_SSL_LINE = re.compile(r"\[SSL[^\]]*\][^\n]*")
+
+
+def diagnose_refusal(
+    log_text: str, *, root_certificates: Path | None = None, auth_key: Path | None = None, server: str = ""
+) -> tuple[str, str] | None:
+    """Why the server turned a SuperNode away, from the SuperNode's log: (kind, explanation) or None.
+
+    kind is ``"tls"`` (no trusted TLS session), ``"auth-required"`` (the server wants node
+    authentication, this device has no key) or ``"not-registered"`` (the server does not know the key).
+    The markers are Flower 1.42's: "[code: 2001]" FLEET_SUPERNODE_REGISTRATION_DISABLED, "[code: 2004]"
+    FLEET_NODE_ACTIVATION_FAILED (supercore/error/base.py), the ssl module's "[SSL: ...]" text.
+    """
+    if "[code: 2001]" in log_text:
+        return (
+            "auth-required",
+            f"the server {server} only admits registered devices (node authentication) and this device has "
+            "no key: make one with `fedsd client keygen --out KEY`, have the server operator register "
+            "KEY.pub (`fedsd server register-node KEY.pub ...`), then start with --auth-key KEY",
+        )
+    if "[code: 2004]" in log_text:
+        pub = f"{auth_key}.pub" if auth_key is not None else "KEY.pub"
+        return (
+            "not-registered",
+            f"the server {server} does not know this device's key: its operator must register {pub} "
+            f"(`fedsd server register-node {pub} --out RUNDIR`)",
+        )
+    ssl_line = _SSL_LINE.search(log_text)
+    if ssl_line is None and "SSL/TLS handshake error" not in log_text:
+        return None
+    detail = ssl_line.group(0).strip() if ssl_line else "TLS handshake failed"
+    if "CERTIFICATE_VERIFY_FAILED" in detail:
+        return (
+            "tls",
+            f"the server's TLS certificate was not accepted ({detail}): --root-cert {root_certificates} "
+            f"must be the ca.pem of the server's --tls-dir, and its certificate must name the host in "
+            f"--server {server}",
+        )
+    return (
+        "tls",
+        f"no TLS session with the server {server} ({detail}); a server started with --insecure speaks "
+        "plain HTTP — ask its operator for TLS (`fedsd server start --tls-dir DIR`)",
+    )
 
 
 def _fmt_exits(values: Any) -> str:
@@ -148,6 +214,12 @@ class SupervisorSettings:
     max_restarts: int = 5
     min_uptime_s: float = 10.0
     """A SuperNode that dies sooner than this after its start is broken, not disconnected."""
+    root_certificates: Path | None = None
+    """CA certificate the server's TLS certificate must verify against; None: plain HTTP."""
+    auth_key: Path | None = None
+    """OpenSSH EC private key for node authentication (needs ``root_certificates``)."""
+    refused_retry_s: float = 5.0
+    """Pause before trying again when the server does not know this device's key (yet)."""
 
 
 class Supervisor:
@@ -172,6 +244,8 @@ class Supervisor:
         self._started_at = 0.0
         self.events: list[dict[str, Any]] = []
         self._offset = 0
+        self._log_offset = 0
+        self._refused_since: float | None = None
         self._signal: str | None = None
 
     # ------------------------------------------------------------------ pieces
@@ -182,12 +256,15 @@ class Supervisor:
         node_config = {**self.settings.node_config, "events": str(self.events_path.resolve())}
         local_port = free_port("127.0.0.1")
         self._started_at = time.monotonic()
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.node = start_supernode(
             join_address(self.host, self.port),
             node_config,
             local_port=local_port,
             flwr_home=self.flwr_home,
             log_path=self.log_path,
+            root_certificates=self.settings.root_certificates,
+            auth_key=self.settings.auth_key,
         )
         self.on_status(
             "info",
@@ -209,6 +286,20 @@ class Supervisor:
             new.append(ev)
             self.on_event(ev)
         return new
+
+    def current_log(self) -> str:
+        """What the current SuperNode wrote to the (shared, appended) log since it started."""
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(self._log_offset)
+                return fh.read(1_000_000).decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def _pause(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and self._signal is None:
+            time.sleep(0.1)
 
     def stop(self) -> None:
         if self.node is not None:
@@ -242,7 +333,10 @@ class Supervisor:
             if self._signal is not None:
                 self.on_status("warning", f"{self._signal}: stopping the SuperNode")
                 return EXIT_INTERRUPTED
-            if any(ev.get("kind") == "done" for ev in self.poll_events()):
+            new_events = self.poll_events()
+            if new_events:
+                self._refused_since = None
+            if any(ev.get("kind") == "done" for ev in new_events):
                 deadline = time.monotonic() + s.done_grace_s
                 while time.monotonic() < deadline and self._signal is None and self.node.alive():
                     time.sleep(0.1)
@@ -250,6 +344,32 @@ class Supervisor:
             if not self.node.alive():
                 code = self.node.returncode
                 uptime = time.monotonic() - self._started_at
+                refusal = diagnose_refusal(
+                    self.current_log(),
+                    root_certificates=s.root_certificates,
+                    auth_key=s.auth_key,
+                    server=s.server,
+                )
+                if refusal is not None:
+                    kind, why = refusal
+                    now = time.monotonic()
+                    if kind == "not-registered":
+                        if self._refused_since is None:
+                            self._refused_since = now
+                        waited = now - self._refused_since
+                        if waited + s.refused_retry_s < s.server_timeout:
+                            self.on_status(
+                                "warning",
+                                f"refused: {why}; trying again in {s.refused_retry_s:g} s (for up to "
+                                f"{s.server_timeout:g} s, --server-timeout)",
+                            )
+                            self.node.stop(timeout=s.stop_timeout_s)
+                            self._pause(s.refused_retry_s)
+                            if self._signal is None:
+                                self.start()
+                            continue
+                    self.on_status("error", f"refused: {why} (SuperNode log: {self.log_path})")
+                    return EXIT_REFUSED
                 if self.restarts < s.max_restarts and uptime >= s.min_uptime_s:
                     self.restarts += 1
                     self.on_status(

@@ -51,6 +51,10 @@ def _mount() -> None:
         from fedsd.server.simulate_cli import register as register_simulate
 
         register_simulate(app)
+    if _exists("fedsd.certs_cli"):
+        from fedsd.certs_cli import app as certs_app
+
+        app.add_typer(certs_app, name="certs", help="TLS certificates for `fedsd server start --tls-dir`.")
     if _exists("fedsd.server.cli"):
         from fedsd.server.cli import app as server_app
 

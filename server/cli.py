@@ -5,9 +5,10 @@ What it does, in order (each step says what it did):
    (`fedsd.server.prepare.prepare_run`; with --resume, reuse what the run directory already holds);
 2. print each device's manifest with a ready-to-paste `fedsd client run ...` line;
 3. write ``OUT/spec.json`` (the whole run spec), a private FLWR_HOME in ``OUT/.flwr`` with a SuperLink
-   connection ``fedsd`` and a code-free Flower app dir ``OUT/.flwr/app`` (every process imports the
-   installed `fedsd`);
-4. start `flower-superlink` (log: ``OUT/.flwr/superlink.log``), wait for its port;
+   connection ``fedsd`` (TLS with ``--tls-dir``'s ca.pem, or plain HTTP with ``--insecure``) and a
+   code-free Flower app dir ``OUT/.flwr/app`` (every process imports the installed `fedsd`);
+4. start `flower-superlink` (log: ``OUT/.flwr/superlink.log``), wait for its port; with ``--auth``
+   register the ``--node-key`` public keys (more with `fedsd server register-node KEY.pub --out OUT`);
 5. `flwr run OUT/.flwr/app fedsd --stream --run-config spec-file=...`, stream its output;
 6. ask the SuperLink for the run's real outcome (`flwr ls --format json`; the exit code of
    `flwr run` is not it), stop the SuperLink, exit 0 only on ``finished:completed``.
@@ -16,11 +17,13 @@ What it does, in order (each step says what it did):
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import socket
+import tempfile
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -29,6 +32,9 @@ from rich.table import Table
 from rich.text import Text
 
 from fedsd.server import deploy
+
+if TYPE_CHECKING:
+    from fedsd.security import TlsFiles
 
 app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich")
 console = Console()
@@ -65,6 +71,67 @@ def _raise_interrupt(signum: int, _frame: Any) -> None:
 def _client_host(host: str) -> str:
     """What a device should dial: the bind address, or this machine's name for a wildcard bind."""
     return socket.gethostname() if host in ("0.0.0.0", "::", "") else host
+
+
+def _security(
+    tls_dir: Path | None, insecure: bool, auth: bool, node_keys: list[Path] | None, host: str
+) -> TlsFiles | None:
+    """Check the transport/auth flags before anything starts; exit 2 with the reason if they do not fit.
+
+    Returns the TLS files (None for --insecure).
+    """
+    from fedsd.security import (
+        SecurityError,
+        certificate_hosts,
+        check_tls_dir,
+        covers_host,
+        load_certificate,
+        load_node_public_key,
+    )
+
+    if tls_dir is not None and insecure:
+        _fail("--tls-dir and --insecure contradict each other: give one (--tls-dir serves HTTPS)", 2)
+    if tls_dir is None and not insecure:
+        _fail(deploy.TLS_MISSING, 2)
+    if auth and tls_dir is None:
+        _fail(
+            "--auth (node authentication) needs TLS: give --tls-dir DIR (make one with `fedsd certs "
+            "create --out DIR`); Flower refuses node authentication over plain HTTP",
+            2,
+        )
+    if node_keys and not auth:
+        _fail("--node-key registers device keys for node authentication: add --auth", 2)
+    for key in node_keys or []:
+        try:
+            load_node_public_key(key)
+        except SecurityError as e:
+            _fail(f"--node-key {e}", 2)
+    if tls_dir is None:
+        return None
+    try:
+        files = check_tls_dir(tls_dir)
+        cert = load_certificate(files.server_cert, "server certificate")
+    except SecurityError as e:
+        _fail(str(e), 2)
+    names = certificate_hosts(cert)
+    local = deploy.connect_host(host)
+    if not covers_host(cert, local):
+        _fail(
+            f"{files.server_cert} names {', '.join(names) or 'no host'}, but Flower's own helper and the "
+            f"flwr CLI reach this SuperLink at {local}: make certificates that name it, e.g. "
+            f"`fedsd certs create --out {tls_dir} --host {local} --force`",
+            2,
+        )
+    remote = _client_host(host)
+    if not covers_host(cert, remote):
+        console.print(
+            f"[yellow]warning: {escape(str(files.server_cert))} names {escape(', '.join(names))} but not "
+            f"{escape(remote)}: devices dialling {escape(remote)} will refuse it — give them a name it "
+            f"holds, or remake the certificates with --host {escape(remote)}[/]",
+            highlight=False,
+            soft_wrap=True,
+        )
+    return files
 
 
 def _resume_spec(out: Path) -> tuple[Any, str] | None:
@@ -132,8 +199,23 @@ def start_command(
     resume: bool = typer.Option(
         False, "--resume", help="Continue the run in --out from its last completed round."
     ),
+    tls_dir: Path | None = typer.Option(
+        None,
+        "--tls-dir",
+        help="Serve HTTPS with DIR/ca.pem, server.pem, server.key (make them: fedsd certs create).",
+    ),
     insecure: bool = typer.Option(
-        False, "--insecure", help="Serve plain HTTP (required: TLS is not available yet)."
+        False, "--insecure", help="Serve plain HTTP, unencrypted (loopback or a trusted network only)."
+    ),
+    auth: bool = typer.Option(
+        False,
+        "--auth",
+        help="Node authentication: only devices whose key is registered join (needs --tls-dir).",
+    ),
+    node_keys: list[Path] | None = typer.Option(
+        None,
+        "--node-key",
+        help="A device's KEY.pub to register once the SuperLink is up (with --auth; repeatable).",
     ),
     device_wait: float = typer.Option(
         600.0, "--device-wait", min=1.0, help="Seconds to wait for --min-clients devices to connect."
@@ -144,10 +226,16 @@ def start_command(
 ) -> None:
     """Start the server of a federated run and wait for it to finish.
 
-    Example: [bold]fedsd server start --config configs/demo.yaml --insecure --out runs/fed[/]
+    Example: [bold]fedsd server start --config configs/demo.yaml --tls-dir certs --out runs/fed[/]
     """
-    if not insecure:
-        _fail(deploy.TLS_MISSING, 2)
+    tls = _security(tls_dir, insecure, auth, node_keys, host)
+    node_keys = list(dict.fromkeys(k.expanduser().resolve() for k in node_keys or []))
+    if tls is not None:
+        security_flags = ["--tls-dir", str(tls.ca_cert.parent), *(["--auth"] if auth else [])]
+        for key in node_keys:
+            security_flags += ["--node-key", str(key)]
+    else:
+        security_flags = ["--insecure"]
     from fedsd.checkpoint import atomic_write_json
     from fedsd.config import ConfigError, load_config
     from fedsd.server.federation import FederationSpec
@@ -155,10 +243,20 @@ def start_command(
     overrides = _parse_overrides(set_)
     if not deploy.port_free(host, port):
         _fail(f"port {port} on {host} is in use (another server?); choose another with --port", 1)
-    console.print(
-        "[yellow]warning: --insecure: the SuperLink serves plain HTTP; traffic (model heads, metrics) "
-        "is not encrypted — use it only on loopback or a trusted network[/]"
-    )
+    if tls is None:
+        console.print(
+            "[yellow]warning: --insecure: the SuperLink serves plain HTTP; traffic (model heads, metrics) "
+            "is not encrypted and any device can join — use it only on loopback or a trusted network[/]"
+        )
+    else:
+        _say(
+            f"TLS: serving HTTPS with {tls.server_cert} (CA {tls.ca_cert}); "
+            + (
+                "node authentication on: only registered device keys may join"
+                if auth
+                else "no node authentication: any device with the CA certificate can join (add --auth)"
+            )
+        )
     # Both signals end the run cleanly (an `&` job of a script starts with SIGINT ignored: re-arm it).
     previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     superlink = None
@@ -257,18 +355,40 @@ def start_command(
         exits = list(cfg.federated.exits_mix or [cfg.model.exits[-1]])
         address = deploy.join_address(_client_host(host), port)
         data_root = cfg.data.root.expanduser().resolve()
-        client_line = f"fedsd client run --server {address} --insecure --exit {{exit}} --data {{data}} --root {data_root}"
+        if tls is None:
+            transport = "--insecure"
+        else:
+            transport = f"--root-cert {shlex.quote(str(tls.ca_cert))}" + (" --auth-key KEY" if auth else "")
+        client_line = (
+            f"fedsd client run --server {address} {transport.replace('{', '{{').replace('}', '}}')} "
+            f"--exit {{exit}} --data {{data}} --root {data_root}"
+        )
         if manifests:
             table, lines = _device_table(manifests, exits, client_line)
             console.print(table)
             console.print("start each device with (add --model DIR if it already has the base model):")
             for line in lines:
                 console.print(f"  [bold]{escape(line)}[/]", soft_wrap=True, highlight=False)
+        if tls is not None:
+            _say(
+                f"copy {tls.ca_cert} to each device (it is public; never copy ca.key or server.key)"
+                + (
+                    "; each device makes KEY with `fedsd client keygen --out KEY` and you register its "
+                    f"KEY.pub with `fedsd server register-node KEY.pub --out {run_dir}` (or --node-key)"
+                    if auth
+                    else ""
+                )
+            )
 
         # ------------------------------------------------------------ 3. spec, FLWR_HOME, app dir
         spec_path = atomic_write_json(run_dir / "spec.json", json.loads(spec.to_json()))
         flwr_home = run_dir / ".flwr"
-        deploy.write_flwr_home(flwr_home, deploy.join_address(deploy.connect_host(host), port), insecure=True)
+        deploy.write_flwr_home(
+            flwr_home,
+            deploy.join_address(deploy.connect_host(host), port),
+            insecure=tls is None,
+            root_certificates=tls.ca_cert if tls is not None else None,
+        )
         app_dir = deploy.write_app_dir(flwr_home / "app")
         _say(f"run spec: {spec_path}; Flower home: {flwr_home}")
 
@@ -276,7 +396,13 @@ def start_command(
         if not deploy.port_free(host, port):
             _fail(f"port {port} on {host} was taken while preparing; choose another with --port")
         superlink = deploy.start_superlink(
-            flwr_home, host, port, log_path=flwr_home / "superlink.log", cwd=Path.cwd()
+            flwr_home,
+            host,
+            port,
+            log_path=flwr_home / "superlink.log",
+            cwd=Path.cwd(),
+            tls=tls,
+            node_auth=auth,
         )
         try:
             deploy.wait_for_port(host, port, timeout=60.0, process=superlink, what="the SuperLink")
@@ -287,6 +413,12 @@ def start_command(
             f"(pid {superlink.pid}, log {escape(str(superlink.log_path))})",
             highlight=False,
         )
+        for key in node_keys:
+            try:
+                node_id = deploy.register_node(flwr_home, key)
+            except deploy.DeployError as e:
+                _fail(f"--node-key {key}: {e}")
+            _say(f"registered device key {key} (node id {node_id})")
 
         # ------------------------------------------------------------ 5. submit and stream the run
         tail: deque[str] = deque(maxlen=40)
@@ -325,7 +457,12 @@ def start_command(
             f"[bold red]run {run_id} {escape(state)}[/] {escape(str(details))}\n"
             f"SuperLink log: {escape(str(superlink.log_path))}; "
             f"resume with: fedsd server start --config {escape(str(config))} --out {escape(str(run_dir))} "
-            f"--port {port} --insecure --resume",
+            f"--port {port} {escape(shlex.join(security_flags))} --resume"
+            + (
+                " (a new SuperLink knows no device keys: register them again, or add --node-key KEY.pub)"
+                if auth and not node_keys
+                else ""
+            ),
             highlight=False,
             soft_wrap=True,
         )
@@ -341,3 +478,82 @@ def start_command(
             _say("SuperLink stopped")
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@app.command("register-node")
+def register_node_command(
+    public_key: Path = typer.Argument(..., help="The device's KEY.pub (made by `fedsd client keygen`)."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Run directory of the running server: use its connection (OUT/.flwr)."
+    ),
+    host: str | None = typer.Option(None, "--host", help="Without --out: the server's address (127.0.0.1)."),
+    port: int | None = typer.Option(
+        None, "--port", "-p", min=1, max=65535, help="Without --out: the server's port (8000)."
+    ),
+    tls_dir: Path | None = typer.Option(
+        None, "--tls-dir", help="Without --out: the server's --tls-dir (only its ca.pem is read)."
+    ),
+) -> None:
+    """Allow one device into a running server started with --auth (node authentication).
+
+    Example: [bold]fedsd server register-node device-1.key.pub --out runs/fed[/]
+    (or, from another shell on the server machine: [bold]--port 8000 --tls-dir certs[/])
+    """
+    import tomllib
+
+    from fedsd.security import SecurityError, load_node_public_key
+
+    try:
+        load_node_public_key(public_key)
+    except SecurityError as e:
+        _fail(str(e), 2)
+    public_key = public_key.expanduser().resolve()
+    if out is not None and (host is not None or port is not None or tls_dir is not None):
+        _fail("give either --out (the server's run directory) or --host/--port/--tls-dir, not both", 2)
+    with tempfile.TemporaryDirectory(prefix="fedsd-flwr-") as tmp:
+        if out is not None:
+            flwr_home = out.expanduser().resolve() / ".flwr"
+            config_path = flwr_home / "config.toml"
+            if not config_path.is_file():
+                _fail(
+                    f"--out {out}: no server connection there ({config_path} is missing); give the --out "
+                    "of a running `fedsd server start`, or --port and --tls-dir",
+                    1,
+                )
+            conn = tomllib.loads(config_path.read_text(encoding="utf-8"))["superlink"][deploy.CONNECTION]
+            if conn.get("insecure") or not conn.get("root-certificates"):
+                _fail(
+                    f"the server of {out} serves plain HTTP (--insecure): node authentication needs "
+                    "`fedsd server start --tls-dir DIR --auth`",
+                    1,
+                )
+            address = str(conn["address"])
+        else:
+            if tls_dir is None:
+                _fail(
+                    "tell me which server: --out RUNDIR (its run directory), or --port PORT and --tls-dir "
+                    "DIR (registration goes over TLS, verified with DIR/ca.pem)",
+                    2,
+                )
+            ca = tls_dir.expanduser().resolve() / "ca.pem"
+            if not ca.is_file():
+                _fail(f"--tls-dir {tls_dir}: ca.pem is missing ({ca})", 2)
+            address = deploy.join_address(deploy.connect_host(host or "127.0.0.1"), port or 8000)
+            flwr_home = Path(tmp)
+            deploy.write_flwr_home(flwr_home, address, insecure=False, root_certificates=ca)
+        try:
+            h, p = deploy.parse_address(address)
+        except deploy.DeployError as e:
+            _fail(str(e))
+        if not deploy.port_open(h, p, timeout=2.0):
+            _fail(f"no server is listening at {address} (is `fedsd server start` running?)")
+        try:
+            node_id = deploy.register_node(flwr_home, public_key)
+        except deploy.DeployError as e:
+            _fail(str(e))
+    console.print(
+        f"[green]registered[/] {escape(str(public_key))} with the server at {escape(address)}: node id "
+        f"{node_id}; start that device with --auth-key {escape(str(public_key.with_suffix('')))}",
+        highlight=False,
+        soft_wrap=True,
+    )

@@ -8,7 +8,15 @@ What this module knows about flwr 1.42 (see DESIGN.md §4):
 - the `flwr` CLI reads its SuperLink connections from ``$FLWR_HOME/config.toml``; each server gets a
   private FLWR_HOME (also where Flower installs the app bundles it runs);
 - `flwr run --stream` exits 0 even when the run failed: the outcome comes from `flwr ls --format json`;
-- a SuperNode never exits by itself: whoever starts one must stop it.
+- a SuperNode never exits by itself: whoever starts one must stop it;
+- TLS is one set of flags on the SuperLink (`--ssl-ca-certfile/--ssl-certfile/--ssl-keyfile`, all
+  three or none) and `--root-certificates CA.pem` on every client; the SuperLink's own
+  `flower-superexec` dials it at loopback (a wildcard bind) or at the bind address, with TLS, so the
+  server certificate must name that address (`fedsd certs create` always adds localhost/127.0.0.1);
+- SuperNode authentication (`--enable-supernode-auth`, TLS only) refuses any SuperNode whose public key
+  was not registered beforehand with `flwr supernode register KEY.pub <connection>` (Control API, same
+  port, same TLS); registrations live in the SuperLink's state (in memory here: a restarted SuperLink
+  needs them again).
 
 Every child runs in its own process group, so stopping one (SIGTERM, then SIGKILL after a timeout)
 also stops the helpers it spawned (superexec, serverapp, clientapp processes).
@@ -28,7 +36,10 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fedsd.security import TlsFiles
 
 CONNECTION = "fedsd"
 """Name of the SuperLink connection in the server's private ``$FLWR_HOME/config.toml``."""
@@ -36,9 +47,18 @@ CONNECTION = "fedsd"
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 TLS_MISSING = (
-    "TLS is not available in fedsd yet: traffic between server and devices would be plain HTTP. "
-    "Pass --insecure explicitly to run unencrypted (loopback or a trusted network only)."
+    "choose how devices reach this server: --tls-dir DIR serves HTTPS with the certificates in DIR "
+    "(make them with `fedsd certs create --out DIR --host <this machine's name or IP>`), or --insecure "
+    "serves plain HTTP, unencrypted (loopback or a trusted network only)."
 )
+"""Neither --tls-dir nor --insecure given to `fedsd server start`."""
+
+TLS_MISSING_CLIENT = (
+    "choose how this device reaches the server: --root-cert CA.pem verifies the server's TLS "
+    "certificate (the ca.pem of the server's --tls-dir, copied to this device), or --insecure talks "
+    "plain HTTP, unencrypted (only to a server started with --insecure, on loopback or a trusted network)."
+)
+"""Neither --root-cert nor --insecure given to `fedsd client run`."""
 
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
 
@@ -151,8 +171,16 @@ def config_arg(values: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={toml_value(v)}" for k, v in values.items() if v is not None)
 
 
-def write_flwr_home(home: Path, address: str, *, insecure: bool = True) -> Path:
-    """A private FLWR_HOME whose config.toml has one SuperLink connection, ``fedsd``, as the default."""
+def write_flwr_home(
+    home: Path, address: str, *, insecure: bool = True, root_certificates: Path | None = None
+) -> Path:
+    """A private FLWR_HOME whose config.toml has one SuperLink connection, ``fedsd``, as the default.
+
+    With ``root_certificates`` (a CA PEM) the `flwr` CLI talks TLS and verifies the SuperLink against
+    it; otherwise ``insecure`` must be True (plain HTTP).
+    """
+    if root_certificates is None and not insecure:
+        raise ValueError("write_flwr_home: give root_certificates for TLS, or insecure=True")
     home.mkdir(parents=True, exist_ok=True)
     lines = [
         "[superlink]",
@@ -161,7 +189,9 @@ def write_flwr_home(home: Path, address: str, *, insecure: bool = True) -> Path:
         f"[superlink.{CONNECTION}]",
         f"address = {toml_value(address)}",
     ]
-    if insecure:
+    if root_certificates is not None:
+        lines.append(f"root-certificates = {toml_value(str(Path(root_certificates).resolve()))}")
+    else:
         lines.append("insecure = true")
     path = home / "config.toml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -366,11 +396,34 @@ def start_superlink(
     log_path: Path,
     cwd: Path | None = None,
     database: Path | None = None,
+    tls: TlsFiles | None = None,
+    node_auth: bool = False,
 ) -> ManagedProcess:
-    """`flower-superlink --insecure` on host:port (one port for Fleet, Control and Runtime APIs)."""
+    """`flower-superlink` on host:port (one port for Fleet, Control and Runtime APIs).
+
+    ``tls``: serve HTTPS with these files (else plain HTTP, `--insecure`). ``node_auth``: only
+    SuperNodes whose key was registered (:func:`register_node`) may connect; needs ``tls``.
+    """
+    if node_auth and tls is None:
+        raise DeployError(
+            "SuperNode authentication needs TLS (Flower refuses --enable-supernode-auth without it)"
+        )
+    if tls is None:
+        security = ["--insecure"]
+    else:
+        security = [
+            "--ssl-ca-certfile",
+            str(tls.ca_cert),
+            "--ssl-certfile",
+            str(tls.server_cert),
+            "--ssl-keyfile",
+            str(tls.server_key),
+        ]
+        if node_auth:
+            security.append("--enable-supernode-auth")
     cmd = [
         flower_bin("flower-superlink"),
-        "--insecure",
+        *security,
         "--host",
         host,
         "--port",
@@ -475,3 +528,73 @@ def stop_run(flwr_home: Path, run_id: int) -> None:
             timeout=15,
             stdin=subprocess.DEVNULL,
         )
+
+
+# ----------------------------------------------------------------------------- security
+def register_node(flwr_home: Path, public_key: Path, *, timeout: float = 60.0) -> int:
+    """Register a device's public key with the running SuperLink of ``flwr_home``'s connection
+    (`flwr supernode register KEY.pub fedsd --format json`); returns the node id it assigned.
+
+    Needed when the SuperLink runs with node authentication: it then refuses every SuperNode whose key
+    was not registered. `flwr` exits 0 even when the SuperLink refused, so the JSON ``success`` decides.
+    It runs in ``flwr_home`` so that `flwr` never sees (and migrates) a pyproject.toml of the caller's
+    working directory.
+    """
+    cmd = [flower_bin("flwr"), "supernode", "register", str(public_key), CONNECTION, "--format", "json"]
+    try:
+        res = subprocess.run(
+            cmd,
+            env=flower_env(flwr_home),
+            cwd=flwr_home,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        raise DeployError(f"`flwr supernode register` did not answer within {timeout:.0f} s") from None
+    text = res.stdout.strip()
+    try:
+        data = json.loads(text[text.find("{") :]) if "{" in text else None
+    except json.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict):
+        raise DeployError(
+            f"`flwr supernode register {public_key}` gave no JSON (exit {res.returncode}): "
+            f"{(res.stdout + res.stderr).strip()[-2000:]}"
+        )
+    if not data.get("success") or "node-id" not in data:
+        reason = str(data.get("error-message") or json.dumps(data))
+        reason = re.sub(r"^Using SuperLink: [^\n]*\n+", "", reason).strip()
+        if "already in use" in reason:
+            reason += " (this key is already registered with this server)"
+        raise DeployError(f"the SuperLink did not register {public_key}: {reason}")
+    return int(data["node-id"])
+
+
+def probe_transport(host: str, port: int, timeout: float = 3.0) -> str | None:
+    """What the server at host:port speaks: ``"tls"``, ``"plain"``, or None (unreachable/unclear).
+
+    A TLS handshake without certificate verification: it only tells the two transports apart so a
+    device configured for the other one fails at once with a clear message (a plain-HTTP SuperNode
+    would otherwise retry a TLS server forever). Trust is still decided by Flower, against --root-cert.
+    """
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        sock = socket.create_connection((connect_host(host), port), timeout=timeout)
+    except OSError:
+        return None
+    try:
+        with ctx.wrap_socket(sock, server_hostname=None) as tls:
+            tls.do_handshake()
+            return "tls"
+    except ssl.SSLError:
+        return "plain"
+    except OSError:
+        return None
+    finally:
+        sock.close()

@@ -204,7 +204,7 @@ def test_server_start_without_insecure_explains_and_starts_nothing(setup, tmp_pa
     )
     assert result.exit_code == 2, result.output
     text = _flat(result.output)
-    assert "TLS is not available" in text and "--insecure" in text, text
+    assert "--tls-dir" in text and "fedsd certs create" in text and "--insecure" in text, text
     assert not out.exists()
     assert not port_open("127.0.0.1", port, timeout=0.5)
 
@@ -231,7 +231,8 @@ def test_client_run_without_insecure_refuses(setup, tmp_path) -> None:
         env=_env(),
     )  # fmt: skip
     assert result.exit_code == 2, result.output
-    assert "TLS is not available" in _flat(result.output)
+    text = _flat(result.output)
+    assert "--root-cert" in text and "--insecure" in text, text
 
 
 @pytest.mark.slow
