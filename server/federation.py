@@ -23,7 +23,13 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedsd.checkpoint import append_jsonl, atomic_write_json, load_tensors, save_tensors
+from fedsd.checkpoint import (
+    append_jsonl,
+    atomic_write_json,
+    atomic_write_text,
+    load_tensors,
+    save_tensors,
+)
 from fedsd.clients.training import evaluate_cached
 from fedsd.config import ExperimentConfig, load_config
 from fedsd.data.dataset import rows_by_ids
@@ -31,6 +37,7 @@ from fedsd.data.manifest import ManifestRow, read_manifest
 from fedsd.features import CachedFeatures, FeatureCache
 from fedsd.metrics import ClassificationReport
 from fedsd.model.multiexit import MultiExitSER
+from fedsd.server.replies import ReplyTracker, describe_failure, failed_devices
 from fedsd.server.strategy import PartialFedAvg
 from fedsd.wire import (
     QUERY_DONE,
@@ -169,6 +176,14 @@ class Federation:
             if metrics.exists():
                 lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
                 self.history = [r for r in lines if int(r.get("round", -1)) <= done]
+                if len(self.history) < len(lines):  # a crash between metrics and state.json
+                    atomic_write_text(
+                        metrics, "".join(json.dumps(r, default=str) + "\n" for r in self.history)
+                    )
+                    self.log(f"dropped {len(lines) - len(self.history)} metrics line(s) after round {done}")
+            for stale in sorted((self.run_dir / "rounds").glob("round_*.safetensors")):
+                if stale.stem[6:].isdigit() and int(stale.stem[6:]) > done:  # never committed to state.json
+                    stale.unlink()
             self.log(f"resuming after round {done} of {self.rounds} ({state_path})")
             return done
         if self.spec.resume:
@@ -300,6 +315,17 @@ class Federation:
                 fed_eval = self.strategy.evaluate_reports.get(server_round)
                 if fed_eval is not None:
                     rec["federated_eval"] = fed_eval.to_dict()
+                # devices sent a train message that gave no reply or an error (died, timed out, raised)
+                missing = failed_devices(tracker.take(), "train")
+                rec["missing"] = sorted(missing)
+                if missing:
+                    rec["missing_detail"] = {
+                        str(n): {"exit": infos.get(n, {}).get("exit"), "reason": why}
+                        for n, why in sorted(missing.items())
+                    }
+                for n, why in sorted(missing.items()):
+                    exit_k = infos.get(n, {}).get("exit")
+                    self.log(describe_failure(rnd, n, why, exit_k, self.cfg.federated.round_timeout))
             self._save_round(rnd, rec)
             self.history.append(rec)
             uars = ", ".join(
@@ -310,8 +336,9 @@ class Federation:
                 {k: v for k, v in rec.items() if k.startswith("exit") and isinstance(v, float)}
             )
 
+        tracker = ReplyTracker(grid)  # names the devices that did not reply (see evaluate_fn)
         self.strategy.start(
-            grid,
+            tracker,
             heads_to_record(self.model.head_state_dict()),
             num_rounds=self.rounds - start,
             timeout=self.cfg.federated.round_timeout,
