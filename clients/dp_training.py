@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import secrets
+import warnings
 
 import torch
 from opacus import GradSampleModule
@@ -51,6 +52,18 @@ def dp_compatible(head: ExitHead) -> ExitHead:
     if errors:
         raise ValueError(f"head {head.kind} cannot be trained with DP: {errors}")
     return twin
+
+
+def plain_state_dict(twin: nn.Module) -> dict[str, torch.Tensor]:
+    """``twin``'s weights under the original head's names (Opacus renames DPGRU's only at its own level)."""
+    out = {
+        f"{name}.{key}": value
+        for name, child in twin.named_children()
+        for key, value in child.state_dict().items()
+    }
+    out |= {name: p for name, p in twin.named_parameters(recurse=False)}
+    out |= {name: b for name, b in twin.named_buffers(recurse=False)}
+    return out
 
 
 def _outputs(
@@ -147,7 +160,9 @@ def _train(
                     train_exits=plan.train,
                     reduction="none",
                 )
-                losses.sum().backward()
+                with warnings.catch_warnings():  # cached inputs need no gradient; the hook is right anyway
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    losses.sum().backward()
                 for key, v in comps.items():
                     sums[key] = sums.get(key, 0.0) + float(v)
                 counted += 1
@@ -158,6 +173,6 @@ def _train(
     finally:
         gsm._close()
     for k, head in trained.items():
-        model.heads[str(k)].load_state_dict(head.state_dict())
+        model.heads[str(k)].load_state_dict(plain_state_dict(head))
     model.eval()
     return {k: v / max(counted, 1) for k, v in sums.items()}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +38,8 @@ from fedsd.data.manifest import ManifestRow, read_manifest
 from fedsd.features import CachedFeatures, FeatureCache
 from fedsd.metrics import ClassificationReport
 from fedsd.model.multiexit import MultiExitSER
+from fedsd.privacy import DPSettings
+from fedsd.server.central_dp import CentralDP
 from fedsd.server.replies import ReplyTracker, describe_failure, failed_devices
 from fedsd.server.strategy import PartialFedAvg
 from fedsd.wire import (
@@ -108,12 +111,28 @@ def _eval_rows(spec: FederationSpec, cfg: ExperimentConfig) -> tuple[list[Manife
     return [r for r in rows if r.split == "test" and r.label], root
 
 
-def train_config_record(cfg: ExperimentConfig, fingerprint: str, round_offset: int) -> ConfigRecord:
-    """The hyper-parameters every device trains with this run (the server is their single source)."""
+def train_config_record(
+    cfg: ExperimentConfig,
+    fingerprint: str,
+    round_offset: int,
+    *,
+    num_rounds: int | None = None,
+    federation_id: str = "",
+) -> ConfigRecord:
+    """The hyper-parameters every device trains with this run (the server is their single source).
+
+    With ``federated.dp`` set, the ``dp-*`` keys ask every device for sample-level DP; a device's own
+    ``--dp-*`` flags override them. ``federation-id`` names the run across server restarts, so a
+    device's privacy ledger continues after a ``--resume``.
+    """
     fc = cfg.federated
+    dp = DPSettings.from_config(fc.dp, num_rounds or fc.rounds).to_record() if fc.dp else {}
     return ConfigRecord(
-        {
+        dp
+        | {
             "fingerprint": fingerprint,
+            "federation-id": federation_id,
+            "num-rounds": num_rounds or fc.rounds,
             "round-offset": round_offset,
             "local-epochs": fc.local_epochs,
             "batch-size": fc.batch_size,
@@ -154,7 +173,14 @@ class Federation:
             aggregation=fc.aggregation,
             trim_fraction=fc.trim_fraction,
             max_update_norm=fc.max_update_norm,
+            max_num_examples=fc.max_num_examples,
+            max_update_norm_ratio=fc.max_update_norm_ratio,
+            central_dp=CentralDP(**fc.central_dp.model_dump()) if fc.central_dp else None,
+            required_metrics=("dp-epsilon",) if fc.dp else (),
         )
+        self.federation_id = uuid.uuid4().hex[:16]
+        self.device_epsilon: dict[int, float] = {}
+        """Latest cumulative ε each device reported (devices keep it between rounds they skip)."""
 
     # ----------------------------------------------------------------- state and resume
     def _state_path(self) -> Path:
@@ -171,6 +197,9 @@ class Federation:
                     f"but --base-model {self.spec.base_model} has {self.fingerprint[:12]}"
                 )
             done = int(state["completed_round"])
+            self.federation_id = str(state.get("federation_id") or self.federation_id)
+            for rec in self._read_history(done):
+                self._note_epsilons(rec)
             self.model.load_head_state_dict(load_tensors(_round_path(self.run_dir, done)))
             metrics = self.run_dir / "metrics.jsonl"
             if metrics.exists():
@@ -203,11 +232,45 @@ class Federation:
                 "completed_round": rnd,
                 "rounds": self.rounds,
                 "fingerprint": self.fingerprint,
+                "federation_id": self.federation_id,
                 "base_model": self.spec.base_model,
                 "spec": asdict(self.spec),
                 "time": time.time(),
             },
         )
+
+    # ----------------------------------------------------------------- privacy
+    def _read_history(self, done: int) -> list[dict[str, Any]]:
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return []
+        lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        return [r for r in lines if int(r.get("round", -1)) <= done]
+
+    def _note_epsilons(self, rec: dict[str, Any]) -> None:
+        for node, eps in (rec.get("privacy", {}).get("device_epsilon") or {}).items():
+            self.device_epsilon[int(node)] = float(eps)
+
+    def _privacy_record(self, report: Any) -> dict[str, Any]:
+        """ε per device (cumulative, as each reported) and the maximum; central DP's ε when on."""
+        out: dict[str, Any] = {}
+        for c in report.clients:
+            if "dp-epsilon" in c.metrics:
+                self.device_epsilon[int(c.node_id)] = float(c.metrics["dp-epsilon"])
+        stopped = [r.node_id for r in report.rejections if "privacy budget reached" in r.reason]
+        if self.device_epsilon:
+            out["device_epsilon"] = {str(n): e for n, e in sorted(self.device_epsilon.items())}
+            out["max_epsilon"] = max(self.device_epsilon.values())
+            dp = self.cfg.federated.dp
+            out["delta"] = max(
+                [float(c.metrics["dp-delta"]) for c in report.clients if "dp-delta" in c.metrics]
+                or [dp.delta if dp else float("nan")]
+            )
+        if stopped:
+            out["budget_stopped"] = sorted(stopped)
+        if report.central_dp is not None:
+            out["central"] = report.central_dp
+        return out
 
     # ----------------------------------------------------------------- evaluation
     def evaluate(self) -> dict[int, ClassificationReport]:
@@ -279,6 +342,7 @@ class Federation:
                     node = reply.metadata.src_node_id
                     self.log(f"device {node}: model delivery failed: {reply.error.reason}")
                     infos.pop(node, None)
+        self.strategy.declared_examples = {n: float(i.get("n-utterances", 0)) for n, i in infos.items()}
         for n, i in sorted(infos.items()):
             self.log(
                 f"device {n}: exit {i.get('exit')}, {i.get('n-utterances')} utterances "
@@ -312,6 +376,9 @@ class Federation:
                 report = self.strategy.train_reports.get(server_round)
                 if report is not None:
                     rec["train"] = report.to_dict() | {"round": rnd}
+                    privacy = self._privacy_record(report)
+                    if privacy:
+                        rec["privacy"] = privacy
                 fed_eval = self.strategy.evaluate_reports.get(server_round)
                 if fed_eval is not None:
                     rec["federated_eval"] = fed_eval.to_dict()
@@ -342,7 +409,9 @@ class Federation:
             heads_to_record(self.model.head_state_dict()),
             num_rounds=self.rounds - start,
             timeout=self.cfg.federated.round_timeout,
-            train_config=train_config_record(self.cfg, self.fingerprint, start),
+            train_config=train_config_record(
+                self.cfg, self.fingerprint, start, num_rounds=self.rounds, federation_id=self.federation_id
+            ),
             evaluate_fn=evaluate_fn,
         )
         result = FederationResult(self.run_dir, self.rounds, self.history, self._finish())

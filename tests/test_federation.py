@@ -149,10 +149,16 @@ def test_ray_simulation_two_rounds(setup) -> None:
     cfg, prepared, _rc, spec = setup
     from fedsd.server.simulation import run_simulation_engine
 
+    # With device DP on, this also proves the privacy ledger survives rounds in Flower's simulation
+    # engine (context.state of each virtual node), not only in the in-process grid.
+    spec.overrides = {"federated.dp": {"noise_multiplier": 1.0, "delta": 1e-3}}
     result = run_simulation_engine(cfg, spec, prepared, engine="ray", log=lambda _: None)
     lines = [json.loads(x) for x in (Path(spec.run_dir) / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in lines] == [0, 1, 2]
     assert lines[2]["train"]["num_clients"] == 2
+    for c in lines[2]["train"]["clients"]:
+        assert c["metrics"]["dp-rounds"] == 2 and c["metrics"]["dp-ledger-from-state"] == 1
+    assert lines[2]["privacy"]["max_epsilon"] > lines[1]["privacy"]["max_epsilon"] > 0
     assert result.final_dir is not None and (result.final_dir / "fedsd.json").exists()
 
 
