@@ -97,8 +97,9 @@ def reply(instruction: Message, arrays: dict[str, np.ndarray], num_examples, **m
     if num_examples is not None:
         metrics["num-examples"] = num_examples
     metric_record = MetricRecord(metrics)
-    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                          "metrics": metric_record})
+    content = RecordDict(
+        {"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}), "metrics": metric_record}
+    )
     return Message(content=content, reply_to=instruction)
 
 
@@ -155,8 +156,11 @@ def test_two_rounds_partial_weighted_average():
         # heads.6 averaged over nodes 12 and 13 only; node 11 did not send it
         np.testing.assert_allclose(
             new["heads.6.fc.bias"].numpy(),
-            (updates[1][0]["heads.6.fc.bias"].astype(np.float64) * 30
-             + updates[2][0]["heads.6.fc.bias"].astype(np.float64) * 5) / 35,
+            (
+                updates[1][0]["heads.6.fc.bias"].astype(np.float64) * 30
+                + updates[2][0]["heads.6.fc.bias"].astype(np.float64) * 5
+            )
+            / 35,
             rtol=1e-6,
         )
         assert metrics["loss"] == pytest.approx((10 / 11 + 30 / 12 + 5 / 13) / 45)
@@ -222,12 +226,28 @@ def test_invalid_replies_rejected_and_aggregate_unaffected(caplog):
     nodes = good_nodes + list(BAD)
     noisy = PartialFedAvg(min_train_nodes=2, min_available_nodes=len(nodes), max_update_norm=5.0)
     sent = instructions(noisy, 1, record, nodes)
-    good = {11: reply(sent[11], trained(g, EXIT3, 1), 10, loss=1.0),
-            12: reply(sent[12], trained(g, EXIT6, 2), 20, loss=2.0),
-            13: reply(sent[13], trained(g, EXIT6, 3), 40, loss=3.0)}
+    good = {
+        11: reply(sent[11], trained(g, EXIT3, 1), 10, loss=1.0),
+        12: reply(sent[12], trained(g, EXIT6, 2), 20, loss=2.0),
+        13: reply(sent[13], trained(g, EXIT6, 3), 40, loss=3.0),
+    }
     bad = bad_replies(sent, g)
-    mixed = [bad[21], good[11], bad[22], bad[23], good[12], bad[24], bad[25], bad[26], bad[27], bad[28],
-             bad[29], good[13], bad[30], bad[31]]
+    mixed = [
+        bad[21],
+        good[11],
+        bad[22],
+        bad[23],
+        good[12],
+        bad[24],
+        bad[25],
+        bad[26],
+        bad[27],
+        bad[28],
+        bad[29],
+        good[13],
+        bad[30],
+        bad[31],
+    ]
     # a node replying twice: the second reply is rejected
     mixed.append(reply(sent[12], trained(g, EXIT6, 99), 20, loss=9.0))
 
@@ -237,7 +257,8 @@ def test_invalid_replies_rejected_and_aggregate_unaffected(caplog):
     clean = PartialFedAvg(min_train_nodes=2, min_available_nodes=3, max_update_norm=5.0)
     sent_clean = instructions(clean, 1, record, good_nodes)
     clean_arrays, clean_metrics = clean.aggregate_train(
-        1, [Message(content=good[n].content, reply_to=sent_clean[n]) for n in good_nodes])
+        1, [Message(content=good[n].content, reply_to=sent_clean[n]) for n in good_nodes]
+    )
 
     for key in SHAPES:
         assert_bit_identical(noisy_arrays[key], clean_arrays[key])
@@ -283,8 +304,11 @@ def test_too_few_valid_replies_leave_the_record_unchanged():
     sent = instructions(strategy, 1, record, [11, 12, 13])
     nan = trained(g, EXIT3, 3)
     nan["heads.3.fc.weight"][0, 0] = np.nan
-    replies = [reply(sent[11], trained(g, EXIT3, 1), 10), reply(sent[12], trained(g, EXIT6, 2), 10),
-               reply(sent[13], nan, 10)]
+    replies = [
+        reply(sent[11], trained(g, EXIT3, 1), 10),
+        reply(sent[12], trained(g, EXIT6, 2), 10),
+        reply(sent[13], nan, 10),
+    ]
     new, metrics = strategy.aggregate_train(1, replies)
     assert metrics is None
     for key in SHAPES:
@@ -328,7 +352,7 @@ def test_trimmed_mean_matches_numpy():
     for key in EXIT6:
         stack = np.stack([a[key] for a, _ in updates.values() if key in a]).astype(np.float64)
         cut = int(0.2 * len(stack))  # 5 senders -> 1 each end; 3 senders (heads.6) -> 0 (plain mean)
-        expected = np.sort(stack, axis=0)[cut: len(stack) - cut].mean(axis=0)
+        expected = np.sort(stack, axis=0)[cut : len(stack) - cut].mean(axis=0)
         np.testing.assert_allclose(new[key].numpy(), expected.astype(np.float32), rtol=1e-6)
     # the outlier (+50) is trimmed away on heads.3
     assert np.abs(new["heads.3.fc.weight"].numpy() - record["heads.3.fc.weight"].numpy()).max() < 5
@@ -338,21 +362,26 @@ def test_max_num_examples_caps_the_weight():
     record, updates, new = _robust_round("mean", max_num_examples=25)
     capped = [(a, min(n, 25)) for a, n in updates.values()]
     for key in EXIT6:
-        np.testing.assert_allclose(new[key].numpy(), weighted_mean(capped, key).astype(np.float32),
-                                   rtol=1e-6)
+        np.testing.assert_allclose(new[key].numpy(), weighted_mean(capped, key).astype(np.float32), rtol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs", [{"aggregation": "mode"}, {"trim_fraction": 0.5},
-                                    {"max_update_norm": 0.0}, {"max_num_examples": -1}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"aggregation": "mode"}, {"trim_fraction": 0.5}, {"max_update_norm": 0.0}, {"max_num_examples": -1}],
+)
 def test_bad_options_raise(kwargs):
     with pytest.raises(ValueError):
         PartialFedAvg(**kwargs)
 
 
 def test_aggregate_metrics_per_key():
-    out = aggregate_metrics([(1.0, {"a": 1.0, "v": [1.0, 2.0], "num-examples": 1}),
-                             (3.0, {"a": 3.0, "b": 5, "v": [3.0, 4.0]}),
-                             (2.0, {"a": float("nan"), "b": 2})])
+    out = aggregate_metrics(
+        [
+            (1.0, {"a": 1.0, "v": [1.0, 2.0], "num-examples": 1}),
+            (3.0, {"a": 3.0, "b": 5, "v": [3.0, 4.0]}),
+            (2.0, {"a": float("nan"), "b": 2}),
+        ]
+    )
     assert out["a"] == pytest.approx((1 + 9) / 4)
     assert out["b"] == pytest.approx((15 + 4) / 5)
     assert out["v"] == pytest.approx([2.5, 3.5])
@@ -392,3 +421,37 @@ def test_start_runs_rounds_with_heterogeneous_clients():
     assert result.evaluate_metrics_clientapp[2]["uar-exit3"] == pytest.approx(0.5)
     assert sorted(strategy.train_reports) == [1, 2] and strategy.last_evaluate_report.aggregated
     json.dumps([r.to_dict() for r in strategy.train_reports.values()])
+
+
+def test_non_finite_missing_or_inflated_metrics_reject_the_reply():
+    record = make_global(3)
+    g = np_arrays(record)
+    instruction = Message(RecordDict(), dst_node_id=7, message_type=MessageType.TRAIN)
+    arrays = {k: v + 0.1 for k, v in g.items() if k in EXIT3}
+    assert isinstance(validate_train_reply(reply(instruction, arrays, 5, loss=0.3), g), ValidUpdate)
+    nan = validate_train_reply(reply(instruction, arrays, 5, loss=float("nan")), g)
+    assert isinstance(nan, Rejection) and "metric 'loss' is not finite" in nan.reason
+    listed = validate_train_reply(reply(instruction, arrays, 5, curve=[0.1, float("inf")]), g)
+    assert isinstance(listed, Rejection) and "metric 'curve' is not finite" in listed.reason
+    missing = validate_train_reply(reply(instruction, arrays, 5), g, required_metrics=("dp-epsilon",))
+    assert isinstance(missing, Rejection) and "missing metric(s) dp-epsilon" in missing.reason
+    inflated = validate_train_reply(reply(instruction, arrays, 50), g, declared_examples={7: 40.0})
+    assert isinstance(inflated, Rejection) and "exceeds the 40 utterances" in inflated.reason
+    assert isinstance(
+        validate_train_reply(reply(instruction, arrays, 40), g, declared_examples={7: 40.0}), ValidUpdate
+    )
+    stranger = validate_train_reply(reply(instruction, arrays, 5), g, declared_examples={8: 40.0})
+    assert isinstance(stranger, Rejection) and "did not join through the handshake" in stranger.reason
+
+
+def test_norm_ratio_rejects_the_outlier_per_head_and_keeps_the_rest():
+    from fedsd.server.validation import reject_norm_outliers
+
+    g = {"heads.1.w": np.zeros(4), "heads.2.w": np.zeros(4)}
+    ups = [ValidUpdate(node_id=i, arrays={"heads.1.w": np.full(4, 0.1 * (1 + i / 10))}, num_examples=1.0)
+           for i in range(4)]  # fmt: skip
+    ups.append(ValidUpdate(node_id=9, arrays={"heads.1.w": np.full(4, 10.0)}, num_examples=1.0))
+    ups.append(ValidUpdate(node_id=10, arrays={"heads.2.w": np.full(4, 99.0)}, num_examples=1.0))
+    kept, rejected = reject_norm_outliers(ups, g, ratio=5.0)
+    assert [u.node_id for u in kept] == [0, 1, 2, 3, 10]  # head 2 has one sender: not judged
+    assert [r.node_id for r in rejected] == [9] and "exit 1 head" in rejected[0].reason
