@@ -398,6 +398,11 @@ class Federation:
             uars = ", ".join(
                 f"exit {k}: {rec.get(f'exit{k}/uar', float('nan')):.3f}" for k in self.model.exits
             )
+            privacy = rec.get("privacy", {})
+            if "max_epsilon" in privacy:
+                uars += f"; device DP: max ε {privacy['max_epsilon']:.2f} (δ = {privacy['delta']:g})"
+            if "central" in privacy:
+                uars += f"; central DP: ε {privacy['central']['epsilon']:.2f}"
             self.log(f"round {rnd}/{self.rounds}: UAR on unseen speakers — {uars}")
             return MetricRecord(
                 {k: v for k, v in rec.items() if k.startswith("exit") and isinstance(v, float)}
