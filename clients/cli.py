@@ -98,7 +98,10 @@ def run_command(
         None, "--auth-key", help="This device's private key (fedsd client keygen) for a server with --auth."
     ),
     server_timeout: float = typer.Option(
-        60.0, "--server-timeout", min=1.0, help="Stop after the server is unreachable this many seconds."
+        60.0,
+        "--server-timeout",
+        min=1.0,
+        help="Stop after the server is unreachable (or does not know this device's key) this many seconds.",
     ),
 ) -> None:
     """Join a federated run as one device; stops by itself when the run ends or the server is gone.

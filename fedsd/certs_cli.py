@@ -30,8 +30,8 @@ def create_command(
     hosts: list[str] | None = typer.Option(
         None,
         "--host",
-        help="A name or IP address devices dial to reach the server (repeatable); localhost and "
-        "127.0.0.1 are always included.",
+        help="A name or IP address devices dial to reach the server (repeatable); localhost, "
+        "127.0.0.1 and ::1 are always included.",
     ),
     days: int = typer.Option(365, "--days", min=1, help="Validity of both certificates, in days."),
     force: bool = typer.Option(False, "--force", help="Replace certificates and keys already in --out."),

@@ -10,7 +10,7 @@ with the `cryptography` library, so no `openssl`/`ssh-keygen` is needed on any m
   (``server.pem`` + ``server.key``) signed by it. The SuperLink serves ``server.pem``; every device (and
   the `flwr` CLI, and Flower's own ``flower-superexec`` helper, which dials the SuperLink over
   loopback) verifies it against ``ca.pem``. So the certificate must name every address clients dial,
-  and always loopback (``localhost``, ``127.0.0.1``).
+  and always loopback (``localhost``, ``127.0.0.1``, ``::1``).
 - :func:`generate_node_key` — a device key pair: ``KEY`` (OpenSSH-format EC P-384 private key, what
   ``flower-supernode --auth-supernode-private-key`` loads) and ``KEY.pub`` (OpenSSH public key, what
   ``flwr supernode register`` loads).
@@ -41,7 +41,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedsd.checkpoint import atomic_write_bytes
 
-LOOPBACK_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1")
+LOOPBACK_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
 """Always in the server certificate: Flower's superexec and the `flwr` CLI dial the SuperLink there."""
 
 DEFAULT_DAYS = 365
@@ -136,7 +136,7 @@ def create_certificates(
     """Write ``ca.pem``, ``ca.key``, ``server.pem``, ``server.key`` into ``out``.
 
     The server certificate has a SubjectAlternativeName for every host (IP addresses as IPAddress,
-    names as DNSName) plus ``localhost`` and ``127.0.0.1``. EC P-256 keys, SHA-256 signatures, valid
+    names as DNSName) plus ``localhost``, ``127.0.0.1`` and ``::1``. EC P-256 keys, SHA-256 signatures, valid
     from five minutes ago (clock skew between machines) for ``days`` days. Refuses to replace any of
     the four files unless ``force``.
     """

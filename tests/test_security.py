@@ -1,0 +1,541 @@
+"""TLS and node authentication: key material (fast, no processes), flag checks of the commands (fast,
+CliRunner, nothing starts), and one real loopback deployment that exercises every refusal at once.
+
+The slow test runs ONE federated run (1 round, tiny model, server started with --tls-dir --auth) and
+points five devices at it: one registered device with the right CA (trains; the run completes) and four
+that must stay out — the wrong CA, a key the server does not know, no key at all, and plain HTTP.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import socket
+import ssl
+import stat
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from typer.testing import CliRunner
+
+from fedsd.cli import app
+from fedsd.server.deploy import ManagedProcess, free_port, port_open, probe_transport
+
+runner = CliRunner()
+
+FEDSD = [sys.executable, "-m", "fedsd.cli"]
+START_TIMEOUT = 300.0  # no base-model training (--base-model): data prep + SuperLink start
+RUN_TIMEOUT = 600.0  # handshake + 1 round + done; generous: a failure timeout, not a benchmark
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        COLUMNS="200",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+# ----------------------------------------------------------------------------- an in-process TLS server
+class _TlsEcho:
+    """A one-thread TLS (or plain TCP) server on loopback: accepts connections, completes the handshake,
+    closes. Enough to check that Python's ssl (what uvicorn and httpx use) accepts our certificates."""
+
+    def __init__(self, cert: Path | None, key: Path | None) -> None:
+        self.ctx = None
+        if cert is not None:
+            self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.ctx.load_cert_chain(cert, key)
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.errors: list[str] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                conn.settimeout(5)
+                if self.ctx is not None:
+                    with self.ctx.wrap_socket(conn, server_side=True) as tls:
+                        tls.recv(1)
+                else:
+                    conn.recv(1024)
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+            except (OSError, ssl.SSLError) as e:
+                self.errors.append(str(e))
+            finally:
+                conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _handshake(port: int, ca: Path, server_hostname: str) -> None:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname=server_hostname) as tls,
+    ):
+        assert tls.version() is not None
+
+
+# ----------------------------------------------------------------------------- fast: key material
+def test_certs_create_makes_a_chain_that_verifies(tmp_path: Path) -> None:
+    out = tmp_path / "tls"
+    result = runner.invoke(
+        app,
+        ["certs", "create", "--out", str(out), "--host", "server.lan", "--host", "10.1.2.3", "--days", "30"],
+    )
+    assert result.exit_code == 0, result.output
+    ca = x509.load_pem_x509_certificate((out / "ca.pem").read_bytes())
+    server = x509.load_pem_x509_certificate((out / "server.pem").read_bytes())
+    server.verify_directly_issued_by(ca)  # raises if the signature or issuer does not match
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
+    assert server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"server.lan", "localhost"}
+    assert set(san.get_values_for_type(x509.IPAddress)) == {
+        ipaddress.ip_address("10.1.2.3"),
+        ipaddress.ip_address("127.0.0.1"),
+        ipaddress.ip_address("::1"),
+    }
+    days = (server.not_valid_after_utc - server.not_valid_before_utc).days
+    assert 30 <= days <= 31
+    assert _mode(out / "ca.key") == 0o600 and _mode(out / "server.key") == 0o600
+    assert _mode(out / "ca.pem") == 0o644 and _mode(out / "server.pem") == 0o644
+    key = serialization.load_pem_private_key((out / "server.key").read_bytes(), password=None)
+    assert key.public_key().public_numbers() == server.public_key().public_numbers()
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # atomic writes left no temp file
+
+    # Python's ssl (uvicorn's server side, httpx's client side) accepts the chain for loopback names
+    # and refuses it with another CA.
+    echo = _TlsEcho(out / "server.pem", out / "server.key")
+    try:
+        _handshake(echo.port, out / "ca.pem", "127.0.0.1")
+        _handshake(echo.port, out / "ca.pem", "localhost")
+        with pytest.raises(ssl.SSLCertVerificationError, match="mismatch"):
+            _handshake(echo.port, out / "ca.pem", "elsewhere.lan")
+        other = tmp_path / "other"
+        assert runner.invoke(app, ["certs", "create", "--out", str(other)]).exit_code == 0
+        with pytest.raises(ssl.SSLCertVerificationError):
+            _handshake(echo.port, other / "ca.pem", "127.0.0.1")
+        assert probe_transport("127.0.0.1", echo.port) == "tls"
+    finally:
+        echo.close()
+    plain = _TlsEcho(None, None)
+    try:
+        assert probe_transport("127.0.0.1", plain.port) == "plain"
+    finally:
+        plain.close()
+    assert probe_transport("127.0.0.1", free_port()) is None
+
+
+def test_certs_create_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
+    out = tmp_path / "tls"
+    assert runner.invoke(app, ["certs", "create", "--out", str(out)]).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    result = runner.invoke(app, ["certs", "create", "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    text = _flat(result.output)
+    assert "already exist" in text and "--force" in text and "ca.key" in text, text
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    result = runner.invoke(app, ["certs", "create", "--out", str(out), "--force"])
+    assert result.exit_code == 0, result.output
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(after) == sorted(before) and all(after[k] != before[k] for k in before)
+
+
+@pytest.mark.parametrize("host", ["https://server.lan", "server.lan:8000", "bad host", ""])
+def test_certs_create_rejects_a_host_that_is_not_a_name_or_ip(tmp_path: Path, host: str) -> None:
+    result = runner.invoke(app, ["certs", "create", "--out", str(tmp_path / "tls"), "--host", host])
+    assert result.exit_code == 2, result.output
+    assert "--host" in _flat(result.output)
+    assert not (tmp_path / "tls").exists()
+
+
+def test_client_keygen_writes_an_openssh_ec_key_flower_loads(tmp_path: Path) -> None:
+    from flwr.cli.supernode.register import try_load_public_key
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    key_path = tmp_path / "keys" / "device.key"
+    result = runner.invoke(app, ["client", "keygen", "--out", str(key_path)])
+    assert result.exit_code == 0, result.output
+    pub_path = tmp_path / "keys" / "device.key.pub"
+    assert _mode(key_path) == 0o600
+    assert key_path.read_bytes().startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
+    assert pub_path.read_text().startswith("ecdsa-sha2-nistp384 ")
+    # exactly how flower-supernode loads --auth-supernode-private-key (flower_supernode.py)
+    private = serialization.load_ssh_private_key(key_path.read_bytes(), None)
+    assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
+    # and how `flwr supernode register` loads the public key: the same key
+    assert try_load_public_key(pub_path) == public_key_to_bytes(private.public_key())
+
+    again = runner.invoke(app, ["client", "keygen", "--out", str(key_path)])
+    assert again.exit_code == 1 and "already exist" in _flat(again.output), again.output
+    assert (
+        serialization.load_ssh_private_key(key_path.read_bytes(), None).public_key() == private.public_key()
+    )
+    assert runner.invoke(app, ["client", "keygen", "--out", str(key_path), "--force"]).exit_code == 0
+    assert (
+        serialization.load_ssh_private_key(key_path.read_bytes(), None).public_key() != private.public_key()
+    )
+
+
+# ----------------------------------------------------------------------------- fast: flag checks
+@pytest.fixture(scope="module")
+def material(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from fedsd.security import create_certificates, generate_node_key
+
+    tmp = tmp_path_factory.mktemp("material")
+    create_certificates(tmp / "tls")
+    create_certificates(tmp / "other")
+    generate_node_key(tmp / "good.key")
+    generate_node_key(tmp / "stranger.key")
+    generate_node_key(tmp / "spare.key")
+    return {
+        "tmp": tmp,
+        "tls": tmp / "tls",
+        "other": tmp / "other",
+        "good": tmp / "good.key",
+        "stranger": tmp / "stranger.key",
+        "spare": tmp / "spare.key",
+    }
+
+
+def _server_start(args: list[str], tmp_path: Path) -> tuple[int, str, Path, int]:
+    out = tmp_path / "run"
+    port = free_port()
+    result = runner.invoke(
+        app,
+        [
+            "server",
+            "start",
+            "--config",
+            str(tmp_path / "unused.yaml"),
+            "--out",
+            str(out),
+            "--port",
+            str(port),
+            *args,
+        ],
+        env=_env(),
+    )
+    return result.exit_code, _flat(result.output), out, port
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([], ["--tls-dir", "fedsd certs create", "--insecure"]),
+        (["--tls-dir", "{tls}", "--insecure"], ["contradict"]),
+        (["--insecure", "--auth"], ["--auth", "needs TLS", "--tls-dir"]),
+        (["--tls-dir", "{tls}", "--node-key", "{good}.pub"], ["--node-key", "add --auth"]),
+        (
+            ["--tls-dir", "{tls}", "--auth", "--node-key", "{good}"],
+            ["--node-key", "not an OpenSSH public key"],
+        ),
+        (["--tls-dir", "{nowhere}"], ["directory not found", "fedsd certs create"]),
+        (["--tls-dir", "{tmp}"], ["server.pem is missing"]),
+        (["--tls-dir", "{tls}", "--host", "10.9.9.9"], ["10.9.9.9", "--host 10.9.9.9"]),
+    ],
+)
+def test_server_start_security_flags_are_checked_before_anything_starts(
+    material: dict[str, Path], tmp_path: Path, args: list[str], expected: list[str]
+) -> None:
+    names = {k: str(v) for k, v in material.items()} | {"nowhere": str(tmp_path / "nowhere")}
+    (material["tmp"] / "ca.pem").write_bytes((material["tls"] / "ca.pem").read_bytes())  # only a CA
+    code, text, out, port = _server_start([a.format(**names) for a in args], tmp_path)
+    assert code == 2, text
+    for piece in expected:
+        assert piece in text, (piece, text)
+    assert not out.exists()
+    assert not port_open("127.0.0.1", port, timeout=0.5)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([], ["--root-cert", "--insecure"]),
+        (["--root-cert", "{tls}/ca.pem", "--insecure"], ["contradict"]),
+        (["--insecure", "--auth-key", "{good}"], ["--auth-key", "needs TLS", "--root-cert"]),
+        (["--root-cert", "{tmp}/missing.pem"], ["missing.pem", "not found"]),
+        (["--root-cert", "{good}.pub"], ["not a PEM certificate"]),
+        (
+            ["--root-cert", "{tls}/ca.pem", "--auth-key", "{good}.pub"],
+            ["not an unencrypted OpenSSH private key"],
+        ),
+        (["--root-cert", "{tls}/ca.pem", "--auth-key", "{tls}/ca.key"], ["OpenSSH private key"]),
+    ],
+)
+def test_client_run_security_flags_are_checked_before_anything_starts(
+    material: dict[str, Path], tmp_path: Path, args: list[str], expected: list[str]
+) -> None:
+    names = {k: str(v) for k, v in material.items()}
+    result = runner.invoke(
+        app,
+        ["client", "run", "--server", "127.0.0.1:9", "--data", str(tmp_path / "m.csv"), "--root", str(tmp_path),
+         "--cache", str(tmp_path / "cache"), *[a.format(**names) for a in args]],
+        env=_env(),
+    )  # fmt: skip
+    text = _flat(result.output)
+    assert result.exit_code == 2, text
+    for piece in expected:
+        assert piece in text, (piece, text)
+    assert not (tmp_path / "cache").exists()  # no session, no SuperNode
+
+
+def test_register_node_needs_a_server_and_a_valid_key(material: dict[str, Path], tmp_path: Path) -> None:
+    pub = str(material["good"]) + ".pub"
+    cases = [
+        ([pub], 2, ["--out RUNDIR", "--tls-dir"]),
+        ([pub, "--out", str(tmp_path), "--port", "8000"], 2, ["either --out", "not both"]),
+        ([pub, "--out", str(tmp_path)], 1, ["no server connection", "config.toml"]),
+        ([str(material["good"]), "--out", str(tmp_path)], 2, ["not an OpenSSH public key"]),
+        ([pub, "--tls-dir", str(tmp_path)], 2, ["ca.pem is missing"]),
+        ([pub, "--tls-dir", str(material["tls"]), "--port", str(free_port())], 1, ["no server is listening"]),
+    ]
+    for args, code, expected in cases:
+        result = runner.invoke(app, ["server", "register-node", *args], env=_env())
+        text = _flat(result.output)
+        assert result.exit_code == code, (args, text)
+        for piece in expected:
+            assert piece in text, (args, piece, text)
+
+
+def test_supervisor_explains_each_refusal() -> None:
+    from fedsd.clients.supervisor import diagnose_refusal
+
+    tls = diagnose_refusal(
+        "ERROR : SSL/TLS handshake error detected.\nFailed to initialize the connection to the SuperLink.\n"
+        "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get local issuer "
+        "certificate (_ssl.c:1006)\n",
+        root_certificates=Path("/x/ca.pem"),
+        server="h:1",
+    )
+    assert (
+        tls is not None
+        and tls[0] == "tls"
+        and "/x/ca.pem" in tls[1]
+        and "CERTIFICATE_VERIFY_FAILED" in tls[1]
+    )
+    plain = diagnose_refusal("[SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1006)", server="h:1")
+    assert plain is not None and plain[0] == "tls" and "--insecure" in plain[1]
+    unknown = diagnose_refusal("[code: 2004] Failed to activate SuperNode.", auth_key=Path("/k/dev.key"))
+    assert unknown is not None and unknown[0] == "not-registered" and "/k/dev.key.pub" in unknown[1]
+    nokey = diagnose_refusal("[code: 2001] SuperNode authentication is enabled.")
+    assert nokey is not None and nokey[0] == "auth-required" and "fedsd client keygen" in nokey[1]
+    assert diagnose_refusal("INFO : SuperNode ID: 123\nConnection attempt failed, retrying") is None
+
+
+# ----------------------------------------------------------------------------- slow: a real deployment
+def _config(tmp: Path, corpus: Path) -> Path:
+    cfg = tmp / "secure.yaml"
+    cfg.write_text(
+        f"""name: secure-test
+data: {{corpus: synth, root: {corpus}}}
+model: {{backbone: tiny, pretrained: false, exits: [1, 2, 3, 4]}}
+train: {{epochs: 1, batch_size: 16, lr: 1.0e-3}}
+federated: {{num_clients: 2, test_speakers: 1, server_speakers: 1, rounds: 1, local_epochs: 1,
+            min_clients: 1, exits_mix: [1], label_fraction: 0.5, round_timeout: 120}}
+""",
+        encoding="utf-8",
+    )
+    return cfg
+
+
+def _tail(p: ManagedProcess, n: int = 60) -> str:
+    return f"--- {p.name} ({p.log_path}) ---\n{p.tail(n)}"
+
+
+def _start(name: str, args: list[str], log: Path, cwd: Path) -> ManagedProcess:
+    return ManagedProcess(name, [*FEDSD, *args], env=_env(), log_path=log, cwd=cwd)
+
+
+def _events(cache: Path) -> list[dict]:
+    files = list((cache / "sessions").glob("*/events.jsonl"))
+    return [json.loads(x) for f in files for x in f.read_text().splitlines() if x.strip()]
+
+
+def _flower_processes(marker: str) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmd and ("flower-" in cmd or "flwr" in cmd):
+            found.append(f"{entry.name}: {cmd[:200]}")
+    return found
+
+
+@pytest.mark.slow
+def test_tls_and_node_auth_admit_only_the_registered_device(
+    material: dict[str, Path], small_corpus: Path, tiny_model_dir: Path
+) -> None:
+    """One TLS run with node authentication: the registered device (right CA, registered key) trains and
+    the run completes; wrong CA, unknown key, no key and plain HTTP are each refused and never train."""
+    tmp = material["tmp"] / "deploy"
+    tmp.mkdir()
+    tls, run = material["tls"], tmp / "run"
+    config = _config(tmp, small_corpus)
+    port = free_port()
+    server_addr = f"127.0.0.1:{port}"
+    t0 = time.monotonic()
+    procs: list[ManagedProcess] = []
+    try:
+        server = _start(
+            "server",
+            ["server", "start", "--config", str(config), "--tls-dir", str(tls), "--auth", "--rounds", "1",
+             "--min-clients", "1", "--out", str(run), "--port", str(port), "--device-wait", "180",
+             "--base-model", str(tiny_model_dir), "--node-key", f"{material['spare']}.pub"],
+            tmp / "server.log",
+            tmp,
+        )  # fmt: skip
+        procs.append(server)
+        while not port_open("127.0.0.1", port, timeout=0.5):
+            assert server.alive(), f"server exited early ({server.returncode})\n{_tail(server)}"
+            assert time.monotonic() - t0 < START_TIMEOUT, f"SuperLink never came up\n{_tail(server)}"
+            time.sleep(0.5)
+        started = time.monotonic() - t0
+
+        # --- the device key is registered with the running server, through its run directory
+        reg = runner.invoke(
+            app, ["server", "register-node", f"{material['good']}.pub", "--out", str(run)], env=_env()
+        )
+        assert reg.exit_code == 0, reg.output
+        good_id = int(_flat(reg.output).split("node id ")[1].split(";")[0])
+        # ... or through its port and CA (a working TLS connection to the Control API: it answers that
+        # the key is already registered)
+        twice = runner.invoke(
+            app,
+            [
+                "server",
+                "register-node",
+                f"{material['good']}.pub",
+                "--port",
+                str(port),
+                "--tls-dir",
+                str(tls),
+            ],
+            env=_env(),
+        )
+        assert twice.exit_code == 1 and "already registered" in _flat(twice.output), twice.output
+
+        manifests = sorted((run / "devices").glob("*.csv"))
+        assert len(manifests) == 2, manifests
+
+        # --- plain HTTP gets nowhere: the TLS port answers no HTTP, and a device with --insecure stops
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            raw.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            raw.settimeout(5)
+            try:
+                reply = raw.recv(64)
+            except (TimeoutError, ConnectionResetError):
+                reply = b""
+        assert not reply.startswith(b"HTTP/"), reply
+        common = ["client", "run", "--server", server_addr, "--root", str(small_corpus), "--exit", "1",
+                  "--model", str(tiny_model_dir), "--server-timeout", "60"]  # fmt: skip
+        insecure = runner.invoke(
+            app,
+            [*common, "--insecure", "--data", str(manifests[1]), "--cache", str(tmp / "c-insecure")],
+            env=_env(),
+        )
+        assert insecure.exit_code == 2, insecure.output
+        assert "serves TLS" in _flat(insecure.output) and "--root-cert" in _flat(insecure.output)
+
+        # --- four devices: one admitted, three refused by Flower (TLS, unknown key, no key)
+        ca = str(tls / "ca.pem")
+        devices = {
+            "good": [*common, "--root-cert", ca, "--auth-key", str(material["good"]), "--data", str(manifests[0])],
+            # the registered key, but it does not trust the server's certificate
+            "wrong-ca": [*common, "--root-cert", str(material["other"] / "ca.pem"), "--auth-key",
+                         str(material["good"]), "--data", str(manifests[1])],
+            "stranger": [*common[:-1], "8", "--root-cert", ca, "--auth-key", str(material["stranger"]),
+                         "--data", str(manifests[1])],
+            "no-key": [*common, "--root-cert", ca, "--data", str(manifests[1])],
+        }  # fmt: skip
+        dev = {}
+        for name, args in devices.items():
+            dev[name] = _start(name, [*args, "--cache", str(tmp / f"c-{name}")], tmp / f"{name}.log", tmp)
+            procs.append(dev[name])
+
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while any(p.alive() for p in procs) and time.monotonic() < deadline:
+            time.sleep(1.0)
+        logs = "\n".join(_tail(p) for p in procs)
+        assert not any(p.alive() for p in procs), f"still running after {RUN_TIMEOUT:.0f} s\n{logs}"
+        codes = {p.name: p.returncode for p in procs}
+        assert codes == {"server": 0, "good": 0, "wrong-ca": 4, "stranger": 4, "no-key": 4}, logs
+    finally:
+        for p in procs:
+            p.stop(timeout=20.0)
+    elapsed = time.monotonic() - t0
+
+    # --- the run completed over TLS, with the registered device only
+    server_out = _flat(server.tail(400))
+    assert "finished: completed" in server_out, server_out[-3000:]
+    assert "--root-cert" in server_out and "--auth-key KEY" in server_out, server_out[:3000]
+    assert f"registered device key {material['spare']}.pub (node id" in server_out, server_out[:3000]
+    assert (run / "final" / "fedsd.json").is_file()
+    config_toml = (run / ".flwr" / "config.toml").read_text()
+    assert (
+        f'root-certificates = "{(tls / "ca.pem").resolve()}"' in config_toml and "insecure" not in config_toml
+    )
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    assert [r["round"] for r in recs] == [0, 1]
+    trained = [c["node_id"] for c in recs[1]["train"]["clients"]]
+    assert trained == [good_id], recs[1]["train"]
+    superlink_log = (run / ".flwr" / "superlink.log").read_text()
+    assert "Uvicorn running on https://" in superlink_log
+    assert f"Activated node_id={good_id}" in superlink_log
+    assert superlink_log.count("Activated node_id=") == 1, superlink_log[-3000:]
+    assert "[ApiError:2004]" in superlink_log and "[ApiError:2001]" in superlink_log
+
+    # --- what each device reported, and that only the admitted one trained
+    good_out = _flat(dev["good"].tail(200))
+    assert "round 1: trained exit(s)" in good_out and "the server says the run is over" in good_out, good_out
+    assert [e["kind"] for e in _events(tmp / "c-good")][-1] == "done"
+    assert any(e["kind"] == "train" for e in _events(tmp / "c-good"))
+    reasons = {
+        "wrong-ca": ["TLS certificate was not accepted", "CERTIFICATE_VERIFY_FAILED"],
+        "stranger": ["does not know this device's key", f"{material['stranger']}.pub", "trying again"],
+        "no-key": ["only admits registered devices", "fedsd client keygen"],
+    }
+    for name, pieces in reasons.items():
+        out = _flat(dev[name].tail(200))
+        for piece in pieces:
+            assert piece in out, (name, piece, out)
+        assert "the server refused this device" in out, out
+        assert _events(tmp / f"c-{name}") == [], name  # its ClientApp never ran: no handshake, no training
+    assert not (tmp / "c-insecure").exists()  # refused before any SuperNode started
+    print(f"security deployment test: SuperLink up after {started:.0f} s, total {elapsed:.0f} s")
+
+    assert not port_open("127.0.0.1", port, timeout=0.5)
+    assert not _flower_processes(server_addr)
