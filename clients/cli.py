@@ -73,6 +73,44 @@ def keygen_command(
     console.print(f"public key:  {escape(str(public))} (give it to the server operator)", highlight=False)
 
 
+def _dp_node_config(
+    noise: float | None,
+    target: float | None,
+    clip: float | None,
+    delta: float | None,
+    rounds: int | None,
+    budget: float | None,
+) -> dict[str, float | int]:
+    """The device's own DP flags as ``dp-*`` node config; checked here so mistakes fail before joining."""
+    from fedsd.privacy import DP_KEYS, DPSettings, PrivacyError
+
+    given = {
+        "noise_multiplier": noise, "target_epsilon": target, "max_grad_norm": clip, "delta": delta,
+        "rounds": rounds, "epsilon_budget": budget,
+    }  # fmt: skip
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given:
+        return {}
+    if noise is not None and target is not None:
+        _fail("--dp-noise-multiplier and --dp-target-epsilon contradict each other: give one", 2)
+    if rounds is not None and target is None:
+        _fail("--dp-rounds only goes with --dp-target-epsilon", 2)
+    try:  # validate the values with a stand-in noise where the server will supply it
+        DPSettings(**({"noise_multiplier": 1.0} if noise is None and target is None else {}) | given)
+    except PrivacyError as e:
+        _fail(f"--dp-*: {e}", 2)
+    if noise is None and target is None:
+        console.print("DP: this device asks for DP; the noise (σ or target ε) must come from the server")
+    else:
+        console.print(
+            "DP: this device trains with DP-SGD, "
+            + (f"σ = {noise:g}" if noise is not None else f"target ε = {target:g} over the run")
+            + f", δ = {delta if delta is not None else 1e-5:g}, clip {clip if clip is not None else 1.0:g}",
+            highlight=False,
+        )
+    return {DP_KEYS[k]: v for k, v in given.items()}
+
+
 @app.command("run")
 def run_command(
     server: str = typer.Option(..., "--server", "-s", help="The server's SuperLink as HOST:PORT."),
@@ -96,6 +134,49 @@ def run_command(
     ),
     auth_key: Path | None = typer.Option(
         None, "--auth-key", help="This device's private key (fedsd client keygen) for a server with --auth."
+    ),
+    dp_noise_multiplier: float | None = typer.Option(
+        None,
+        "--dp-noise-multiplier",
+        min=0.0,
+        help="DP-SGD noise σ on this device (overrides the server's).",
+        rich_help_panel="Differential privacy",
+    ),
+    dp_target_epsilon: float | None = typer.Option(
+        None,
+        "--dp-target-epsilon",
+        min=0.0,
+        help="Calibrate σ so the whole run spends this ε.",
+        rich_help_panel="Differential privacy",
+    ),
+    dp_max_grad_norm: float | None = typer.Option(
+        None,
+        "--dp-max-grad-norm",
+        min=0.0,
+        help="Per-utterance gradient clip C (default 1.0).",
+        rich_help_panel="Differential privacy",
+    ),
+    dp_delta: float | None = typer.Option(
+        None,
+        "--dp-delta",
+        min=0.0,
+        max=1.0,
+        help="δ of (ε, δ)-DP; keep it below 1 / utterances (default 1e-5).",
+        rich_help_panel="Differential privacy",
+    ),
+    dp_rounds: int | None = typer.Option(
+        None,
+        "--dp-rounds",
+        min=1,
+        help="Rounds --dp-target-epsilon covers (default: the server's rounds).",
+        rich_help_panel="Differential privacy",
+    ),
+    dp_epsilon_budget: float | None = typer.Option(
+        None,
+        "--dp-epsilon-budget",
+        min=0.0,
+        help="Stop training before ε would exceed this (default: the target).",
+        rich_help_panel="Differential privacy",
     ),
     server_timeout: float = typer.Option(
         60.0,
@@ -167,6 +248,9 @@ def run_command(
         if exit_ is not None and exits and exit_ not in exits:
             _fail(f"--exit {exit_}: the model {model} has exits {exits}", 2)
     cache_dir = (cache or DEFAULT_CACHE).expanduser().resolve()
+    dp_config = _dp_node_config(
+        dp_noise_multiplier, dp_target_epsilon, dp_max_grad_norm, dp_delta, dp_rounds, dp_epsilon_budget
+    )
 
     # A device set up for the other transport than the server's would never join (a plain-HTTP
     # SuperNode retries a TLS server forever): tell the two apart before starting anything.
@@ -209,7 +293,7 @@ def run_command(
         "root": str(root),
         "model": str(model) if model else None,
         "cache": str(cache_dir),
-    }
+    } | dp_config
     session = default_session_dir(cache_dir)
     styles = {"info": "dim", "warning": "yellow", "error": "bold red"}
 

@@ -27,6 +27,7 @@ process group, SIGKILL after a timeout), so no `flwr-clientapp` is left behind.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -184,9 +185,15 @@ def describe_event(ev: dict[str, Any]) -> str:
         uar = ""
         if ev.get("uar_before") or ev.get("uar_after"):
             uar = f"; local UAR before {_fmt_exits(ev.get('uar_before'))} → after {_fmt_exits(ev.get('uar_after'))}"
+        dp = ""
+        if "dp_epsilon" in ev:
+            dp = (
+                f"; DP ε = {float(ev['dp_epsilon']):.2f} so far (δ = {float(ev.get('dp_delta', math.nan)):g}, "
+                f"σ = {float(ev.get('dp_noise_multiplier', math.nan)):.2f})"
+            )
         return (
             f"{rnd}trained exit(s) {exits} on {ev.get('n_utterances')} utterances ({labelled} labelled), "
-            f"loss {float(ev.get('loss', 0.0)):.3f}{uar}; {secs}, "
+            f"loss {float(ev.get('loss', 0.0)):.3f}{uar}{dp}; {secs}, "
             f"cache {ev.get('cache_hits', 0)} hits / {ev.get('cache_misses', 0)} misses"
         )
     if kind == "evaluate":

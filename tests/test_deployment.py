@@ -87,7 +87,9 @@ def test_server_and_two_devices_run_to_completion(setup) -> None:
         server = _start(
             "server",
             ["server", "start", "--config", str(config), "--insecure", "--rounds", "2",
-             "--min-clients", "2", "--out", str(run), "--port", str(port), "--device-wait", "180"],
+             "--min-clients", "2", "--out", str(run), "--port", str(port), "--device-wait", "180",
+             # device DP from the server's config; device 1 overrides the noise with its own flag
+             "--set", "federated.dp.noise_multiplier=1.0", "--set", "federated.dp.delta=0.001"],
             tmp / "server.log",
             tmp,
         )  # fmt: skip
@@ -111,7 +113,17 @@ def test_server_and_two_devices_run_to_completion(setup) -> None:
         procs.append(dev0)
         dev1 = _start(  # no --model: the server delivers it
             "device-1",
-            [*common, "--exit", "2", "--data", str(manifests[1]), "--cache", str(tmp / "cache1")],
+            [
+                *common,
+                "--exit",
+                "2",
+                "--data",
+                str(manifests[1]),
+                "--cache",
+                str(tmp / "cache1"),
+                "--dp-noise-multiplier",
+                "1.5",
+            ],
             tmp / "device1.log",
             tmp,
         )
@@ -140,6 +152,20 @@ def test_server_and_two_devices_run_to_completion(setup) -> None:
             assert 0.0 <= r[f"exit{k}/uar"] <= 1.0
     for r in recs[1:]:  # both devices took part in every round, each at its own exit
         assert sorted(c["metrics"]["exit"] for c in r["train"]["clients"]) == [1, 2]
+    # Device DP: the ledger lived in each SuperNode's context.state between rounds (fresh processes),
+    # so round 2's ε is cumulative; device 1's own --dp-noise-multiplier won over the server's.
+    from fedsd.privacy import epsilon
+
+    for rnd in (1, 2):
+        for c in recs[rnd]["train"]["clients"]:
+            m = c["metrics"]
+            assert m["dp-rounds"] == rnd and m["dp-ledger-from-state"] == (rnd == 2)
+            assert m["dp-noise-multiplier"] == (1.5 if m["exit"] == 2 else 1.0)
+            history = [(m["dp-noise-multiplier"], m["dp-sample-rate"], m["dp-steps"])]
+            assert m["dp-epsilon"] == pytest.approx(epsilon(history, 1e-3), rel=1e-9)
+        assert recs[rnd]["privacy"]["max_epsilon"] == max(
+            c["metrics"]["dp-epsilon"] for c in recs[rnd]["train"]["clients"]
+        )
     from fedsd.model.multiexit import MultiExitSER
 
     final = MultiExitSER.from_pretrained(run / "final")
@@ -153,6 +179,7 @@ def test_server_and_two_devices_run_to_completion(setup) -> None:
     for dev in (dev0, dev1):
         out = _flat(dev.tail(200))
         assert "round 1: trained exit(s)" in out and "round 2: trained exit(s)" in out, out
+        assert "DP ε = " in out, out
         assert "the server says the run is over" in out, out
     out1 = _flat(dev1.tail(200))
     assert "trained exit(s) 1, 2" in out1 and "received the base model" in out1, out1

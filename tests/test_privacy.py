@@ -260,3 +260,19 @@ def test_central_dp_run_reports_epsilon_per_round(setup) -> None:
     assert eps[0] == pytest.approx(central_epsilon(1.0, 1, 2, 1e-5))
     assert eps[1] == pytest.approx(central_epsilon(1.0, 2, 2, 1e-5)) and eps[1] > eps[0]
     assert "central ε" in (Path(spec.run_dir) / "report.md").read_text()
+
+
+def test_client_run_dp_flags_are_checked_before_joining(small_corpus: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedsd.cli import app
+
+    base = ["client", "run", "--server", "127.0.0.1:9", "--insecure", "--data", str(small_corpus / "manifest.csv"),
+            "--root", str(small_corpus)]  # fmt: skip
+    runner = CliRunner()
+    both = runner.invoke(app, [*base, "--dp-noise-multiplier", "1", "--dp-target-epsilon", "3"])
+    assert both.exit_code == 2 and "contradict" in " ".join(both.output.split())
+    rounds = runner.invoke(app, [*base, "--dp-noise-multiplier", "1", "--dp-rounds", "3"])
+    assert rounds.exit_code == 2 and "--dp-rounds only goes with --dp-target-epsilon" in " ".join(
+        rounds.output.split()
+    )
