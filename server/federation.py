@@ -40,7 +40,13 @@ from fedsd.metrics import ClassificationReport
 from fedsd.model.multiexit import MultiExitSER
 from fedsd.privacy import DPSettings
 from fedsd.server.central_dp import CentralDP
-from fedsd.server.replies import ReplyTracker, describe_failure, failed_devices
+from fedsd.server.replies import (
+    NO_REPLY,
+    ReplyTracker,
+    describe_failure,
+    failed_devices,
+    pair_replies,
+)
 from fedsd.server.strategy import PartialFedAvg
 from fedsd.wire import (
     QUERY_DONE,
@@ -316,12 +322,17 @@ class Federation:
         query = RecordDict({"config": ConfigRecord({"fingerprint": self.fingerprint})})
         msgs = [Message(query, dst_node_id=n, message_type=QUERY_INFO) for n in nodes]
         infos: dict[int, dict[str, Any]] = {}
-        for reply in grid.send_and_receive(msgs, timeout=self.cfg.federated.round_timeout):
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                self.log(f"device {node}: cannot take part: {reply.error.reason}")
-                continue
-            infos[node] = dict(reply.content.config_records["info"])
+        timeout = self.cfg.federated.round_timeout
+        replies = list(grid.send_and_receive(msgs, timeout=timeout))
+        # pair by message id: the SuperLink answers for a vanished device (src node 1, not the device)
+        for node, why in sorted(pair_replies(msgs, replies, timeout, 0.0).failed.items()):
+            self.log(
+                f"device {node}: cannot take part: {why}"
+                + (f" within {timeout:.0f} s" if why == NO_REPLY else "")
+            )
+        for reply in replies:
+            if not reply.has_error():
+                infos[reply.metadata.src_node_id] = dict(reply.content.config_records["info"])
         need = [n for n, i in infos.items() if not i.get("has-model")]
         if need:
             if not self.spec.deliver_model:
@@ -337,11 +348,10 @@ class Federation:
                 }
             )
             msgs = [Message(content, dst_node_id=n, message_type=QUERY_MODEL) for n in need]
-            for reply in grid.send_and_receive(msgs, timeout=self.cfg.federated.round_timeout):
-                if reply.has_error():
-                    node = reply.metadata.src_node_id
-                    self.log(f"device {node}: model delivery failed: {reply.error.reason}")
-                    infos.pop(node, None)
+            replies = list(grid.send_and_receive(msgs, timeout=timeout))
+            for node, why in sorted(pair_replies(msgs, replies, timeout, 0.0).failed.items()):
+                self.log(f"device {node}: model delivery failed: {why}")
+                infos.pop(node, None)
         self.strategy.declared_examples = {n: float(i.get("n-utterances", 0)) for n, i in infos.items()}
         for n, i in sorted(infos.items()):
             self.log(

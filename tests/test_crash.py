@@ -79,14 +79,16 @@ class FlakyGrid(InProcessGrid):
     """Every node stays listed; ``silent`` nodes never answer a train message (a device that died
     after the handshake), ``broken`` ones answer it with an error."""
 
-    def __init__(self, *args, silent: set[int] = frozenset(), broken: set[int] = frozenset(), **kw):
+    def __init__(
+        self, *args, silent: set[int] = frozenset(), broken: set[int] = frozenset(), kind="train", **kw
+    ):
         super().__init__(*args, **kw)
-        self.silent, self.broken = set(silent), set(broken)
+        self.silent, self.broken, self.kind = set(silent), set(broken), kind
 
     def push_messages(self, messages):
         ids = []
         for m in messages:
-            node, train = m.metadata.dst_node_id, m.metadata.message_type == "train"
+            node, train = m.metadata.dst_node_id, m.metadata.message_type == self.kind
             if train and node in self.silent:
                 continue
             if train and node in self.broken:
@@ -119,6 +121,18 @@ def test_server_names_devices_that_gave_no_reply(inproc) -> None:
             line.startswith(f"round {rnd}: device 1002 (exit {exits['1002']['exit']}) replied with an error")
             for line in logs
         ), logs
+
+
+def test_handshake_names_devices_that_gave_no_reply(inproc) -> None:
+    rc, spec = inproc
+    spec.rounds = 1
+    nodes = [{"partition-id": i, "num-partitions": 3} for i in range(3)]
+    grid = FlakyGrid(make_client_app(rc), nodes, silent={1001}, broken={1002}, kind="query.info")
+    logs: list[str] = []
+    run_federation(grid, spec, log=logs.append)
+    assert "device 1001: cannot take part: no reply within 600 s" in logs, logs
+    assert any(line.startswith("device 1002: cannot take part: error 2:") for line in logs), logs
+    assert list(_records(Path(spec.run_dir))[0]["devices"]) == ["1000"]
 
 
 def test_all_devices_replying_means_nothing_missing(inproc) -> None:
