@@ -123,6 +123,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.axhline(mean_std(nodp["uar"][str(k)])[0], ls="--", lw=1, color=line[0].get_color())
     ax.axhline(0.25, color="grey", lw=0.8, ls=":", label="chance")
     ax.set_xscale("log")
+    ax.minorticks_off()
     ax.set_xticks(xs, [f"{x:g}" for x in xs])
     ax.set_xlabel("target ε per device over the run (δ = 1e-4)")
     ax.set_ylabel("UAR, unseen speakers")
