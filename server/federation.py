@@ -169,6 +169,7 @@ class Federation:
         self.rounds = spec.rounds or fc.rounds
         self.min_clients = spec.min_clients or fc.min_clients
         self.history: list[dict[str, Any]] = []
+        self._greeted: set[int] = set()
         self._eval_feats: CachedFeatures | None = None
         self.strategy = PartialFedAvg(
             fraction_train=fc.fraction_train,
@@ -319,6 +320,31 @@ class Federation:
     def handshake(self, grid: Grid) -> dict[int, dict[str, Any]]:
         """Ask every device what it is; deliver the base model to those that lack it."""
         nodes = self._wait_for_nodes(grid)
+        infos = self._greet(grid, nodes)
+        self._greeted = set(nodes)
+        self.strategy.declared_examples = {n: float(i.get("n-utterances", 0)) for n, i in infos.items()}
+        return infos
+
+    def admit_late(self, grid: Grid, infos: dict[int, dict[str, Any]]) -> list[int]:
+        """Greet devices that connected after the handshake (a restarted SuperNode gets a new node id).
+
+        Without this, their replies would be rejected for lacking a declared data size. Each new node is
+        greeted once; returns the nodes admitted.
+        """
+        new = sorted(set(grid.get_node_ids()) - set(infos) - self._greeted)
+        if not new:
+            return []
+        self._greeted |= set(new)
+        self.log(f"{len(new)} device(s) joined during the run: {', '.join(map(str, new))}")
+        joined = self._greet(grid, new)
+        infos |= joined
+        declared = dict(self.strategy.declared_examples or {})
+        declared |= {n: float(i.get("n-utterances", 0)) for n, i in joined.items()}
+        self.strategy.declared_examples = declared
+        return sorted(joined)
+
+    def _greet(self, grid: Grid, nodes: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """query.info to ``nodes``, then the base model to those that lack it; the usable ones' infos."""
         query = RecordDict({"config": ConfigRecord({"fingerprint": self.fingerprint})})
         msgs = [Message(query, dst_node_id=n, message_type=QUERY_INFO) for n in nodes]
         infos: dict[int, dict[str, Any]] = {}
@@ -352,7 +378,6 @@ class Federation:
             for node, why in sorted(pair_replies(msgs, replies, timeout, 0.0).failed.items()):
                 self.log(f"device {node}: model delivery failed: {why}")
                 infos.pop(node, None)
-        self.strategy.declared_examples = {n: float(i.get("n-utterances", 0)) for n, i in infos.items()}
         for n, i in sorted(infos.items()):
             self.log(
                 f"device {n}: exit {i.get('exit')}, {i.get('n-utterances')} utterances "
@@ -403,6 +428,12 @@ class Federation:
                 for n, why in sorted(missing.items()):
                     exit_k = infos.get(n, {}).get("exit")
                     self.log(describe_failure(rnd, n, why, exit_k, self.cfg.federated.round_timeout))
+            if (
+                rnd < self.rounds
+            ):  # devices that (re)connected since the handshake take part from the next round
+                joined = self.admit_late(grid, infos)
+                if joined:
+                    rec["joined"] = joined
             self._save_round(rnd, rec)
             self.history.append(rec)
             uars = ", ".join(

@@ -173,3 +173,27 @@ def test_federated_evaluation_on_devices(setup) -> None:
     for client in fed["clients"]:
         assert {"exit1/uar", "exit2/uar"} <= set(client["metrics"])
         assert 0.0 <= client["metrics"]["exit1/uar"] <= 1.0
+
+
+def test_device_that_connects_mid_run_is_greeted_and_trains_next_round(setup) -> None:
+    """A restarted SuperNode comes back with a new node id: the server greets it after the round."""
+    _cfg, _prepared, rc, spec = setup
+    app = make_client_app(rc)
+    nodes = [{"partition-id": i, "num-partitions": 2} for i in (0, 1, 1)]
+    grid = InProcessGrid(app, nodes)
+    late = list(grid.contexts)[2]
+    grid.unavailable = {late}
+
+    def device(msg: Message, context: Context) -> Message:
+        if msg.metadata.message_type == "train":
+            grid.unavailable.discard(late)  # it connects while round 1 trains
+        return app(msg, context)
+
+    grid.client_app = device  # type: ignore[assignment]
+    logs: list[str] = []
+    run_federation(grid, spec, log=logs.append)
+    lines = [json.loads(x) for x in (Path(spec.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert lines[1]["train"]["num_clients"] == 2 and lines[1]["joined"] == [late]
+    assert lines[2]["train"]["num_clients"] == 3 and lines[2]["train"]["num_rejected"] == 0
+    assert late in {c["node_id"] for c in lines[2]["train"]["clients"]}
+    assert any("joined during the run" in line for line in logs)
