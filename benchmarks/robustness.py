@@ -123,7 +123,7 @@ def plot(results: dict[str, dict[str, list[float]]], path: Path) -> None:
     ax.set_xticks(range(len(names)), names, fontsize=8)
     ax.set_ylabel("exit 1 UAR, unseen speakers")
     ax.set_title("One malicious device of 8 (mean ± std over 3 seeds)", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower center", ncol=3, framealpha=0.95)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
