@@ -179,10 +179,11 @@ def run_command(
         rich_help_panel="Differential privacy",
     ),
     server_timeout: float = typer.Option(
-        60.0,
+        300.0,
         "--server-timeout",
         min=1.0,
-        help="Stop after the server is unreachable (or does not know this device's key) this many seconds.",
+        help="Stop after the server is unreachable (or does not know this device's key) this many seconds "
+        "(long enough to ride out a server restart with --resume).",
     ),
 ) -> None:
     """Join a federated run as one device; stops by itself when the run ends or the server is gone.

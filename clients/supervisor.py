@@ -212,7 +212,7 @@ class SupervisorSettings:
     """exit, device, data, root, model, cache (``events`` is added)."""
     session_dir: Path
     """Holds events.jsonl, supernode.log and the SuperNode's FLWR_HOME."""
-    server_timeout: float = 60.0
+    server_timeout: float = 300.0
     probe_every_s: float = 2.0
     poll_s: float = 0.5
     done_grace_s: float = 3.0

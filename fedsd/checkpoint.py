@@ -149,6 +149,33 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def sweep_temporaries(directory: str | os.PathLike[str], older_than_s: float = 60.0) -> list[Path]:
+    """Remove the hidden ``.NAME.*.tmp`` files/dirs a killed writer left in ``directory`` (not recursive).
+
+    Only entries older than ``older_than_s`` go, so a writer running right now keeps its temp file.
+    Returns what was removed.
+    """
+    import time
+
+    removed: list[Path] = []
+    root = Path(directory)
+    if not root.is_dir():
+        return removed
+    now = time.time()
+    for entry in root.glob(".*.tmp"):
+        try:
+            if now - entry.lstat().st_mtime < older_than_s:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed.append(entry)
+        except OSError:
+            continue
+    return removed
+
+
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

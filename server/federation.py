@@ -30,6 +30,7 @@ from fedsd.checkpoint import (
     atomic_write_text,
     load_tensors,
     save_tensors,
+    sweep_temporaries,
 )
 from fedsd.clients.training import evaluate_cached
 from fedsd.config import ExperimentConfig, load_config
@@ -220,6 +221,9 @@ class Federation:
             for stale in sorted((self.run_dir / "rounds").glob("round_*.safetensors")):
                 if stale.stem[6:].isdigit() and int(stale.stem[6:]) > done:  # never committed to state.json
                     stale.unlink()
+            swept = [p for d in (self.run_dir, self.run_dir / "rounds") for p in sweep_temporaries(d)]
+            if swept:
+                self.log(f"removed {len(swept)} temporary file(s) left by an interrupted write")
             self.log(f"resuming after round {done} of {self.rounds} ({state_path})")
             return done
         if self.spec.resume:

@@ -312,3 +312,25 @@ def test_writer_killed_mid_write_leaves_previous_version(tmp_path) -> None:
     assert path.read_bytes() == before
     leftovers = [n for n in _entries(tmp_path) if n != "state.json"]
     assert all(n.startswith(".state.json.") and n.endswith(".tmp") for n in leftovers), leftovers
+
+
+def test_sweep_removes_only_stale_temporaries(tmp_path: Path) -> None:
+    import time
+
+    from fedsd.checkpoint import sweep_temporaries
+
+    stale_file = tmp_path / ".state.json.abc.tmp"
+    stale_file.write_text("half")
+    stale_dir = tmp_path / ".final.xyz.tmp"
+    stale_dir.mkdir()
+    (stale_dir / "model.safetensors").write_bytes(b"x")
+    fresh = tmp_path / ".metrics.jsonl.def.tmp"
+    fresh.write_text("being written")
+    keep = tmp_path / "state.json"
+    keep.write_text("{}")
+    old = time.time() - 3600
+    for p in (stale_file, stale_dir):
+        os.utime(p, (old, old))
+    removed = sweep_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == sorted([stale_file.name, stale_dir.name])
+    assert fresh.exists() and keep.exists() and not stale_file.exists() and not stale_dir.exists()
