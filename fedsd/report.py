@@ -124,6 +124,35 @@ def plot_uar_per_round(rounds: Sequence[int], uar: Mapping[int, Sequence[float]]
     return _save(fig, path)
 
 
+def plot_epsilon_per_round(
+    rounds: Sequence[int],
+    per_device: Mapping[str, Sequence[float]],
+    path: str | Path,
+    *,
+    delta: float,
+    budget: float | None = None,
+) -> Path:
+    """Cumulative ε of every device over the rounds (the privacy each device has spent so far)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    from matplotlib.ticker import MaxNLocator
+
+    for name, values in per_device.items():  # round 0: nothing spent yet
+        label = name if len(per_device) <= 10 else None
+        ax.plot([0, *rounds], [0.0, *values], marker="o", ms=3, lw=1, label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(bottom=0)
+    if budget is not None:
+        ax.axhline(budget, color="red", ls="--", lw=1, label=f"budget ε = {budget:g}")
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"cumulative ε (δ = {delta:g})")
+    ax.set_title("Privacy spent per device")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def plot_confusion(
     report: ClassificationReport, label_names: Sequence[str], path: str | Path, title: str
 ) -> Path:

@@ -12,7 +12,7 @@ import torch
 from fedsd.checkpoint import atomic_write_text
 from fedsd.config import ExperimentConfig
 from fedsd.model.multiexit import MultiExitSER
-from fedsd.report import markdown_table, plot_uar_per_round, plot_uar_vs_latency
+from fedsd.report import markdown_table, plot_epsilon_per_round, plot_uar_per_round, plot_uar_vs_latency
 
 
 def exit_latency_s(model: MultiExitSER, seconds: float, repeats: int = 5) -> dict[int, float]:
@@ -124,13 +124,13 @@ def write_report(
             lines.append("")
         else:
             lines.append("None.\n")
-    lines += privacy_section(history)
+    lines += privacy_section(history, run_dir)
     path = atomic_write_text(run_dir / "report.md", "\n".join(lines))
     log(f"report: {path}")
     return path
 
 
-def privacy_section(history: Sequence[dict[str, Any]]) -> list[str]:
+def privacy_section(history: Sequence[dict[str, Any]], run_dir: Path | None = None) -> list[str]:
     """Markdown: cumulative ε of every device per round (and the server's client-level ε), if any."""
     recs = [h for h in history if h.get("privacy")]
     if not recs:
@@ -157,6 +157,23 @@ def privacy_section(history: Sequence[dict[str, Any]]) -> list[str]:
             row.append(p.get("central", {}).get("epsilon", math.nan))
         rows.append(row)
     lines.append(markdown_table(header, rows))
+    if devices and run_dir is not None:
+        per_device = {
+            f"device {n}": [float(h["privacy"].get("device_epsilon", {}).get(n, math.nan)) for h in recs]
+            for n in devices
+        }
+        budgets = [
+            c["metrics"].get("dp-epsilon-budget") for h in recs for c in h.get("train", {}).get("clients", [])
+        ]
+        budget = max((b for b in budgets if b is not None), default=None)
+        plot_epsilon_per_round(
+            [int(h["round"]) for h in recs],
+            per_device,
+            run_dir / "epsilon_per_round.png",
+            delta=delta,
+            budget=budget,
+        )
+        lines.append("![ε per round](epsilon_per_round.png)\n")
     stopped = sorted({n for h in recs for n in h["privacy"].get("budget_stopped", [])})
     if stopped:
         lines.append(f"Devices that stopped training at their ε budget: {', '.join(map(str, stopped))}.\n")

@@ -174,6 +174,7 @@ def test_reported_epsilon_is_cumulative_and_equals_opacus_rdp_accountant(setup) 
     assert lines[3]["privacy"]["max_epsilon"] > lines[1]["privacy"]["max_epsilon"]
     report = (Path(spec.run_dir) / "report.md").read_text()
     assert "## Privacy" in report and "max ε" in report
+    assert "epsilon_per_round.png" in report and (Path(spec.run_dir) / "epsilon_per_round.png").stat().st_size > 0
 
 
 def test_dp_round_changes_only_the_trained_heads(setup) -> None:
