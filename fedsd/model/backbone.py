@@ -298,6 +298,7 @@ class TruncatedEncoder(nn.Module):
         self.num_layers: int = int(config.num_hidden_layers)
         self.hidden_size: int = int(config.hidden_size)
         self.pre_ln: bool = bool(config.do_stable_layer_norm)
+        self.group_norm_front_end: bool = getattr(config, "feat_extract_norm", "group") == "group"
         self._final_norm_at_last = self.pre_ln and _hidden_states_end_with_final_norm(config)
         params = inspect.signature(model._get_feature_vector_attention_mask).parameters
         self._mask_kwargs = {"add_adapter": False} if "add_adapter" in params else {}
@@ -309,6 +310,30 @@ class TruncatedEncoder(nn.Module):
     def output_lengths(self, num_samples: Tensor) -> Tensor:
         """Number of frames the front end produces for each clip length (in samples)."""
         return self.model._get_feat_extract_output_lengths(num_samples).to(torch.long)
+
+    def _front_end(self, input_values: Tensor, num_samples: Tensor, lengths: Tensor, padded: bool) -> Tensor:
+        """CNN front end → frame features ``[batch, frames, channels]``, independent of batch-mates.
+
+        A group-norm front end (wav2vec2/HuBERT/WavLM base, the built-in ``tiny``) normalises the first
+        convolution over the whole time axis, padding included, so a clip batched with longer clips would
+        get different features than alone (Hugging Face behaves so too). Here each clip of a padded batch
+        with unequal lengths runs the front end on its own samples; the frame features are then
+        zero-padded to the batch's frame count. Layer-norm front ends are per frame and run batched.
+        """
+        extractor = self.model.feature_extractor
+        uneven = padded and input_values.shape[0] > 1 and bool((num_samples != num_samples.max()).any())
+        if not (uneven and self.group_norm_front_end):
+            return extractor(input_values).transpose(1, 2)
+        total = int(self.output_lengths(torch.tensor([input_values.shape[1]]))[0])
+        out: Tensor | None = None
+        for i in range(input_values.shape[0]):
+            n, f = int(num_samples[i]), int(lengths[i])
+            feats = extractor(input_values[i : i + 1, :n]).transpose(1, 2)
+            if out is None:
+                out = feats.new_zeros((input_values.shape[0], total, feats.shape[-1]))
+            out[i, :f] = feats[0, :f]
+        assert out is not None
+        return out
 
     def _layer_mask(self, hidden: Tensor, frame_mask: Tensor | None) -> Any:
         if frame_mask is None:
@@ -337,7 +362,7 @@ class TruncatedEncoder(nn.Module):
                 f"a clip is too short for the convolutional front end: {int(num_samples.min())} samples "
                 "give no frame (at 16 kHz about 400 samples = 25 ms are needed)"
             )
-        features = model.feature_extractor(input_values).transpose(1, 2)
+        features = self._front_end(input_values, num_samples, lengths, attention_mask is not None)
         frame_mask: Tensor | None = None
         if attention_mask is not None:
             frame_mask = model._get_feature_vector_attention_mask(
