@@ -80,3 +80,24 @@ def test_keys_change_with_crop_and_backbone(tmp_path: Path, small_corpus: Path, 
     changed = FeatureCache(tmp_path / "cache", model, CropPolicy(1.0, "center"))
     assert changed.dir != other_crop.dir
     assert changed.get(rows, corpus, [1], label_names=LABELS).misses == 6
+
+
+def test_cached_features_do_not_depend_on_the_cache_batch_size(
+    tmp_path: Path, small_corpus: Path, tiny_model_dir: Path
+) -> None:
+    """Clips of different lengths computed 8 at a time (padded) equal the same clips computed one by one."""
+    rows = read_manifest(small_corpus / "manifest.csv")[:8]
+    assert len({round(r.duration, 3) for r in rows}) > 1  # uneven lengths: padding and masks in play
+    model = MultiExitSER.from_pretrained(tiny_model_dir)  # "tiny": group-norm front end
+    crop = CropPolicy(None, "none")
+    batched = FeatureCache(tmp_path / "b8", model, crop).get(
+        rows, small_corpus, [1, 4], label_names=LABELS, batch_size=8
+    )
+    single = FeatureCache(tmp_path / "b1", model, crop).get(
+        rows, small_corpus, [1, 4], label_names=LABELS, batch_size=1
+    )
+    for k in (1, 4):
+        torch.testing.assert_close(batched.stacked(k), single.stacked(k), rtol=0, atol=1e-4)
+        a = model.heads[str(k)].forward_precomputed(batched.stacked(k)).logits
+        b = model.heads[str(k)].forward_precomputed(single.stacked(k)).logits
+        assert (a - b).abs().max().item() < 1e-4

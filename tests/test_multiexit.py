@@ -63,14 +63,16 @@ def test_forward_runs_only_layers_up_to_the_deepest_requested_exit():
 
 
 def test_exit_outputs_match_heads_on_hf_hidden_states(model):
-    x, mask = batch()
+    """Each clip's exit logits equal the head on HF's hidden states of that clip run alone."""
+    lengths = (6400, 4000)
+    x, mask = batch(lengths)
     with torch.no_grad():
         out = model(x, attention_mask=mask)
-        hs = model.backbone(x, attention_mask=mask, output_hidden_states=True).hidden_states
-        fmask = model.backbone._get_feature_vector_attention_mask(hs[0].shape[1], mask)
-        for k in model.exits:
-            ref = model.head(k)(hs[k], fmask)
-            torch.testing.assert_close(out[k].logits, ref.logits, atol=1e-5, rtol=1e-5)
+        for i, n in enumerate(lengths):
+            hs = model.backbone(x[i : i + 1, :n], output_hidden_states=True).hidden_states
+            for k in model.exits:
+                ref = model.head(k)(hs[k], None)
+                torch.testing.assert_close(out[k].logits[i : i + 1], ref.logits, atol=1e-5, rtol=1e-5)
 
 
 def test_precompute_then_heads_equals_forward(model):
@@ -219,3 +221,40 @@ def test_freeze_backbone():
     m.freeze_backbone()
     assert not any(p.requires_grad for p in m.backbone.parameters())
     assert all(p.requires_grad for p in m.heads.parameters())
+
+
+# "tiny": post-LN, group-norm front end; "tiny-preln": pre-LN, layer-norm front end
+@pytest.mark.parametrize("builtin", ["tiny", "tiny-preln"])
+@pytest.mark.parametrize("family", ["wav2vec2", "hubert", "wavlm"])
+def test_exit_logits_do_not_depend_on_batch_mates(family, builtin):
+    """A clip batched with longer clips (zero-padded, attention mask) gets the logits it gets alone."""
+    torch.manual_seed(0)
+    m = MultiExitSER(load_backbone(builtin, family=family), [1, 2, 3, 4], LABELS).eval()
+    lengths = (8000, 5600, 3100)
+    x, mask = batch(lengths)
+    with torch.no_grad():
+        together = m(x, attention_mask=mask)
+        for i, n in enumerate(lengths):
+            alone = m(x[i : i + 1, :n])
+            for k in m.exits:
+                delta = (together[k].logits[i] - alone[k].logits[0]).abs().max().item()
+                assert delta < 1e-4, f"exit {k}, clip {i} ({n} samples): max |Δlogit| {delta:.2e}"
+
+
+def test_evaluation_logits_do_not_depend_on_the_loader_batch_size(small_corpus, tiny_model_dir):
+    """predict_loader / evaluate_loader give the same logits and metrics with batch size 1 and 8."""
+    from fedsd.audio import CropPolicy
+    from fedsd.data.manifest import read_manifest
+    from fedsd.train import evaluate_loader, make_loader, predict_loader
+
+    rows = read_manifest(small_corpus / "manifest.csv")[:8]
+    model = MultiExitSER.from_pretrained(tiny_model_dir)
+    labels = model.label_names
+    crop = CropPolicy(None, "none")  # natural, uneven lengths
+    runs = [make_loader(rows, small_corpus, labels, crop, batch_size=bs) for bs in (1, 8)]
+    (one, y1, ids1), (eight, y8, ids8) = (predict_loader(model, loader) for loader in runs)
+    assert ids1 == ids8 and (y1 == y8).all()
+    for k in model.exits:
+        assert abs(one[k] - eight[k]).max() < 1e-4, f"exit {k}"
+    r1, r8 = (evaluate_loader(model, loader) for loader in runs)
+    assert {k: r.to_dict() for k, r in r1.items()} == {k: r.to_dict() for k, r in r8.items()}
