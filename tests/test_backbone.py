@@ -227,3 +227,18 @@ def test_errors_share_the_project_hierarchy():
     import fedsd.config
 
     assert issubclass(ConfigError, fedsd.config.ConfigError) and issubclass(BackboneError, ValueError)
+
+
+@pytest.mark.parametrize("family", ["wav2vec2", "wavlm"])
+def test_frame_counts_ignore_the_adapter_like_hf_frame_masks(family):
+    """With ``add_adapter`` the encoder still sees the front end's frames (HF masks them with add_adapter=False)."""
+    model = tiny(family, preln=False, add_adapter=True)
+    model.eval()
+    enc = TruncatedEncoder(model)
+    assert enc.output_lengths(torch.tensor([16000])).item() == 49
+    x, mask = batch()
+    with torch.no_grad():
+        state = enc(x, attention_mask=mask, upto=2)
+        alone = model(x[:1, : LENGTHS[0]], output_hidden_states=True).hidden_states[2]
+    assert state.lengths.tolist() == [frames(n) for n in LENGTHS] == state.frame_mask.sum(1).tolist()
+    torch.testing.assert_close(state.hidden[0, : frames(LENGTHS[0])], alone[0], atol=1e-5, rtol=0)

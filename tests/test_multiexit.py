@@ -258,3 +258,90 @@ def test_evaluation_logits_do_not_depend_on_the_loader_batch_size(small_corpus, 
         assert abs(one[k] - eight[k]).max() < 1e-4, f"exit {k}"
     r1, r8 = (evaluate_loader(model, loader) for loader in runs)
     assert {k: r.to_dict() for k, r in r1.items()} == {k: r.to_dict() for k, r in r8.items()}
+
+
+@pytest.mark.parametrize("decided", [True, False])
+def test_final_norm_rule_is_saved_and_survives_another_transformers(tmp_path, monkeypatch, decided):
+    """A pre-LN model keeps its last-exit LayerNorm rule across reloads, whatever the library would guess."""
+    import fedsd.model.backbone as backbone_mod
+
+    torch.manual_seed(0)
+    m = MultiExitSER(load_backbone("tiny-preln"), [2, 4], LABELS, final_norm_at_last_exit=decided).eval()
+    assert m.final_norm_at_last_exit is decided
+    m.save_pretrained(tmp_path / "ckpt")
+    info = json.loads((tmp_path / "ckpt" / "fedsd.json").read_text())
+    assert info["final_norm_at_last_exit"] is decided
+    # Another transformers version would guess the opposite: the checkpoint's decision wins.
+    monkeypatch.setattr(backbone_mod, "hidden_states_end_with_final_norm", lambda _config: not decided)
+    again = MultiExitSER.from_pretrained(tmp_path / "ckpt")
+    assert again.final_norm_at_last_exit is decided
+    assert again.backbone_fingerprint() == m.backbone_fingerprint() == info["fingerprint"]
+    x, mask = batch()
+    with torch.no_grad():
+        a, b = m(x, attention_mask=mask), again(x, attention_mask=mask)
+    for k in m.exits:
+        assert torch.equal(a[k].logits, b[k].logits)
+
+
+def test_final_norm_rule_is_part_of_the_fingerprint():
+    pre = [MultiExitSER(load_backbone("tiny-preln"), [4], LABELS, final_norm_at_last_exit=f) for f in (0, 1)]
+    assert pre[0].backbone_fingerprint() != pre[1].backbone_fingerprint()
+    with torch.no_grad():  # and it changes what the teacher exit computes
+        x, mask = batch()
+        assert not torch.allclose(pre[0](x, mask)[4].logits, pre[1](x, mask)[4].logits)
+    post = MultiExitSER(load_backbone("tiny"), [4], LABELS)
+    assert post.final_norm_at_last_exit is False  # post-LN: the LayerNorm comes before layer 1
+    with pytest.raises(ConfigError, match="^final_norm_at_last_exit: "):
+        MultiExitSER(load_backbone("tiny"), [4], LABELS, final_norm_at_last_exit=True)
+
+
+def test_checkpoint_without_final_norm_key_loads_with_the_installed_default(tmp_path):
+    """Checkpoints written before the key existed: fingerprint of config and weights, rule guessed."""
+    from fedsd.model.backbone import backbone_fingerprint, hidden_states_end_with_final_norm
+
+    m = MultiExitSER(load_backbone("tiny-preln"), [2, 4], LABELS)
+    m.save_pretrained(tmp_path / "old")
+    meta = tmp_path / "old" / "fedsd.json"
+    info = json.loads(meta.read_text())
+    del info["final_norm_at_last_exit"]
+    info["fingerprint"] = backbone_fingerprint(m.backbone)  # what the old code recorded
+    meta.write_text(json.dumps(info))
+    old = MultiExitSER.from_pretrained(tmp_path / "old")
+    assert old.final_norm_at_last_exit is hidden_states_end_with_final_norm(old.backbone.config)
+    info["final_norm_at_last_exit"] = "yes"
+    meta.write_text(json.dumps(info))
+    with pytest.raises(CheckpointError, match="final_norm_at_last_exit"):
+        MultiExitSER.from_pretrained(tmp_path / "old")
+
+
+def test_one_clip_with_a_1d_attention_mask(model):
+    x, mask = batch((6400,))
+    with torch.no_grad():
+        ref = model(x, attention_mask=mask)
+        flat = model(x[0], attention_mask=mask[0])
+    for k in model.exits:
+        torch.testing.assert_close(flat[k].logits, ref[k].logits)
+    assert model.predict_early_exit(x[0], mask[0], threshold=0.0)[0] == model.exits[0]
+    with pytest.raises(ValueError, match="attention_mask shape"):
+        model(x, attention_mask=mask[:, :100])
+
+
+def test_frozen_backbone_stays_in_eval_mode_when_the_model_trains():
+    """``model.train()`` (every epoch of a training loop) must not turn on a frozen backbone's dropout."""
+    m = make()
+    m.train()
+    assert m.backbone.training and m.heads.training  # trainable backbone: ordinary train mode
+    m.freeze_backbone(freeze_feature_encoder_only=True)
+    assert m.train().backbone.training  # only the CNN front end is frozen: the layers still train
+    m.freeze_backbone()
+    assert m.train() is m and m.backbone_frozen
+    assert not any(mod.training for mod in m.backbone.modules())
+    assert all(mod.training for mod in m.heads.modules())
+    x, mask = batch()
+    with torch.no_grad():  # no dropout noise in what the heads see
+        a, b = (m.hidden_for_exits(x, mask, [4])[4][0] for _ in range(2))
+    assert torch.equal(a, b)
+    m.eval()
+    assert not m.training and not m.heads.training
+    m.backbone.requires_grad_(True)
+    assert m.train().backbone.training

@@ -235,16 +235,22 @@ def _fingerprint_config(config: PretrainedConfig) -> dict[str, Any]:
     }
 
 
-def backbone_fingerprint(model: nn.Module) -> str:
+def backbone_fingerprint(model: nn.Module, final_norm_at_last_exit: bool | None = None) -> str:
     """sha256 over the architecture config and every parameter/buffer (name, dtype, shape, bytes).
 
-    Devices refuse heads trained on another backbone; this is the identity they compare. It is stable
-    across save_pretrained/from_pretrained and changes with any weight.
+    Devices refuse heads trained on another backbone; this is the identity they compare (and the feature
+    cache's key). It is stable across save_pretrained/from_pretrained and changes with any weight.
+    ``final_norm_at_last_exit`` (see ``TruncatedEncoder``) changes what the deepest exit of a pre-LN
+    encoder computes, so when given it is hashed too; None gives the hash of config and weights alone
+    (what checkpoints written before the flag existed recorded). Post-LN encoders never apply the
+    final norm at an exit, so for them the flag changes nothing, the hash included.
     """
     h = hashlib.sha256()
     config = getattr(model, "config", None)
     cfg = _fingerprint_config(config) if config is not None else {}
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode("utf-8"))
+    if final_norm_at_last_exit is not None and bool(cfg.get("do_stable_layer_norm", False)):
+        h.update(f"\nfinal_norm_at_last_exit|{bool(final_norm_at_last_exit)}\n".encode())
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous()
         h.update(f"\n{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
@@ -274,12 +280,13 @@ class EncoderState:
     lengths: Tensor | None = None
 
 
-def _hidden_states_end_with_final_norm(config: PretrainedConfig) -> bool:
-    """Whether HF's ``hidden_states[-1]`` of a pre-LN encoder includes the encoder's final LayerNorm.
+def hidden_states_end_with_final_norm(config: PretrainedConfig) -> bool:
+    """Whether the installed HF reports a pre-LN encoder's ``hidden_states[-1]`` after its final LayerNorm.
 
     transformers v5 records layer outputs with hooks and (for these models) does not tie the last one
     to ``last_hidden_state`` unless ``config.tie_last_hidden_states`` says so; v4 always appended the
-    normed output.
+    normed output. This is a guess about the library, so it is only the default for a model built now
+    (``TruncatedEncoder``); a saved model records its own answer and keeps it across versions.
     """
     tie = getattr(config, "tie_last_hidden_states", None)
     if tie is not None:
@@ -288,9 +295,16 @@ def _hidden_states_end_with_final_norm(config: PretrainedConfig) -> bool:
 
 
 class TruncatedEncoder(nn.Module):
-    """Runs a wav2vec2/HuBERT/WavLM encoder layer by layer, sharing the wrapped model's parameters."""
+    """Runs a wav2vec2/HuBERT/WavLM encoder layer by layer, sharing the wrapped model's parameters.
 
-    def __init__(self, model: PreTrainedModel) -> None:
+    ``final_norm_at_last_exit``: whether the deepest layer's exit of a pre-LN encoder sees the encoder's
+    final LayerNorm. It decides what the teacher head is trained on, so it is fixed once when a model is
+    built (default: what the installed transformers reports as ``hidden_states[-1]``) and then saved with
+    the model, never re-guessed from whatever library version loads it later. Always False for post-LN
+    encoders, which apply that LayerNorm before layer 1.
+    """
+
+    def __init__(self, model: PreTrainedModel, final_norm_at_last_exit: bool | None = None) -> None:
         super().__init__()
         self.family: str = family_of(model)
         self.model = model
@@ -299,17 +313,29 @@ class TruncatedEncoder(nn.Module):
         self.hidden_size: int = int(config.hidden_size)
         self.pre_ln: bool = bool(config.do_stable_layer_norm)
         self.group_norm_front_end: bool = getattr(config, "feat_extract_norm", "group") == "group"
-        self._final_norm_at_last = self.pre_ln and _hidden_states_end_with_final_norm(config)
+        if final_norm_at_last_exit is None:
+            final_norm_at_last_exit = self.pre_ln and hidden_states_end_with_final_norm(config)
+        elif final_norm_at_last_exit and not self.pre_ln:
+            raise ConfigError(
+                "final_norm_at_last_exit",
+                "true is only meaningful for pre-LN encoders (do_stable_layer_norm); a post-LN encoder "
+                "applies its LayerNorm before layer 1",
+            )
+        self.final_norm_at_last_exit: bool = bool(final_norm_at_last_exit)
+        # HF's encoder sees the front end's frames before any adapter (its forward passes
+        # add_adapter=False to the frame mask); frame counts and frame masks must agree on that.
         params = inspect.signature(model._get_feature_vector_attention_mask).parameters
         self._mask_kwargs = {"add_adapter": False} if "add_adapter" in params else {}
+        params = inspect.signature(model._get_feat_extract_output_lengths).parameters
+        self._length_kwargs = {"add_adapter": False} if "add_adapter" in params else {}
 
     @property
     def config(self) -> PretrainedConfig:
         return self.model.config
 
     def output_lengths(self, num_samples: Tensor) -> Tensor:
-        """Number of frames the front end produces for each clip length (in samples)."""
-        return self.model._get_feat_extract_output_lengths(num_samples).to(torch.long)
+        """Number of frames the front end produces for each clip length (in samples), adapter excluded."""
+        return self.model._get_feat_extract_output_lengths(num_samples, **self._length_kwargs).to(torch.long)
 
     def _front_end(self, input_values: Tensor, num_samples: Tensor, lengths: Tensor, padded: bool) -> Tensor:
         """CNN front end → frame features ``[batch, frames, channels]``, independent of batch-mates.
@@ -345,11 +371,22 @@ class TruncatedEncoder(nn.Module):
         return _bidirectional_mask(self.config, hidden, frame_mask)
 
     def start(self, input_values: Tensor, attention_mask: Tensor | None = None) -> EncoderState:
-        """Front end, feature projection, positional convolution (+ LayerNorm for post-LN): layer 0."""
+        """Front end, feature projection, positional convolution (+ LayerNorm for post-LN): layer 0.
+
+        One clip may come as 1-D ``input_values`` (and then a 1-D ``attention_mask``).
+        """
         if input_values.dim() == 1:
             input_values = input_values.unsqueeze(0)
         if input_values.dim() != 2:
             raise ValueError(f"input_values must be [batch, samples], got shape {tuple(input_values.shape)}")
+        if attention_mask is not None:
+            if attention_mask.dim() == 1:
+                attention_mask = attention_mask.unsqueeze(0)
+            if attention_mask.shape != input_values.shape:
+                raise ValueError(
+                    f"attention_mask shape {tuple(attention_mask.shape)} does not match input_values "
+                    f"{tuple(input_values.shape)}"
+                )
         model = self.model
         num_samples = (
             attention_mask.to(torch.long).sum(-1)
@@ -403,7 +440,7 @@ class TruncatedEncoder(nn.Module):
 
     def exit_hidden(self, state: EncoderState) -> Tensor:
         """What HF reports as ``hidden_states[state.layer]`` (a head at that exit sees exactly this)."""
-        if state.layer == self.num_layers and self._final_norm_at_last:
+        if state.layer == self.num_layers and self.final_norm_at_last_exit:
             return self.model.encoder.layer_norm(state.hidden)
         return state.hidden
 

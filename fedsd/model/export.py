@@ -42,7 +42,8 @@ def _truncated_backbone(backbone: PreTrainedModel, k: int, pre_ln: bool) -> PreT
     config.num_hidden_layers = k
     if pre_ln and k < num_layers:
         # For a pre-LN encoder, exit k < N sees the raw layer output; in the truncated model k is the
-        # last layer, which some transformers versions report after the final LayerNorm. Pin it.
+        # last layer, which some transformers versions report after the final LayerNorm. Pin it for
+        # HF (``export_exit`` also passes the rule to the exported model explicitly).
         config.tie_last_hidden_states = False
     new = build_backbone(config, seed=0)  # random init is overwritten below; seeded to spare the RNG
     param = next(backbone.parameters())
@@ -86,6 +87,8 @@ def export_exit(model: MultiExitSER, k: int) -> MultiExitSER:
         "exit": k,
         "num_layers": int(previous.get("num_layers", model.encoder.num_layers)),  # depth of the root
     }
+    # Exit k < N of a pre-LN encoder sees the raw layer output; k = N keeps the parent's rule.
+    final_norm = model.final_norm_at_last_exit and k == model.encoder.num_layers
     out = MultiExitSER(
         backbone,
         kept,
@@ -93,6 +96,7 @@ def export_exit(model: MultiExitSER, k: int) -> MultiExitSER:
         head=model.head_kind,
         head_kwargs=model.head_kwargs,
         meta=meta,
+        final_norm_at_last_exit=final_norm,
     )
     head = next(model.head(kept[0]).parameters())
     out.heads.to(device=head.device, dtype=head.dtype)

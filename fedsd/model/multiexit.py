@@ -62,7 +62,12 @@ def _check_labels(label_names: Any) -> list[str]:
 
 
 class MultiExitSER(nn.Module):
-    """Backbone + one ``ExitHead`` per exit; ``teacher_exit`` is the deepest exit."""
+    """Backbone + one ``ExitHead`` per exit; ``teacher_exit`` is the deepest exit.
+
+    ``final_norm_at_last_exit`` (pre-LN encoders): whether the exit after the last layer sees the
+    encoder's final LayerNorm; None decides it now from the installed transformers (see
+    ``TruncatedEncoder``). Checkpoints record the decision, so a reload computes what was trained.
+    """
 
     def __init__(
         self,
@@ -72,9 +77,10 @@ class MultiExitSER(nn.Module):
         head: str = "stats",
         head_kwargs: Mapping[str, Any] | None = None,
         meta: Mapping[str, Any] | None = None,
+        final_norm_at_last_exit: bool | None = None,
     ) -> None:
         super().__init__()
-        self.encoder = TruncatedEncoder(backbone)
+        self.encoder = TruncatedEncoder(backbone, final_norm_at_last_exit)
         self.exits: list[int] = _check_exits(exits, self.encoder.num_layers)
         self.teacher_exit: int = self.exits[-1]
         self.label_names: list[str] = _check_labels(label_names)
@@ -95,6 +101,10 @@ class MultiExitSER(nn.Module):
     @property
     def family(self) -> str:
         return self.encoder.family
+
+    @property
+    def final_norm_at_last_exit(self) -> bool:
+        return self.encoder.final_norm_at_last_exit
 
     @property
     def num_classes(self) -> int:
@@ -245,8 +255,26 @@ class MultiExitSER(nn.Module):
         else:
             self.backbone.requires_grad_(False)
 
+    @property
+    def backbone_frozen(self) -> bool:
+        """True when no backbone parameter takes gradients (``freeze_backbone()`` or set by hand)."""
+        return not any(p.requires_grad for p in self.backbone.parameters())
+
+    def train(self, mode: bool = True) -> MultiExitSER:
+        """Like ``nn.Module.train``, but a frozen backbone stays in eval mode.
+
+        Why: a frozen backbone is a fixed feature extractor; with its dropout on, the heads would train
+        on noisy features they never see at inference (and cached features could not stand in for it).
+        Training loops call ``model.train()`` every epoch, so the rule lives here.
+        """
+        super().train(mode)
+        if mode and self.backbone_frozen:
+            self.backbone.eval()
+        return self
+
     def backbone_fingerprint(self) -> str:
-        return backbone_fingerprint(self.backbone)
+        """Identity of what the backbone computes at the exits: weights, config, final-norm rule."""
+        return backbone_fingerprint(self.backbone, self.final_norm_at_last_exit)
 
     # -- checkpoints --------------------------------------------------------------------------------
 
@@ -256,6 +284,7 @@ class MultiExitSER(nn.Module):
             "format_version": FORMAT_VERSION,
             "family": self.family,
             "num_layers": self.encoder.num_layers,
+            "final_norm_at_last_exit": self.final_norm_at_last_exit,
             "exits": list(self.exits),
             "teacher_exit": self.teacher_exit,
             "head": self.head_kind,
@@ -309,7 +338,14 @@ class MultiExitSER(nn.Module):
             backbone = load_backbone(bdir, family=info["family"])
         except (BackboneError, ConfigError) as err:
             raise CheckpointError(f"{bdir}: {err}") from err
-        fingerprint = backbone_fingerprint(backbone)
+        # Checkpoints older than the key recorded no decision (and a fingerprint without it): the
+        # installed transformers decides, as it did when they were written.
+        final_norm = info.get("final_norm_at_last_exit")
+        if final_norm is not None and not isinstance(final_norm, bool):
+            raise CheckpointError(
+                f"{meta_path}: final_norm_at_last_exit must be true or false, got {final_norm!r}"
+            )
+        fingerprint = backbone_fingerprint(backbone, final_norm)
         if fingerprint != info["fingerprint"]:
             raise CheckpointError(
                 f"{bdir}: backbone fingerprint {fingerprint[:12]}… differs from the "
@@ -323,6 +359,7 @@ class MultiExitSER(nn.Module):
                 head=info["head"],
                 head_kwargs=info.get("head_kwargs"),
                 meta=info.get("meta"),
+                final_norm_at_last_exit=final_norm,
             )
         except ConfigError as err:
             raise CheckpointError(f"{meta_path}: {err}") from err
