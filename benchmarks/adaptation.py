@@ -17,49 +17,36 @@ labelled (nested: the 10 % set lies inside the 20 % one) and the local training 
 Every run of a seed sees the same devices and labels, every run sees the same test speakers and base
 model, and the feature cache (same backbone, same files) is shared by all runs.
 
-Reproduce (first run generates the corpus and trains the base model, ~10 min on 2 loaded cores; the
-federated runs reuse cached features and take well under a minute each):
+Reproduce (the recipe is configs/demo.yaml; every size defaults to its value. The first run generates
+the corpus and trains the base model; the federated runs reuse cached features):
 
     .venv/bin/python benchmarks/adaptation.py --seeds 0 1 2 --fractions 0.1 0.2
     .venv/bin/python benchmarks/adaptation.py --ablations          # SD loss ablations at 10 % labels
+    .venv/bin/python benchmarks/adaptation.py --speakers 8 --sentences 1 --clients 2 --test-speakers 2 \
+        --server-speakers 2 --base-epochs 1 --rounds 1 --local-epochs 1 --seeds 0 --fractions 0.5   # tiny
 
 Writes ``benchmarks/results/adaptation.json`` + ``adaptation.png`` (``adaptation.ablations.*`` with
-``--ablations``); run directories, corpus, base model and cache live under ``--work`` (runs/adaptation).
+``--ablations``) with provenance (benchmarks/common.py); corpus, base model, runs and feature cache live
+in the work directory (default ``runs/bench/<code version>/adaptation``), reused only by the same code.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import logging
 import math
-import os
 import statistics
+import sys
 import textwrap
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedsd.clients.app import make_client_app, model_crop
-from fedsd.clients.device import SIM_CACHE, simulated_device_config
-from fedsd.clients.training import evaluate_cached
-from fedsd.config import load_config
-from fedsd.data.dataset import rows_by_ids
-from fedsd.data.manifest import read_manifest
-from fedsd.data.partition import Partition, make_partition
-from fedsd.data.synthetic import generate_corpus
-from fedsd.features import FeatureCache
-from fedsd.model.multiexit import MultiExitSER
-from fedsd.server.federation import FederationSpec, run_federation
-from fedsd.server.inprocess import InProcessGrid
-from fedsd.server.prepare import server_pool_splits
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (benchmarks/common.py; scripts are not a package)
+from common import cell, mean_std  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "configs" / "demo.yaml"
 METHOD_NAMES = {"before": "before (base model)", "ce": "CE only", "sd": "self-distillation"}
 
 # The two methods of the main table and the ablations (``--ablations``, pick with ``--variants``):
@@ -87,140 +74,15 @@ ABLATIONS: dict[str, Variant] = {
 }
 
 
-def _quiet(_: str) -> None:
-    pass
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    vals = [v for v in values if not math.isnan(v)]
-    if not vals:
-        return math.nan, math.nan
-    return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
-
-
-# ---------------------------------------------------------------------------------------- set-up
-def ensure_corpus(path: Path, speakers: int, sentences: int, log: Callable[[str], None]) -> Path:
-    if not (path / "manifest.csv").exists():
-        log(f"generating the synthetic corpus ({speakers} speakers × {sentences} sentences) → {path}")
-        generate_corpus(path, speakers=speakers, sentences=sentences, seed=0, progress=False)
-    return path
-
-
-def speaker_split(cfg_overrides: dict[str, Any], speaker_seed: int) -> Partition:
-    """Test speakers, server pool and device speakers, fixed for the whole benchmark."""
-    cfg = load_config(DEMO, cfg_overrides)
-    fc = cfg.federated
-    rows = [r for r in read_manifest(cfg.data.manifest_path) if r.label]
-    return make_partition(
-        rows,
-        num_clients=fc.num_clients,
-        by="speaker",
-        label_fraction=1.0,
-        test_speakers=fc.test_speakers,
-        server_speakers=fc.server_speakers,
-        seed=speaker_seed,
-    )
-
-
-def ensure_base_model(
-    cfg_overrides: dict[str, Any], split: Partition, out: Path, log: Callable[[str], None]
-) -> tuple[Path, float]:
-    """The central base model (self-distillation on the server pool), trained once and reused."""
-    best = out / "best"
-    if (best / "fedsd.json").exists():
-        log(f"base model: reusing {best}")
-        return best, 0.0
-    from fedsd.train import train
-
-    cfg = load_config(DEMO, cfg_overrides)
-    rows = read_manifest(cfg.data.manifest_path)
-    splits = server_pool_splits(split, rows, cfg.train.seed)
-    log(
-        f"base model: training centrally on {len(split.server_speakers)} server speakers "
-        f"({len(splits['train'])} train / {len(splits['valid'])} valid utterances) → {out}"
-    )
-    t0 = time.perf_counter()
-    res = train(cfg, out, splits=splits, log=_quiet)
-    log(f"base model trained in {time.perf_counter() - t0:.0f} s (best epoch {res.best_epoch})")
-    return res.best_dir, time.perf_counter() - t0
-
-
-def device_partition(
-    split: Partition, rows_all: list, seed: int, fraction: float, num_clients: int
-) -> Partition:
-    """The fixed test/server speakers of ``split``; devices and labels re-drawn from ``seed``."""
-    held = set(split.test_speakers) | set(split.server_speakers)
-    device_rows = [r for r in rows_all if r.label and r.speaker not in held]
-    sub = make_partition(
-        device_rows, num_clients=num_clients, by="speaker", label_fraction=fraction, seed=seed
-    )
-    return Partition(
-        config={**split.config, "label_fraction": fraction, "speaker_seed": split.seed, "device_seed": seed},
-        seed=seed,
-        label_names=split.label_names,
-        test_utt_ids=split.test_utt_ids,
-        test_speakers=split.test_speakers,
-        server_utt_ids=split.server_utt_ids,
-        server_speakers=split.server_speakers,
-        clients=sub.clients,
-    )
-
-
 # ---------------------------------------------------------------------------------------- runs
-def federate(
-    overrides: dict[str, Any],
-    partition: Path,
-    base: Path,
-    run_dir: Path,
-    cache: Path,
-    log: Callable[[str], None] = _quiet,
-) -> dict[str, Any]:
-    """One in-process federated run; cached in ``run_dir/bench.json`` under a key of its inputs."""
-    key = _digest({"overrides": overrides, "partition": partition.read_text(), "base": str(base)})
-    done = run_dir / "bench.json"
-    if done.exists():
-        prev = json.loads(done.read_text())
-        if prev.get("key") == key:
-            return prev | {"cached": True}
-    cfg = load_config(DEMO, overrides)
-    spec = FederationSpec(
-        config=str(DEMO),
-        run_dir=str(run_dir),
-        base_model=str(base),
-        partition=str(partition),
-        cache_dir=str(cache),
-        overrides=overrides,
-    )
-    device_cfg = simulated_device_config(cfg, partition, base, run_dir) | {SIM_CACHE: str(cache)}
-    n = len(Partition.load(partition).clients)
-    grid = InProcessGrid(
-        make_client_app(device_cfg), [{"partition-id": i, "num-partitions": n} for i in range(n)]
-    )
-    t0 = time.perf_counter()
-    result = run_federation(grid, spec, log=log)
-    seconds = time.perf_counter() - t0
-    hist = result.history
-    exits = sorted(int(k[4:-4]) for k in hist[0] if k.startswith("exit") and k.endswith("/uar"))
-    trained = [rec.get("train", {}) for rec in hist[1:]]
-    out = {
-        "key": key,
-        "seconds": seconds,
-        "before": {str(k): hist[0][f"exit{k}/uar"] for k in exits},
-        "after": {str(k): hist[-1][f"exit{k}/uar"] for k in exits},
-        "curve": {str(k): [rec[f"exit{k}/uar"] for rec in hist] for k in exits},
-        "rounds": len(hist) - 1,
-        "train_reports": trained,
-    }
-    done.write_text(json.dumps(out, indent=1) + "\n")
-    return out | {"cached": False}
-
-
-def teacher_quality(base: Path, split: Partition, rows_all: list, root: Path, cache: Path) -> dict[str, Any]:
+def teacher_quality(base: Path, split: Any, rows_all: list, root: Path, cache: Path) -> dict[str, Any]:
     """Base-model UAR per exit on the test speakers and on all device utterances (with every label)."""
+    from fedsd.clients.app import model_crop
+    from fedsd.clients.training import evaluate_cached, head_outputs
+    from fedsd.data.dataset import rows_by_ids
+    from fedsd.features import FeatureCache
+    from fedsd.model.multiexit import MultiExitSER
+
     model = MultiExitSER.from_pretrained(base)
     fc = FeatureCache(cache, model, model_crop(model))
     out: dict[str, Any] = {}
@@ -232,8 +94,6 @@ def teacher_quality(base: Path, split: Partition, rows_all: list, root: Path, ca
         out[name] = {str(k): r.uar for k, r in reports.items()}
         # how often each shallow exit already agrees with the teacher (what KD can still change)
         with torch.no_grad():
-            from fedsd.clients.training import head_outputs
-
             logits = head_outputs(model, feats, model.exits, list(range(len(rows))))
         teacher = logits[model.exits[-1]].logits.argmax(-1)
         out[f"{name}: agreement with teacher"] = {
@@ -243,17 +103,12 @@ def teacher_quality(base: Path, split: Partition, rows_all: list, root: Path, ca
 
 
 # ---------------------------------------------------------------------------------------- report
-def _cell(values: Sequence[float]) -> str:
-    m, s = mean_std(values)
-    return f"{m:.3f} ± {s:.3f}"
-
-
 def markdown_table(rows: list[tuple[str, str, dict[str, list[float]]]], exits: Sequence[int]) -> str:
     head = "| labels | method | " + " | ".join(f"exit {k}" for k in exits) + " |"
     sep = "|---|---|" + "---:|" * len(exits)
     lines = [head, sep]
     for labels, method, per_exit in rows:
-        lines.append(f"| {labels} | {method} | " + " | ".join(_cell(per_exit[str(k)]) for k in exits) + " |")
+        lines.append(f"| {labels} | {method} | " + " | ".join(cell(per_exit[str(k)]) for k in exits) + " |")
     return "\n".join(lines)
 
 
@@ -355,16 +210,9 @@ def _curves(
 
 
 # ---------------------------------------------------------------------------------------- main
-def main() -> None:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--work", type=Path, default=ROOT / "runs" / "adaptation", help="corpus, model, runs, cache"
-    )
-    ap.add_argument("--corpus", type=Path, help="existing synthetic corpus (default: WORK/corpus, generated)")
-    ap.add_argument("--speakers", type=int, default=24)
-    ap.add_argument("--sentences", type=int, default=12)
-    ap.add_argument("--base-model", type=Path, help="reuse this central checkpoint (default: WORK/base)")
-    ap.add_argument("--speaker-seed", type=int, default=0, help="draws test and server speakers (fixed)")
+    common.add_federation_args(ap, "adaptation")
     ap.add_argument(
         "--base-per-seed",
         action="store_true",
@@ -376,76 +224,55 @@ def main() -> None:
         default="best",
         help="which checkpoint of the trained base model (best = what prepare_run federates)",
     )
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.2])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--local-epochs", type=int, default=5)
     ap.add_argument("--ablations", action="store_true", help="SD loss/optimizer ablations instead")
     ap.add_argument("--ablation-fraction", type=float, default=0.1)
     ap.add_argument("--variants", nargs="+", help=f"run these (CE only always): {', '.join(ABLATIONS)}")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (the machine is shared)")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "adaptation")
-    ap.add_argument("--verbose", action="store_true", help="show Flower's per-round log")
-    args = ap.parse_args()
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    if not args.verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
-    torch.set_num_threads(args.threads)
-    t_start = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - t_start:6.0f} s] {msg}", flush=True)
-
-    work = args.work.resolve()
-    corpus = ensure_corpus((args.corpus or work / "corpus").resolve(), args.speakers, args.sentences, log)
-    common = {
-        "data.root": str(corpus),
-        "data.manifest": str(corpus / "manifest.csv"),
-        "data.synth.speakers": args.speakers,
-        "data.synth.sentences": args.sentences,
-        "federated.rounds": args.rounds,
-        "federated.local_epochs": args.local_epochs,
-    }
+    args = ap.parse_args(argv)
     if args.base_per_seed and args.base_model:
         ap.error("--base-per-seed trains one base model per seed; it cannot take --base-model")
-    cache = work / "cache"
-    rows_all = read_manifest(corpus / "manifest.csv")
+    if args.variants and not args.ablations:
+        ap.error("--variants picks ablations: add --ablations")
+    unknown = sorted(set(args.variants or []) - set(ABLATIONS))
+    if unknown:
+        ap.error(f"--variants {unknown}: choose from {', '.join(ABLATIONS)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    run = common.Run(__file__, argv)
+    threads = common.set_threads(args.threads)
+    try:
+        return _main(args, run)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
+    log = run.log
+    bench = common.FedBench.from_args(args, run)
+    corpus, cache, rows_all = bench.corpus, bench.cache, bench.rows
     setups: dict[int, dict[str, Any]] = {}
 
     def setup(spk_seed: int) -> dict[str, Any]:
         """Speaker split, base model and its quality for one speaker seed (memoized)."""
         if spk_seed in setups:
             return setups[spk_seed]
-        split = speaker_split(common, spk_seed)
-        log(
-            f"speakers (seed {spk_seed}): test {', '.join(split.test_speakers)}; server pool "
-            f"{len(split.server_speakers)}; devices {sum(len(c.speakers) for c in split.clients)}"
-        )
-        if args.base_model:
-            base, seconds = args.base_model.resolve(), 0.0
-        else:
-            best, seconds = ensure_base_model(common, split, work / f"base-spk{spk_seed}", log)
-            base = best.parent / args.checkpoint
-        quality = teacher_quality(base, split, rows_all, corpus, cache)
+        split = bench.speaker_split(spk_seed)
+        best, seconds = bench.ensure_base_model(split, args.checkpoint)
+        quality = teacher_quality(best, split, rows_all, corpus, cache)
         for name, per_exit in quality.items():
             log(
-                f"base model {base.parent.name}/{base.name}, {name}: "
+                f"base model {best.parent.name}/{best.name}, {name}: "
                 + ", ".join(f"exit {k} {v:.3f}" for k, v in per_exit.items())
             )
-        tag = f"spk{spk_seed}-{base.parent.name}-{base.name}-{_digest(str(base))[:6]}"
-        setups[spk_seed] = {"split": split, "base": base, "seconds": seconds, "quality": quality, "tag": tag}
+        tag = f"spk{spk_seed}-{best.parent.name}-{best.name}"
+        setups[spk_seed] = {"split": split, "base": best, "seconds": seconds, "quality": quality, "tag": tag}
         return setups[spk_seed]
 
-    num_clients = load_config(DEMO, common).federated.num_clients or 8
-
     variants = ABLATIONS if args.ablations else MAIN
-    if args.variants and not args.ablations:
-        ap.error("--variants picks ablations: add --ablations")
     if args.variants:
-        unknown = sorted(set(args.variants) - set(ABLATIONS))
-        if unknown:
-            ap.error(f"--variants {unknown}: choose from {', '.join(ABLATIONS)}")
         variants = {k: ABLATIONS[k] for k in dict.fromkeys(["ce", *args.variants])}
     fractions = [args.ablation_fraction] if args.ablations else args.fractions
     runs: list[dict[str, Any]] = []
@@ -456,17 +283,14 @@ def main() -> None:
             split, base, base_tag = st["split"], st["base"], st["tag"]
             for key, (name, mode, extra, frac_override) in variants.items():
                 frac = frac_override if frac_override is not None else f
-                part_path = work / "partitions" / f"spk{spk_seed}-f{frac:g}-s{seed}.json"
-                if not part_path.exists():
-                    device_partition(split, rows_all, seed, frac, num_clients).save(part_path)
-                overrides = common | {
+                part_path = bench.partition(split, seed, frac)
+                overrides = {
                     "federated.mode": mode,
                     "federated.seed": seed,
                     "federated.label_fraction": frac,
                     **extra,
                 }
-                run_dir = work / "runs" / base_tag / f"f{frac:g}-s{seed}-{mode}-{_digest(overrides)}"
-                res = federate(overrides, part_path, base, run_dir, cache)
+                res = bench.federate(overrides, part_path, base, f"{base_tag}/f{frac:g}-s{seed}-{mode}")
                 runs.append(
                     {
                         "key": key,
@@ -479,7 +303,7 @@ def main() -> None:
                         "base_model": str(base),
                     }
                     | {k: res[k] for k in ("before", "after", "curve", "seconds", "cached")}
-                    | {"overrides": extra, "run_dir": str(run_dir)}
+                    | {"overrides": extra, "run_key": res["key"]}
                 )
                 log(
                     f"{f:.0%} seed {seed} {name}: "
@@ -524,14 +348,14 @@ def main() -> None:
     print("Paired difference per seed, variant − CE only (same base model, devices, labels, local seed):")
     print()
     print(paired)
-    total = time.perf_counter() - t_start
     fed_seconds = sum(r["seconds"] for r in runs)
     fresh = [r for r in runs if not r["cached"]]
     print()
     print(
         f"{len(runs)} federated runs, {fed_seconds:.0f} s of federation in all "
         f"({fed_seconds / len(runs):.0f} s each; {len(fresh)} run now, the rest cached in the work dir); "
-        f"base model training {sum(st['seconds'] for st in setups.values()):.0f} s now; this invocation {total:.0f} s; work dir {work}"
+        f"base model training {bench.base_seconds:.0f} s now; this invocation {run.seconds:.0f} s; "
+        f"work dir {bench.work}"
     )
     stem = args.out.name + "".join(
         suffix
@@ -543,12 +367,9 @@ def main() -> None:
         if on
     )
     json_path, png_path = (args.out.parent / f"{stem}.{ext}" for ext in ("json", "png"))
-    json_path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
-        "setup": {
-            "corpus": str(corpus),
-            "speakers": args.speakers,
-            "sentences": args.sentences,
+        "setup": bench.setup_record()
+        | {
             "base_per_seed": args.base_per_seed,
             "splits": {
                 str(k): {
@@ -556,17 +377,18 @@ def main() -> None:
                     "server_speakers": st["split"].server_speakers,
                     "device_speakers": sorted(s for c in st["split"].clients for s in c.speakers),
                     "base_model": str(st["base"]),
+                    "base_fingerprint": bench.fingerprints[str(st["base"])],
                 }
                 for k, st in setups.items()
             },
             "seeds": args.seeds,
             "fractions": fractions,
-            "config": str(DEMO.relative_to(ROOT)),
-            "overrides": common | {"data.root": "<corpus>", "data.manifest": "<corpus>/manifest.csv"},
+            "variants": {k: {"name": v[0], "mode": v[1], "overrides": v[2]} for k, v in variants.items()},
             "engine": "inprocess",
             "torch_threads": args.threads,
         },
         "base_model_quality": {str(k): st["quality"] for k, st in setups.items()},
+        "exits": exits,
         "table": [
             {
                 "labels": labels,
@@ -581,14 +403,21 @@ def main() -> None:
         "paired_markdown": paired,
         "runs": runs,
         "timings_s": {
-            "total": total,
-            "base_model_training_now": sum(st["seconds"] for st in setups.values()),
+            "total": run.seconds,
+            "base_model_training_now": bench.base_seconds,
             "federated_runs": fed_seconds,
         },
     }
-    json_path.write_text(json.dumps(payload, indent=1) + "\n")
+    out = run.write(
+        json_path,
+        payload,
+        config=bench.config().model_dump(mode="json"),
+        fingerprint=dict(bench.fingerprints),
+        args=args,
+    )
     plot(table_rows, exits, png_path, title)
-    log(f"wrote {json_path} and {png_path}")
+    log(f"wrote {png_path}")
+    return out
 
 
 if __name__ == "__main__":

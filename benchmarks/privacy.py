@@ -12,61 +12,56 @@ speakers and base model are fixed. UAR is on the 4 unseen test speakers.
 Overhead: the same device's local training (cached features, one round of 5 epochs) with and without
 DP, interleaved, median of repeats; reported as a ratio (the machine is shared, absolute times drift).
 
-Reproduce (reuses ``runs/adaptation`` when present, else generates the corpus and trains the base
-model first, ~10 min):
+Reproduce (the recipe is configs/demo.yaml; every size defaults to its value; the corpus and base model
+are made in the work directory on first use):
 
     .venv/bin/python benchmarks/privacy.py                   # ε 1, 3, 8 and no DP, seeds 0 1 2
+    .venv/bin/python benchmarks/privacy.py --speakers 6 --sentences 1 --clients 2 --test-speakers 2 \
+        --server-speakers 2 --base-epochs 1 --rounds 1 --local-epochs 1 --seeds 0 --epsilons 8 \
+        --repeats 1                                          # tiny
 
-Writes ``benchmarks/results/privacy.json`` and ``privacy.png``.
+Writes ``benchmarks/results/privacy.json`` (with provenance, see benchmarks/common.py) and ``privacy.png``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import os
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adaptation import (  # noqa: E402  (a sibling script, not a package)
-    ROOT,
-    device_partition,
-    ensure_base_model,
-    ensure_corpus,
-    federate,
-    mean_std,
-    speaker_split,
-)
+import common  # noqa: E402  (benchmarks/common.py; scripts are not a package)
+from common import mean_std  # noqa: E402
 
-from fedsd.clients.app import model_crop  # noqa: E402
-from fedsd.clients.dp_training import train_heads_private  # noqa: E402
-from fedsd.clients.training import LocalTrainConfig, plan_exits, train_heads  # noqa: E402
-from fedsd.data.dataset import rows_by_ids  # noqa: E402
-from fedsd.data.manifest import read_manifest  # noqa: E402
-from fedsd.data.partition import Partition  # noqa: E402
-from fedsd.features import FeatureCache  # noqa: E402
-from fedsd.model.multiexit import MultiExitSER  # noqa: E402
-from fedsd.privacy import calibrate_noise, local_schedule  # noqa: E402
 from fedsd.report import markdown_table  # noqa: E402
 
 EXITS = (1, 2, 3)
 
 
 def overhead(
-    base: Path, partition: Path, corpus: Path, cache: Path, repeats: int, delta: float
+    base: Path, partition: Path, corpus: Path, cache: Path, repeats: int, delta: float, epochs: int
 ) -> dict[str, Any]:
     """Median seconds of one round of local training on device 0 (exit 3: heads 1-3), with and without DP."""
+    from fedsd.clients.app import model_crop
+    from fedsd.clients.dp_training import train_heads_private
+    from fedsd.clients.training import LocalTrainConfig, plan_exits, train_heads
+    from fedsd.data.dataset import rows_by_ids
+    from fedsd.data.manifest import read_manifest
+    from fedsd.data.partition import Partition
+    from fedsd.features import FeatureCache
+    from fedsd.model.multiexit import MultiExitSER
+    from fedsd.privacy import calibrate_noise, local_schedule
+
     model = MultiExitSER.from_pretrained(base)
     client = Partition.load(partition).client(0)
     rows = rows_by_ids(read_manifest(corpus / "manifest.csv"), client.utt_ids)
-    lcfg = LocalTrainConfig(exit=3, epochs=5, batch_size=16, lr=1e-3)
+    lcfg = LocalTrainConfig(exit=3, epochs=epochs, batch_size=16, lr=1e-3)
     plan = plan_exits(model.exits, 3, lcfg)
     feats = FeatureCache(cache, model, model_crop(model)).get(
         rows, corpus, plan.needed, label_names=model.label_names, labelled=list(client.labelled)
@@ -134,54 +129,40 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "adaptation")
+    common.add_federation_args(ap, "privacy")
     ap.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--fraction", type=float, default=0.2)
     ap.add_argument("--delta", type=float, default=1e-4)
-    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=7, help="timing repeats (overhead)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "privacy")
-    args = ap.parse_args()
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    torch.set_num_threads(args.threads)
-    t_start = time.perf_counter()
+    return ap.parse_args(argv)
 
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - t_start:6.0f} s] {msg}", flush=True)
 
-    work = args.work.resolve()
-    corpus = ensure_corpus(work / "corpus", 24, 12, log)
-    common = {
-        "data.root": str(corpus),
-        "data.manifest": str(corpus / "manifest.csv"),
-        "data.synth.speakers": 24,
-        "data.synth.sentences": 12,
-        "federated.rounds": args.rounds,
-        "federated.local_epochs": 5,
-    }
-    split = speaker_split(common, 0)
-    base, _ = ensure_base_model(common, split, work / "base-spk0", log)
-    cache = work / "cache"
-    rows_all = read_manifest(corpus / "manifest.csv")
-    from fedsd.config import load_config
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    run = common.Run(__file__, argv)
+    threads = common.set_threads(args.threads)
+    try:
+        return _main(args, run)
+    finally:
+        torch.set_num_threads(threads)
 
-    num_clients = load_config(ROOT / "configs" / "demo.yaml", common).federated.num_clients or 8
+
+def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
+    log = run.log
+    bench = common.FedBench.from_args(args, run)
+    split = bench.speaker_split(args.speaker_seed)
+    base, _ = bench.ensure_base_model(split)
+    fed = bench.config().federated
     settings: list[float | None] = [None, *sorted(args.epsilons, reverse=True)]
     rows: list[dict[str, Any]] = []
     for eps in settings:
         row: dict[str, Any] = {"target_epsilon": eps, "uar": {str(k): [] for k in EXITS}, "epsilon": [], "sigma": [],
                                "device_seconds": []}  # fmt: skip
         for seed in args.seeds:
-            part = work / "partitions" / f"spk0-f{args.fraction:g}-s{seed}.json"
-            if not part.exists():
-                device_partition(split, rows_all, seed, args.fraction, num_clients).save(part)
-            overrides = common | {
+            part = bench.partition(split, seed, args.fraction)
+            overrides: dict[str, Any] = {
                 "federated.label_fraction": args.fraction,
                 "federated.seed": seed,
                 "federated.mode": "sd",
@@ -189,11 +170,10 @@ def main() -> None:
             if eps is not None:
                 overrides |= {
                     "federated.dp": {"target_epsilon": eps, "delta": args.delta, "max_grad_norm": 1.0,
-                                     "rounds": args.rounds},
+                                     "rounds": fed.rounds},
                 }  # fmt: skip
             name = "nodp" if eps is None else f"eps{eps:g}"
-            run_dir = work / "runs" / "privacy" / f"{name}-s{seed}"
-            res = federate(overrides, part, base, run_dir, cache)
+            res = bench.federate(overrides, part, base, f"privacy/{name}-s{seed}")
             for k in EXITS:
                 row["uar"][str(k)].append(res["after"][str(k)])
             reports = res["train_reports"]
@@ -213,10 +193,10 @@ def main() -> None:
     before = res["before"]
 
     log("timing local training with and without DP (device 0, exit 3, interleaved)")
-    part0 = work / "partitions" / f"spk0-f{args.fraction:g}-s{args.seeds[0]}.json"
-    ov = overhead(base, part0, corpus, cache, args.repeats, args.delta)
+    part0 = bench.partition(split, args.seeds[0], args.fraction)
+    ov = overhead(base, part0, bench.corpus, bench.cache, args.repeats, args.delta, fed.local_epochs)
 
-    header = ["device DP", "σ (calibrated)", f"max ε after {args.rounds} rounds"] + [
+    header = ["device DP", "σ (calibrated)", f"max ε after {fed.rounds} rounds"] + [
         f"exit {k} UAR" for k in EXITS
     ]
     table_rows = [["base model (before federation)", "–", "–"] + [f"{before[str(k)]:.3f}" for k in EXITS]]
@@ -247,26 +227,34 @@ def main() -> None:
     print(
         f"overhead: device 0, {ov['utterances']} utterances, {ov['steps']} steps, q = {ov['sample_rate']:.3f}, "
         f"σ = {ov['noise_multiplier']:.2f}; median of {ov['repeats']} interleaved repeats; this run "
-        f"{time.perf_counter() - t_start:.0f} s"
+        f"{run.seconds:.0f} s"
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
-        "setting": {
-            "corpus": "synthetic 24 speakers x 12 sentences x 4 emotions",
+        "setting": bench.setup_record()
+        | {
             "base_model": str(base),
+            "test_speakers": split.test_speakers,
             "seeds": args.seeds,
             "label_fraction": args.fraction,
             "delta": args.delta,
-            "rounds": args.rounds,
-            "exits_mix": [1, 2, 3],
+            "rounds": fed.rounds,
+            "local_epochs": fed.local_epochs,
+            "num_clients": fed.num_clients,
+            "exits_mix": fed.exits_mix,
         },
+        "exits": list(EXITS),
         "before": before,
         "rows": rows,
         "overhead": ov,
     }
-    args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
+    json_path = args.out.with_suffix(".json")
+    out = run.write(
+        json_path, payload, config=bench.config().model_dump(mode="json"), fingerprint=dict(bench.fingerprints),
+        args=args,
+    )  # fmt: skip
     plot(rows, args.out.with_suffix(".png"))
-    log(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
+    log(f"wrote {args.out.with_suffix('.png')}")
+    return out
 
 
 if __name__ == "__main__":

@@ -10,45 +10,33 @@ Defences compared (config ``federated.*``): plain weighted mean; ``max_update_no
 ``aggregation: trimmed_mean`` (trim 0.2 → one device cut at each end of 8 per coordinate);
 ``aggregation: median``. Each is also run without an attacker (the price of the defence).
 
-    .venv/bin/python benchmarks/robustness.py        # ~20 min on 2 loaded cores (cached features)
+Every size defaults to the recipe's (configs/demo.yaml) value; corpus, base model and feature cache are
+made in the work directory on first use.
 
-Writes ``benchmarks/results/robustness.json`` and ``robustness.png``.
+    .venv/bin/python benchmarks/robustness.py        # ~20 min on 2 loaded cores (cached features)
+    .venv/bin/python benchmarks/robustness.py --speakers 6 --sentences 1 --clients 2 --test-speakers 2 \
+        --server-speakers 2 --base-epochs 1 --rounds 1 --local-epochs 1 --seeds 0 \
+        --defences mean median --attacks none scaled          # tiny
+
+Writes ``benchmarks/results/robustness.json`` (with provenance, see benchmarks/common.py) and
+``robustness.png``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import os
-import shutil
 import sys
-import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import Array, Context, Message
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adaptation import (  # noqa: E402  (a sibling script, not a package)
-    DEMO,
-    ROOT,
-    device_partition,
-    ensure_base_model,
-    ensure_corpus,
-    mean_std,
-    speaker_split,
-)
+import common  # noqa: E402  (benchmarks/common.py; scripts are not a package)
+from common import mean_std  # noqa: E402
 
-from fedsd.clients.app import make_client_app  # noqa: E402
-from fedsd.clients.device import SIM_CACHE, simulated_device_config  # noqa: E402
-from fedsd.config import load_config  # noqa: E402
-from fedsd.data.manifest import read_manifest  # noqa: E402
-from fedsd.data.partition import Partition  # noqa: E402
 from fedsd.report import markdown_table  # noqa: E402
-from fedsd.server.federation import FederationSpec, run_federation  # noqa: E402
-from fedsd.server.inprocess import InProcessGrid  # noqa: E402
 
 EXITS = (1, 2, 3)
 DEFENCES: dict[str, dict[str, Any]] = {
@@ -58,127 +46,120 @@ DEFENCES: dict[str, dict[str, Any]] = {
     "median": {"federated.aggregation": "median"},
 }
 ATTACKS: dict[str, float | None] = {"none": None, "scaled ×100": 100.0, "sign-flipped ×100": -100.0}
+# command-line names
+DEFENCE_KEYS = dict(zip(("mean", "norm", "trimmed", "median"), DEFENCES, strict=True))
+ATTACK_KEYS = dict(zip(("none", "scaled", "flipped"), ATTACKS, strict=True))
 
 
-def run(
-    overrides: dict[str, Any], factor: float | None, partition: Path, base: Path, run_dir: Path, cache: Path
-) -> dict[str, Any]:
-    """One federated run with device 0 tampering its train replies by ``factor`` (None: honest)."""
-    done = run_dir / "bench.json"
-    key = json.dumps(
-        {"overrides": overrides, "factor": factor, "partition": partition.read_text()}, sort_keys=True
-    )
-    if done.exists() and json.loads(done.read_text()).get("key") == key:
-        return json.loads(done.read_text()) | {"cached": True}
-    shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = load_config(DEMO, overrides)
-    spec = FederationSpec(
-        config=str(DEMO), run_dir=str(run_dir), base_model=str(base), partition=str(partition),
-        cache_dir=str(cache), overrides=overrides,
-    )  # fmt: skip
-    honest = make_client_app(simulated_device_config(cfg, partition, base, run_dir) | {SIM_CACHE: str(cache)})
+def attacker(factor: float | None) -> Callable[[Any], Any]:
+    """Wrap the honest ClientApp: device 0 replaces its train update u by g + factor·(u − g)."""
+    from flwr.app import Array, Context, Message
 
-    def device(msg: Message, context: Context) -> Message:
-        reply = honest(msg, context)
-        attacker = int(context.node_config["partition-id"]) == 0
-        if factor is not None and attacker and msg.metadata.message_type == "train" and not reply.has_error():
-            sent = msg.content.array_records["arrays"]
-            arrays = reply.content.array_records["arrays"]
-            for k in list(arrays.keys()):
-                u, g = arrays[k].numpy(), sent[k].numpy()
-                arrays[k] = Array((g + factor * (u - g)).astype(u.dtype))
-        return reply
+    def wrap(honest: Any) -> Callable[[Message, Context], Message]:
+        def device(msg: Message, context: Context) -> Message:
+            reply = honest(msg, context)
+            bad = int(context.node_config["partition-id"]) == 0
+            if factor is not None and bad and msg.metadata.message_type == "train" and not reply.has_error():
+                sent = msg.content.array_records["arrays"]
+                arrays = reply.content.array_records["arrays"]
+                for k in list(arrays.keys()):
+                    u, g = arrays[k].numpy(), sent[k].numpy()
+                    arrays[k] = Array((g + factor * (u - g)).astype(u.dtype))
+            return reply
 
-    n = len(Partition.load(partition).clients)
-    grid = InProcessGrid(device, [{"partition-id": i, "num-partitions": n} for i in range(n)])  # type: ignore[arg-type]
-    t0 = time.perf_counter()
-    hist = run_federation(grid, spec, log=lambda _: None).history
-    out = {
-        "key": key,
-        "seconds": time.perf_counter() - t0,
-        "before": {str(k): hist[0][f"exit{k}/uar"] for k in EXITS},
-        "after": {str(k): hist[-1][f"exit{k}/uar"] for k in EXITS},
-        "rejected": [len(r.get("train", {}).get("rejections", [])) for r in hist[1:]],
-    }
-    done.write_text(json.dumps(out, indent=1) + "\n")
-    return out | {"cached": False}
+        return device
+
+    return wrap
 
 
-def plot(results: dict[str, dict[str, list[float]]], path: Path) -> None:
+def plot(
+    results: dict[str, dict[str, list[float]]],
+    path: Path,
+    defences: list[str],
+    attacks: list[str],
+    title: str,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
-    names = list(DEFENCES)
-    width = 0.8 / len(ATTACKS)
-    for j, attack in enumerate(ATTACKS):
+    names = defences
+    width = 0.8 / len(attacks)
+    for j, attack in enumerate(attacks):
         stats = [mean_std(results[f"{d}|{attack}"]["1"]) for d in names]
-        xs = [i + (j - (len(ATTACKS) - 1) / 2) * width for i in range(len(names))]
+        xs = [i + (j - (len(attacks) - 1) / 2) * width for i in range(len(names))]
         ax.bar(
             xs, [m for m, _ in stats], width, yerr=[s for _, s in stats], capsize=3, label=f"attack: {attack}"
         )
     ax.axhline(0.25, color="grey", lw=0.8, ls=":")
     ax.set_xticks(range(len(names)), names, fontsize=8)
     ax.set_ylabel("exit 1 UAR, unseen speakers")
-    ax.set_title("One malicious device of 8 (mean ± std over 3 seeds)", fontsize=9)
-    ax.legend(fontsize=7, loc="lower center", ncol=3, framealpha=0.95)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower center", ncol=len(attacks), framealpha=0.95)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def main() -> None:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "adaptation")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    common.add_federation_args(ap, "robustness")
     ap.add_argument("--fraction", type=float, default=0.2)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "robustness")
-    args = ap.parse_args()
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    logging.getLogger("flwr").setLevel(logging.ERROR)
-    torch.set_num_threads(args.threads)
-    t_start = time.perf_counter()
+    ap.add_argument(
+        "--defences", nargs="+", choices=list(DEFENCE_KEYS), default=list(DEFENCE_KEYS), help="which defences"
+    )
+    ap.add_argument(
+        "--attacks", nargs="+", choices=list(ATTACK_KEYS), default=list(ATTACK_KEYS), help="which attacks"
+    )
+    args = ap.parse_args(argv)
+    if "mean" not in args.defences or "none" not in args.attacks:
+        ap.error("the clean reference (--defences mean, --attacks none) is always needed")
+    return args
 
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - t_start:6.0f} s] {msg}", flush=True)
 
-    work = args.work.resolve()
-    corpus = ensure_corpus(work / "corpus", 24, 12, log)
-    common = {
-        "data.root": str(corpus), "data.manifest": str(corpus / "manifest.csv"), "data.synth.speakers": 24,
-        "data.synth.sentences": 12, "federated.rounds": 5, "federated.local_epochs": 5,
-    }  # fmt: skip
-    split = speaker_split(common, 0)
-    base, _ = ensure_base_model(common, split, work / "base-spk0", log)
-    rows_all = read_manifest(corpus / "manifest.csv")
-    num_clients = load_config(DEMO, common).federated.num_clients or 8
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    run = common.Run(__file__, argv)
+    threads = common.set_threads(args.threads)
+    try:
+        return _main(args, run)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
+    log = run.log
+    bench = common.FedBench.from_args(args, run)
+    split = bench.speaker_split(args.speaker_seed)
+    base, _ = bench.ensure_base_model(split)
+    num_clients = bench.num_clients
+    defences = {DEFENCE_KEYS[d]: DEFENCES[DEFENCE_KEYS[d]] for d in args.defences}
+    attacks = {ATTACK_KEYS[a]: ATTACKS[ATTACK_KEYS[a]] for a in args.attacks}
     results: dict[str, dict[str, list[float]]] = {}
     rejected: dict[str, list[int]] = {}
     before: dict[str, float] = {}
-    for defence, extra in DEFENCES.items():
-        for attack, factor in ATTACKS.items():
+    for defence, extra in defences.items():
+        for attack, factor in attacks.items():
             cell = results.setdefault(f"{defence}|{attack}", {str(k): [] for k in EXITS})
             for seed in args.seeds:
-                part = work / "partitions" / f"spk0-f{args.fraction:g}-s{seed}.json"
-                if not part.exists():
-                    device_partition(split, rows_all, seed, args.fraction, num_clients).save(part)
-                overrides = common | extra | {
+                part = bench.partition(split, seed, args.fraction)
+                overrides = extra | {
                     "federated.label_fraction": args.fraction, "federated.seed": seed, "federated.mode": "sd",
                 }  # fmt: skip
                 tag = "-".join(f"{k.split('.')[-1]}{v}" for k, v in extra.items()) or "mean"
-                run_dir = work / "runs" / "robustness" / f"{tag}-f{factor}-s{seed}"
-                res = run(overrides, factor, part, base, run_dir, work / "cache")
+                res = bench.federate(
+                    overrides, part, base, f"robustness/{tag}-f{factor}-s{seed}", wrap=attacker(factor),
+                    key_extra={"attack": "device 0 sends g + factor (u - g)", "factor": factor},
+                )  # fmt: skip
                 before = res["before"]
                 for k in EXITS:
                     cell[str(k)].append(res["after"][str(k)])
-                rejected.setdefault(f"{defence}|{attack}", []).append(sum(res["rejected"]))
+                n_rejected = sum(len(r.get("rejections", [])) for r in res["train_reports"])
+                rejected.setdefault(f"{defence}|{attack}", []).append(n_rejected)
                 log(
-                    f"{defence} / {attack} / seed {seed}: exit 1 {res['after']['1']:.3f}, "
-                    f"rejected {sum(res['rejected'])}"
+                    f"{defence} / {attack} / seed {seed}: exit 1 {res['after']['1']:.3f}, rejected {n_rejected}"
                     + (" (cached)" if res.get("cached") else f" ({res['seconds']:.0f} s)")
                 )
     clean = results["mean (no defence)|none"]
@@ -188,26 +169,45 @@ def main() -> None:
         + ["Δ exit 1 vs clean mean", "rejected replies"]
     )
     rows = [["base model (before federation)", "–"] + [f"{before[str(k)]:.3f}" for k in EXITS] + ["", ""]]
-    for key, cell in results.items():
+    for key, per_exit in results.items():
         defence, attack = key.split("|")
-        cells = [f"{mean_std(cell[str(k)])[0]:.3f} ± {mean_std(cell[str(k)])[1]:.3f}" for k in EXITS]
-        delta = mean_std([a - b for a, b in zip(cell["1"], clean["1"], strict=True)])
+        cells = [f"{mean_std(per_exit[str(k)])[0]:.3f} ± {mean_std(per_exit[str(k)])[1]:.3f}" for k in EXITS]
+        delta = mean_std([a - b for a, b in zip(per_exit["1"], clean["1"], strict=True)])
         rows.append([defence, attack, *cells, f"{delta[0]:+.3f} ± {delta[1]:.3f}",
                      f"{sum(rejected[key]) / len(args.seeds):.1f}/run"])  # fmt: skip
+    title = f"One malicious device of {num_clients} (device 0), mean ± std over seeds {args.seeds}"
     print()
-    print(f"### One malicious device of {num_clients} (device 0), mean ± std over seeds {args.seeds}")
+    print(f"### {title}")
     print()
     print(markdown_table(header, rows))
-    print(f"this run {time.perf_counter() - t_start:.0f} s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(
-        json.dumps(
-            {"before": before, "results": results, "rejected": rejected, "seeds": args.seeds}, indent=1
-        )
-        + "\n"
-    )
-    plot(results, args.out.with_suffix(".png"))
-    log(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
+    print(f"this run {run.seconds:.0f} s")
+    fed = bench.config().federated
+    payload = {
+        "setting": bench.setup_record()
+        | {
+            "base_model": str(base),
+            "test_speakers": split.test_speakers,
+            "seeds": args.seeds,
+            "label_fraction": args.fraction,
+            "rounds": fed.rounds,
+            "local_epochs": fed.local_epochs,
+            "num_clients": num_clients,
+            "defences": defences,
+            "attacks": attacks,
+        },
+        "exits": list(EXITS),
+        "before": before,
+        "results": results,
+        "rejected": rejected,
+        "seeds": args.seeds,
+    }
+    out = run.write(
+        args.out.with_suffix(".json"), payload, config=bench.config().model_dump(mode="json"),
+        fingerprint=dict(bench.fingerprints), args=args,
+    )  # fmt: skip
+    plot(results, args.out.with_suffix(".png"), list(defences), list(attacks), title)
+    log(f"wrote {args.out.with_suffix('.png')}")
+    return out
 
 
 if __name__ == "__main__":
