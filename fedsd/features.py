@@ -8,8 +8,13 @@ process, so the cache lives on disk.
 What is cached per utterance and exit is the head's *precomputed input* (``ExitHead.precompute``:
 pooled statistics for ``stats`` heads, the frame sequence for ``gru`` heads), never head outputs: heads
 change every round, the backbone does not. Entries are keyed by backbone fingerprint + file identity
-(absolute path, size, mtime) + crop policy + exit + head kind, and each file stores its own key, so a
-stale or corrupt entry is detected and recomputed, never trusted.
+(absolute path, size, mtime and the sha256 of the file's bytes) + crop policy + exit + head kind, and
+each file stores its own key, so a stale or corrupt entry is detected and recomputed, never trusted.
+The content hash is what catches audio rewritten with the same size and a preserved mtime
+(``cp -p``, ``rsync -t``); path, size and mtime alone would reuse stale features.
+
+Cached tensors are CPU tensors; the backbone runs on the ``device`` asked for and the model stays there,
+so whoever feeds cached inputs to the heads moves them to the heads' device (``clients/training.py``).
 """
 
 from __future__ import annotations
@@ -29,7 +34,12 @@ from fedsd.data.dataset import SpeechDataset, collate_batch
 from fedsd.data.manifest import ManifestRow
 from fedsd.model.multiexit import MultiExitSER
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the key holds the audio's sha256
+
+# sha256 of audio files already hashed by this process, keyed by what stat says about the file: a file
+# is rehashed only when one of these changes. ctime is in the key because no user-space tool can
+# preserve it: rewriting a file in place (same inode, size, restored mtime) still changes it.
+_CONTENT_HASHES: dict[tuple[str, int, int, int, int, int], str] = {}
 
 
 @dataclass
@@ -47,9 +57,24 @@ class CachedFeatures:
         return torch.stack(self.inputs[k])
 
 
+def _content_sha256(path: Path, st: os.stat_result) -> str:
+    """sha256 of the file's bytes, computed once per process for an unchanged file."""
+    memo = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    digest = _CONTENT_HASHES.get(memo)
+    if digest is None:
+        h = hashlib.sha256()
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        digest = _CONTENT_HASHES[memo] = h.hexdigest()
+    return digest
+
+
 def _file_identity(path: Path) -> str:
-    st = path.stat()
-    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    """Path, size, mtime and content hash: a rewrite with a preserved size and mtime is still noticed."""
+    resolved = path.resolve()
+    st = resolved.stat()
+    return f"{resolved}|{st.st_size}|{st.st_mtime_ns}|{_content_sha256(resolved, st)}"
 
 
 class FeatureCache:

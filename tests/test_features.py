@@ -101,3 +101,60 @@ def test_cached_features_do_not_depend_on_the_cache_batch_size(
         a = model.heads[str(k)].forward_precomputed(batched.stacked(k)).logits
         b = model.heads[str(k)].forward_precomputed(single.stacked(k)).logits
         assert (a - b).abs().max().item() < 1e-4
+
+
+def test_audio_rewritten_with_same_size_and_mtime_is_recomputed(
+    tmp_path: Path, small_corpus: Path, tiny_model_dir: Path
+) -> None:
+    """``cp -p`` / ``rsync -t`` keep size and mtime: the content hash in the key still sees the change."""
+    import soundfile as sf
+
+    corpus, rows, model = _setup(tmp_path, small_corpus, tiny_model_dir)
+    cache = FeatureCache(tmp_path / "cache", model, CropPolicy(1.0, "center"))
+    ref = cache.get(rows, corpus, [1], label_names=LABELS)
+    audio = corpus / rows[2].path
+    st = audio.stat()
+    wav, sr = sf.read(audio, dtype="float32")
+    info = sf.info(audio)
+    sf.write(audio, wav[::-1].copy() * 0.5, sr, subtype=info.subtype)  # other samples, same length and format
+    os.utime(audio, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert audio.stat().st_size == st.st_size and audio.stat().st_mtime_ns == st.st_mtime_ns
+    again = cache.get(rows, corpus, [1], label_names=LABELS)
+    assert (again.hits, again.misses) == (5, 1)
+    assert not torch.allclose(again.inputs[1][2], ref.inputs[1][2])
+    torch.testing.assert_close(again.inputs[1][0], ref.inputs[1][0])
+
+
+def test_content_hash_is_computed_once_per_unchanged_file(
+    tmp_path: Path, small_corpus: Path, tiny_model_dir: Path, monkeypatch
+) -> None:
+    import fedsd.features as features
+
+    corpus, rows, model = _setup(tmp_path, small_corpus, tiny_model_dir)
+    opened: list[Path] = []
+    real_open = Path.open
+
+    def spy(self: Path, *args, **kwargs):
+        if self.suffix == ".wav":
+            opened.append(self)
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(features, "_CONTENT_HASHES", {})
+    monkeypatch.setattr(Path, "open", spy)
+    cache = FeatureCache(tmp_path / "cache", model, CropPolicy(1.0, "center"))
+    keys = [cache.entry_key(corpus / r.path, k) for r in rows for k in (1, 2)]
+    assert len(opened) == len(rows)  # one read per file, however many exits and calls
+    assert keys == [cache.entry_key(corpus / r.path, k) for r in rows for k in (1, 2)]
+    assert len(opened) == len(rows)
+
+
+def test_final_norm_rule_changes_the_cache_folder(tmp_path: Path) -> None:
+    """Two pre-LN models with the same weights but another last-exit rule must not share features."""
+    from fedsd.model.backbone import load_backbone
+
+    a, b = (
+        MultiExitSER(load_backbone("tiny-preln"), [2, 4], LABELS, final_norm_at_last_exit=f)
+        for f in (False, True)
+    )
+    crop = CropPolicy(1.0, "center")
+    assert FeatureCache(tmp_path, a, crop).dir != FeatureCache(tmp_path, b, crop).dir
