@@ -14,6 +14,7 @@ one JSON line to it — what `fedsd client run` prints per round.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import replace
@@ -28,7 +29,14 @@ from fedsd.audio import CropPolicy
 from fedsd.checkpoint import atomic_write_text
 from fedsd.clients.device import DeviceError, DeviceSettings
 from fedsd.clients.dp_training import train_heads_private
-from fedsd.clients.training import ExitPlan, LocalTrainConfig, evaluate_cached, plan_exits, train_heads
+from fedsd.clients.training import (
+    ExitPlan,
+    LocalTrainConfig,
+    evaluate_cached,
+    mix_seed,
+    plan_exits,
+    train_heads,
+)
 from fedsd.distill import DistillConfig
 from fedsd.features import CachedFeatures, FeatureCache
 from fedsd.model.multiexit import MultiExitSER
@@ -65,7 +73,18 @@ def _device_exit(settings: DeviceSettings, model: MultiExitSER, cfg: dict[str, A
     return int(cfg.get("default-exit", model.exits[-1]))
 
 
-def _local_config(cfg: dict[str, Any], exit_k: int) -> LocalTrainConfig:
+def device_identity(settings: DeviceSettings, context: Context) -> str:
+    """What tells this device apart in a round's seed: its partition (simulation) or its node id."""
+    if settings.partition_id is not None:
+        return f"partition-{settings.partition_id}"
+    return f"node-{context.node_id}"
+
+
+def _local_config(cfg: dict[str, Any], exit_k: int, device: str = "") -> LocalTrainConfig:
+    """Local training settings from the server's config; the seed mixes run seed, round and ``device``.
+
+    Why the device: with one seed per round every device would shuffle and drop out identically.
+    """
     return LocalTrainConfig(
         exit=exit_k,
         train_exits=str(cfg.get("train-exits", "upto")),  # type: ignore[arg-type]
@@ -73,7 +92,7 @@ def _local_config(cfg: dict[str, Any], exit_k: int) -> LocalTrainConfig:
         epochs=int(cfg.get("local-epochs", 5)),
         batch_size=int(cfg.get("batch-size", 16)),
         lr=float(cfg.get("lr", 1e-3)),
-        seed=int(cfg.get("seed", 0)) * 100003 + int(cfg.get("server-round", 0)),
+        seed=mix_seed(int(cfg.get("seed", 0)), int(cfg.get("server-round", 0)), device),
         distill=DistillConfig(
             w_ce=float(cfg.get("w-ce", 1.0)),
             w_kd=float(cfg.get("w-kd", 1.0)),
@@ -112,7 +131,7 @@ def _prepare(
     cfg = dict(msg.content.config_records.get("config", ConfigRecord()))
     model = load_device_model(settings, str(cfg.get("fingerprint", "")))
     exit_k = _device_exit(settings, model, cfg)
-    lcfg = _local_config(cfg, exit_k)
+    lcfg = _local_config(cfg, exit_k, device_identity(settings, context))
     plan = plan_exits(model.exits, exit_k, lcfg)
     if plan.teacher not in model.exits:
         raise DeviceError(f"teacher exit {plan.teacher} is not in this device's model; use teacher: local")
@@ -125,7 +144,8 @@ def _prepare(
 
 
 def _uar_metrics(prefix: str, reports: dict) -> dict[str, float]:
-    return {f"exit{k}/{prefix}": float(r.uar) for k, r in reports.items() if r.n > 0}
+    """UAR per exit; an exit evaluated on no utterance has none (NaN) and is left out, never sent as 0."""
+    return {f"exit{k}/{prefix}": float(r.uar) for k, r in reports.items() if r.n > 0 and math.isfinite(r.uar)}
 
 
 def train(msg: Message, context: Context, defaults: dict[str, Any] | None = None) -> Message:
@@ -274,7 +294,8 @@ def evaluate(msg: Message, context: Context, defaults: dict[str, Any] | None = N
     reports = evaluate_cached(model, feats, exits)
     metrics: dict[str, Any] = {"num-examples": max(1, int((feats.labels >= 0).sum()))}
     for k, r in reports.items():
-        metrics |= {f"exit{k}/uar": r.uar, f"exit{k}/wa": r.wa, f"exit{k}/f1": r.macro_f1}
+        if r.n > 0:  # no labelled utterance: no metric (NaN), rather than a 0.0 the server would average in
+            metrics |= {f"exit{k}/uar": r.uar, f"exit{k}/wa": r.wa, f"exit{k}/f1": r.macro_f1}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

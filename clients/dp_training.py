@@ -28,7 +28,14 @@ from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from fedsd.clients.training import ExitPlan, LocalTrainConfig, batch_input, head_outputs
+from fedsd.clients.training import (
+    ExitPlan,
+    LocalTrainConfig,
+    batch_input,
+    head_outputs,
+    rng_devices,
+    set_train_modes,
+)
 from fedsd.distill import self_distill_loss
 from fedsd.features import CachedFeatures
 from fedsd.model.heads import ExitHead, HeadOutput
@@ -105,7 +112,7 @@ def train_heads_private(
     torch.set_num_threads(1)
     seed = rng_seed if rng_seed is not None else secrets.randbits(63)
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=rng_devices(model)):
             torch.manual_seed(seed)
             return _train(model, feats, plan, cfg, noise_multiplier, max_grad_norm, sample_rate, steps, seed)
     finally:
@@ -133,20 +140,24 @@ def _train(
         p.requires_grad_(True)
     gsm = GradSampleModule(container, loss_reduction="sum")
     params = [p for p in container.parameters() if p.requires_grad]
+    device = params[0].device
+    # Opacus draws the noise on the parameters' device, so its generator must live there too.
+    noise_g = g
+    if device.type != "cpu":
+        noise_g = torch.Generator(device=device).manual_seed(int(torch.randint(2**62, (1,), generator=g)))
     optimizer = DPOptimizer(
         torch.optim.Adam(params, lr=cfg.lr),
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         expected_batch_size=max(1, round(n * sample_rate)),
         loss_reduction="mean",
-        generator=g,
+        generator=noise_g,
     )
-    teacher_head = model.heads[str(plan.teacher)]
     sums: dict[str, float] = {}
     counted = 0
     try:
+        set_train_modes(model, plan.train)  # the same rule as plain training (the DP copies below train)
         container.train()
-        teacher_head.eval()
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
             idx = torch.nonzero(torch.rand(n, generator=g) < sample_rate).flatten().tolist()
@@ -168,7 +179,7 @@ def _train(
                 counted += 1
             else:  # an empty Poisson batch: still a noisy step (the accountant counts it)
                 for p in params:
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             optimizer.step()
     finally:
         gsm._close()

@@ -2,11 +2,15 @@
 
 The backbone is frozen, so each epoch only runs the small heads over cached head inputs
 (``fedsd.features``). The teacher is the frozen deep exit (``teacher="deep"``) or, on a device that
-cannot run the whole model, its own deepest exit (``teacher="local"``).
+cannot run the whole model, its own deepest exit (``teacher="local"``, trained with CE like any head).
+
+Cached inputs are CPU tensors while the heads sit wherever the feature cache ran the model
+(``--device``): every batch goes to the heads' device here, and results come back to the CPU.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -69,16 +73,44 @@ def plan_exits(model_exits: Sequence[int], device_exit: int, cfg: LocalTrainConf
     return ExitPlan(needed=needed, train=train, teacher=teacher)
 
 
+def mix_seed(*parts: int | str) -> int:
+    """A 63-bit seed mixed deterministically from ``parts`` (run seed, round, device identity).
+
+    Why: devices of one round must not share a seed (same shuffles, same dropout masks), yet a device's
+    update must stay reproducible from what it was sent and who it is.
+    """
+    digest = hashlib.sha256("|".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def head_device(model: MultiExitSER, k: int) -> torch.device:
+    """Where exit ``k``'s head lives (its inputs must go there)."""
+    return next(model.heads[str(k)].parameters()).device
+
+
+def set_train_modes(model: MultiExitSER, train: Sequence[int]) -> None:
+    """One rule for plain and DP training: a head that is trained is in train mode, the rest in eval.
+
+    So a frozen deep teacher gives targets without dropout noise, and a ``teacher="local"`` head, which
+    is trained (CE) as well as teaching, trains with dropout like every trained head.
+    """
+    model.eval()
+    for k in train:
+        model.heads[str(k)].train()
+
+
 def batch_input(
     model: MultiExitSER, feats: CachedFeatures, k: int, idx: Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cached inputs of exit ``k`` for items ``idx``, batched on the device of that exit's head."""
+    device = head_device(model, k)
     items = [feats.inputs[k][i] for i in idx]
     if items[0].dim() == 1:
-        return torch.stack(items), None
+        return torch.stack(items).to(device), None
     x = pad_sequence(items, batch_first=True)
     lengths = torch.tensor([t.shape[0] for t in items])
     mask = torch.arange(x.shape[1])[None] < lengths[:, None]
-    return x, mask
+    return x.to(device), mask.to(device)
 
 
 def head_outputs(
@@ -103,7 +135,7 @@ def evaluate_cached(
         idx = keep[s : s + batch_size]
         out = head_outputs(model, feats, exits, idx)
         for k in exits:
-            preds[k].append(out[k].logits.argmax(-1).numpy())
+            preds[k].append(out[k].logits.argmax(-1).cpu().numpy())
     y = feats.labels[keep].numpy()
     return {
         k: classification_report(y, np.concatenate(v) if v else np.zeros(0, int), model.label_names)
@@ -126,11 +158,16 @@ def train_heads(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # heads are tiny: thread synchronisation costs more than it saves
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=rng_devices(model)):
             torch.manual_seed(cfg.seed)
             return _train_heads(model, feats, plan, cfg, optimizer_factory)
     finally:
         torch.set_num_threads(threads)
+
+
+def rng_devices(model: MultiExitSER) -> list[int]:
+    """CUDA devices holding heads: their RNGs (dropout) are forked and seeded too."""
+    return sorted({p.device.index or 0 for p in model.heads.parameters() if p.device.type == "cuda"})
 
 
 def _train_heads(
@@ -152,10 +189,8 @@ def _train_heads(
     n = len(feats.utt_ids)
     sums: dict[str, float] = {}
     steps = 0
-    teacher_head = model.heads[str(plan.teacher)]
     for _ in range(cfg.epochs):
-        model.train()
-        teacher_head.eval()  # frozen teacher: no dropout noise in its targets
+        set_train_modes(model, plan.train)
         order = torch.randperm(n, generator=g).tolist()
         for s in range(0, n, cfg.batch_size):
             idx = order[s : s + cfg.batch_size]

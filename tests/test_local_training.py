@@ -1,0 +1,107 @@
+"""Local head training on a device: inputs on the heads' device, one train/eval rule, per-device seeds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fedsd.clients.app import _local_config, device_identity
+from fedsd.clients.device import DeviceSettings
+from fedsd.clients.dp_training import train_heads_private
+from fedsd.clients.training import (
+    LocalTrainConfig,
+    batch_input,
+    head_outputs,
+    mix_seed,
+    plan_exits,
+    train_heads,
+)
+from fedsd.features import CachedFeatures
+from fedsd.model.heads import StatsHead
+from fedsd.model.multiexit import MultiExitSER
+
+
+def _feats(model: MultiExitSER, n: int = 12) -> CachedFeatures:
+    g = torch.Generator().manual_seed(0)
+    dim = 2 * model.encoder.hidden_size  # stats heads cache [mean; std]
+    inputs = {k: [torch.randn(dim, generator=g) for _ in range(n)] for k in model.exits}
+    labels = torch.arange(n) % model.num_classes
+    labels[::3] = -1  # some unlabelled utterances
+    return CachedFeatures([f"u{i}" for i in range(n)], inputs, labels, hits=0, misses=0)
+
+
+@pytest.fixture
+def model(tiny_model_dir: Path) -> MultiExitSER:
+    return MultiExitSER.from_pretrained(tiny_model_dir)
+
+
+def test_cached_inputs_go_to_the_heads_device(model: MultiExitSER) -> None:
+    """Cached features are CPU tensors; a head on another device (here "meta") must get them there."""
+    feats = _feats(model)
+    model.heads["1"].to("meta")  # stands in for a GPU: CPU inputs would raise a device mismatch
+    x, mask = batch_input(model, feats, 1, [0, 1, 2])
+    assert x.device.type == "meta" and mask is None
+    assert head_outputs(model, feats, [1], [0, 1, 2])[1].logits.device.type == "meta"
+    x, _ = batch_input(model, feats, 2, [0, 1, 2])  # each exit goes where its own head is
+    assert x.device.type == "cpu"
+    seq = CachedFeatures(["a", "b"], {1: [torch.zeros(3, 4), torch.zeros(5, 4)]}, torch.tensor([0, 1]), 0, 0)
+    x, mask = batch_input(model, seq, 1, [0, 1])  # frame sequences: padded, with a mask, both moved
+    assert x.device.type == "meta" and mask is not None and mask.device.type == "meta"
+
+
+def _record_modes(monkeypatch: pytest.MonkeyPatch, model: MultiExitSER) -> set[tuple[int, bool]]:
+    """(exit, head.training) of every head forward during training, DP copies of heads included."""
+    seen: set[tuple[int, bool]] = set()
+    real = StatsHead.forward_precomputed
+
+    def spy(self, x, frame_mask=None):
+        seen.add((self.probe_exit, self.training))
+        return real(self, x, frame_mask)
+
+    for k in model.exits:
+        model.heads[str(k)].probe_exit = k  # copied along by deepcopy (DP twins)
+    monkeypatch.setattr(StatsHead, "forward_precomputed", spy)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("device_exit", "teacher", "expected"),
+    [
+        (2, "deep", {(1, True), (2, True), (4, False)}),  # frozen deep teacher: eval, no dropout noise
+        (2, "local", {(1, True), (2, True)}),  # the local teacher is trained: train mode, in both paths
+    ],
+)
+@pytest.mark.parametrize("private", [False, True])
+def test_trained_heads_train_and_a_frozen_teacher_evaluates(
+    model: MultiExitSER, monkeypatch: pytest.MonkeyPatch, device_exit, teacher, expected, private
+) -> None:
+    feats = _feats(model)
+    cfg = LocalTrainConfig(exit=device_exit, teacher=teacher, epochs=1, batch_size=4)
+    plan = plan_exits(model.exits, device_exit, cfg)
+    seen = _record_modes(monkeypatch, model)
+    if private:
+        train_heads_private(
+            model, feats, plan, cfg, noise_multiplier=0.5, max_grad_norm=1.0, sample_rate=0.5, steps=3,
+            rng_seed=0,
+        )  # fmt: skip
+    else:
+        train_heads(model, feats, plan, cfg)
+    assert seen == expected
+    assert not model.training and not any(m.training for m in model.modules())  # left in eval mode
+
+
+def test_devices_of_one_round_get_different_reproducible_seeds() -> None:
+    cfg = {"seed": 7, "server-round": 3}
+    seeds = [_local_config(cfg, 2, f"partition-{p}").seed for p in range(4)]
+    assert len(set(seeds)) == 4
+    assert seeds[1] == _local_config(cfg, 2, "partition-1").seed  # deterministic
+    assert _local_config({"seed": 7, "server-round": 4}, 2, "partition-1").seed != seeds[1]
+    assert 0 <= mix_seed(7, 3, "node-1") < 2**63
+    sim = DeviceSettings(exit=2, device="cpu", cache_dir=Path("c"), partition_id=5)
+    real = DeviceSettings(exit=2, device="cpu", cache_dir=Path("c"))
+    ctx = SimpleNamespace(node_id=1234)
+    assert device_identity(sim, ctx) == "partition-5"  # type: ignore[arg-type]
+    assert device_identity(real, ctx) == "node-1234"  # type: ignore[arg-type]
