@@ -1,13 +1,21 @@
 """Classification metrics used everywhere: UAR (primary), WA, macro-F1, per-class recall, confusion.
 
 UAR is the unweighted average of per-class recall (macro recall), the standard SER metric because
-emotion corpora are imbalanced; WA is plain accuracy. Classes absent from ``y_true`` are excluded from
-UAR/F1 (their recall is undefined) but still appear in the confusion matrix.
+emotion corpora are imbalanced; WA is plain accuracy.
+
+A class absent from ``y_true`` has no recall (0/0): its ``per_class_recall`` is None and it is left
+out of UAR and macro-F1, which then average over the classes present (sklearn's macro recall with
+``labels`` = the present classes). So on a set without class c, UAR means "UAR over the other
+classes"; predictions *of* c still count, as errors of the classes they were wrongly given to, and c
+still has its row and column in the confusion matrix. With no item at all every metric is undefined:
+UAR, WA and macro-F1 are NaN (never 0.0, which would read as a model that is always wrong), and
+whoever averages UARs over sets, devices or exits must skip NaN (``nanmean``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -38,8 +46,9 @@ def classification_report(
     n_cls = len(label_names)
     all_labels = list(range(n_cls))
     if y_true.size == 0:
+        nan = float("nan")
         return ClassificationReport(
-            0.0, 0.0, 0.0, {n: None for n in label_names}, [[0] * n_cls for _ in range(n_cls)], 0
+            nan, nan, nan, {n: None for n in label_names}, [[0] * n_cls for _ in range(n_cls)], 0
         )
     present = sorted(set(y_true.tolist()))
     uar = float(recall_score(y_true, y_pred, labels=present, average="macro", zero_division=0))
@@ -51,3 +60,12 @@ def classification_report(
         support = cm[i].sum()
         per_class[name] = float(cm[i, i] / support) if support else None
     return ClassificationReport(uar, wa, f1, per_class, cm.tolist(), int(y_true.size))
+
+
+def nanmean(values: Iterable[float | None]) -> float:
+    """Mean of the finite values (UARs of sets that had items); NaN when there is none.
+
+    Why: the UAR of an empty set is NaN, and averaging it in (or a 0.0 stand-in) would corrupt a mean.
+    """
+    kept = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return sum(kept) / len(kept) if kept else float("nan")

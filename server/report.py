@@ -11,6 +11,7 @@ import torch
 
 from fedsd.checkpoint import atomic_write_text
 from fedsd.config import ExperimentConfig
+from fedsd.metrics import nanmean
 from fedsd.model.multiexit import MultiExitSER
 from fedsd.report import markdown_table, plot_epsilon_per_round, plot_uar_per_round, plot_uar_vs_latency
 
@@ -98,8 +99,8 @@ def write_report(
                     ex,
                     int(m.get("n-utterances", 0)),
                     int(m.get("n-labelled", 0)),
-                    sum(before) / len(before) if before else math.nan,
-                    sum(after) / len(after) if after else math.nan,
+                    nanmean(before),  # an exit without evaluated utterances has no UAR: skipped
+                    nanmean(after),
                     f"{m.get('seconds', math.nan):.1f}",
                 ]
             )
