@@ -98,7 +98,7 @@ def self_distill_loss(
     ``outputs[teacher_exit]`` may be precomputed (cached teacher logits/embedding without grad).
     Component keys: ``ce/<k>``, ``kd/<k>``, ``feat/<k>``, ``loss/<k>`` and ``total``.
     ``reduction="none"`` returns one loss per utterance (``[B]``, see :func:`per_sample_losses`);
-    its components are batch means.
+    its components are batch means, except ``ce/<k>``: the mean over labelled items, as with "mean".
     """
     exits = sorted(outputs) if train_exits is None else sorted({int(k) for k in train_exits})
     if not exits:
@@ -131,6 +131,10 @@ def self_distill_loss(
             )
             for name, value in terms.items():
                 parts[f"{name}/{k}"] = float(value.detach().mean()) if value.numel() else 0.0
+            # Logged CE means what it means with reduction="mean": the mean over labelled items only
+            # (unlabelled items carry a 0 in the per-item loss, which must not dilute the log).
+            keep = labels.to(terms["ce"].device) >= 0
+            parts[f"ce/{k}"] = float(terms["ce"].detach()[keep].mean()) if bool(keep.any()) else 0.0
             parts[f"loss/{k}"] = float(loss.detach().mean()) if loss.numel() else 0.0
             total = loss if total is None else total + loss
             continue

@@ -117,3 +117,76 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="train_exits"):
         labels = torch.zeros(4, dtype=torch.long)
         self_distill_loss(random_outputs(), labels, 6, DistillConfig(), train_exits=[3])
+
+
+def test_per_item_reduction_logs_ce_over_labelled_items_only():
+    """``reduction="none"`` (DP-SGD) logs the same ``ce/k`` as "mean": unlabelled items do not dilute it."""
+    o = random_outputs()
+    labels = torch.tensor([0, -1, 2, -1])
+    per, p_none = self_distill_loss(o, labels, 6, DistillConfig(), reduction="none")
+    _, p_mean = self_distill_loss(o, labels, 6, DistillConfig())
+    for k in (2, 4, 6):
+        assert p_none[f"ce/{k}"] == pytest.approx(p_mean[f"ce/{k}"], rel=1e-6)
+    for k in (2, 4):
+        assert p_none[f"kd/{k}"] == pytest.approx(p_mean[f"kd/{k}"], rel=1e-6)
+    assert per.shape == (4,)
+    _, p_none = self_distill_loss(o, torch.full((4,), -1), 6, DistillConfig(), reduction="none")
+    assert p_none["ce/2"] == 0.0
+
+
+def _softened_kl_by_hand(teacher: list[float], student: list[float], t: float) -> float:
+    p = [math.exp(v / t) for v in teacher]
+    q = [math.exp(v / t) for v in student]
+    p, q = [v / sum(p) for v in p], [v / sum(q) for v in q]
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+def test_kd_term_is_t_squared_times_the_kl_of_softened_distributions(temperature, reduction):
+    """The KD term is T² × KL(softmax(z_T/T) ‖ softmax(z_k/T)) (at T = 2: 4 × KL), computed here by hand."""
+    g = torch.Generator().manual_seed(3)
+    student, teacher = torch.randn(5, 4, generator=g) * 3, torch.randn(5, 4, generator=g) * 3
+    o = {1: HeadOutput(student, torch.zeros(5, 2)), 2: HeadOutput(teacher, torch.zeros(5, 2))}
+    cfg = DistillConfig(w_ce=0.0, w_kd=1.0, w_feat=0.0, temperature=temperature)
+    loss, parts = self_distill_loss(o, torch.full((5,), -1), 2, cfg, train_exits=[1], reduction=reduction)
+    kls = [
+        _softened_kl_by_hand(t_row, s_row, temperature)
+        for s_row, t_row in zip(student.tolist(), teacher.tolist(), strict=True)
+    ]
+    per_item = [temperature**2 * kl for kl in kls]
+    assert parts["kd/1"] == pytest.approx(sum(per_item) / 5, rel=1e-5)
+    assert loss.mean().item() == pytest.approx(sum(per_item) / 5, rel=1e-5)
+    if reduction == "none":
+        assert loss.tolist() == pytest.approx(per_item, rel=1e-5)
+
+
+def test_one_kd_only_step_moves_the_student_towards_the_teacher_and_not_the_teacher():
+    """w_ce = w_feat = 0: a gradient step on real heads lowers KL(teacher ‖ student); the teacher is untouched."""
+    from fedsd.model.heads import build_head
+
+    torch.manual_seed(0)
+    student, teacher = build_head("stats", 16, 4), build_head("stats", 16, 4)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 32, generator=g)
+    student.eval(), teacher.eval()  # no dropout: the two KL measurements are comparable
+
+    def kl() -> float:
+        with torch.no_grad():
+            t = torch.log_softmax(teacher.forward_precomputed(x).logits, -1)
+            s = torch.log_softmax(student.forward_precomputed(x).logits, -1)
+            return float((t.exp() * (t - s)).sum(-1).mean())
+
+    before = kl()
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    # one optimiser over both heads: only the loss decides who moves
+    opt = torch.optim.SGD([*student.parameters(), *teacher.parameters()], lr=0.5)
+    cfg = DistillConfig(w_ce=0.0, w_kd=1.0, w_feat=0.0, temperature=2.0)
+    out = {1: student.forward_precomputed(x), 2: teacher.forward_precomputed(x)}
+    loss, _ = self_distill_loss(out, torch.arange(32) % 4, 2, cfg, train_exits=[1])
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    assert kl() < before
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items())

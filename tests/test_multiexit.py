@@ -345,3 +345,61 @@ def test_frozen_backbone_stays_in_eval_mode_when_the_model_trains():
     assert not m.training and not m.heads.training
     m.backbone.requires_grad_(True)
     assert m.train().backbone.training
+
+
+@pytest.mark.parametrize("builtin", ["tiny", "tiny-preln"])
+def test_trained_model_reloads_to_the_logits_of_the_model_that_saved_it(tmp_path, builtin):
+    """Compared with the in-memory model (not a second reload): nothing trained is lost on the way."""
+    from fedsd.distill import DistillConfig, self_distill_loss
+
+    torch.manual_seed(0)
+    m = MultiExitSER(load_backbone(builtin), [1, 2, 4], LABELS, meta={"crop": 48000})
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    x, mask = batch()
+    m.train()
+    for _ in range(2):  # every parameter moves: backbone (incl. norms) and heads
+        loss, _ = self_distill_loss(m(x, mask), torch.tensor([0, 3]), m.teacher_exit, DistillConfig())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    fresh = MultiExitSER(load_backbone(builtin), [1, 2, 4], LABELS)
+    assert m.backbone_fingerprint() != fresh.backbone_fingerprint()
+    m.save_pretrained(tmp_path / "ckpt")
+    again = MultiExitSER.from_pretrained(tmp_path / "ckpt")
+    with torch.no_grad():
+        a, b = m(x, attention_mask=mask), again(x, attention_mask=mask)
+    for k in m.exits:
+        assert torch.equal(a[k].logits, b[k].logits) and torch.equal(a[k].embedding, b[k].embedding)
+
+
+def test_kd_only_step_on_the_model_moves_students_to_the_teacher_and_not_the_teacher():
+    from fedsd.distill import DistillConfig, self_distill_loss
+
+    m = make()
+    m.freeze_backbone()
+    x, mask = batch()
+
+    def kls() -> dict[int, float]:
+        """KL(teacher ‖ student) per student exit, of the distributions softened at T = 2 (the objective)."""
+        m.eval()
+        with torch.no_grad():
+            out = m(x, mask)
+        t = torch.log_softmax(out[4].logits / 2, -1)
+        return {
+            k: float((t.exp() * (t - torch.log_softmax(out[k].logits / 2, -1))).sum(-1).mean())
+            for k in (1, 2)
+        }
+
+    before = kls()
+    teacher_before = {k: v.clone() for k, v in m.head(4).state_dict().items()}
+    opt = torch.optim.SGD(m.heads.parameters(), lr=0.05)  # the teacher head is in the optimiser too
+    m.eval()  # dropout off so the step and the measurements agree
+    cfg = DistillConfig(w_ce=0.0, w_kd=1.0, w_feat=0.0)
+    loss, _ = self_distill_loss(m(x, mask), torch.tensor([0, 1]), 4, cfg, train_exits=[1, 2])
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    after = kls()
+    assert after[1] < before[1] and after[2] < before[2]
+    assert all(torch.equal(v, teacher_before[k]) for k, v in m.head(4).state_dict().items())
