@@ -11,6 +11,9 @@ the full exit next to Hugging Face's plain ``backbone(x).last_hidden_state``. Ta
     .venv/bin/python benchmarks/exit_latency.py --json runs/bench/exit_latency.json \\
         --plot runs/bench/exit_latency.png
 
+Writes ``benchmarks/results/exit_latency.json`` by default (``--json``), with provenance
+(benchmarks/common.py).
+
 Every repetition times every variant once, in a freshly shuffled order, so machine noise (other
 processes on a shared CPU) spreads over all variants alike; medians and interquartile ranges are
 reported, and ratios are only taken between numbers from the same run.
@@ -20,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import platform
 import random
 import statistics
@@ -33,7 +35,8 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (benchmarks/common.py; scripts are not a package)
 
 from fedsd.model import MultiExitSER, load_backbone  # noqa: E402
 from fedsd.model.backbone import SAMPLE_RATE  # noqa: E402
@@ -245,23 +248,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="wall: latency (default). cpu: process CPU time; with --threads 1 it counts the work done "
         "and is almost immune to other processes sharing the cores (an overhead check, not a latency)",
     )
-    p.add_argument("--json", type=Path, default=None, help="write all samples and the summary here")
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=common.RESULTS / "exit_latency.json",
+        help="write all samples and the summary here, with provenance (default: %(default)s)",
+    )
     p.add_argument("--plot", type=Path, default=None, help="write a PNG of latency per exit vs ideal")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    threads_before = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    bench = common.Run(__file__, argv)
+    threads_before = common.set_threads(args.threads)
     try:
-        return run(args)
+        return run(args, bench)
     finally:
         torch.set_num_threads(threads_before)  # callers (tests) keep their own setting
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, bench: common.Run | None = None) -> dict[str, Any]:
     """Build the model, time every variant interleaved, print/write the results."""
     torch.manual_seed(args.seed)
     backbone = load_backbone(args.backbone, family=args.family)
@@ -298,10 +305,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     print(render(result, header))
     out = {"setup": setup, **result, "samples_s": times}
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}")
+    if bench is not None:
+        config = {k: v for k, v in vars(args).items() if k not in ("json", "plot")} | {
+            "exits": model.exits,
+            "head": "stats",
+            "labels": list(LABELS),
+        }
+        out = bench.write(args.json, out, config=config, fingerprint=model.backbone_fingerprint(), args=args)
     if args.plot is not None:
         plot(result, args.plot, header, "latency (ms)" if args.clock == "wall" else "CPU time (ms)")
         print(f"wrote {args.plot}")

@@ -23,13 +23,14 @@ count); upload ≤ 1 % of the full model.
 
     .venv/bin/python benchmarks/round_cost.py                     # base, 32 × 4 s, exit 6, 2 epochs, 3 reps
     .venv/bin/python benchmarks/round_cost.py --backbone tiny --utterances 8 --seconds 1 --repeats 2
+
+Writes ``benchmarks/results/round_cost.json`` (``--json``) with provenance (benchmarks/common.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -44,8 +45,8 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (benchmarks/common.py; scripts are not a package)
 from flwr.app import MetricRecord, RecordDict  # noqa: E402
 from flwr.common.serde import recorddict_to_proto  # noqa: E402
 
@@ -62,7 +63,7 @@ from fedsd.wire import heads_to_record  # noqa: E402
 LABELS = ("neutral", "happy", "angry", "sad")
 SPEEDUP_TARGET = 50.0
 UPLOAD_TARGET = 0.01
-DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "round_cost.json"
+DEFAULT_JSON = common.RESULTS / "round_cost.json"
 VARIANTS = ("no_cache", "cold_cache", "warm_cache", "model_load")
 
 
@@ -298,7 +299,8 @@ def run(args: argparse.Namespace, work: Path, log: Callable[[str], None]) -> dic
         return setup
 
     default_threads = torch.get_num_threads()
-    thread_counts = sorted(set(args.threads or [1, default_threads]))
+    # torch's default is always timed too: the cold-cache round runs at it and is compared at it
+    thread_counts = sorted(set(args.threads or [1]) | {default_threads})
     variants: dict[str, Callable[[], Any]] = {}
     before: dict[str, Callable[[], Any]] = {}
     for t in thread_counts:
@@ -334,8 +336,7 @@ def run(args: argparse.Namespace, work: Path, log: Callable[[str], None]) -> dic
     cold_t, load_t = med[vkey("cold_cache", default_threads)], med[vkey("model_load", default_threads)]
     upload_ratio = proto_reply / param_bytes
     return {
-        "benchmark": "round_cost",
-        "argv": sys.argv[1:],
+        "fingerprint": model.backbone_fingerprint(),
         "settings": {
             "backbone": args.backbone,
             "exits": exits,
@@ -468,7 +469,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=lambda s: [int(x) for x in s.split(",")],
         default=None,
         help="torch intra-op thread counts to time the no-cache and warm-cache rounds at "
-        "(default: 1 and torch's default)",
+        "(default: 1; torch's default is always added)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, default=None, help="keep corpus, model and caches here")
@@ -480,25 +481,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-
-    def log(msg: str) -> None:
-        if not args.quiet:
-            print(msg, file=sys.stderr, flush=True)
-
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        res = run(args, args.workdir, log)
-    else:
-        with tempfile.TemporaryDirectory(prefix="fedsd-round-cost-") as tmp:
-            res = run(args, Path(tmp), log)
+    bench = common.Run(__file__, argv, quiet=args.quiet)
+    threads_before = torch.get_num_threads()
+    try:
+        if args.workdir is not None:
+            args.workdir.mkdir(parents=True, exist_ok=True)
+            res = run(args, args.workdir, bench.log)
+        else:
+            with tempfile.TemporaryDirectory(prefix="fedsd-round-cost-") as tmp:
+                res = run(args, Path(tmp), bench.log)
+    finally:
+        torch.set_num_threads(threads_before)  # callers (tests) keep their own setting
     print(table(res))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
-    log(f"wrote {args.json}")
-    return 0
+    fingerprint = res.pop("fingerprint")
+    config = {k: v for k, v in vars(args).items() if k not in ("json", "quiet")} | res["settings"]
+    return bench.write(args.json, res, config=config, fingerprint=fingerprint, args=args)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

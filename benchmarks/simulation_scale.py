@@ -25,6 +25,8 @@ devices: ≤ 5 minutes in all, ≤ 8 GB.
 
     .venv/bin/python benchmarks/simulation_scale.py                          # 10, 25, 50 devices
     .venv/bin/python benchmarks/simulation_scale.py --clients 4 --speakers 10 --rounds 2   # smoke run
+
+Writes ``benchmarks/results/simulation_scale.json`` (``--json``) with provenance (benchmarks/common.py).
 """
 
 from __future__ import annotations
@@ -53,8 +55,11 @@ except ImportError:  # Ray vendors psutil in ray/thirdparty_files; use it withou
     sys.path.insert(0, str(Path(list(_ray.submodule_search_locations)[0]) / "thirdparty_files"))
     import psutil
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "simulation_scale.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (benchmarks/common.py; scripts are not a package)
+
+REPO = common.ROOT
+DEFAULT_JSON = common.RESULTS / "simulation_scale.json"
 LABELS = ("neutral", "happy", "angry", "sad")
 TIME_TARGET_S = 300.0
 MEMORY_TARGET_B = 8e9
@@ -110,6 +115,7 @@ def child_setup(work: Path, speakers: int, sentences: int, seconds: float) -> di
         "utterances": res.n_files,
         "backend": res.backend,
         "model_parameters": sum(p.numel() for p in model.parameters()),
+        "fingerprint": model.backbone_fingerprint(),
     }
 
 
@@ -545,8 +551,6 @@ def parent(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "memory_met": r["peak_rss_sum_bytes"] <= MEMORY_TARGET_B,
         }
     return {
-        "benchmark": "simulation_scale",
-        "argv": sys.argv[1:],
         "settings": {
             "rounds": args.rounds,
             "speakers": args.speakers,
@@ -572,7 +576,7 @@ def parent(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.child_setup or args.child_clients is not None:  # inside a child process
         assert args.workdir is not None and args.child_out is not None
@@ -581,7 +585,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             out = child_simulate(args.workdir, args.child_clients, args)
         args.child_out.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
-        return 0
+        return out
+    bench = common.Run(__file__, argv)
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
         res = parent(args, args.workdir.resolve())
@@ -589,11 +594,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="fedsd-sim-scale-") as tmp:
             res = parent(args, Path(tmp))
     print(table(res))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {args.json}", file=sys.stderr)
-    return 0
+    config = res["settings"] | {"config_template": CONFIG, "engine": "ray", "base_model": "tiny, untrained"}
+    return bench.write(args.json, res, config=config, fingerprint=res["setup"].get("fingerprint"), args=args)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()
