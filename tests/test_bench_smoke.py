@@ -1,31 +1,154 @@
-"""The exit-latency benchmark runs end to end on the tiny backbone and writes its table, JSON and plot.
+"""Every benchmark script runs end to end at a tiny size and writes its JSON with provenance.
 
-Only the plumbing is checked: timings on a shared CI machine are too noisy for assertions on targets.
+Only the plumbing and the sanity of the numbers are checked (UARs in [0, 1], the expected rows and
+exits): at these sizes the models learn nothing, and timings on a shared CI machine are too noisy for
+assertions on targets. Each script is loaded by path and driven through ``main(argv)``, as
+``python benchmarks/X.py ARGS`` would run it. The federated benchmarks share one tiny corpus and one
+base model (trained by the adaptation benchmark's run).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
+import re
+import sys
+from datetime import datetime
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "exit_latency.py"
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+SHARED = {"common"}  # modules, not scripts
+SMOKED = {
+    "adaptation",
+    "exit_latency",
+    "privacy",
+    "robustness",
+    "round_cost",
+    "self_distillation",
+    "simulation_scale",
+    "synthetic_baseline",
+}
+PROVENANCE = {
+    "benchmark", "git", "command", "argv", "config", "backbone_fingerprint", "versions", "machine",
+    "started_utc", "finished_utc", "wall_s",
+}  # fmt: skip
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# the federated benchmarks at their smallest: 6 speakers = 2 test + 2 server + 2 devices
+FED = ["--clients", "2", "--test-speakers", "2", "--server-speakers", "2", "--rounds", "1", "--local-epochs", "1",
+       "--seeds", "0", "--set", "data.crop.max_seconds=1.0", "--threads", "2"]  # fmt: skip
 
 pytestmark = pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("exit_latency", SCRIPT)
+def load_script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
 
+def check_provenance(data: dict[str, Any], name: str, *, fingerprints: int | None = 1) -> dict[str, Any]:
+    """The provenance block every results JSON carries; ``fingerprints``: how many models (None: none)."""
+    p = data["provenance"]
+    assert set(p) >= PROVENANCE, PROVENANCE - set(p)
+    assert p["benchmark"] == name
+    assert p["git"]["commit"] is None or re.fullmatch(r"[0-9a-f]{40}", p["git"]["commit"])
+    assert p["git"]["commit"] is None or isinstance(p["git"]["dirty"], bool)
+    assert p["command"].startswith(f".venv/bin/python benchmarks/{name}.py")
+    assert all(a in p["command"] for a in p["argv"])
+    assert isinstance(p["config"], dict) and p["config"]
+    for lib in ("torch", "transformers", "flwr"):
+        assert p["versions"][lib], lib
+    assert p["machine"]["cpu_count"] >= 1 and p["machine"]["usable_cores"] >= 1
+    assert datetime.fromisoformat(p["started_utc"]) <= datetime.fromisoformat(p["finished_utc"])
+    assert p["wall_s"] > 0
+    fp = p["backbone_fingerprint"]
+    if fingerprints is None:
+        assert fp is None
+    elif isinstance(fp, str):
+        assert fingerprints == 1 and SHA256.match(fp)
+    else:
+        assert len(fp) == fingerprints and all(SHA256.match(v) for v in fp.values())
+    return p
+
+
+def assert_uar(value: float) -> None:
+    assert 0.0 <= value <= 1.0, value
+
+
+def assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def read(path: Path, returned: dict[str, Any]) -> dict[str, Any]:
+    data = json.loads(path.read_text())
+    written, back = json.dumps(data, sort_keys=True), json.dumps(returned, sort_keys=True, default=str)
+    assert written == json.dumps(json.loads(back), sort_keys=True)  # main() returns what it wrote
+    return data
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 speakers × 1 sentence × 4 emotions (24 files)."""
+    from fedsd.data.synthetic import generate_corpus
+
+    out = tmp_path_factory.mktemp("bench-corpus")
+    generate_corpus(out, speakers=6, sentences=1, seed=0, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def adaptation_run(
+    tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path
+) -> tuple[Path, dict[str, Any], Path]:
+    """The adaptation benchmark at its smallest; its base model serves privacy and robustness too."""
+    tmp = tmp_path_factory.mktemp("bench-adaptation")
+    argv = ["--corpus", str(tiny_corpus), "--work", str(tmp / "work"), "--base-epochs", "1", "--fractions", "0.5",
+            "--out", str(tmp / "res" / "adaptation"), *FED]  # fmt: skip
+    out = load_script("adaptation").main(argv)
+    base = Path(next(iter(out["setup"]["splits"].values()))["base_model"])
+    return tmp / "res", out, base
+
+
+def test_every_script_has_a_smoke_test():
+    scripts = {p.stem for p in BENCH.glob("*.py")} - SHARED
+    assert scripts == SMOKED, "add a smoke test for each new benchmark script (and list it in SMOKED)"
+
+
+def test_work_directory_of_other_code_is_refused(tmp_path):
+    common = load_script("common")
+    work = common.work_dir(tmp_path / "w", "x")
+    assert common.work_dir(work, "x") == work  # same code: reused
+    stamp = work / common.WORK_STAMP
+    made = json.loads(stamp.read_text())
+    made["code"]["commit"] = "0" * 40
+    stamp.write_text(json.dumps(made))
+    with pytest.raises(SystemExit, match="never re-tabulated"):
+        common.work_dir(work, "x")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "bench.json").write_text("{}")
+    with pytest.raises(SystemExit, match="no bench-work.json"):
+        common.work_dir(tmp_path / "old", "x")
+
+
+def test_t_interval():
+    common = load_script("common")
+    ci = common.t_interval([1.0, 2.0, 3.0])
+    assert ci["mean"] == 2.0 and ci["std"] == 1.0 and ci["n"] == 3 and ci["positive"] == 3
+    half = 4.302652729911275 / math.sqrt(3)  # t(0.975, 2)
+    assert ci["ci_low"] == pytest.approx(2.0 - half) and ci["ci_high"] == pytest.approx(2.0 + half)
+    assert math.isnan(common.t_interval([0.5])["ci_low"])
+
+
 def test_exit_latency_smoke(tmp_path, capsys):
-    bench = load_script()
+    bench = load_script("exit_latency")
     assert bench.default_exits(12) == [3, 6, 9, 12] and bench.default_exits(4) == [1, 2, 3, 4]
     assert set(bench.CLOCKS) == {"wall", "cpu"}
     out = bench.main(
@@ -57,3 +180,148 @@ def test_exit_latency_smoke(tmp_path, capsys):
     assert all(len(v) == 3 for v in data["samples_s"].values())
     assert set(data["targets"]) == {"exits_within_10pct_of_ideal", "full_within_5pct_of_hf"}
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    p = check_provenance(data, "exit_latency")
+    assert p["config"]["backbone"] == "tiny" and p["config"]["exits"] == [1, 2, 3, 4]
+
+
+def test_synthetic_baseline_smoke(tmp_path, tiny_corpus):
+    bench = load_script("synthetic_baseline")
+    out = bench.main(
+        ["--speakers", "4", "--sentences", "1", "--folds", "2", "--json", str(tmp_path / "g.json")]
+    )
+    data = read(tmp_path / "g.json", out)
+    check_provenance(data, "synthetic_baseline", fingerprints=None)
+    [row] = data["results"]
+    assert row["seed"] == 0 and row["corpus"]["utterances"] == 16 and row["folds"] == 2
+    for key in ("acc", "uar", "cv_acc", "cv_uar"):
+        assert_uar(row[key])
+    out = bench.main(["--corpus", str(tiny_corpus), "--folds", "3", "--json", str(tmp_path / "c.json")])
+    [row] = read(tmp_path / "c.json", out)["results"]
+    assert row["corpus"]["speakers"] == 6 and row["folds"] == 3
+    assert_uar(row["cv_uar"])
+
+
+def test_round_cost_smoke(tmp_path):
+    bench = load_script("round_cost")
+    argv = ["--backbone", "tiny", "--utterances", "8", "--seconds", "1", "--repeats", "1", "--epochs", "1",
+            "--quiet", "--json", str(tmp_path / "rc.json")]  # fmt: skip
+    data = read(tmp_path / "rc.json", bench.main(argv))
+    check_provenance(data, "round_cost")
+    assert data["settings"]["utterances"] == 8 and data["settings"]["exits"] == [1, 2, 3, 4]
+    assert set(data["times"]) >= {f"{v}@{data['settings']['default_threads']}" for v in bench.VARIANTS}
+    assert all(t["median_s"] > 0 for t in data["times"].values())
+    assert data["max_feature_gap"] < 1e-4
+    assert 0 < data["bytes"]["upload_over_parameters"] < 1
+
+
+def test_self_distillation_smoke(tmp_path, tiny_corpus, capsys):
+    bench = load_script("self_distillation")
+    argv = ["--corpus", str(tiny_corpus), "--work", str(tmp_path / "work"), "--test-speakers", "2",
+            "--valid-speakers", "2", "--epochs", "1", "--seeds", "0", "1", "--fractions", "0.5",
+            "--set", "data.crop.max_seconds=1.0", "--out", str(tmp_path / "sd")]  # fmt: skip
+    out = bench.main(argv)
+    assert "SD − CE" in capsys.readouterr().out
+    data = read(tmp_path / "sd.json", out)
+    p = check_provenance(data, "self_distillation", fingerprints=4)
+    assert p["config"]["data"]["split"] == "speaker" and p["config"]["data"]["test_speakers"] == 2
+    assert data["exits"] == [1, 2, 3, 4]
+    assert sorted((r["mode"], r["seed"]) for r in data["runs"]) == [
+        ("ce", 0),
+        ("ce", 1),
+        ("sd", 0),
+        ("sd", 1),
+    ]
+    for seed, speakers in data["setup"]["speakers_by_seed"].items():
+        assert len(speakers["test"]) == 2 and len(speakers["valid"]) == 2, seed
+        assert not set(speakers["test"]) & (set(speakers["train"]) | set(speakers["valid"]))
+    s = data["summary"]["0.5"]
+    assert s["seeds"] == [0, 1]
+    for k in ("1", "2", "3", "4"):
+        for arm in ("ce", "sd"):
+            assert len(s[arm][k]["values"]) == 2
+            for v in s[arm][k]["values"]:
+                assert_uar(v)
+        d = s["sd_minus_ce"][k]
+        assert d["n"] == 2 and d["ci_low"] <= d["mean"] <= d["ci_high"]
+        assert d["values"] == pytest.approx(
+            [a - b for a, b in zip(s["sd"][k]["values"], s["ce"][k]["values"], strict=True)]
+        )
+    assert len(data["baseline"]) == 2
+    for b in data["baseline"]:
+        assert_uar(b["uar"])
+        assert b["n_test"] == 8 and 4 <= b["n_train"] < 8  # half the 8 training utterances, ≥ 1 per class
+    assert_png(tmp_path / "sd.png")
+
+
+def test_adaptation_smoke(adaptation_run):
+    res, out, base = adaptation_run
+    data = read(res / "adaptation.json", out)
+    p = check_provenance(data, "adaptation")
+    assert p["backbone_fingerprint"] == {
+        str(base): json.loads((base / "fedsd.json").read_text())["fingerprint"]
+    }
+    assert data["exits"] == [1, 2, 3, 4]
+    assert [(r["labels"], r["method"]) for r in data["table"]] == [
+        ("50%", "before (base model)"), ("50%", "CE only"), ("50%", "self-distillation"),
+    ]  # fmt: skip
+    for row in data["table"]:
+        assert set(row["uar"]) == {"1", "2", "3", "4"}
+        for values in row["uar"].values():
+            assert len(values) == 1
+            assert_uar(values[0])
+    assert {r["mode"] for r in data["runs"]} == {"ce", "sd"} and not any(r["cached"] for r in data["runs"])
+    assert data["setup"]["corpus"]["utterances"] == 24
+    assert_png(res / "adaptation.png")
+
+
+def test_privacy_smoke(tmp_path, tiny_corpus, adaptation_run):
+    _, _, base = adaptation_run
+    bench = load_script("privacy")
+    argv = ["--corpus", str(tiny_corpus), "--work", str(tmp_path / "work"), "--base-model", str(base),
+            "--epsilons", "8", "--repeats", "1", "--out", str(tmp_path / "privacy"), *FED]  # fmt: skip
+    data = read(tmp_path / "privacy.json", bench.main(argv))
+    check_provenance(data, "privacy")
+    assert [r["target_epsilon"] for r in data["rows"]] == [None, 8.0]
+    for r in data["rows"]:
+        assert set(r["uar"]) == {"1", "2", "3"}
+        for values in r["uar"].values():
+            assert len(values) == 1
+            assert_uar(values[0])
+    dp = data["rows"][1]
+    assert 0 < dp["epsilon"][0] <= 8.0 + 1e-6 and dp["sigma"]
+    assert data["overhead"]["ratio"] > 0
+    assert_png(tmp_path / "privacy.png")
+
+
+def test_robustness_smoke(tmp_path, tiny_corpus, adaptation_run):
+    _, _, base = adaptation_run
+    bench = load_script("robustness")
+    argv = ["--corpus", str(tiny_corpus), "--work", str(tmp_path / "work"), "--base-model", str(base),
+            "--defences", "mean", "median", "--attacks", "none", "scaled", "--out", str(tmp_path / "rob"),
+            *FED]  # fmt: skip
+    data = read(tmp_path / "rob.json", bench.main(argv))
+    check_provenance(data, "robustness")
+    assert set(data["results"]) == {
+        "mean (no defence)|none", "mean (no defence)|scaled ×100", "median|none", "median|scaled ×100",
+    }  # fmt: skip
+    for per_exit in data["results"].values():
+        assert set(per_exit) == {"1", "2", "3"}
+        for values in per_exit.values():
+            assert len(values) == 1
+            assert_uar(values[0])
+    assert all(len(v) == 1 for v in data["rejected"].values())
+    assert_png(tmp_path / "rob.png")
+
+
+@pytest.mark.slow
+def test_simulation_scale_smoke(tmp_path):
+    """Ray starts in a child process per device count: about a minute and a half on 2 cores."""
+    bench = load_script("simulation_scale")
+    argv = ["--clients", "2", "--speakers", "6", "--sentences", "1", "--rounds", "1", "--test-speakers", "2",
+            "--server-speakers", "2", "--grace", "10", "--json", str(tmp_path / "sim.json")]  # fmt: skip
+    data = read(tmp_path / "sim.json", bench.main(argv))
+    check_provenance(data, "simulation_scale")
+    [r] = data["runs"]
+    assert r["clients"] == 2 and r["ok"], r
+    assert r["total_seconds"] > 0 and r["peak_rss_sum_bytes"] > 0
+    assert data["leftover_processes_total"] == 0
