@@ -107,6 +107,19 @@ class TrainConfig(_Strict):
     freeze_backbone: bool = False
     warmup_epochs: int = Field(0, ge=0)
     """Epochs of CE-only training before the distillation terms switch on."""
+    lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    """Learning-rate shape after warm-up: constant, cosine or linear decay to 0 at the last step."""
+    lr_warmup: float = Field(0.1, ge=0, lt=1)
+    """Fraction of all optimizer steps spent ramping the learning rate up linearly from 0."""
+    select: Literal["mean_uar", "teacher_uar", "last"] = "mean_uar"
+    """Model selection on validation speech: mean UAR over all exits (default: an epoch where only the
+    teacher happens to score cannot win), the teacher's UAR, or simply the last epoch."""
+    mask_time_prob: float = Field(0.0, ge=0, lt=1)
+    """SpecAugment-style time masking during training: fraction of frames (in spans of
+    ``mask_time_length``) replaced by zeros after the front end. Off by default (HF inference parity)."""
+    mask_time_length: int = Field(5, ge=1)
+    noise_snr_db: tuple[float, float] | None = None
+    """Training augmentation: add white noise at an SNR drawn uniformly from this range (dB) per clip."""
     seed: int = 0
     device: str = "cpu"
     num_workers: int = Field(0, ge=0)
@@ -157,6 +170,8 @@ class FederatedConfig(_Strict):
     label_fraction: float = Field(0.2, ge=0, le=1)
     test_speakers: int = Field(4, ge=0)
     server_speakers: int = Field(8, ge=0)
+    server_valid_speakers: int = Field(2, ge=1)
+    """Speakers of the server pool held out to select the central model's epoch (never trained on)."""
     rounds: int = Field(5, ge=1)
     local_epochs: int = Field(5, ge=1)
     batch_size: int = Field(16, ge=1)

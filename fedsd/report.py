@@ -169,3 +169,43 @@ def plot_confusion(
     ax.set_ylabel("true")
     ax.set_title(title)
     return _save(fig, path)
+
+
+def plot_learning_curves(
+    history: Sequence[Mapping[str, object]], exits: Sequence[int], path: str | Path
+) -> Path:
+    """Training loss per epoch (left) and validation UAR per exit per epoch (right), best epoch marked.
+
+    Why: a single "best epoch" number hides a collapse (a model that learned once, then predicted one
+    class); the curves show it at a glance.
+    """
+    plt = _pyplot()
+    fig, (ax_loss, ax_uar) = plt.subplots(1, 2, figsize=(10, 3.8))
+    epochs = [int(r["epoch"]) for r in history]  # type: ignore[call-overload]
+    curves = [("train/total", "total")] + [(f"train/loss/{k}", f"exit {k}") for k in exits]
+    for key, label in curves:
+        values = [r.get(key) for r in history]
+        if any(isinstance(v, (int, float)) for v in values):
+            ax_loss.plot(epochs, [float(v) if v is not None else math.nan for v in values], marker=".", label=label)
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("training loss (mean per batch)")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend(fontsize=8)
+    for k in exits:
+        values = [r.get(f"valid/exit{k}/uar") for r in history]
+        if any(isinstance(v, (int, float)) for v in values):
+            ax_uar.plot(epochs, [float(v) if v is not None else math.nan for v in values], marker="o", label=f"exit {k}")
+    if history:
+        best = int(history[-1].get("best_epoch", -1))  # type: ignore[call-overload]
+        if best > 0:
+            ax_uar.axvline(best, color="grey", linestyle="--", linewidth=1, label=f"selected (epoch {best})")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax_loss, ax_uar):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_uar.set_xlabel("epoch")
+    ax_uar.set_ylabel("validation UAR")
+    ax_uar.grid(alpha=0.3)
+    ax_uar.legend(fontsize=8)
+    fig.suptitle("Learning curves")
+    return _save(fig, path)

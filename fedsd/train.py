@@ -2,12 +2,14 @@
 
 The whole multi-exit model is trained at once: each batch runs the backbone once up to the teacher,
 every exit head sees its layer's hidden state, and ``self_distill_loss`` combines CE on labelled
-utterances, KD from the (detached) teacher and the feature loss. Model selection uses the teacher's
-validation UAR; the last epoch is kept too.
+utterances, KD from the (detached) teacher and the feature loss. The learning rate warms up and decays
+(``train.lr_schedule``); model selection uses the mean validation UAR over all exits
+(``train.select``); the last epoch is kept too, and ``learning_curves.png`` shows every epoch.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 import time
@@ -31,6 +33,7 @@ from fedsd.distill import DistillConfig, self_distill_loss
 from fedsd.metrics import ClassificationReport, classification_report
 from fedsd.model.backbone import load_backbone
 from fedsd.model.multiexit import MultiExitSER
+from fedsd.report import plot_learning_curves
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -110,6 +113,7 @@ def build_model(cfg: ExperimentConfig, label_names: Sequence[str]) -> MultiExitS
         "crop": cfg.data.crop.model_dump(),
         "backbone_source": cfg.model.backbone,
         "pretrained": cfg.model.pretrained,
+        "normalize": "utterance",  # zero mean, unit variance per clip (SpeechDataset), for every consumer
     }
     return MultiExitSER(
         backbone,
@@ -201,6 +205,95 @@ def measure_exit_latency(
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def lr_scheduler(
+    opt: torch.optim.Optimizer, schedule: str, warmup: float, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup`` of the steps, then constant, cosine or linear decay to zero.
+
+    Why: a transformer trained from scratch at a constant high learning rate collapses to one class
+    after its first epoch (measured on the demo); warm-up and decay keep it learning.
+    """
+    total = max(int(total_steps), 1)
+    warm = int(round(warmup * total))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if schedule == "constant":
+            return 1.0
+        progress = min((step - warm) / max(total - warm, 1), 1.0)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def selection_score(
+    criterion: str, valid: dict[int, ClassificationReport], model: MultiExitSER, epoch: int
+) -> float:
+    """Validation score an epoch is selected by (higher wins; ties keep the earlier epoch).
+
+    ``mean_uar`` averages UAR over every exit, so an epoch where the shallow exits are broken cannot
+    win on a lucky teacher; without validation speech (or with ``last``) the last epoch wins.
+    """
+    if criterion == "last" or not valid:
+        return float(epoch)
+    if criterion == "teacher_uar":
+        return float(valid[model.teacher_exit].uar)
+    values = [r.uar for r in valid.values() if not math.isnan(r.uar)]
+    return float(np.mean(values)) if values else -math.inf
+
+
+def add_noise(
+    inputs: torch.Tensor, mask: torch.Tensor, snr_db: tuple[float, float], gen: torch.Generator
+) -> torch.Tensor:
+    """White noise at a per-clip SNR drawn from ``snr_db`` (inputs are unit-variance per clip)."""
+    lo, hi = snr_db
+    snr = lo + (hi - lo) * torch.rand(inputs.shape[0], 1, generator=gen)
+    noise = torch.randn(inputs.shape, generator=gen) * (10.0 ** (-snr / 20.0))
+    return inputs + noise * mask.to(inputs.dtype)
+
+
+class TimeMasking:
+    """SpecAugment-style time masks on the front end's output during training (off when ``prob`` is 0).
+
+    Spans of ``length`` frames, starting at a ``prob / length`` fraction of frames, are zeroed after the
+    feature projection, as wav2vec 2.0 does in fine-tuning (with zeros instead of a learned vector, so the
+    parameter set stays that of the inference model). Used as a context manager around a forward pass.
+    """
+
+    def __init__(self, model: MultiExitSER, prob: float, length: int, seed: int = 0) -> None:
+        self.prob, self.length, self.active = prob, length, False
+        self.gen = torch.Generator().manual_seed(seed)
+        self.handle = (
+            model.backbone.feature_projection.register_forward_hook(self._hook) if prob > 0 else None
+        )
+
+    def _hook(self, module: torch.nn.Module, args: Any, output: Any) -> Any:
+        if not (self.active and module.training):
+            return output
+        hidden = output[0] if isinstance(output, tuple) else output
+        b, t = hidden.shape[:2]
+        starts = torch.rand(b, t, generator=self.gen) < self.prob / self.length
+        keep = torch.ones(b, t + self.length, dtype=torch.bool)
+        for offset in range(self.length):
+            keep[:, offset : offset + t] &= ~starts
+        hidden = hidden * keep[:, :t, None].to(hidden.device, hidden.dtype)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    def __enter__(self) -> TimeMasking:
+        self.active = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.active = False
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+
 def _report_row(prefix: str, reports: dict[int, ClassificationReport]) -> dict[str, Any]:
     row: dict[str, Any] = {}
     for k, r in reports.items():
@@ -285,8 +378,13 @@ def train(
         if splits["valid"]
         else None
     )
-    best_uar, best_epoch = -1.0, -1
+    steps_per_epoch = -(-len(train_loader) // tc.grad_accum)
+    scheduler = lr_scheduler(opt, tc.lr_schedule, tc.lr_warmup, steps_per_epoch * tc.epochs)
+    noise_rng = torch.Generator().manual_seed(tc.seed + 1)
+    time_mask = TimeMasking(model, tc.mask_time_prob, tc.mask_time_length, seed=tc.seed + 2)
+    best_score, best_epoch = -math.inf, -1
     best_dir, last_dir = run_dir / "best", run_dir / "last"
+    history: list[dict[str, Any]] = []
     task = progress.add_task("train", total=tc.epochs * len(train_loader)) if progress is not None else None
     valid_reports: dict[int, ClassificationReport] = {}
     for epoch in range(1, tc.epochs + 1):
@@ -298,13 +396,18 @@ def train(
         n_batches = 0
         opt.zero_grad()
         for step, batch in enumerate(train_loader, start=1):
-            out = model(batch["input_values"].to(device), batch["attention_mask"].to(device))
+            inputs = batch["input_values"]
+            if tc.noise_snr_db is not None:
+                inputs = add_noise(inputs, batch["attention_mask"], tc.noise_snr_db, noise_rng)
+            with time_mask:
+                out = model(inputs.to(device), batch["attention_mask"].to(device))
             loss, comps = self_distill_loss(out, batch["labels"].to(device), model.teacher_exit, dcfg)
             (loss / tc.grad_accum).backward()
             if step % tc.grad_accum == 0 or step == len(train_loader):
                 if tc.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
                 opt.step()
+                scheduler.step()
                 opt.zero_grad()
             for key, v in comps.items():
                 sums[key] = sums.get(key, 0.0) + float(v)
@@ -313,25 +416,29 @@ def train(
                 progress.update(
                     task, advance=1, description=f"epoch {epoch}/{tc.epochs} loss {float(comps['total']):.3f}"
                 )
-        record: dict[str, Any] = {"epoch": epoch, "mode": mode}
+        record: dict[str, Any] = {"epoch": epoch, "mode": mode, "lr": scheduler.get_last_lr()[-1]}
         record.update({f"train/{k}": v / max(n_batches, 1) for k, v in sums.items()})
         if valid_loader is not None:
             valid_reports = evaluate_loader(model, valid_loader, device)
             record.update(_report_row("valid", valid_reports))
-            uar = valid_reports[model.teacher_exit].uar
-        else:
-            uar = float(epoch)  # no validation split: the last epoch wins
-        if uar > best_uar:
-            best_uar, best_epoch = uar, epoch
+        score = selection_score(tc.select, valid_reports if valid_loader is not None else {}, model, epoch)
+        record["select/score"] = score
+        if score > best_score:
+            best_score, best_epoch = score, epoch
             model.save_pretrained(best_dir)
         record["best_epoch"] = best_epoch
         append_jsonl(metrics_path, record)
-        teacher_uar = record.get(f"valid/exit{model.teacher_exit}/uar")
+        history.append(record)
+        uars = " ".join(
+            f"{record[f'valid/exit{k}/uar']:.3f}" for k in model.exits if f"valid/exit{k}/uar" in record
+        )
         log(
             f"epoch {epoch}: loss {record.get('train/total', float('nan')):.4f}"
-            + (f", valid UAR (teacher) {teacher_uar:.3f}" if teacher_uar is not None else "")
+            + (f", valid UAR per exit {uars} ({tc.select} {score:.3f})" if uars else "")
         )
+    time_mask.remove()
     model.save_pretrained(last_dir)
+    plot_learning_curves(history, model.exits, run_dir / "learning_curves.png")
 
     best = MultiExitSER.from_pretrained(best_dir).to(device)
     if valid_loader is not None:

@@ -56,7 +56,7 @@ def make_run_partition(cfg: ExperimentConfig, out: Path, log: Log = print) -> Pa
 
 
 def server_pool_splits(
-    part: Partition, rows: list[ManifestRow], seed: int, valid_speakers: int = 1
+    part: Partition, rows: list[ManifestRow], seed: int, valid_speakers: int = 2
 ) -> dict[str, list[ManifestRow]]:
     """Central training data: the server pool (minus validation speakers) and the held-out test set."""
     pool = rows_by_ids(rows, part.server_utt_ids)
@@ -115,7 +115,7 @@ def prepare_run(
                 f"no base_model in the config: training one centrally with self-distillation on the "
                 f"{len(part.server_speakers)} server speakers → {central}"
             )
-            splits = server_pool_splits(part, rows, cfg.train.seed)
+            splits = server_pool_splits(part, rows, cfg.train.seed, cfg.federated.server_valid_speakers)
             train(cfg, central, splits=splits, progress=progress, log=log)
             trained = True
         base = central / "best"
