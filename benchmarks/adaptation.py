@@ -240,13 +240,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    run = common.Run(__file__, argv)
-    threads = common.set_threads(args.threads)
-    try:
-        return _main(args, run)
-    finally:
-        torch.set_num_threads(threads)
+    return common.run_main(__file__, argv, parse_args, _main)
 
 
 def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
@@ -408,13 +402,7 @@ def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
             "federated_runs": fed_seconds,
         },
     }
-    out = run.write(
-        json_path,
-        payload,
-        config=bench.config().model_dump(mode="json"),
-        fingerprint=dict(bench.fingerprints),
-        args=args,
-    )
+    out = bench.write(json_path, payload, args)
     plot(table_rows, exits, png_path, title)
     log(f"wrote {png_path}")
     return out

@@ -239,6 +239,27 @@ class Run:
         return out
 
 
+def run_main(
+    script: str,
+    argv: Sequence[str] | None,
+    parse: Callable[[Sequence[str] | None], argparse.Namespace],
+    body: Callable[[argparse.Namespace, Run], dict[str, Any]],
+) -> dict[str, Any]:
+    """A script's ``main``: parse ``argv``, start the clock, run ``body(args, run)`` and return its results.
+
+    An integer ``args.threads`` sets torch's intra-op threads for the run; the caller's count is restored
+    afterwards (the tests call ``main`` in-process). ``args.quiet`` silences the progress log.
+    """
+    args = parse(argv)
+    run = Run(script, argv, quiet=bool(getattr(args, "quiet", False)))
+    threads = getattr(args, "threads", None)
+    before = set_threads(threads if isinstance(threads, int) else None)
+    try:
+        return body(args, run)
+    finally:
+        set_threads(before)
+
+
 def set_threads(threads: int | None) -> int:
     """Set torch's intra-op threads (None: leave them); return the previous count to restore."""
     import torch
@@ -664,6 +685,17 @@ class FedBench:
 
         atomic_write_json(done, out)
         return out | {"cached": False}
+
+    def fixed_base(self, speaker_seed: int) -> tuple[Any, Path]:
+        """One speaker split and its base model for the whole benchmark."""
+        split = self.speaker_split(speaker_seed)
+        base, _ = self.ensure_base_model(split)
+        return split, base
+
+    def write(self, path: Path, payload: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+        """The results JSON, with the shared recipe as config and the base models' fingerprints."""
+        config = self.config().model_dump(mode="json")
+        return self.run.write(path, payload, config=config, fingerprint=dict(self.fingerprints), args=args)
 
     def setup_record(self) -> dict[str, Any]:
         """What the results JSON says about the data and models."""

@@ -259,13 +259,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    bench = common.Run(__file__, argv)
-    threads_before = common.set_threads(args.threads)
-    try:
-        return run(args, bench)
-    finally:
-        torch.set_num_threads(threads_before)  # callers (tests) keep their own setting
+    return common.run_main(__file__, argv, parse_args, run)
 
 
 def run(args: argparse.Namespace, bench: common.Run | None = None) -> dict[str, Any]:

@@ -33,8 +33,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (benchmarks/common.py; scripts are not a package)
 from common import mean_std  # noqa: E402
@@ -140,20 +138,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    run = common.Run(__file__, argv)
-    threads = common.set_threads(args.threads)
-    try:
-        return _main(args, run)
-    finally:
-        torch.set_num_threads(threads)
+    return common.run_main(__file__, argv, parse_args, _main)
 
 
 def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
     log = run.log
     bench = common.FedBench.from_args(args, run)
-    split = bench.speaker_split(args.speaker_seed)
-    base, _ = bench.ensure_base_model(split)
+    split, base = bench.fixed_base(args.speaker_seed)
     fed = bench.config().federated
     settings: list[float | None] = [None, *sorted(args.epsilons, reverse=True)]
     rows: list[dict[str, Any]] = []
@@ -248,10 +239,7 @@ def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
         "overhead": ov,
     }
     json_path = args.out.with_suffix(".json")
-    out = run.write(
-        json_path, payload, config=bench.config().model_dump(mode="json"), fingerprint=dict(bench.fingerprints),
-        args=args,
-    )  # fmt: skip
+    out = bench.write(json_path, payload, args)
     plot(rows, args.out.with_suffix(".png"))
     log(f"wrote {args.out.with_suffix('.png')}")
     return out

@@ -30,8 +30,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (benchmarks/common.py; scripts are not a package)
 from common import mean_std  # noqa: E402
@@ -120,20 +118,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    run = common.Run(__file__, argv)
-    threads = common.set_threads(args.threads)
-    try:
-        return _main(args, run)
-    finally:
-        torch.set_num_threads(threads)
+    return common.run_main(__file__, argv, parse_args, _main)
 
 
 def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
     log = run.log
     bench = common.FedBench.from_args(args, run)
-    split = bench.speaker_split(args.speaker_seed)
-    base, _ = bench.ensure_base_model(split)
+    split, base = bench.fixed_base(args.speaker_seed)
     num_clients = bench.num_clients
     defences = {DEFENCE_KEYS[d]: DEFENCES[DEFENCE_KEYS[d]] for d in args.defences}
     attacks = {ATTACK_KEYS[a]: ATTACKS[ATTACK_KEYS[a]] for a in args.attacks}
@@ -201,10 +192,7 @@ def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
         "rejected": rejected,
         "seeds": args.seeds,
     }
-    out = run.write(
-        args.out.with_suffix(".json"), payload, config=bench.config().model_dump(mode="json"),
-        fingerprint=dict(bench.fingerprints), args=args,
-    )  # fmt: skip
+    out = bench.write(args.out.with_suffix(".json"), payload, args)
     plot(results, args.out.with_suffix(".png"), list(defences), list(attacks), title)
     log(f"wrote {args.out.with_suffix('.png')}")
     return out

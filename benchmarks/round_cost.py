@@ -35,6 +35,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -232,6 +233,9 @@ def feature_gap(a: CachedFeatures, b: CachedFeatures) -> float:
 
 
 def run(args: argparse.Namespace, work: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    # a reused --workdir never serves features or a model from an earlier run (or older code)
+    for stale in [work / "warm", work / "model", *work.glob("cold*")]:
+        shutil.rmtree(stale, ignore_errors=True)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     rows, root = make_corpus(work / "corpus", args.utterances, args.seed)
@@ -482,18 +486,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    bench = common.Run(__file__, argv, quiet=args.quiet)
-    threads_before = torch.get_num_threads()
-    try:
-        if args.workdir is not None:
-            args.workdir.mkdir(parents=True, exist_ok=True)
-            res = run(args, args.workdir, bench.log)
-        else:
-            with tempfile.TemporaryDirectory(prefix="fedsd-round-cost-") as tmp:
-                res = run(args, Path(tmp), bench.log)
-    finally:
-        torch.set_num_threads(threads_before)  # callers (tests) keep their own setting
+    return common.run_main(__file__, argv, parse_args, _main)
+
+
+def _main(args: argparse.Namespace, bench: common.Run) -> dict[str, Any]:
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        res = run(args, args.workdir, bench.log)
+    else:
+        with tempfile.TemporaryDirectory(prefix="fedsd-round-cost-") as tmp:
+            res = run(args, Path(tmp), bench.log)
     print(table(res))
     fingerprint = res.pop("fingerprint")
     config = {k: v for k, v in vars(args).items() if k not in ("json", "quiet")} | res["settings"]

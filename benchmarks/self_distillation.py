@@ -65,13 +65,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    run = common.Run(__file__, argv)
-    threads = common.set_threads(args.threads)
-    try:
-        return _main(args, run)
-    finally:
-        common.set_threads(threads)
+    return common.run_main(__file__, argv, parse_args, _main)
 
 
 def baseline(

@@ -96,8 +96,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    run = common.Run(__file__, argv)
+    return common.run_main(__file__, argv, parse_args, _main)
+
+
+def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     if args.corpus is not None:
         t0 = time.perf_counter()
