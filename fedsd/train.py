@@ -240,7 +240,8 @@ def selection_score(
     if criterion == "last" or not valid:
         return float(epoch)
     if criterion == "teacher_uar":
-        return float(valid[model.teacher_exit].uar)
+        uar = valid[model.teacher_exit].uar
+        return -math.inf if math.isnan(uar) else float(uar)
     values = [r.uar for r in valid.values() if not math.isnan(r.uar)]
     return float(np.mean(values)) if values else -math.inf
 
