@@ -559,8 +559,10 @@ class FedBench:
 
         cfg = self.config()
         recipe = cfg.model_dump(mode="json")
+        n_valid = cfg.federated.server_valid_speakers
         key = {
             "recipe": {k: recipe[k] for k in ("data", "model", "train")},  # not the federated section
+            "server_valid_speakers": n_valid,
             "server": split.server_speakers,
             "test": split.test_speakers,
         }
@@ -575,7 +577,7 @@ class FedBench:
                 self.run.log(f"base model: reusing {best} (trained by this code)")
                 return best, 0.0
         rows = self.rows
-        splits = server_pool_splits(split, rows, cfg.train.seed)
+        splits = server_pool_splits(split, rows, cfg.train.seed, n_valid)  # as fedsd.server.prepare does
         self.run.log(
             f"base model: training centrally on {len(split.server_speakers)} server speakers "
             f"({len(splits['train'])} train / {len(splits['valid'])} valid utterances, "
