@@ -27,7 +27,8 @@ the corpus and trains the base model; the federated runs reuse cached features):
 
 Writes ``benchmarks/results/adaptation.json`` + ``adaptation.png`` (``adaptation.ablations.*`` with
 ``--ablations``) with provenance (benchmarks/common.py); corpus, base model, runs and feature cache live
-in the work directory (default ``runs/bench/<code version>/adaptation``), reused only by the same code.
+in the work directory (default ``runs/bench/<code version>/federated``, shared with privacy.py and
+robustness.py), reused only by the same code.
 """
 
 from __future__ import annotations

@@ -49,6 +49,7 @@ EMOTIONS = ("neutral", "happy", "angry", "sad")
 # what decides a benchmark's numbers: an uncommitted change here makes the tree's code "dirty"
 CODE_PATHS = ("fedsd", "server", "clients", "benchmarks", "configs", "pyproject.toml")
 WORK_STAMP = "bench-work.json"
+FEDERATED_WORK = "federated"  # the default work directory of the federated benchmarks
 
 for _key, _value in {
     "HF_HUB_OFFLINE": "1",
@@ -446,7 +447,10 @@ def add_federation_args(ap: argparse.ArgumentParser, name: str, *, seeds: Sequen
     """
     add_config_args(ap)
     ap.add_argument(
-        "--work", type=Path, help=f"corpus, models, runs, cache (default runs/bench/<code>/{name})"
+        "--work",
+        type=Path,
+        help="corpus, base model, runs, feature cache (default runs/bench/<code>/federated: shared by "
+        "adaptation, privacy and robustness, so the base model is trained once per code version)",
     )
     ap.add_argument("--corpus", type=Path, help="an existing corpus (default: the recipe's, generated)")
     ap.add_argument("--speakers", type=int, help="synthetic speakers (data.synth.speakers)")
@@ -499,7 +503,7 @@ class FedBench:
             "train.epochs": args.base_epochs,
         }
         overrides = base_overrides(args, sizes)
-        work = work_dir(args.work, run.name)
+        work = work_dir(args.work, FEDERATED_WORK)
         corpus = ensure_corpus(load_recipe(args, overrides), args.corpus, work, run.log)
         overrides |= corpus_overrides(corpus)
         bench = cls(
