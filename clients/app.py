@@ -9,25 +9,35 @@
 
 When the node config names an ``events`` file (`fedsd client run` does), every handled message appends
 one JSON line to it — what `fedsd client run` prints per round.
+
+Everything in a server's message is untrusted: identifiers that name files (fingerprint,
+``federation-id``), training settings (typed, finite, bounded), received heads (known keys, the
+model's dtype and shapes, finite) and delivered model files (known names, sha256) are checked with
+``fedsd.untrusted`` before they are used; a message that fails a check gets an error reply that says
+why (:class:`~fedsd.clients.device.HostileMessage`), and nothing is written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import re
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsd.audio import CropPolicy
-from fedsd.checkpoint import atomic_write_text
-from fedsd.clients.device import DeviceError, DeviceSettings
+from fedsd.checkpoint import CheckpointError, atomic_write_text
+from fedsd.clients.device import DeviceError, DeviceSettings, refuse
 from fedsd.clients.dp_training import train_heads_private
 from fedsd.clients.training import (
     ExitPlan,
@@ -41,7 +51,20 @@ from fedsd.distill import DistillConfig
 from fedsd.features import CachedFeatures, FeatureCache
 from fedsd.model.multiexit import MultiExitSER
 from fedsd.privacy import DPSettings, PrivacyError, PrivacyLedger, calibrate_noise, local_schedule
-from fedsd.wire import QUERY_DONE, exit_of_key, heads_to_record, record_to_checkpoint, record_to_heads
+from fedsd.untrusted import (
+    UntrustedValueError,
+    config_choice,
+    config_float,
+    config_int,
+    identifier,
+    shown,
+)
+from fedsd.untrusted import fingerprint as check_fingerprint
+from fedsd.wire import HEAD_PREFIX, QUERY_DONE, exit_of_key, heads_to_record, record_to_checkpoint
+
+MAX_ROUND = 10**9
+"""Largest round number (and round offset, number of rounds) a server may send."""
+_HEAD_KEY = re.compile(r"heads\.([0-9]{1,6})\.[A-Za-z0-9_.]{1,200}", re.ASCII)
 
 
 def model_crop(model: MultiExitSER) -> CropPolicy:
@@ -70,7 +93,32 @@ def load_device_model(settings: DeviceSettings, fingerprint: str) -> MultiExitSE
 def _device_exit(settings: DeviceSettings, model: MultiExitSER, cfg: dict[str, Any]) -> int:
     if settings.exit is not None:
         return settings.exit
-    return int(cfg.get("default-exit", model.exits[-1]))
+    try:
+        return config_int(cfg, "default-exit", model.exits[-1], 1, 10**6)
+    except UntrustedValueError as e:
+        raise refuse(e) from None
+
+
+def server_config(msg: Message) -> dict[str, Any]:
+    """The ``config`` record of a server message, with every key that names a file or a round checked.
+
+    Raises :class:`~fedsd.clients.device.HostileMessage` before anything is loaded or written.
+    """
+    if not msg.has_content():
+        raise refuse(ValueError("the message has no content"))
+    cfg = dict(msg.content.config_records.get("config", ConfigRecord()))
+    try:
+        check_fingerprint(cfg.get("fingerprint", ""), "fingerprint", allow_empty=True)
+        identifier(cfg.get("federation-id", ""), "federation-id", allow_empty=True)
+        config_int(cfg, "server-round", 0, 0, MAX_ROUND)
+        config_int(cfg, "round-offset", 0, 0, MAX_ROUND)
+        if "num-rounds" in cfg:
+            config_int(cfg, "num-rounds", 1, 1, MAX_ROUND)
+        if "default-exit" in cfg:
+            config_int(cfg, "default-exit", 1, 1, 10**6)
+    except UntrustedValueError as e:
+        raise refuse(e) from None
+    return cfg
 
 
 def device_identity(settings: DeviceSettings, context: Context) -> str:
@@ -84,23 +132,66 @@ def _local_config(cfg: dict[str, Any], exit_k: int, device: str = "") -> LocalTr
     """Local training settings from the server's config; the seed mixes run seed, round and ``device``.
 
     Why the device: with one seed per round every device would shuffle and drop out identically.
+    Every value is the server's: typed, finite and bounded here (a ``local-epochs`` of 10**12 or a
+    NaN ``lr`` is refused with :class:`~fedsd.clients.device.HostileMessage`, not trained with).
     """
-    return LocalTrainConfig(
-        exit=exit_k,
-        train_exits=str(cfg.get("train-exits", "upto")),  # type: ignore[arg-type]
-        teacher=str(cfg.get("teacher", "deep")),  # type: ignore[arg-type]
-        epochs=int(cfg.get("local-epochs", 5)),
-        batch_size=int(cfg.get("batch-size", 16)),
-        lr=float(cfg.get("lr", 1e-3)),
-        seed=mix_seed(int(cfg.get("seed", 0)), int(cfg.get("server-round", 0)), device),
-        distill=DistillConfig(
-            w_ce=float(cfg.get("w-ce", 1.0)),
-            w_kd=float(cfg.get("w-kd", 1.0)),
-            w_feat=float(cfg.get("w-feat", 1.0)),
-            temperature=float(cfg.get("temperature", 2.0)),
-            mode=str(cfg.get("mode", "sd")),  # type: ignore[arg-type]
-        ),
-    )
+    try:
+        return LocalTrainConfig(
+            exit=exit_k,
+            train_exits=config_choice(cfg, "train-exits", "upto", ("upto", "only")),  # type: ignore[arg-type]
+            teacher=config_choice(cfg, "teacher", "deep", ("deep", "local")),  # type: ignore[arg-type]
+            epochs=config_int(cfg, "local-epochs", 5, 1, 10_000),
+            batch_size=config_int(cfg, "batch-size", 16, 1, 65_536),
+            lr=config_float(cfg, "lr", 1e-3, 0.0, 100.0, lo_open=True),
+            seed=mix_seed(
+                config_int(cfg, "seed", 0, -(2**63), 2**63 - 1),
+                config_int(cfg, "server-round", 0, 0, MAX_ROUND),
+                device,
+            ),
+            distill=DistillConfig(
+                w_ce=config_float(cfg, "w-ce", 1.0, 0.0, 1e6),
+                w_kd=config_float(cfg, "w-kd", 1.0, 0.0, 1e6),
+                w_feat=config_float(cfg, "w-feat", 1.0, 0.0, 1e6),
+                temperature=config_float(cfg, "temperature", 2.0, 0.0, 1e3, lo_open=True),
+                mode=config_choice(cfg, "mode", "sd", ("sd", "ce")),  # type: ignore[arg-type]
+            ),
+        )
+    except UntrustedValueError as e:
+        raise refuse(e) from None
+
+
+def received_heads(arrays: ArrayRecord, model: MultiExitSER) -> dict[str, torch.Tensor]:
+    """The server's head weights this device will load: keys of its own heads, same dtype and shape,
+    finite values. Heads of exits this model lacks are skipped (an exported model holds fewer);
+    anything else is refused with :class:`~fedsd.clients.device.HostileMessage`."""
+    own = model.head_state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for key, array in arrays.items():
+        m = _HEAD_KEY.fullmatch(key)
+        if m is None:
+            raise refuse(UntrustedValueError(f"head key {shown(key)} is not '{HEAD_PREFIX}<exit>.<name>'"))
+        if int(m.group(1)) not in model.exits:
+            continue
+        if key not in own:
+            raise refuse(UntrustedValueError(f"head key {shown(key)} is not a parameter of this model"))
+        try:
+            value = array.numpy()
+        except Exception as e:  # malformed bytes: np.load raises many exception types
+            raise refuse(
+                UntrustedValueError(f"{key}: cannot decode the array ({type(e).__name__})")
+            ) from None
+        ref = own[key]
+        if value.dtype != ref.detach().cpu().numpy().dtype or tuple(value.shape) != tuple(ref.shape):
+            raise refuse(
+                UntrustedValueError(
+                    f"{key}: {value.dtype} {tuple(value.shape)} != this model's "
+                    f"{str(ref.dtype).removeprefix('torch.')} {tuple(ref.shape)}"
+                )
+            )
+        if np.issubdtype(value.dtype, np.inexact) and not np.all(np.isfinite(value)):
+            raise refuse(UntrustedValueError(f"{key}: non-finite values (NaN or inf)"))
+        out[key] = torch.from_numpy(np.array(value, copy=True))
+    return out
 
 
 def _features(
@@ -128,18 +219,19 @@ def _prepare(
 ) -> tuple[DeviceSettings, MultiExitSER, LocalTrainConfig, ExitPlan]:
     """Settings, model with the received heads, local training config and exit plan of this device."""
     settings = DeviceSettings.from_context(context, defaults)
-    cfg = dict(msg.content.config_records.get("config", ConfigRecord()))
+    cfg = server_config(msg)
+    lcfg = _local_config(cfg, 0, device_identity(settings, context))  # checked before anything loads
     model = load_device_model(settings, str(cfg.get("fingerprint", "")))
-    exit_k = _device_exit(settings, model, cfg)
-    lcfg = _local_config(cfg, exit_k, device_identity(settings, context))
-    plan = plan_exits(model.exits, exit_k, lcfg)
+    lcfg = replace(lcfg, exit=_device_exit(settings, model, cfg))
+    try:
+        plan = plan_exits(model.exits, lcfg.exit, lcfg)
+    except ValueError as e:
+        raise DeviceError(str(e)) from None
     if plan.teacher not in model.exits:
         raise DeviceError(f"teacher exit {plan.teacher} is not in this device's model; use teacher: local")
     arrays = msg.content.array_records.get("arrays")
     if arrays is not None and len(arrays):
-        heads = record_to_heads(arrays)
-        wanted = {k: v for k, v in heads.items() if int(k.split(".")[1]) in model.exits}
-        model.load_head_state_dict(wanted, strict=False)
+        model.load_head_state_dict(received_heads(arrays, model), strict=False)
     return settings, model, lcfg, plan
 
 
@@ -151,14 +243,14 @@ def _uar_metrics(prefix: str, reports: dict) -> dict[str, float]:
 def train(msg: Message, context: Context, defaults: dict[str, Any] | None = None) -> Message:
     """Adapt the shallow heads on local speech; reply with those heads and metrics only."""
     t0 = time.perf_counter()
+    cfg = server_config(msg)
+    dp = dp_settings(context, cfg)  # checked before anything loads
     settings, model, lcfg, plan = _prepare(msg, context, defaults)
     feats = _features(settings, model, plan)
     n_labelled = int((feats.labels >= 0).sum())
     if lcfg.distill.mode == "ce" and n_labelled == 0:
         raise DeviceError("mode=ce needs labelled utterances and this device has none")
     before = evaluate_cached(model, feats, plan.train) if n_labelled else {}
-    cfg = dict(msg.content.config_records.get("config", ConfigRecord()))
-    dp = dp_settings(context, cfg)
     dp_metrics: dict[str, Any] = {}
     if dp is None:
         losses = train_heads(model, feats, plan, lcfg)
@@ -190,16 +282,24 @@ def dp_settings(context: Context, train_config: dict[str, Any]) -> DPSettings | 
     except PrivacyError as e:
         raise DeviceError(str(e)) from None
     if dp is not None and dp.target_epsilon is not None and dp.rounds is None:
-        rounds = train_config.get("num-rounds")
-        if rounds is None:
+        if train_config.get("num-rounds") is None:
             raise DeviceError("--dp-target-epsilon needs the number of rounds it covers: add --dp-rounds")
-        dp = replace(dp, rounds=int(rounds))
+        try:
+            dp = replace(dp, rounds=config_int(train_config, "num-rounds", 1, 1, MAX_ROUND))
+        except UntrustedValueError as e:
+            raise refuse(e) from None
     return dp
 
 
 def _ledger_file(settings: DeviceSettings, train_config: dict[str, Any]) -> Path | None:
-    """A real device mirrors its ledger on disk: a restarted SuperNode must not forget what it spent."""
-    fid = str(train_config.get("federation-id", ""))
+    """A real device mirrors its ledger on disk: a restarted SuperNode must not forget what it spent.
+
+    The file is named by the server's ``federation-id``, which must be a plain id (never a path).
+    """
+    try:
+        fid = identifier(train_config.get("federation-id", ""), "federation-id", allow_empty=True)
+    except UntrustedValueError as e:
+        raise refuse(e) from None
     if settings.partition is not None or not fid:
         return None
     return settings.cache_dir / "privacy" / f"{fid}.json"
@@ -302,7 +402,7 @@ def evaluate(msg: Message, context: Context, defaults: dict[str, Any] | None = N
 def info(msg: Message, context: Context, defaults: dict[str, Any] | None = None) -> Message:
     """Tell the server what this device is; it decides whether to deliver the model."""
     settings = DeviceSettings.from_context(context, defaults)
-    cfg = dict(msg.content.config_records.get("config", ConfigRecord()))
+    cfg = server_config(msg)
     fingerprint = str(cfg.get("fingerprint", ""))
     path = settings.model_dir(fingerprint)
     has_model = False
@@ -328,13 +428,35 @@ def info(msg: Message, context: Context, defaults: dict[str, Any] | None = None)
 
 
 def receive_model(msg: Message, context: Context, defaults: dict[str, Any] | None = None) -> Message:
-    """Store the server's base model in the device cache, keyed by its backbone fingerprint."""
+    """Store the server's base model in the device cache, keyed by its backbone fingerprint.
+
+    The fingerprint must be sha256 hex, every file a fedsd model file with a matching sha256, and the
+    stored model must load with that fingerprint; otherwise nothing stays in the cache.
+    """
     settings = DeviceSettings.from_context(context, defaults)
-    cfg = dict(msg.content.config_records["config"])
-    fingerprint = str(cfg["fingerprint"])
+    cfg = server_config(msg)
+    try:
+        fingerprint = check_fingerprint(cfg.get("fingerprint"), "fingerprint")
+    except UntrustedValueError as e:
+        raise refuse(e) from None
+    files = msg.content.array_records.get("files")
+    digests = msg.content.config_records.get("digests")
+    if files is None or digests is None:
+        raise refuse(ValueError("a model delivery needs a 'files' ArrayRecord and a 'digests' ConfigRecord"))
     dest = settings.delivered_model_dir(fingerprint)
-    record_to_checkpoint(msg.content.array_records["files"], msg.content.config_records["digests"], dest)
-    load_device_model(DeviceSettings(**{**settings.__dict__, "model": dest}), fingerprint)
+    try:
+        record_to_checkpoint(files, digests, dest)
+    except UntrustedValueError as e:
+        raise refuse(e) from None
+    except CheckpointError as e:
+        raise DeviceError(str(e)) from None
+    try:
+        load_device_model(DeviceSettings(**{**settings.__dict__, "model": dest}), fingerprint)
+    except Exception as e:  # whatever fails to load is not kept: a later round must not pick it up
+        shutil.rmtree(dest, ignore_errors=True)
+        if isinstance(e, DeviceError):
+            raise
+        raise DeviceError(f"the delivered model does not load: {type(e).__name__}: {e}") from None
     return Message(RecordDict({"info": ConfigRecord({"stored": str(dest)})}), reply_to=msg)
 
 
@@ -344,9 +466,12 @@ def done(msg: Message, context: Context, defaults: dict[str, Any] | None = None)
 
 
 def _event(msg: Message, reply: Message | None, context: Context, seconds: float) -> dict[str, Any]:
-    """One event-log line: what this message did, from the request's config and the reply."""
-    mtype = msg.metadata.message_type
-    cfg = dict(msg.content.config_records.get("config", ConfigRecord()))
+    """One event-log line: what this message did, from the request's config and the reply.
+
+    The request is the server's: only checked values of known keys enter the line (never raises).
+    """
+    mtype = str(msg.metadata.message_type)
+    cfg = dict(msg.content.config_records.get("config", ConfigRecord())) if msg.has_content() else {}
     ev: dict[str, Any] = {
         "time": time.time(),
         "kind": mtype.removeprefix("query."),
@@ -354,10 +479,16 @@ def _event(msg: Message, reply: Message | None, context: Context, seconds: float
         "node": context.node_id,
         "seconds": round(seconds, 3),
     }
-    if "server-round" in cfg:
-        ev["round"] = int(cfg["server-round"]) + int(cfg.get("round-offset", 0))
+    with contextlib.suppress(UntrustedValueError):
+        if "server-round" in cfg:
+            rnd = config_int(cfg, "server-round", 0, 0, MAX_ROUND)
+            ev["round"] = rnd + config_int(cfg, "round-offset", 0, 0, MAX_ROUND)
     if mtype == QUERY_DONE:
-        ev |= {k.replace("-", "_"): v for k, v in cfg.items() if isinstance(v, int | float | str)}
+        with contextlib.suppress(UntrustedValueError):
+            ev["rounds"] = config_int(cfg, "rounds", 0, 0, MAX_ROUND) if "rounds" in cfg else None
+        with contextlib.suppress(UntrustedValueError):
+            ev["status"] = identifier(cfg["status"], "status") if "status" in cfg else None
+        ev = {k: v for k, v in ev.items() if v is not None}
     if reply is None or reply.has_error():
         return ev
     content = reply.content

@@ -4,6 +4,11 @@ Settings come from the SuperNode's ``--node-config`` in a deployment (``exit=4 d
 data="/abs/manifest.csv" root="/abs/corpus"``) or, in simulation, from the run config plus the
 ``partition-id`` Flower assigns each virtual node. Every message may run in a fresh process, so all
 state lives on disk (model, feature cache) or in ``context.state``.
+
+Trust: paths come from the device's own node config only. The run config is the server's (it travels
+with ``flwr run``), so a deployed device (no ``partition-id`` in its node config) never reads a path
+from it; only virtual devices of a local simulation do. Server-sent identifiers that name files
+(fingerprints) are checked by ``fedsd.untrusted`` before they become a path.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from flwr.app import Context
 
 from fedsd.config import ExperimentConfig
 from fedsd.data.manifest import ManifestRow, read_manifest
+from fedsd.untrusted import UntrustedValueError
+from fedsd.untrusted import fingerprint as check_fingerprint
 
 DEFAULT_CACHE = Path(os.environ.get("FEDSD_CACHE", Path.home() / ".cache" / "fedsd"))
 
@@ -58,6 +65,15 @@ def _flwr_run_defaults(run_config: dict[str, Any]) -> dict[str, Any]:
 
 class DeviceError(RuntimeError):
     """A device that cannot take part; the message says what to fix on the device."""
+
+
+class HostileMessage(DeviceError):
+    """The server sent something this device refuses to act on (a bad id, path, config or file)."""
+
+
+def refuse(err: Exception) -> HostileMessage:
+    """The error a handler raises for a malformed server message (its reply to the server says why)."""
+    return HostileMessage(f"refused the server's message: {err}")
 
 
 @dataclass
@@ -106,7 +122,12 @@ class DeviceSettings:
         )
 
     def delivered_model_dir(self, fingerprint: str) -> Path:
-        return self.cache_dir / "models" / fingerprint[:16]
+        """``<cache>/models/<first 16 hex digits>``; the fingerprint must be sha256 hex (server-sent)."""
+        try:
+            fp = check_fingerprint(fingerprint, "backbone fingerprint")
+        except UntrustedValueError as e:
+            raise refuse(e) from None
+        return self.cache_dir / "models" / fp[:16]
 
     def model_dir(self, fingerprint: str | None = None) -> Path | None:
         """The model to use: the one given at start-up, else one the server delivered earlier."""

@@ -47,6 +47,7 @@ from fedsd.server.deploy import (
     parse_address,
     port_open,
 )
+from fedsd.untrusted import printable
 
 EXIT_DONE = 0
 EXIT_SUPERNODE_FAILED = 1
@@ -165,7 +166,15 @@ def _fmt_exits(values: Any) -> str:
 
 
 def describe_event(ev: dict[str, Any]) -> str:
-    """One readable line for an event-log entry."""
+    """One readable line for an event-log entry, safe for a terminal (control characters escaped:
+    the entry holds server-sent text, e.g. an error that quotes a refused value)."""
+    try:
+        return printable(_describe_event(ev), 2000)
+    except Exception as e:  # a malformed entry must not stop the supervisor
+        return printable(f"unreadable event ({type(e).__name__}): {ev!r}", 2000)
+
+
+def _describe_event(ev: dict[str, Any]) -> str:
     kind = ev.get("kind", "?")
     rnd = f"round {ev['round']}: " if "round" in ev else ""
     secs = f"{float(ev.get('seconds', 0.0)):.1f} s"

@@ -59,12 +59,13 @@ class DPSettings:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise PrivacyError("DP needs exactly one of noise_multiplier (--dp-noise-multiplier) "
                                "or target_epsilon (--dp-target-epsilon)")  # fmt: skip
-        if self.noise_multiplier is not None and self.noise_multiplier < 0:
-            raise PrivacyError(f"dp noise_multiplier must be >= 0, got {self.noise_multiplier}")
-        if self.target_epsilon is not None and not self.target_epsilon > 0:
-            raise PrivacyError(f"dp target_epsilon must be > 0, got {self.target_epsilon}")
-        if not self.max_grad_norm > 0:
-            raise PrivacyError(f"dp max_grad_norm must be > 0, got {self.max_grad_norm}")
+        # NaN/inf settings (a server's train config is untrusted) would silently void the guarantee
+        if self.noise_multiplier is not None and not 0 <= self.noise_multiplier < math.inf:
+            raise PrivacyError(f"dp noise_multiplier must be finite and >= 0, got {self.noise_multiplier}")
+        if self.target_epsilon is not None and not 0 < self.target_epsilon < math.inf:
+            raise PrivacyError(f"dp target_epsilon must be finite and > 0, got {self.target_epsilon}")
+        if not 0 < self.max_grad_norm < math.inf:
+            raise PrivacyError(f"dp max_grad_norm must be finite and > 0, got {self.max_grad_norm}")
         if not 0 < self.delta < 1:
             raise PrivacyError(f"dp delta must be in (0, 1), got {self.delta}")
         if self.rounds is not None and self.rounds < 1:
@@ -115,7 +116,7 @@ class DPSettings:
         casts = {"rounds": int, "accountant": str}
         try:
             return cls(**{f: casts.get(f, float)(v) for f, v in merged.items()})
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:
             if isinstance(e, PrivacyError):
                 raise
             raise PrivacyError(f"unreadable DP setting: {e}") from None

@@ -2,7 +2,9 @@
 
 Both sides import this module, so the protocol is written down once. Rounds carry exit-head weights
 only (``heads.<exit>.<param>``); the one-off model delivery carries a whole checkpoint directory as one
-``uint8`` array per file (Flower chunks large arrays), each verified by sha256 on arrival.
+``uint8`` array per file (Flower chunks large arrays), each verified by sha256 on arrival. A device
+accepts only the file names a fedsd model has (``fedsd.untrusted.model_file``) and digests that are
+sha256 hex, checked before anything is written.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from fedsd.checkpoint import CheckpointError, atomic_directory
+from fedsd.untrusted import MAX_MODEL_FILES, UntrustedValueError, model_file, sha256_hex
 
 QUERY_INFO = "query.info"
 """Server asks a device for its exit, data size and whether it holds the server's model."""
@@ -48,12 +51,20 @@ def exit_of_key(key: str) -> int:
 
 
 def checkpoint_to_record(path: str | os.PathLike[str]) -> tuple[ArrayRecord, ConfigRecord]:
-    """A checkpoint directory as (one uint8 array per file, {path: sha256})."""
+    """A checkpoint directory as (one uint8 array per file, {path: sha256}).
+
+    Only the files of a fedsd model travel (``fedsd.json``, ``heads.safetensors``, ``backbone/``
+    config and weights); anything else in the directory stays home, as devices would refuse it.
+    """
     root = Path(path)
     arrays = ArrayRecord()
     digests = ConfigRecord()
     for f in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = f.relative_to(root).as_posix()
+        try:
+            model_file(rel)
+        except UntrustedValueError:
+            continue
         data = f.read_bytes()
         arrays[rel] = Array(np.frombuffer(data, dtype=np.uint8).copy())
         digests[rel] = hashlib.sha256(data).hexdigest()
@@ -63,16 +74,30 @@ def checkpoint_to_record(path: str | os.PathLike[str]) -> tuple[ArrayRecord, Con
 
 
 def record_to_checkpoint(arrays: ArrayRecord, digests: ConfigRecord, dest: str | os.PathLike[str]) -> Path:
-    """Write a delivered checkpoint atomically after checking every file's sha256."""
+    """Write a delivered checkpoint atomically after checking every file's name and sha256.
+
+    Every name must be a fedsd model file and every digest sha256 hex before anything is written
+    (:class:`~fedsd.untrusted.UntrustedValueError` otherwise); a corrupt file raises CheckpointError
+    and leaves ``dest`` as it was.
+    """
     dest = Path(dest)
-    if set(arrays.keys()) != set(digests.keys()):
+    names = list(arrays.keys())
+    if set(names) != set(digests.keys()):
         raise CheckpointError("model delivery: the file list and the digest list differ")
+    if not names or len(names) > MAX_MODEL_FILES:
+        raise CheckpointError(f"model delivery: {len(names)} files (expected 1 to {MAX_MODEL_FILES})")
+    expected = {model_file(rel, "model delivery: file name"): "" for rel in names}
+    for rel in names:
+        expected[rel] = sha256_hex(digests[rel], f"model delivery: sha256 of {rel}")
     with atomic_directory(dest) as tmp:
         for rel, arr in arrays.items():
-            if rel.startswith("/") or ".." in Path(rel).parts:
-                raise CheckpointError(f"model delivery: unsafe file name {rel!r}")
-            data = arr.numpy().tobytes()
-            if hashlib.sha256(data).hexdigest() != digests[rel]:
+            try:
+                data = arr.numpy().tobytes()
+            except Exception as e:  # a malformed Array: np.load raises many exception types
+                raise CheckpointError(
+                    f"model delivery: {rel} cannot be decoded ({type(e).__name__})"
+                ) from None
+            if hashlib.sha256(data).hexdigest() != expected[rel]:
                 raise CheckpointError(f"model delivery: {rel} is corrupt (sha256 mismatch)")
             out = tmp / rel
             out.parent.mkdir(parents=True, exist_ok=True)
