@@ -207,6 +207,16 @@ class FederatedConfig(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _central_dp_excludes_norm_ratio(self) -> FederatedConfig:
+        if self.central_dp is not None and self.max_update_norm_ratio is not None:
+            raise ValueError(
+                "federated.max_update_norm_ratio cannot be combined with federated.central_dp: rejecting "
+                "an update relative to the other devices' breaks the DP sensitivity bound (use "
+                "max_update_norm, an absolute bound, or central_dp's own clip_norm)"
+            )
+        return self
+
 
 class ExperimentConfig(_Strict):
     name: str = "experiment"
