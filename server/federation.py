@@ -49,6 +49,7 @@ from fedsd.server.replies import (
     pair_replies,
 )
 from fedsd.server.strategy import PartialFedAvg
+from fedsd.server.validation import Rejection, validate_info_reply
 from fedsd.wire import (
     QUERY_DONE,
     QUERY_INFO,
@@ -266,15 +267,17 @@ class Federation:
         """ε per device (cumulative, as each reported) and the maximum; central DP's ε when on."""
         out: dict[str, Any] = {}
         for c in report.clients:
-            if "dp-epsilon" in c.metrics:
-                self.device_epsilon[int(c.node_id)] = float(c.metrics["dp-epsilon"])
+            eps = c.metrics.get("dp-epsilon")
+            if isinstance(eps, int | float) and not isinstance(eps, bool):  # a device could send a list
+                self.device_epsilon[int(c.node_id)] = float(eps)
         stopped = [r.node_id for r in report.rejections if "privacy budget reached" in r.reason]
         if self.device_epsilon:
             out["device_epsilon"] = {str(n): e for n, e in sorted(self.device_epsilon.items())}
             out["max_epsilon"] = max(self.device_epsilon.values())
             dp = self.cfg.federated.dp
+            deltas = [c.metrics.get("dp-delta") for c in report.clients]
             out["delta"] = max(
-                [float(c.metrics["dp-delta"]) for c in report.clients if "dp-delta" in c.metrics]
+                [float(d) for d in deltas if isinstance(d, int | float) and not isinstance(d, bool)]
                 or [dp.delta if dp else float("nan")]
             )
         if stopped:
@@ -326,7 +329,8 @@ class Federation:
         nodes = self._wait_for_nodes(grid)
         infos = self._greet(grid, nodes)
         self._greeted = set(nodes)
-        self.strategy.declared_examples = {n: float(i.get("n-utterances", 0)) for n, i in infos.items()}
+        self.strategy.declared_examples = {n: float(i["n-utterances"]) for n, i in infos.items()}
+        self.strategy.declared_exits = {n: int(i["exit"]) for n, i in infos.items()}
         return infos
 
     def admit_late(self, grid: Grid, infos: dict[int, dict[str, Any]]) -> list[int]:
@@ -343,12 +347,20 @@ class Federation:
         joined = self._greet(grid, new)
         infos |= joined
         declared = dict(self.strategy.declared_examples or {})
-        declared |= {n: float(i.get("n-utterances", 0)) for n, i in joined.items()}
+        declared |= {n: float(i["n-utterances"]) for n, i in joined.items()}
         self.strategy.declared_examples = declared
+        exits = dict(self.strategy.declared_exits or {})
+        exits |= {n: int(i["exit"]) for n, i in joined.items()}
+        self.strategy.declared_exits = exits
         return sorted(joined)
 
     def _greet(self, grid: Grid, nodes: Sequence[int]) -> dict[int, dict[str, Any]]:
-        """query.info to ``nodes``, then the base model to those that lack it; the usable ones' infos."""
+        """query.info to ``nodes``, then the base model to those that lack it; the usable ones' infos.
+
+        A reply is the device's word: parsed by ``validate_info_reply`` (a malformed one leaves that
+        device out, named in the log, and the run goes on); replies from nodes that were not asked,
+        and a node's second reply, are ignored.
+        """
         query = RecordDict({"config": ConfigRecord({"fingerprint": self.fingerprint})})
         msgs = [Message(query, dst_node_id=n, message_type=QUERY_INFO) for n in nodes]
         infos: dict[int, dict[str, Any]] = {}
@@ -360,13 +372,23 @@ class Federation:
                 f"device {node}: cannot take part: {why}"
                 + (f" within {timeout:.0f} s" if why == NO_REPLY else "")
             )
+        asked = set(nodes)
         for reply in replies:
-            if not reply.has_error():
-                infos[reply.metadata.src_node_id] = dict(reply.content.config_records["info"])
-        need = [n for n, i in infos.items() if not i.get("has-model")]
+            node = reply.metadata.src_node_id
+            if reply.has_error() or node not in asked or node in infos:
+                continue  # errors were logged above; strangers and second replies do not count
+            parsed = validate_info_reply(reply)
+            if isinstance(parsed, Rejection):
+                self.log(f"device {node}: cannot take part: malformed handshake reply: {parsed.reason}")
+                continue
+            infos[node] = parsed
+        need = [n for n, i in infos.items() if not i["has-model"]]
+        if need and not self.spec.deliver_model:
+            for n in need:
+                self.log(f"device {n}: cannot take part: it lacks the model and model delivery is off")
+                infos.pop(n)
+            need = []
         if need:
-            if not self.spec.deliver_model:
-                raise FederationError(f"devices {need} lack the model and model delivery is off")
             files, digests = checkpoint_to_record(self.spec.base_model)
             size = sum(a.numpy().nbytes for a in files.values())
             self.log(f"delivering the base model ({size / 1e6:.1f} MB) to {len(need)} device(s)")
@@ -384,8 +406,7 @@ class Federation:
                 infos.pop(node, None)
         for n, i in sorted(infos.items()):
             self.log(
-                f"device {n}: exit {i.get('exit')}, {i.get('n-utterances')} utterances "
-                f"({i.get('n-labelled')} labelled)"
+                f"device {n}: exit {i['exit']}, {i['n-utterances']} utterances ({i['n-labelled']} labelled)"
             )
         return infos
 

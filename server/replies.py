@@ -19,6 +19,8 @@ from typing import Any
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from fedsd.untrusted import printable
+
 NODE_UNAVAILABLE = 5  # flwr.common.constant.ErrorCode.NODE_UNAVAILABLE
 NO_REPLY = "no reply"
 
@@ -80,8 +82,9 @@ class ReplyTracker(Grid):
 
 
 def _error_text(reply: Message) -> str:
+    """The error a reply carries, printable (its reason is the device's text: never trusted raw in logs)."""
     err = reply.error
-    return f"error {err.code}: {err.reason}"
+    return f"error {err.code}: {printable(err.reason, 300)}"
 
 
 def pair_replies(

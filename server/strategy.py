@@ -14,6 +14,12 @@ depends on what the transport or an in-process ClientApp does to the record it w
 Per round, ``train_reports[server_round]`` (and ``last_train_report``) keep the accepted clients with
 their metrics, the rejections and whether the global record changed; ``RoundReport.to_dict()`` is
 JSON-ready for the server's metrics.jsonl. Evaluate rounds get the same in ``evaluate_reports``.
+
+A device's weight (``num-examples``) is self-reported, so it is capped by default: no accepted reply
+weighs more than ``DEFAULT_MAX_WEIGHT_RATIO`` (3) × the round's median weight (the lower median of the
+accepted replies), on top of ``max_num_examples`` when that is set; federated-evaluation weights get
+the same cap. One device declaring 10**9 utterances then gets at most 3 honest devices' worth of weight
+instead of ~100 % (with two senders, 3/4 at most; a lone sender is the average anyway).
 """
 
 from __future__ import annotations
@@ -43,16 +49,43 @@ from .validation import (
 
 __all__ = [
     "AGGREGATIONS",
+    "DEFAULT_MAX_WEIGHT_RATIO",
     "ClientReport",
     "PartialFedAvg",
     "RoundReport",
     "aggregate_metrics",
     "merge_updates",
+    "weight_cap",
 ]
 
 Aggregation = Literal["mean", "median", "trimmed_mean"]
 AGGREGATIONS: tuple[str, ...] = ("mean", "median", "trimmed_mean")
 MetricsAggrFn = Callable[[list[RecordDict], str], MetricRecord]
+
+DEFAULT_MAX_WEIGHT_RATIO = 3.0
+"""Default cap on a reply's weight, as a multiple of the round's (lower) median weight.
+
+``num-examples`` is self-reported; the handshake declaration bounds it, but a device can declare
+anything. The cap keeps one liar to ``DEFAULT_MAX_WEIGHT_RATIO`` honest devices' worth of influence
+(while honest devices with up to 3× the typical data keep their full weight). ``PartialFedAvg(
+max_weight_ratio=None)`` switches it off; ``federated.max_num_examples`` adds an absolute cap.
+"""
+
+
+def weight_cap(
+    weights: Sequence[float], max_weight_ratio: float | None, max_num_examples: float | None = None
+) -> float | None:
+    """This round's cap on one reply's weight: ``max_weight_ratio`` × the lower median of ``weights``
+    and ``max_num_examples``, whichever is smaller (None: no cap).
+
+    The *lower* median (the smaller middle value for an even count) so that with two senders the liar
+    is not the one setting the cap.
+    """
+    caps = [] if max_num_examples is None else [float(max_num_examples)]
+    if max_weight_ratio is not None and weights:
+        ordered = sorted(float(w) for w in weights)
+        caps.append(max_weight_ratio * ordered[(len(ordered) - 1) // 2])
+    return min(caps) if caps else None
 
 
 @dataclass
@@ -90,6 +123,8 @@ class RoundReport:
     aggregated: bool = False
     """Train: whether the global record was updated. Evaluate: whether metrics were aggregated."""
     updated_keys: list[str] = field(default_factory=list)
+    weight_cap: float | None = None
+    """The largest weight one reply had this round (see :func:`weight_cap`); None: no cap."""
     note: str | None = None
     """Why nothing was aggregated, when that happened."""
     central_dp: dict[str, Any] | None = None
@@ -97,6 +132,8 @@ class RoundReport:
 
     def to_dict(self) -> dict[str, Any]:
         extra = {"central_dp": self.central_dp} if self.central_dp is not None else {}
+        if self.weight_cap is not None:
+            extra["weight_cap"] = self.weight_cap
         return extra | {
             "round": self.server_round,
             "kind": self.kind,
@@ -242,6 +279,10 @@ class PartialFedAvg(FedAvg):
         Reject a reply whose change (update − current global, over its keys) has a larger L2 norm.
     max_num_examples : float or None
         Cap on a client's weight in the mean (and in the weighted metrics).
+    max_weight_ratio : float or None
+        Cap on a client's weight as a multiple of the round's lower-median weight (default
+        ``DEFAULT_MAX_WEIGHT_RATIO`` = 3, see :func:`weight_cap`); applies to the mean and to the
+        weighted train and evaluate metrics. None switches it off.
     max_update_norm_ratio : float or None
         Reject a reply whose change of some exit head exceeds this multiple of the round's median
         change of that head (needs 3+ senders of the head).
@@ -251,7 +292,10 @@ class PartialFedAvg(FedAvg):
         Metrics every train reply must carry (e.g. ``dp-epsilon`` when devices must train with DP).
 
     ``declared_examples`` (node id → utterances it declared when it joined) may be set before a
-    round: a reply whose ``num-examples`` exceeds its declaration is rejected.
+    round: a reply whose ``num-examples`` exceeds its declaration is rejected (train and evaluate).
+    ``declared_exits`` (node id → exit it declared; -1: the server's choice) likewise: a reply that
+    carries a head above its exit is rejected. ``max_update_norm_ratio`` and ``central_dp`` exclude
+    each other (a rejection that depends on other devices' updates breaks DP's sensitivity bound).
 
     A custom ``train_metrics_aggr_fn``/``evaluate_metrics_aggr_fn`` (flwr signature
     ``(list[RecordDict], str) -> MetricRecord``) receives the contents of the *valid* replies only;
@@ -280,6 +324,7 @@ class PartialFedAvg(FedAvg):
         max_update_norm_ratio: float | None = None,
         central_dp: CentralDP | None = None,
         required_metrics: Sequence[str] = (),
+        max_weight_ratio: float | None = DEFAULT_MAX_WEIGHT_RATIO,
     ) -> None:
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
@@ -291,8 +336,15 @@ class PartialFedAvg(FedAvg):
             raise ValueError(f"max_num_examples must be positive or None, got {max_num_examples}")
         if max_update_norm_ratio is not None and not max_update_norm_ratio > 1:
             raise ValueError(f"max_update_norm_ratio must be > 1 or None, got {max_update_norm_ratio}")
+        if max_weight_ratio is not None and not max_weight_ratio >= 1:
+            raise ValueError(f"max_weight_ratio must be >= 1 or None, got {max_weight_ratio}")
         if central_dp is not None and aggregation != "mean":
             raise ValueError("central_dp needs aggregation='mean' (it averages clipped updates)")
+        if central_dp is not None and max_update_norm_ratio is not None:
+            raise ValueError(
+                "central_dp cannot be combined with max_update_norm_ratio: rejecting updates relative "
+                "to the other devices' breaks the sensitivity bound of the DP mechanism"
+            )
         super().__init__(
             fraction_train=fraction_train,
             fraction_evaluate=fraction_evaluate,
@@ -309,10 +361,12 @@ class PartialFedAvg(FedAvg):
         self.trim_fraction = trim_fraction
         self.max_update_norm = max_update_norm
         self.max_num_examples = max_num_examples
+        self.max_weight_ratio = max_weight_ratio
         self.max_update_norm_ratio = max_update_norm_ratio
         self.central_dp = central_dp
         self.required_metrics = tuple(required_metrics)
         self.declared_examples: dict[int, float] | None = None
+        self.declared_exits: dict[int, int] | None = None
         self._custom_train_metrics_fn = train_metrics_aggr_fn
         self._custom_evaluate_metrics_fn = evaluate_metrics_aggr_fn
         self._current_record: ArrayRecord | None = None
@@ -345,6 +399,7 @@ class PartialFedAvg(FedAvg):
         )
         log(INFO, "\t│\t├── max_update_norm: %s", self.max_update_norm)
         log(INFO, "\t│\t├── max_num_examples: %s", self.max_num_examples)
+        log(INFO, "\t│\t├── max_weight_ratio: %s", self.max_weight_ratio)
         log(INFO, "\t│\t├── max_update_norm_ratio: %s", self.max_update_norm_ratio)
         log(INFO, "\t│\t└── central_dp: %s", self.central_dp)
         super().summary()
@@ -381,13 +436,15 @@ class PartialFedAvg(FedAvg):
             max_update_norm=self.max_update_norm,
             declared_examples=self.declared_examples,
             required_metrics=self.required_metrics,
+            declared_exits=self.declared_exits,
         )
         if self.max_update_norm_ratio is not None:
             updates, outliers = reject_norm_outliers(
                 updates, self._current_arrays, self.max_update_norm_ratio
             )
             rejections = [*rejections, *outliers]
-        report = RoundReport(server_round=server_round, kind="train", rejections=rejections)
+        cap = weight_cap([u.num_examples for u in updates], self.max_weight_ratio, self.max_num_examples)
+        report = RoundReport(server_round=server_round, kind="train", rejections=rejections, weight_cap=cap)
         report.clients = [
             ClientReport(
                 node_id=u.node_id,
@@ -436,7 +493,7 @@ class PartialFedAvg(FedAvg):
                 updates,
                 aggregation=self.aggregation,
                 trim_fraction=self.trim_fraction,
-                max_num_examples=self.max_num_examples,
+                max_num_examples=cap,
                 global_arrays=self._current_arrays,
             )
         report.aggregated = True
@@ -444,17 +501,19 @@ class PartialFedAvg(FedAvg):
         untouched = len(self._current_record) - len(updated)
         log(INFO, "\t└──> %s: updated %s keys, %s untouched", self.aggregation, len(updated), untouched)
 
-        return merged, self._train_metrics(updates, len(rejections))
+        return merged, self._train_metrics(updates, len(rejections), cap)
 
-    def _weight(self, num_examples: float) -> float:
-        return num_examples if self.max_num_examples is None else min(num_examples, self.max_num_examples)
+    @staticmethod
+    def _weight(num_examples: float, cap: float | None) -> float:
+        return num_examples if cap is None else min(num_examples, cap)
 
-    def _train_metrics(self, updates: list[ValidUpdate], rejected: int) -> MetricRecord:
+    def _train_metrics(self, updates: list[ValidUpdate], rejected: int, cap: float | None) -> MetricRecord:
         if self._custom_train_metrics_fn is not None:
             contents = [u.content for u in updates if u.content is not None]
             return self._custom_train_metrics_fn(contents, self.weighted_by_key)
         metrics = aggregate_metrics(
-            [(self._weight(u.num_examples), u.metrics) for u in updates], weighted_by_key=self.weighted_by_key
+            [(self._weight(u.num_examples, cap), u.metrics) for u in updates],
+            weighted_by_key=self.weighted_by_key,
         )
         return self._add_counts(metrics, [u.num_examples for u in updates], rejected)
 
@@ -479,12 +538,16 @@ class PartialFedAvg(FedAvg):
                 rejections.append(Rejection(node_id, "duplicate reply from the same node this round"))
                 continue
             seen.add(node_id)
-            result = validate_evaluate_reply(reply, weighted_by_key=self.weighted_by_key)
+            result = validate_evaluate_reply(
+                reply, weighted_by_key=self.weighted_by_key, declared_examples=self.declared_examples
+            )
             (rejections if isinstance(result, Rejection) else valid).append(result)
+        cap = weight_cap([v.num_examples for v in valid], self.max_weight_ratio, self.max_num_examples)
         report = RoundReport(
             server_round=server_round,
             kind="evaluate",
             rejections=rejections,
+            weight_cap=cap if valid else None,
             clients=[
                 ClientReport(node_id=v.node_id, num_examples=v.num_examples, metrics=v.metrics) for v in valid
             ],
@@ -508,6 +571,7 @@ class PartialFedAvg(FedAvg):
             contents = [v.content for v in valid if v.content is not None]
             return self._custom_evaluate_metrics_fn(contents, self.weighted_by_key)
         metrics = aggregate_metrics(
-            [(self._weight(v.num_examples), v.metrics) for v in valid], weighted_by_key=self.weighted_by_key
+            [(self._weight(v.num_examples, cap), v.metrics) for v in valid],
+            weighted_by_key=self.weighted_by_key,
         )
         return self._add_counts(metrics, [v.num_examples for v in valid], len(rejections))

@@ -9,6 +9,10 @@ A train reply is rejected when
 - it carries an error instead of content (the ClientApp raised),
 - it does not hold exactly one ArrayRecord and exactly one MetricRecord (Flower's reply convention),
 - its ArrayRecord is empty, or names a key the global record does not have,
+- it carries part of an exit head (a reply must carry every key of each head it sends: central DP
+  clips a head's change as one vector, and half a head is no update anyone trained),
+- it carries a head above the exit the device declared at the handshake (an exit-1 device has no
+  business sending the teacher's head: as its only sender it would set it to anything),
 - an array cannot be decoded, or its dtype or shape differ from the global array,
 - an array holds NaN or ±inf,
 - the weighting metric (``num-examples``) is missing, not a number, not finite, zero or negative,
@@ -18,6 +22,11 @@ A train reply is rejected when
 - the L2 norm of the change (update − current global, over the keys the reply sent) exceeds
   ``max_update_norm`` (``None`` switches this check off),
 - the same node already sent a reply this round (the later one is rejected).
+
+A handshake (``query.info``) reply is parsed by :func:`validate_info_reply`: missing ``info``, a
+non-numeric, non-finite or non-positive ``n-utterances``, a malformed ``exit`` reject the device, never
+the run. Everything a device sends that ends up in a reason or a log line goes through
+``fedsd.untrusted.shown``/``printable`` (no control characters reach the server's terminal or logs).
 """
 
 from __future__ import annotations
@@ -31,6 +40,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import SType
 
+from fedsd.untrusted import printable, shown
+
 __all__ = [
     "Rejection",
     "ValidUpdate",
@@ -41,6 +52,7 @@ __all__ = [
     "metric_values",
     "read_weight",
     "validate_evaluate_reply",
+    "validate_info_reply",
     "validate_train_replies",
     "validate_train_reply",
 ]
@@ -118,7 +130,52 @@ def _single_record(records: Mapping[str, Any], what: str) -> Any | str:
 
 def _error_reason(reply: Message) -> str:
     err = reply.error
-    return f"error reply (code {err.code}): {err.reason}"
+    return f"error reply (code {err.code}): {printable(err.reason, 300)}"
+
+
+def _exit_of(key: str) -> int | None:
+    """``heads.3.fc.weight`` → 3; None for a key that is not a head parameter."""
+    parts = key.split(".")
+    if len(parts) >= 3 and parts[0] == "heads" and parts[1].isdigit():
+        return int(parts[1])
+    return None
+
+
+def _head_keys(global_arrays: Mapping[str, Any]) -> dict[int, set[str]]:
+    """The global record's keys grouped by exit head."""
+    heads: dict[int, set[str]] = {}
+    for key in global_arrays:
+        k = _exit_of(key)
+        if k is not None:
+            heads.setdefault(k, set()).add(key)
+    return heads
+
+
+def _head_problem(
+    keys: Iterable[str], heads: Mapping[int, set[str]], declared_exit: int | None
+) -> str | None:
+    """Why a reply's key set is unusable: part of a head, or a head above the device's declared exit."""
+    sent: dict[int, set[str]] = {}
+    for key in keys:
+        k = _exit_of(key)
+        if k is not None:
+            sent.setdefault(k, set()).add(key)
+    if declared_exit is not None and declared_exit >= 1:
+        above = sorted(k for k in sent if k > declared_exit)
+        if above:
+            return (
+                f"sent head(s) of exit {', '.join(map(str, above))} above the exit {declared_exit} "
+                "the device declared when it joined"
+            )
+    for k, got in sorted(sent.items()):
+        missing = heads.get(k, set()) - got
+        if missing:
+            return (
+                f"partial head: exit {k} sent {len(got)} of its {len(heads[k])} keys "
+                f"(missing {', '.join(shown(m, 60) for m in sorted(missing)[:3])}"
+                f"{', ...' if len(missing) > 3 else ''})"
+            )
+    return None
 
 
 def _check_array(key: str, array: Array, reference: np.ndarray) -> np.ndarray | str:
@@ -151,12 +208,15 @@ def validate_train_reply(
     max_update_norm: float | None = None,
     declared_examples: Mapping[int, float] | None = None,
     required_metrics: Iterable[str] = (),
+    declared_exits: Mapping[int, int] | None = None,
 ) -> ValidUpdate | Rejection:
     """Check one train reply against the current global arrays.
 
     ``global_arrays`` may be the global ArrayRecord or its decoded form (``decode_arrays``); pass the
     decoded form when validating many replies against the same record. ``declared_examples`` maps a
     node to the number of utterances it declared when it joined: a reply may not weigh more.
+    ``declared_exits`` maps a node to the exit it declared (-1: the server's choice, no limit): a
+    reply may not carry a head above it. A node missing from either mapping is rejected.
     """
     node_id = _node_id(reply)
     if reply.has_error():
@@ -196,8 +256,8 @@ def validate_train_reply(
         return Rejection(node_id, "empty ArrayRecord (no weights sent)")
     unknown = sorted(key for key in record if key not in global_arrays)
     if unknown:
-        shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
-        return Rejection(node_id, f"unknown keys not in the global record: {shown}")
+        names = ", ".join(shown(k, 60) for k in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        return Rejection(node_id, f"unknown keys not in the global record: {names}")
 
     decoded: dict[str, np.ndarray] = {}
     squared = 0.0
@@ -208,6 +268,14 @@ def validate_train_reply(
         decoded[key] = checked
         diff = checked.astype(np.float64) - global_arrays[key].astype(np.float64)
         squared += float(np.dot(diff.ravel(), diff.ravel()))
+    declared_exit: int | None = None
+    if declared_exits is not None:
+        if node_id not in declared_exits:
+            return Rejection(node_id, "device did not join through the handshake (no declared exit)")
+        declared_exit = declared_exits[node_id]
+    problem = _head_problem(record.keys(), _head_keys(global_arrays), declared_exit)
+    if problem is not None:
+        return Rejection(node_id, problem)
     norm = math.sqrt(squared)
     if max_update_norm is not None and not norm <= max_update_norm:
         return Rejection(node_id, f"update norm {norm:.6g} exceeds max_update_norm {max_update_norm:g}")
@@ -231,9 +299,9 @@ def _bad_metrics(metrics: Mapping[str, Any], required: Iterable[str]) -> str | N
         values = value if isinstance(value, list) else [value]
         for v in values:
             if isinstance(v, bool) or not isinstance(v, (int, float)):
-                return f"metric '{key}' is not a number ({type(v).__name__})"
+                return f"metric {shown(key, 60)} is not a number ({type(v).__name__})"
             if not math.isfinite(v):
-                return f"metric '{key}' is not finite ({v})"
+                return f"metric {shown(key, 60)} is not finite ({v})"
     return None
 
 
@@ -245,6 +313,7 @@ def validate_train_replies(
     max_update_norm: float | None = None,
     declared_examples: Mapping[int, float] | None = None,
     required_metrics: Iterable[str] = (),
+    declared_exits: Mapping[int, int] | None = None,
 ) -> tuple[list[ValidUpdate], list[Rejection]]:
     """Split a round's replies into valid updates and rejections (a node's second reply is rejected)."""
     if isinstance(global_arrays, ArrayRecord):
@@ -265,15 +334,21 @@ def validate_train_replies(
             max_update_norm=max_update_norm,
             declared_examples=declared_examples,
             required_metrics=tuple(required_metrics),
+            declared_exits=declared_exits,
         )
         (rejections if isinstance(result, Rejection) else valid).append(result)
     return valid, rejections
 
 
 def validate_evaluate_reply(
-    reply: Message, *, weighted_by_key: str = "num-examples"
+    reply: Message,
+    *,
+    weighted_by_key: str = "num-examples",
+    declared_examples: Mapping[int, float] | None = None,
 ) -> ValidMetrics | Rejection:
-    """Check one evaluate reply: content with exactly one MetricRecord and a usable weight."""
+    """Check one evaluate reply: content with exactly one MetricRecord, finite numeric metrics (an
+    honest device leaves out an exit it could not evaluate) and a usable weight, no larger than the
+    utterances the device declared when it joined (with ``declared_examples``)."""
     node_id = _node_id(reply)
     if reply.has_error():
         return Rejection(node_id, _error_reason(reply))
@@ -286,6 +361,19 @@ def validate_evaluate_reply(
     weight = read_weight(metrics, weighted_by_key)
     if isinstance(weight, str):
         return Rejection(node_id, weight)
+    bad = _bad_metrics(metrics, ())
+    if bad:
+        return Rejection(node_id, bad)
+    if declared_examples is not None:
+        declared = declared_examples.get(node_id)
+        if declared is None:
+            return Rejection(node_id, "device did not join through the handshake (no declared data size)")
+        if weight > declared:
+            return Rejection(
+                node_id,
+                f"'{weighted_by_key}' {weight:g} exceeds the {declared:g} utterances the device "
+                "declared when it joined",
+            )
     return ValidMetrics(node_id=node_id, num_examples=weight, metrics=metrics, content=reply.content)
 
 
@@ -338,3 +426,62 @@ def reject_norm_outliers(
                 )
             )
     return kept, rejected
+
+
+MAX_DECLARED_UTTERANCES = 10**12
+"""Largest ``n-utterances`` a handshake may declare (the weight cap, not this bound, limits influence)."""
+
+
+def _count(value: Any, name: str, lo: int, hi: int) -> int | str:
+    """An integer count from a device (an integral float is accepted), or why it is unusable."""
+    if value is None:
+        return f"'{name}' is missing"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"'{name}' is not a number ({shown(value, 40)})"
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        return f"'{name}' is not a whole number ({value})"
+    if not lo <= value <= hi:
+        return f"'{name}' {value:g} is outside [{lo}, {hi:g}]"
+    return int(value)
+
+
+def validate_info_reply(reply: Message) -> dict[str, Any] | Rejection:
+    """Parse a handshake (``query.info``) reply; a malformed one rejects the device, never the run.
+
+    Returns ``{"has-model": bool, "exit": int (-1 = the server's choice), "n-utterances": int >= 1,
+    "n-labelled": int | None, "device": str, "torch-threads": int | None}`` — only these keys, every
+    string printable — or the :class:`Rejection` that says why the device cannot take part.
+    """
+    node_id = _node_id(reply)
+    if reply.has_error():
+        return Rejection(node_id, _error_reason(reply))
+    if not reply.has_content():
+        return Rejection(node_id, "reply has neither content nor error")
+    info = reply.content.config_records.get("info")
+    if info is None:
+        return Rejection(node_id, "handshake reply without an 'info' record")
+    n = _count(info.get("n-utterances"), "n-utterances", 1, MAX_DECLARED_UTTERANCES)
+    if isinstance(n, str):
+        return Rejection(node_id, n)
+    exit_k = _count(info.get("exit", -1), "exit", -1, 10**6)
+    if isinstance(exit_k, str) or exit_k == 0:
+        return Rejection(node_id, exit_k if isinstance(exit_k, str) else "'exit' 0 is not an exit")
+    has_model = info.get("has-model", False)
+    if not isinstance(has_model, bool):
+        return Rejection(node_id, f"'has-model' is not true or false ({shown(has_model, 40)})")
+    n_labelled: int | None = None
+    if "n-labelled" in info:
+        counted = _count(info.get("n-labelled"), "n-labelled", 0, n)
+        if isinstance(counted, str):
+            return Rejection(node_id, counted)
+        n_labelled = counted
+    threads = _count(info.get("torch-threads"), "torch-threads", 1, 10**6)
+    device = info.get("device", "")
+    return {
+        "has-model": has_model,
+        "exit": exit_k,
+        "n-utterances": n,
+        "n-labelled": n_labelled,
+        "device": printable(device, 64) if isinstance(device, str) else shown(device, 64),
+        "torch-threads": threads if isinstance(threads, int) else None,
+    }
