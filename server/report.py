@@ -26,6 +26,18 @@ def exit_latency_s(model: MultiExitSER, seconds: float, repeats: int = 5) -> dic
     return measure_exit_latency(model, waves)
 
 
+def _number(value: Any, default: float = math.nan) -> float:
+    """A device-reported metric as a float: devices are untrusted (a list or a string reads as ``default``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return default
+    return float(value)
+
+
+def _whole(value: Any, default: int) -> int:
+    number = _number(value)
+    return int(number) if math.isfinite(number) else default
+
+
 def _uar(rec: dict[str, Any], k: int) -> float:
     return float(rec.get(f"exit{k}/uar", float("nan")))
 
@@ -90,18 +102,18 @@ def write_report(
         rows = []
         for c in last["clients"]:
             m = c["metrics"]
-            ex = int(m.get("exit", -1))
-            before = [v for key, v in m.items() if key.endswith("/uar-before")]
-            after = [v for key, v in m.items() if key.endswith("/uar-after")]
+            ex = _whole(m.get("exit"), -1)
+            before = [_number(v) for key, v in m.items() if key.endswith("/uar-before")]
+            after = [_number(v) for key, v in m.items() if key.endswith("/uar-after")]
             rows.append(
                 [
                     c["node_id"],
                     ex,
-                    int(m.get("n-utterances", 0)),
-                    int(m.get("n-labelled", 0)),
+                    _whole(m.get("n-utterances"), 0),
+                    _whole(m.get("n-labelled"), 0),
                     nanmean(before),  # an exit without evaluated utterances has no UAR: skipped
                     nanmean(after),
-                    f"{m.get('seconds', math.nan):.1f}",
+                    f"{_number(m.get('seconds')):.1f}",
                 ]
             )
         lines.append(
@@ -164,9 +176,11 @@ def privacy_section(history: Sequence[dict[str, Any]], run_dir: Path | None = No
             for n in devices
         }
         budgets = [
-            c["metrics"].get("dp-epsilon-budget") for h in recs for c in h.get("train", {}).get("clients", [])
+            _number(c["metrics"].get("dp-epsilon-budget"))
+            for h in recs
+            for c in h.get("train", {}).get("clients", [])
         ]
-        budget = max((b for b in budgets if b is not None), default=None)
+        budget = max((b for b in budgets if math.isfinite(b)), default=None)
         plot_epsilon_per_round(
             [int(h["round"]) for h in recs],
             per_device,

@@ -394,6 +394,29 @@ def test_handshake_rejects_lying_devices_by_name_and_the_run_goes_on(federation)
     assert federation.strategy.declared_exits == {11: 3, 16: 1}
 
 
+def test_the_run_report_survives_list_metrics_from_a_device(tmp_path: Path) -> None:
+    """Validated metrics may be lists; the report used to int() them and fail the finished run."""
+    from types import SimpleNamespace
+
+    from fedsd.config import ExperimentConfig
+    from fedsd.server.report import write_report
+
+    odd = {
+        "exit": [1, 2],
+        "n-utterances": [3.0],
+        "n-labelled": 2.5,
+        "seconds": [1.0],
+        "exit1/uar-before": [0.1],
+    }
+    history = [
+        {"round": 0},
+        {"round": 1, "train": {"clients": [{"node_id": 5, "metrics": odd}], "rejections": []}},
+    ]
+    model = SimpleNamespace(exits=[1, 2], meta={})
+    path = write_report(tmp_path, history, model, ExperimentConfig(), log=lambda _: None)  # type: ignore[arg-type]
+    assert "| 5 " in path.read_text()
+
+
 # --------------------------------------------------------------------------------------------- fuzz: train
 
 _TEXT = st.text(st.characters(codec="utf-8"), max_size=30) | st.sampled_from(
