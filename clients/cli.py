@@ -209,6 +209,7 @@ def run_command(
         parse_address,
         probe_transport,
     )
+    from fedsd.untrusted import printable
 
     if root_cert is not None and insecure:
         _fail("--root-cert and --insecure contradict each other: give one (--root-cert talks TLS)", 2)
@@ -305,6 +306,7 @@ def run_command(
 
     def on_status(level: str, text: str) -> None:
         target = err_console if level == "error" else console
+        text = printable(text, 2000)  # may quote the SuperNode's log: no control characters to the terminal
         target.print(f"[{styles.get(level, '')}]{escape(text)}[/]", highlight=False, soft_wrap=True)
 
     console.print(f"connecting to {join_address(host, port)} (session files: {session})")
