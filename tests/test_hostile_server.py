@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from fedsd.clients.app import _event, make_client_app
@@ -388,7 +388,7 @@ def server_message(draw: st.DrawFn) -> tuple[str, dict[str, Any], dict[str, Any]
 
 
 @settings(
-    max_examples=400,
+    max_examples=1000,
     deadline=None,
     derandomize=True,
     database=None,
@@ -404,12 +404,14 @@ def test_fuzz_server_messages_end_in_a_reply_or_a_clean_refusal(world, case) -> 
     try:
         ConfigRecord(config)
     except (TypeError, ValueError):
-        return  # not representable on the wire
+        event("not representable on the wire")
+        return
     before = snapshot(world["root"])
     try:
         got = call(world, world["delivery"], kind, config, **records)
     except Exception as e:  # anything but a DeviceError is a crash
         pytest.fail(f"{kind} {config!r}: {type(e).__name__}: {e}")
+    event(f"{kind}: {type(got).__name__}")
     if isinstance(got, DeviceError):
         assert str(got).isprintable(), str(got)
     else:
