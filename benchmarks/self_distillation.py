@@ -3,8 +3,8 @@
 Centralized training with the recipe of ``configs/demo.yaml`` (its data, model and train sections: the
 tiny backbone from scratch on the synthetic corpus); only the loss (``train.mode``: ``sd`` or ``ce``),
 the label fraction and the seed change. Speaker-independent split drawn by the seed: ``--test-speakers``
-unseen test speakers and ``--valid-speakers`` validation speakers (model selection on the teacher's
-validation UAR), the rest train (``data.split: speaker``). Seeds are paired across the arms: for one
+unseen test speakers and ``--valid-speakers`` validation speakers (model selection by the recipe's
+``train.select``), the rest train (``data.split: speaker``). Seeds are paired across the arms: for one
 seed, CE-only and SD see the same split, the same labelled utterances (nested across fractions) and
 the same initial weights.
 
@@ -55,6 +55,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.2, 1.0], help="labelled shares")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the machine is shared)")
+    ap.add_argument(
+        "--jobs", type=int, default=1, help="training runs in parallel (each on one torch thread when > 1)"
+    )
+    ap.add_argument("--modes", nargs="+", choices=sorted(ARMS), default=list(ARMS), help="arms to run")
     ap.add_argument("--out", type=Path, default=common.RESULTS / "self_distillation", help="results stem")
     args = ap.parse_args(argv)
     if args.test_speakers < 1 or args.valid_speakers < 1:
@@ -85,10 +89,57 @@ def baseline(
     return common.fit_score(*xy(train), *xy(test)) | {"n_train": len(train), "n_test": len(test)}
 
 
+def train_one(config: dict[str, Any], run_dir: str, threads: int | None = None) -> dict[str, Any]:
+    """One training run (a process-pool worker when ``--jobs`` > 1): its per-exit results."""
+    from fedsd.config import ExperimentConfig
+    from fedsd.train import train
+
+    if threads is not None:
+        common.set_threads(threads)
+    cfg = ExperimentConfig.model_validate(config)
+    res = train(cfg, run_dir, log=common._quiet)
+    return {
+        "test_uar": {str(k): r.uar for k, r in res.test.items()},
+        "test_wa": {str(k): r.wa for k, r in res.test.items()},
+        "valid_uar": {str(k): r.uar for k, r in res.valid.items()},
+        "best_epoch": res.best_epoch,
+        "run_dir": str(res.run_dir),
+        "fingerprint": common.checkpoint_fingerprint(res.best_dir),
+    }
+
+
+def _run_all(jobs: list[tuple[float, int, str, dict[str, Any], str]], n_jobs: int, log: Any) -> list[dict[str, Any]]:
+    """Run every (fraction, seed, mode) training, ``n_jobs`` at a time; results in job order."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    def report(job: tuple[float, int, str, dict[str, Any], str], res: dict[str, Any]) -> None:
+        fraction, seed, mode = job[:3]
+        log(
+            f"{fraction:.0%} seed {seed} {ARMS[mode]}: test UAR "
+            + ", ".join(f"exit {k} {v:.3f}" for k, v in res["test_uar"].items())
+            + f" (best epoch {res['best_epoch']})"
+        )
+
+    if n_jobs <= 1:
+        out = []
+        for job in jobs:
+            out.append(train_one(job[3], job[4]))
+            report(job, out[-1])
+        return out
+    with ProcessPoolExecutor(n_jobs, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(train_one, job[3], job[4], 1) for job in jobs]
+        out = []
+        for job, fut in zip(jobs, futures, strict=True):
+            out.append(fut.result())
+            report(job, out[-1])
+        return out
+
+
 def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
     from fedsd.data.manifest import read_manifest
     from fedsd.data.partition import labelled_mask
-    from fedsd.train import resolve_label_names, split_rows, train
+    from fedsd.train import resolve_label_names, split_rows
 
     log = run.log
     work = common.work_dir(args.work, run.name)
@@ -118,11 +169,10 @@ def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
     base_runs: list[dict[str, Any]] = []
     splits_by_seed: dict[str, dict[str, list[str]]] = {}
     fingerprints: dict[str, str] = {}
+    jobs: list[tuple[float, int, str, dict[str, Any], str]] = []
     for fraction in args.fractions:
         for seed in args.seeds:
-            # the split and the labelled subset depend on the seed (and fraction) only: both arms share them
-            splits = split_rows(common.load_recipe(args, overrides | {"train.seed": seed}), rows)
-            for mode in ARMS:
+            for mode in args.modes:
                 cfg = common.load_recipe(
                     args,
                     overrides
@@ -130,26 +180,16 @@ def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
                     | {"name": f"sd-bench-{mode}-f{fraction:g}-s{seed}"},
                 )
                 name = f"f{fraction:g}-s{seed}-{mode}"
-                res = train(cfg, work / "runs" / name, log=common._quiet)
-                fingerprints[name] = common.checkpoint_fingerprint(res.best_dir)
-                runs.append(
-                    {
-                        "fraction": fraction,
-                        "seed": seed,
-                        "mode": mode,
-                        "test_uar": {str(k): r.uar for k, r in res.test.items()},
-                        "test_wa": {str(k): r.wa for k, r in res.test.items()},
-                        "valid_uar": {str(k): r.uar for k, r in res.valid.items()},
-                        "best_epoch": res.best_epoch,
-                        "run_dir": str(res.run_dir),
-                        "fingerprint": fingerprints[name],
-                    }
-                )
-                log(
-                    f"{fraction:.0%} seed {seed} {ARMS[mode]}: test UAR "
-                    + ", ".join(f"exit {k} {v:.3f}" for k, v in runs[-1]["test_uar"].items())
-                    + f" (best epoch {res.best_epoch})"
-                )
+                jobs.append((fraction, seed, mode, cfg.model_dump(mode="json"), str(work / "runs" / name)))
+    results = _run_all(jobs, args.jobs, log)
+    for (fraction, seed, mode, _, run_dir), res in zip(jobs, results, strict=True):
+        name = Path(run_dir).name
+        fingerprints[name] = res["fingerprint"]
+        runs.append({"fraction": fraction, "seed": seed, "mode": mode, **res})
+    for fraction in args.fractions:
+        for seed in args.seeds:
+            # the split and the labelled subset depend on the seed (and fraction) only: both arms share them
+            splits = split_rows(common.load_recipe(args, overrides | {"train.seed": seed}), rows)
             splits_by_seed[str(seed)] = {
                 part: sorted({r.speaker for r in splits[part]}) for part in ("train", "valid", "test")
             }
@@ -209,22 +249,24 @@ def summarise(
 ) -> dict[str, Any]:
     """Per fraction: per arm and exit mean ± std; SD − CE per exit paired by seed with a 95 % t interval."""
     out: dict[str, Any] = {}
+    modes = [m for m in ARMS if any(r["mode"] == m for r in runs)]
     for f in fractions:
         arm = {
             mode: {r["seed"]: r["test_uar"] for r in runs if r["fraction"] == f and r["mode"] == mode}
-            for mode in ARMS
+            for mode in modes
         }
-        seeds = sorted(set(arm["ce"]) & set(arm["sd"]))
+        seeds = sorted(set.intersection(*(set(v) for v in arm.values())))
         entry: dict[str, Any] = {}
-        for mode in ARMS:
+        for mode in modes:
             entry[mode] = {}
             for k in exits:
                 vals = [arm[mode][s][str(k)] for s in seeds]
                 m, sd = mean_std(vals)
                 entry[mode][str(k)] = {"mean": m, "std": sd, "values": vals}
-        entry["sd_minus_ce"] = {
-            str(k): t_interval([arm["sd"][s][str(k)] - arm["ce"][s][str(k)] for s in seeds]) for k in exits
-        }
+        if len(modes) == 2:
+            entry["sd_minus_ce"] = {
+                str(k): t_interval([arm["sd"][s][str(k)] - arm["ce"][s][str(k)] for s in seeds]) for k in exits
+            }
         b = [r["uar"] for r in base_runs if r["fraction"] == f]
         m, sd = mean_std(b)
         entry["baseline"] = {"mean": m, "std": sd, "values": b}
@@ -260,10 +302,12 @@ def print_table(
     for f in fractions:
         e = summary[f"{f:g}"]
         for mode, name in ARMS.items():
-            table.add_row(
-                f"{f:.0%}", name, *(_pm(e[mode][str(k)]["mean"], e[mode][str(k)]["std"]) for k in exits)
-            )
-        table.add_row(f"{f:.0%}", "SD − CE", *(_ci(e["sd_minus_ce"][str(k)]) for k in exits))
+            if mode in e:
+                table.add_row(
+                    f"{f:.0%}", name, *(_pm(e[mode][str(k)]["mean"], e[mode][str(k)]["std"]) for k in exits)
+                )
+        if "sd_minus_ce" in e:
+            table.add_row(f"{f:.0%}", "SD − CE", *(_ci(e["sd_minus_ce"][str(k)]) for k in exits))
         b = e["baseline"]
         table.add_row(
             f"{f:.0%}", BASELINE, _pm(b["mean"], b["std"]) + " (utterance level)", *[""] * (len(exits) - 1),
@@ -292,6 +336,8 @@ def plot(
     for ax, f in zip(axes[0], fractions, strict=True):
         e = summary[f"{f:g}"]
         for j, (mode, name) in enumerate(ARMS.items()):
+            if mode not in e:
+                continue
             xs = [k + (j - 0.5) * 0.12 for k in exits]
             ax.errorbar(
                 xs,
