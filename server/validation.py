@@ -234,23 +234,10 @@ def validate_train_reply(
     if isinstance(metric_record, str):
         return Rejection(node_id, metric_record)
 
-    metrics = metric_values(metric_record)
-    weight = read_weight(metrics, weighted_by_key)
-    if isinstance(weight, str):
-        return Rejection(node_id, weight)
-    bad = _bad_metrics(metrics, required_metrics)
-    if bad:
-        return Rejection(node_id, bad)
-    if declared_examples is not None:
-        declared = declared_examples.get(node_id)
-        if declared is None:
-            return Rejection(node_id, "device did not join through the handshake (no declared data size)")
-        if weight > declared:
-            return Rejection(
-                node_id,
-                f"'{weighted_by_key}' {weight:g} exceeds the {declared:g} utterances the device "
-                "declared when it joined",
-            )
+    checked = _metrics_and_weight(node_id, metric_record, weighted_by_key, required_metrics, declared_examples)
+    if isinstance(checked, Rejection):
+        return checked
+    metrics, weight = checked
 
     if len(record) == 0:
         return Rejection(node_id, "empty ArrayRecord (no weights sent)")
@@ -305,6 +292,36 @@ def _bad_metrics(metrics: Mapping[str, Any], required: Iterable[str]) -> str | N
     return None
 
 
+def _metrics_and_weight(
+    node_id: int,
+    metric_record: MetricRecord,
+    weighted_by_key: str,
+    required: Iterable[str],
+    declared_examples: Mapping[int, float] | None,
+) -> tuple[dict[str, Any], float] | Rejection:
+    """A reply's metrics and weight, or why they are unusable: the weight must be a usable number, every
+    metric finite (``required`` present), and the weight no larger than the utterances the device
+    declared when it joined (when ``declared_examples`` is given)."""
+    metrics = metric_values(metric_record)
+    weight = read_weight(metrics, weighted_by_key)
+    if isinstance(weight, str):
+        return Rejection(node_id, weight)
+    bad = _bad_metrics(metrics, required)
+    if bad:
+        return Rejection(node_id, bad)
+    if declared_examples is not None:
+        declared = declared_examples.get(node_id)
+        if declared is None:
+            return Rejection(node_id, "device did not join through the handshake (no declared data size)")
+        if weight > declared:
+            return Rejection(
+                node_id,
+                f"'{weighted_by_key}' {weight:g} exceeds the {declared:g} utterances the device "
+                "declared when it joined",
+            )
+    return metrics, weight
+
+
 def validate_train_replies(
     replies: Iterable[Message],
     global_arrays: Mapping[str, np.ndarray] | ArrayRecord,
@@ -357,23 +374,10 @@ def validate_evaluate_reply(
     metric_record = _single_record(reply.content.metric_records, "MetricRecord")
     if isinstance(metric_record, str):
         return Rejection(node_id, metric_record)
-    metrics = metric_values(metric_record)
-    weight = read_weight(metrics, weighted_by_key)
-    if isinstance(weight, str):
-        return Rejection(node_id, weight)
-    bad = _bad_metrics(metrics, ())
-    if bad:
-        return Rejection(node_id, bad)
-    if declared_examples is not None:
-        declared = declared_examples.get(node_id)
-        if declared is None:
-            return Rejection(node_id, "device did not join through the handshake (no declared data size)")
-        if weight > declared:
-            return Rejection(
-                node_id,
-                f"'{weighted_by_key}' {weight:g} exceeds the {declared:g} utterances the device "
-                "declared when it joined",
-            )
+    checked = _metrics_and_weight(node_id, metric_record, weighted_by_key, (), declared_examples)
+    if isinstance(checked, Rejection):
+        return checked
+    metrics, weight = checked
     return ValidMetrics(node_id=node_id, num_examples=weight, metrics=metrics, content=reply.content)
 
 
