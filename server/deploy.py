@@ -482,14 +482,17 @@ def parse_run_id(line: str) -> int | None:
 
 
 def _flwr_json(flwr_home: Path, args: list[str], timeout: float = 30.0) -> dict[str, Any]:
-    res = subprocess.run(
-        [flower_bin("flwr"), *args, "--format", "json"],
-        env=flower_env(flwr_home),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
+    try:
+        res = subprocess.run(
+            [flower_bin("flwr"), *args, "--format", "json"],
+            env=flower_env(flwr_home),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        raise DeployError(f"`flwr {' '.join(args)}` did not answer within {timeout:.0f} s") from None
     try:
         return json.loads(res.stdout)
     except json.JSONDecodeError:
@@ -509,12 +512,21 @@ def run_status(flwr_home: Path, run_id: int) -> dict[str, Any]:
 
 
 def wait_finished(flwr_home: Path, run_id: int, timeout: float = 30.0) -> dict[str, Any]:
-    """Poll :func:`run_status` until the run is finished (the stream may end a little earlier)."""
+    """Poll :func:`run_status` until the run is finished (the stream may end a little earlier).
+
+    A poll that fails (e.g. `flwr ls` too slow to answer on a loaded machine) is retried until the
+    deadline; only then does its :class:`DeployError` propagate.
+    """
     deadline = time.monotonic() + timeout
     while True:
-        status = run_status(flwr_home, run_id)
-        if str(status.get("status", "")).startswith("finished") or time.monotonic() > deadline:
-            return status
+        try:
+            status = run_status(flwr_home, run_id)
+        except DeployError:
+            if time.monotonic() > deadline:
+                raise
+        else:
+            if str(status.get("status", "")).startswith("finished") or time.monotonic() > deadline:
+                return status
         time.sleep(1.0)
 
 

@@ -262,6 +262,36 @@ def test_client_run_without_insecure_refuses(setup, tmp_path) -> None:
     assert "--root-cert" in text and "--insecure" in text, text
 
 
+def test_a_slow_flwr_ls_is_a_deploy_error_and_the_outcome_poll_retries_it(monkeypatch, tmp_path) -> None:
+    """`flwr ls` that does not answer in time (a starved machine) is a DeployError, never a traceback
+    from subprocess; wait_finished polls again until its deadline and returns the real outcome."""
+    import subprocess
+
+    from fedsd.server import deploy
+
+    calls: list[list[str]] = []
+    answers = ["timeout", '{"success": true, "runs": [{"status": "running"}]}',
+               '{"success": true, "runs": [{"status": "finished:completed"}]}']  # fmt: skip
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        answer = answers.pop(0) if answers else "timeout"
+        if answer == "timeout":
+            raise subprocess.TimeoutExpired(cmd, kwargs.get("timeout"))
+        return subprocess.CompletedProcess(cmd, 0, stdout=answer, stderr="")
+
+    monkeypatch.setattr(deploy.subprocess, "run", fake_run)
+    monkeypatch.setattr(deploy.time, "sleep", lambda _: None)
+    with pytest.raises(deploy.DeployError, match="did not answer within 30 s"):
+        deploy.run_status(tmp_path, 7)
+    answers.insert(0, "timeout")
+    assert deploy.wait_finished(tmp_path, 7, timeout=60.0)["status"] == "finished:completed"
+    assert len(calls) == 4 and all("ls" in c and "7" in c for c in calls)
+    # past the deadline the last error is raised, still a DeployError
+    with pytest.raises(deploy.DeployError, match="did not answer"):
+        deploy.wait_finished(tmp_path, 7, timeout=-1.0)
+
+
 @pytest.mark.slow
 def test_client_stops_when_server_unreachable_or_interrupted(setup, tmp_path) -> None:
     """No server: the device gives up after --server-timeout (exit 3); SIGINT stops it at once (130).
