@@ -23,11 +23,8 @@ def invoke(*args: str):
 
 def assert_clean_error(result, code: int, text: str) -> None:
     assert result.exit_code == code, result.output
-    assert (
-        "Traceback" not in result.output
-        and result.exception is None
-        or isinstance(result.exception, SystemExit)
-    )
+    assert "Traceback" not in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     assert text in " ".join(result.output.split())
 
 

@@ -3,6 +3,12 @@
 Real federations in process (real ClientApp, real strategy): four honest devices and one whose train
 reply is rewritten before it leaves, as a compromised device would. The attacked runs are compared
 with the clean run on the server's unseen speakers (exit 1, the exit every device trains).
+
+The server's test set is small (2 speakers, 48 clips), so a UAR moves in steps of one clip
+(1/48 when the classes are balanced): a defended run that drops or keeps a different honest update
+legitimately lands a clip or two away from the clean run. The claims are therefore stated in clips:
+a defence keeps exit 1 within a few clips of the clean run, while the same attack on the plain mean
+costs several times that many, so the bound separates "defended" from "wrecked" by a clear margin.
 """
 
 from __future__ import annotations
@@ -32,6 +38,10 @@ federated: {{num_clients: 5, by: speaker, test_speakers: 2, server_speakers: 0, 
 """
 ATTACKER = 0  # partition id of the compromised device
 Tamper = Callable[[Message, Message], None]
+DEFENDED_CLIPS = 3  # a defended run may land this many clips from the clean run ...
+WRECKED_CLIPS = 2 * DEFENDED_CLIPS  # ... the undefended mean under the same attack loses more than this
+
+pytestmark = pytest.mark.slow  # nine real federations (clean, 2 plain-mean attacks, 5 defences, inflation)
 
 
 @pytest.fixture(scope="module")
@@ -100,21 +110,52 @@ def _uar(lines: list[dict]) -> float:
     return float(lines[-1]["exit1/uar"])
 
 
+def _clip(lines: list[dict]) -> float:
+    """The most one clip can move exit 1's UAR on the server's test set: 1 / (classes · smallest class).
+
+    UAR averages recall over the classes present; one clip of class c moves c's recall by 1/n_c.
+    """
+    confusion = lines[-1]["eval"]["1"]["confusion"]
+    support = [sum(row) for row in confusion if sum(row) > 0]
+    assert support, "the server's test set is empty"
+    return 1.0 / (len(support) * min(support))
+
+
 @pytest.fixture(scope="module")
-def clean(world) -> float:
+def clean(world) -> dict:
     lines = _federate(world, "clean", None, {})
-    uar = _uar(lines)
-    assert uar >= lines[0]["exit1/uar"] + 0.08, (
-        "the clean federation must learn, or nothing below means anything"
+    uar, clip = _uar(lines), _clip(lines)
+    assert uar >= lines[0]["exit1/uar"] + 4 * clip - 1e-9, (
+        "the clean federation must learn, or nothing below means anything",
+        lines[0]["exit1/uar"],
+        uar,
     )
-    return uar
+    return {"uar": uar, "clip": clip}
+
+
+@pytest.fixture(scope="module")
+def plain_mean(world) -> Callable[[float], list[dict]]:
+    """The plain mean under the x``factor`` attack, federated once per factor for the whole module."""
+    runs: dict[float, list[dict]] = {}
+
+    def run(factor: float) -> list[dict]:
+        if factor not in runs:
+            runs[factor] = _federate(world, f"mean{factor:+g}", _scale(factor), {})
+        return runs[factor]
+
+    return run
 
 
 @pytest.mark.parametrize("factor", [100.0, -100.0], ids=["scaled-x100", "sign-flipped-x100"])
-def test_plain_mean_is_wrecked_by_one_attacker(world, clean: float, factor: float) -> None:
-    lines = _federate(world, f"mean{factor:+g}", _scale(factor), {})
+def test_plain_mean_is_wrecked_by_one_attacker(clean: dict, plain_mean, factor: float) -> None:
+    lines = plain_mean(factor)
     assert all(r["train"]["num_rejected"] == 0 for r in lines[1:])  # nothing stops it
-    assert _uar(lines) <= clean - 0.08, (_uar(lines), clean)
+    loss = clean["uar"] - _uar(lines)
+    assert loss > WRECKED_CLIPS * clean["clip"], (
+        f"one attacker cost the plain mean only {loss / clean['clip']:.1f} clip(s) "
+        f"(clean UAR {clean['uar']:.3f}, attacked {_uar(lines):.3f}): the attack is too weak for the "
+        f"defence tests below to mean anything"
+    )
 
 
 @pytest.mark.parametrize(
@@ -128,12 +169,18 @@ def test_plain_mean_is_wrecked_by_one_attacker(world, clean: float, factor: floa
     ],
     ids=["x100-norm-ratio", "flip-norm-ratio", "x100-trimmed-mean", "flip-trimmed-mean", "x100-median"],
 )
-def test_defences_keep_the_shallow_exit_within_two_points(
-    world, clean: float, factor: float, defence
+def test_defences_keep_the_shallow_exit_within_a_few_clips(
+    world, clean: dict, plain_mean, factor: float, defence
 ) -> None:
     name = "def-" + "-".join(f"{k.split('.')[-1]}{v}" for k, v in defence.items()) + f"{factor:+g}"
     lines = _federate(world, name, _scale(factor), defence)
-    assert abs(_uar(lines) - clean) <= 0.02, (_uar(lines), clean)
+    clip, uar, wrecked = clean["clip"], _uar(lines), _uar(plain_mean(factor))
+    # the same attack without a defence must cost far more than the bound, or the bound proves nothing
+    assert clean["uar"] - wrecked > WRECKED_CLIPS * clip, (wrecked, clean["uar"])
+    assert abs(uar - clean["uar"]) <= DEFENDED_CLIPS * clip + 1e-9, (
+        f"defended UAR {uar:.3f} is {abs(uar - clean['uar']) / clip:.1f} clip(s) from the clean "
+        f"{clean['uar']:.3f} (bound {DEFENDED_CLIPS}); the undefended mean fell to {wrecked:.3f}"
+    )
     if "federated.max_update_norm_ratio" in defence:
         for r in lines[1:]:  # the attacker is named and rejected every round, the others are kept
             rejections = r["train"]["rejections"]
@@ -141,7 +188,7 @@ def test_defences_keep_the_shallow_exit_within_two_points(
             assert r["train"]["num_clients"] == 4
 
 
-def test_inflated_num_examples_are_rejected(world, clean: float) -> None:
+def test_inflated_num_examples_are_rejected(world, clean: dict) -> None:
     lines = _federate(world, "inflate", _inflate_examples, {})
     for r in lines[1:]:
         (rejection,) = r["train"]["rejections"]
