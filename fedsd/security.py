@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -80,9 +79,8 @@ class TlsFiles:
 
 
 def _write(path: Path, data: bytes, mode: int) -> Path:
-    """Atomic write; the temporary file is created 0600 (mkstemp), so a key is never world-readable."""
-    atomic_write_bytes(path, data)
-    os.chmod(path, mode)
+    """Atomic write with ``mode`` set before the rename, so a key is never world-readable, even briefly."""
+    atomic_write_bytes(path, data, mode=mode)
     return path
 
 

@@ -334,3 +334,35 @@ def test_sweep_removes_only_stale_temporaries(tmp_path: Path) -> None:
     removed = sweep_temporaries(tmp_path)
     assert sorted(p.name for p in removed) == sorted([stale_file.name, stale_dir.name])
     assert fresh.exists() and keep.exists() and not stale_file.exists() and not stale_dir.exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_follow_the_umask_not_mkstemp(tmp_path: Path, umask: int) -> None:
+    """Results, reports and checkpoints land with the mode the user's umask gives (mkstemp's is 0600)."""
+    from fedsd.checkpoint import atomic_directory, atomic_write_json, shared_mode
+
+    old = os.umask(umask)
+    try:
+        assert shared_mode() == 0o666 & ~umask
+        f = atomic_write_json(tmp_path / "results.json", {"uar": 0.5})
+        with atomic_directory(tmp_path / "model") as d:
+            (d / "weights.bin").write_bytes(b"x")
+        key = checkpoint.atomic_write_bytes(tmp_path / "key.pem", b"secret", mode=0o600)
+    finally:
+        os.umask(old)
+    assert f.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "model" / "weights.bin").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert key.stat().st_mode & 0o777 == 0o600
+
+
+def test_generated_private_keys_stay_private_under_a_lax_umask(tmp_path: Path) -> None:
+    from fedsd.security import generate_node_key
+
+    old = os.umask(0o000)
+    try:
+        priv, pub = generate_node_key(tmp_path / "node")
+    finally:
+        os.umask(old)
+    assert Path(priv).stat().st_mode & 0o777 == 0o600
+    assert Path(pub).stat().st_mode & 0o077 != 0  # the public half is readable by others
