@@ -79,13 +79,59 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def _torn_tail(fh: Any, size: int) -> tuple[int, bytes]:
+    """(offset, bytes) of the text after the last newline of an open binary file of ``size`` bytes."""
+    pos = size
+    tail = b""
+    while pos > 0:
+        step = min(65536, pos)
+        pos -= step
+        fh.seek(pos)
+        tail = fh.read(step) + tail
+        cut = tail.rfind(b"\n")
+        if cut >= 0:
+            return pos + cut + 1, tail[cut + 1 :]
+    return 0, tail
+
+
 def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> Path:
-    """Append one JSON line atomically (the whole file is rewritten; metrics files stay small)."""
+    """Append one JSON line, fsynced; the earlier lines are never rewritten (cost per line, not per file).
+
+    All-or-nothing: the record is serialised before the file is touched, and a failed write or fsync
+    truncates the file back to its earlier size. A last line without its newline (a writer killed
+    mid-line) is completed when it is whole JSON, else dropped, so every line stays parseable.
+    """
     path = Path(path)
-    old = path.read_bytes() if path.exists() else b""
-    if old and not old.endswith(b"\n"):
-        old += b"\n"
-    return atomic_write_bytes(path, old + (json.dumps(record, default=str) + "\n").encode("utf-8"))
+    line = (json.dumps(record, default=str) + "\n").encode("utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    created = not path.exists()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    with os.fdopen(fd, "r+b") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        if size:
+            fh.seek(size - 1)
+            if fh.read(1) != b"\n":
+                start, tail = _torn_tail(fh, size)
+                try:
+                    json.loads(tail)
+                except ValueError:
+                    fh.truncate(start)  # half a record: drop it
+                    size = start
+                else:
+                    line = b"\n" + line
+        fh.seek(size)
+        try:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):
+                fh.truncate(size)
+                fh.flush()
+            raise
+    if created:
+        _fsync_dir(path.parent)
+    return path
 
 
 def _fsync_tree(root: Path) -> None:

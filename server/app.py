@@ -16,8 +16,10 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedsd.checkpoint import atomic_write_json
 from fedsd.config import load_config
 from fedsd.server.federation import FederationSpec, run_federation
+from fedsd.server.strategy import NotEnoughDevices
 
 app = ServerApp()
 
@@ -50,8 +52,19 @@ def spec_from_run_config(run_config: dict) -> FederationSpec:
     )
 
 
+OUTCOME_FILE = "outcome.json"
+"""Why a run ended early, for `fedsd server start` (Flower's run status has no room for it)."""
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     spec = spec_from_run_config(dict(context.run_config))
-    result = run_federation(grid, spec, log=_info)
+    try:
+        result = run_federation(grid, spec, log=_info)
+    except NotEnoughDevices as e:
+        log(logging.ERROR, f"not enough devices: {e}")
+        atomic_write_json(
+            Path(spec.run_dir) / OUTCOME_FILE, {"status": "not-enough-devices", "message": str(e)}
+        )
+        raise
     _info(f"federated run finished: {result.rounds_done} rounds, final model {result.final_dir}")

@@ -17,10 +17,12 @@ What it does, in order (each step says what it did):
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import signal
 import socket
 import tempfile
+import time
 from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +43,8 @@ console = Console()
 err_console = Console(stderr=True)
 
 EXIT_FAILED = 1
+EXIT_NO_DEVICES = 3
+"""Fewer than --min-clients devices were connected within --device-wait seconds."""
 EXIT_INTERRUPTED = 130
 
 
@@ -65,7 +69,20 @@ def _parse_overrides(items: list[str] | None) -> dict[str, Any]:
 
 
 def _raise_interrupt(signum: int, _frame: Any) -> None:
+    _shield_cleanup()  # only the first signal interrupts; the clean-up it starts runs to its end
     raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _still_stopping(signum: int, _frame: Any) -> None:
+    name = signal.Signals(signum).name
+    err_console.print(f"[yellow]{name}: already stopping the server, please wait[/]")
+
+
+def _shield_cleanup() -> None:
+    """From here on SIGINT/SIGTERM are noted, not raised: the clean-up (stopping the SuperLink and its
+    helpers) always runs to its end; the handlers of before the command come back after it."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _still_stopping)
 
 
 def _client_host(host: str) -> str:
@@ -149,6 +166,50 @@ def _resume_spec(out: Path) -> tuple[Any, str] | None:
     return None
 
 
+PREVIOUS_RUN_FILES = (
+    "state.json",
+    "spec.json",
+    "metrics.jsonl",
+    "rounds",
+    "final",
+    "outcome.json",
+    "central_dp.json",
+)
+"""What a fresh start moves out of the run directory (never the data, partition or base model)."""
+
+
+def set_aside_previous_run(run_dir: Path) -> Path | None:
+    """Move an earlier run's progress out of ``run_dir`` before a fresh (not --resume) start.
+
+    Without this a fresh run that fails before its round 0 leaves the old ``state.json`` in place,
+    and the printed ``--resume`` hint would continue the *previous* run. Everything goes to
+    ``run_dir/previous/<UTC time>/`` (nothing is deleted); returns that directory, or None when
+    there was nothing to move.
+    """
+    present = [run_dir / name for name in PREVIOUS_RUN_FILES if (run_dir / name).exists()]
+    if not present:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    dest = run_dir / "previous" / stamp
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = run_dir / "previous" / f"{stamp}-{n}"
+    dest.mkdir(parents=True)
+    for path in present:
+        os.replace(path, dest / path.name)
+    return dest
+
+
+def _outcome(run_dir: Path) -> dict[str, Any]:
+    """What the ServerApp wrote about an early end (``outcome.json``), or {}."""
+    try:
+        data = json.loads((run_dir / "outcome.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _device_table(manifests: list[Path], exits: list[int], client_line: str) -> tuple[Table, list[str]]:
     from fedsd.data.manifest import read_manifest
 
@@ -218,7 +279,11 @@ def start_command(
         help="A device's KEY.pub to register once the SuperLink is up (with --auth; repeatable).",
     ),
     device_wait: float = typer.Option(
-        600.0, "--device-wait", min=1.0, help="Seconds to wait for --min-clients devices to connect."
+        600.0,
+        "--device-wait",
+        min=1.0,
+        help="Seconds to wait for --min-clients devices (at the start and before each round); "
+        "then the server stops with exit code 3.",
     ),
     set_: list[str] | None = typer.Option(
         None, "--set", help="Any config field: --set federated.local_epochs=2 (repeatable)."
@@ -312,6 +377,10 @@ def start_command(
                     f"[yellow]{escape(str(run_dir))} holds an earlier run: starting over "
                     "(pass --resume to continue it)[/]"
                 )
+            if not resume:
+                moved = set_aside_previous_run(run_dir)
+                if moved is not None:
+                    _say(f"moved the earlier run's state, metrics and rounds to {moved}")
             try:
                 prepared = prepare_run(
                     cfg,
@@ -421,6 +490,7 @@ def start_command(
             _say(f"registered device key {key} (node id {node_id})")
 
         # ------------------------------------------------------------ 5. submit and stream the run
+        (run_dir / "outcome.json").unlink(missing_ok=True)  # only this run's outcome counts
         tail: deque[str] = deque(maxlen=40)
 
         def on_line(line: str) -> None:
@@ -452,6 +522,14 @@ def start_command(
                 highlight=False,
             )
             return
+        outcome = _outcome(run_dir)
+        if outcome.get("status") == "not-enough-devices":
+            err_console.print(
+                f"[bold red]run {run_id} stopped: not enough devices[/] — {escape(str(outcome.get('message')))}",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(EXIT_NO_DEVICES)
         details = status.get("status-details") or ""
         err_console.print(
             f"[bold red]run {run_id} {escape(state)}[/] {escape(str(details))}\n"
@@ -468,11 +546,13 @@ def start_command(
         )
         raise typer.Exit(EXIT_FAILED)
     except KeyboardInterrupt as e:
+        _shield_cleanup()  # a second Ctrl-C must not cut the clean-up short
         err_console.print(f"[yellow]{escape(str(e) or 'SIGINT')}: stopping the server[/]")
         if superlink is not None and superlink.alive() and flwr_home and run_id_box["id"] is not None:
             deploy.stop_run(flwr_home, int(run_id_box["id"]))
         raise typer.Exit(EXIT_INTERRUPTED) from None
     finally:
+        _shield_cleanup()
         if superlink is not None:
             superlink.stop(timeout=10.0)
             _say("SuperLink stopped")

@@ -19,7 +19,9 @@ What this module knows about flwr 1.42 (see DESIGN.md §4):
   needs them again).
 
 Every child runs in its own process group, so stopping one (SIGTERM, then SIGKILL after a timeout)
-also stops the helpers it spawned (superexec, serverapp, clientapp processes).
+also stops the helpers it spawned (superexec, serverapp, clientapp processes). On Linux every child also
+runs under `fedsd.processes`' guard (parent-death signal + child subreaper): a SIGKILLed `fedsd server
+start` or `fedsd client run` leaves no Flower process behind.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from fedsd import processes as _processes
 
 if TYPE_CHECKING:
     from fedsd.security import TlsFiles
@@ -230,44 +234,11 @@ spec-file = ""
 
 
 # ----------------------------------------------------------------------------- processes
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (Linux /proc; empty elsewhere).
+descendants = _processes.descendants
+"""Every live descendant of a pid (Linux /proc; empty elsewhere). Needed because Flower's helpers start
+their own sessions (flower-superexec does), so signalling a process group does not reach them."""
 
-    Needed because Flower's helpers start their own sessions (flower-superexec does), so signalling
-    the process group of the command we started does not reach them.
-    """
-    children: dict[int, list[int]] = {}
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return []
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 1:
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-    out: list[int] = []
-    todo = list(children.get(pid, []))
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    try:  # a zombie is dead for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] != "Z"
-    except (OSError, IndexError):
-        return True
+_alive = _processes.alive
 
 
 def _kill(pid: int, sig: int) -> None:
@@ -287,9 +258,12 @@ class ManagedProcess:
         log_path: Path | None = None,
         cwd: Path | None = None,
         pipe: bool = False,
+        guard: bool = True,
+        grace_s: float = 8.0,
     ) -> None:
         self.name = name
         self.cmd = cmd
+        self.guarded = guard and _processes.guard_available()
         self.log_path = log_path
         self._log = None
         stdout: Any = None
@@ -300,7 +274,7 @@ class ManagedProcess:
             self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
             stdout = self._log
         self.proc = subprocess.Popen(
-            cmd,
+            _processes.guarded(cmd, grace_s=grace_s) if self.guarded else cmd,
             env=dict(env),
             cwd=cwd,
             stdin=subprocess.DEVNULL,

@@ -48,7 +48,7 @@ from fedsd.server.replies import (
     failed_devices,
     pair_replies,
 )
-from fedsd.server.strategy import PartialFedAvg
+from fedsd.server.strategy import NotEnoughDevices, PartialFedAvg, wait_for_nodes
 from fedsd.server.validation import Rejection, validate_info_reply
 from fedsd.wire import (
     QUERY_DONE,
@@ -186,6 +186,7 @@ class Federation:
             max_update_norm_ratio=fc.max_update_norm_ratio,
             central_dp=CentralDP(**fc.central_dp.model_dump()) if fc.central_dp else None,
             required_metrics=("dp-epsilon",) if fc.dp else (),
+            node_wait_s=self.spec.node_wait_s,
         )
         self.federation_id = uuid.uuid4().hex[:16]
         self.device_epsilon: dict[int, float] = {}
@@ -312,17 +313,7 @@ class Federation:
 
     # ----------------------------------------------------------------- handshake
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
-        deadline = time.monotonic() + self.spec.node_wait_s
-        while True:
-            nodes = sorted(grid.get_node_ids())
-            if len(nodes) >= self.min_clients:
-                return nodes
-            if time.monotonic() > deadline:
-                raise FederationError(
-                    f"only {len(nodes)} device(s) connected after {self.spec.node_wait_s:.0f} s; "
-                    f"min_clients is {self.min_clients}"
-                )
-            time.sleep(1.0)
+        return wait_for_nodes(grid, self.min_clients, self.spec.node_wait_s, "the handshake")
 
     def handshake(self, grid: Grid) -> dict[int, dict[str, Any]]:
         """Ask every device what it is; deliver the base model to those that lack it."""
@@ -421,7 +412,7 @@ class Federation:
             return result
         infos = self.handshake(grid)
         if len(infos) < self.min_clients:
-            raise FederationError(f"{len(infos)} usable device(s); min_clients is {self.min_clients}")
+            raise NotEnoughDevices(f"{len(infos)} usable device(s); min_clients is {self.min_clients}")
 
         def evaluate_fn(server_round: int, arrays: Any) -> MetricRecord | None:
             rnd = start + server_round

@@ -25,6 +25,7 @@ instead of ~100 % (with two senders, 3/4 at most; a lone sender is the average a
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -266,6 +267,31 @@ def aggregate_metrics(
     return out
 
 
+class NotEnoughDevices(RuntimeError):
+    """Fewer devices than needed stayed connected for the whole bounded wait (``node_wait_s``)."""
+
+
+def wait_for_nodes(grid: Grid, needed: int, timeout_s: float | None, what: str = "the run") -> list[int]:
+    """The connected node ids once at least ``needed`` are connected; :class:`NotEnoughDevices`
+    after ``timeout_s`` seconds (None: wait forever, Flower's own behaviour)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    logged = -1
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= needed:
+            return nodes
+        if deadline is not None and time.monotonic() >= deadline:
+            raise NotEnoughDevices(
+                f"only {len(nodes)} device(s) connected after waiting {timeout_s:.0f} s for {what}; "
+                f"{needed} are needed (min_clients). Start more devices (`fedsd client run ...`), lower "
+                "--min-clients, or wait longer with --device-wait SECONDS"
+            )
+        if len(nodes) != logged:
+            logged = len(nodes)
+            log(INFO, "waiting for devices: %d connected, %d needed", len(nodes), needed)
+        time.sleep(min(1.0, max(0.05, (timeout_s or 1.0) / 20)))
+
+
 class PartialFedAvg(FedAvg):
     """FedAvg over partial, heterogeneous key sets (one exit head per key group).
 
@@ -290,6 +316,10 @@ class PartialFedAvg(FedAvg):
         Client-level DP: clip each device's change per head and add Gaussian noise (mean only).
     required_metrics : sequence of str
         Metrics every train reply must carry (e.g. ``dp-epsilon`` when devices must train with DP).
+
+    node_wait_s : float or None
+        Before each train and evaluate round, wait at most this long for ``min_available_nodes``
+        devices, then raise :class:`NotEnoughDevices` (Flower's ``sample_nodes`` waits forever).
 
     ``declared_examples`` (node id → utterances it declared when it joined) may be set before a
     round: a reply whose ``num-examples`` exceeds its declaration is rejected (train and evaluate).
@@ -325,6 +355,7 @@ class PartialFedAvg(FedAvg):
         central_dp: CentralDP | None = None,
         required_metrics: Sequence[str] = (),
         max_weight_ratio: float | None = DEFAULT_MAX_WEIGHT_RATIO,
+        node_wait_s: float | None = None,
     ) -> None:
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
@@ -365,6 +396,7 @@ class PartialFedAvg(FedAvg):
         self.max_update_norm_ratio = max_update_norm_ratio
         self.central_dp = central_dp
         self.required_metrics = tuple(required_metrics)
+        self.node_wait_s = node_wait_s
         self.declared_examples: dict[int, float] | None = None
         self.declared_exits: dict[int, int] | None = None
         self._custom_train_metrics_fn = train_metrics_aggr_fn
@@ -409,10 +441,22 @@ class PartialFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Remember the current global record, then sample and build messages like FedAvg."""
+        """Remember the current global record, then sample and build messages like FedAvg (after a
+        wait for enough devices bounded by ``node_wait_s``)."""
         self._current_record = _copy_record(arrays)
         self._current_arrays = decode_arrays(self._current_record)
+        needed = max(self.min_available_nodes, self.min_train_nodes)
+        wait_for_nodes(grid, needed, self.node_wait_s, f"train round {server_round}")
         return super().configure_train(server_round, arrays, config, grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's, after a wait for enough devices bounded by ``node_wait_s``."""
+        if self.fraction_evaluate > 0.0:
+            needed = max(self.min_available_nodes, self.min_evaluate_nodes)
+            wait_for_nodes(grid, needed, self.node_wait_s, f"evaluate round {server_round}")
+        return super().configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
