@@ -114,7 +114,13 @@ def evaluate_command(
     """Per-exit UAR, WA, macro-F1, per-class recall, confusion matrix and latency.
 
     Example: [bold]fedsd evaluate --model runs/demo/best --manifest data/synth/manifest.csv --root data/synth --json runs/demo/eval.json[/]
+    An exported [bold]X.onnx[/] graph (`fedsd export --format onnx`) is evaluated with ONNX Runtime, without torch.
     """
+    if model.suffix.lower() == ".onnx":  # before anything imports torch
+        from fedsd.onnx_cli import evaluate_onnx
+
+        evaluate_onnx(model, manifest, root, split, json_out, plot, batch_size, latency_utts)
+        return
     from fedsd.checkpoint import atomic_write_json
     from fedsd.data.manifest import read_manifest
     from fedsd.model.multiexit import MultiExitSER
@@ -177,7 +183,13 @@ def predict_command(
     """Classify audio files at one exit, or with confidence-based early exit.
 
     Example: [bold]fedsd predict --model runs/demo/best --exit auto --threshold 0.9 a.wav b.wav[/]
+    An exported [bold]X.onnx[/] graph runs on ONNX Runtime + soundfile + numpy only (torch is never imported).
     """
+    if model.suffix.lower() == ".onnx":  # before anything imports torch
+        from fedsd.onnx_cli import predict_onnx
+
+        predict_onnx(files, model, exit_, threshold, json_out)
+        return
     import torch
     from rich.table import Table
 

@@ -1,0 +1,324 @@
+"""Write one exit (or several) of a multi-exit model as an ONNX graph, optionally int8-quantised.
+
+Why: devices run ONNX Runtime, not the Python training stack. The graph takes the raw 16 kHz waveform
+(after the per-utterance normalisation recorded in its metadata) and an attention mask, and returns
+logits and probabilities; only the CNN front end and layers 1..K are inside (the cut is
+``fedsd.model.export.export_exit``).
+
+Batch semantics. ``TruncatedEncoder._front_end`` runs a group-norm front end per clip on its own samples
+so a clip's output never depends on its batch-mates. The graph expresses the same thing with masking:
+the first convolution's output frames that only see a clip's own samples are exactly the frames the clip
+alone would produce, and the group norm's statistics are taken over those frames only. Every later
+convolution's valid frames depend on valid frames only, padded frames are zeroed after the feature
+projection and masked out of attention and pooling, so a padded batch gives each clip (within float
+rounding) what it gives alone.
+
+The runtime side (``fedsd.onnx_runtime``) never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fedsd.model.backbone import ConfigError, EncoderState
+from fedsd.model.export import export_exit, parent_fingerprint
+from fedsd.model.multiexit import MultiExitSER
+from fedsd.onnx_runtime import (
+    FORMAT,
+    INPUT_MASK,
+    INPUT_WAVE,
+    META_KEY,
+    output_names,
+    sidecar_path,
+)
+
+OPSET = 17
+
+
+def _conv_lengths(n: Tensor, kernel: int, stride: int) -> Tensor:
+    return torch.div(n - kernel, stride, rounding_mode="floor") + 1
+
+
+class ExitGraph(nn.Module):
+    """The traceable forward of ``model`` at ``exits``: (waveform, mask) -> logits, probs per exit.
+
+    ``model`` should already be cut to its deepest requested exit (``export_exit``) so that nothing
+    above it is inside the graph.
+    """
+
+    def __init__(self, model: MultiExitSER, exits: Sequence[int]) -> None:
+        super().__init__()
+        if model.head_kind != "stats":
+            raise ConfigError(
+                "head", f"ONNX export supports the 'stats' head, not {model.head_kind!r} (its packed GRU)"
+            )
+        self.net = model.eval()
+        self.exits = sorted(exits)
+        config = model.backbone.config
+        self.kernels = [int(k) for k in config.conv_kernel]
+        self.strides = [int(s) for s in config.conv_stride]
+
+    def _front_end(self, x: Tensor, num_samples: Tensor) -> tuple[Tensor, Tensor]:
+        """Frame features ``[B, F, C]`` and valid frame counts, per clip as if each ran alone."""
+        enc = self.net.encoder
+        layers = enc.model.feature_extractor.conv_layers
+        h = x[:, None]
+        n = num_samples
+        for i, layer in enumerate(layers):
+            n = _conv_lengths(n, self.kernels[i], self.strides[i])
+            if i == 0 and enc.group_norm_front_end:
+                h = layer.conv(h)
+                norm: nn.GroupNorm = layer.layer_norm
+                valid = (torch.arange(h.shape[-1], device=h.device)[None, :] < n[:, None]).to(h.dtype)
+                valid = valid[:, None, :]  # [B, 1, T]
+                count = n.to(h.dtype)[:, None, None]
+                mean = (h * valid).sum(-1, keepdim=True) / count
+                var = (((h - mean) * valid) ** 2).sum(-1, keepdim=True) / count
+                h = (h - mean) / torch.sqrt(var + norm.eps)
+                h = h * norm.weight[None, :, None] + norm.bias[None, :, None]
+                h = layer.activation(h)
+            else:
+                h = layer(h)
+        return h.transpose(1, 2), n
+
+    def forward(self, input_values: Tensor, attention_mask: Tensor) -> tuple[Tensor, ...]:
+        enc = self.net.encoder
+        model = enc.model
+        num_samples = attention_mask.to(torch.long).sum(-1)
+        features, lengths = self._front_end(input_values, num_samples)
+        frames = features.shape[1]
+        frame_mask = torch.arange(frames, device=features.device)[None, :] < lengths[:, None]
+        projected = model.feature_projection(features)
+        hidden = projected[0] if isinstance(projected, tuple) else projected
+        hidden = hidden * frame_mask[..., None].to(hidden.dtype)
+        if enc.family == "wavlm":
+            layer_mask: Any = frame_mask.to(torch.long)
+        else:
+            additive = (~frame_mask).to(hidden.dtype) * torch.finfo(hidden.dtype).min
+            layer_mask = additive[:, None, None, :]
+        encoder = model.encoder
+        hidden = hidden + encoder.pos_conv_embed(hidden)
+        if not enc.pre_ln:
+            hidden = encoder.layer_norm(hidden)
+        state = EncoderState(hidden, frame_mask, 0, None, layer_mask, lengths)
+        outs: list[Tensor] = []
+        for k in self.exits:
+            state = enc.advance(state, k)
+            logits = self.net.head(k)(enc.exit_hidden(state), frame_mask).logits
+            outs += [logits, torch.softmax(logits, dim=-1)]
+        return tuple(outs)
+
+
+def _parse_exits(model: MultiExitSER, exits: Sequence[int]) -> list[int]:
+    wanted = sorted({int(k) for k in exits})
+    bad = [k for k in wanted if k not in model.exits]
+    if not wanted or bad:
+        raise ConfigError("exit", f"{bad or list(exits)} not among the model's exits {model.exits}")
+    return wanted
+
+
+def graph_model(model: MultiExitSER, exits: Sequence[int]) -> ExitGraph:
+    """``ExitGraph`` of ``model`` cut to the deepest of ``exits`` (its weights copied, ``model`` untouched)."""
+    wanted = _parse_exits(model, exits)
+    small = export_exit(model, wanted[-1]).eval()
+    small.backbone.config._attn_implementation = "eager"  # plain matmul + softmax: exports everywhere
+    return ExitGraph(small, wanted).eval()
+
+
+def preprocessing(model: MultiExitSER) -> dict[str, Any]:
+    """What a runtime does to a file before the graph: sample rate, crop (evaluation twin), normalisation."""
+    from fedsd.audio import CropPolicy
+
+    sample_rate = int(model.meta.get("sample_rate", 16000))
+    crop = CropPolicy.for_evaluation(model.meta.get("crop"), sample_rate)
+    return {
+        "sample_rate": sample_rate,
+        "crop": {"max_seconds": crop.max_seconds, "mode": crop.mode},
+        # checkpoints from `fedsd train` record "utterance"; older ones normalised the same way
+        "normalize": str(model.meta.get("normalize", "utterance")),
+        "mono": True,
+    }
+
+
+def graph_info(model: MultiExitSER, exits: Sequence[int], quantization: str | None) -> dict[str, Any]:
+    """The metadata stored in the graph (``metadata_props``) and in the JSON beside it."""
+    wanted = _parse_exits(model, exits)
+    names = output_names(wanted)
+    return {
+        "format": FORMAT,
+        "family": model.family,
+        "exits": wanted,
+        "label_names": list(model.label_names),
+        "preprocessing": preprocessing(model),
+        "inputs": {
+            INPUT_WAVE: "float32 [batch, samples]: normalised waveform, zero-padded at the end",
+            INPUT_MASK: "int64 [batch, samples]: 1 for real samples, 0 for padding",
+        },
+        "outputs": {str(k): {"logits": lg, "probs": pr} for k, (lg, pr) in names.items()},
+        "batch_semantics": "per clip: padded batch-mates never change a clip's outputs",
+        "quantization": quantization,
+        "parent_fingerprint": parent_fingerprint(model),
+        "num_layers_in_graph": wanted[-1],
+        "opset": OPSET,
+    }
+
+
+def _set_metadata(path: Path, info: dict[str, Any]) -> None:
+    import onnx
+
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = META_KEY, json.dumps(info, sort_keys=True)
+    for key in ("label_names", "exits", "preprocessing"):
+        e = proto.metadata_props.add()
+        e.key, e.value = key, json.dumps(info[key])
+    proto.producer_name = "fedsd"
+    onnx.save(proto, str(path))
+
+
+def _example(batch: int = 2, samples: int = 16000) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, samples, generator=g)
+    mask = torch.ones(batch, samples, dtype=torch.long)
+    mask[1:, samples * 3 // 4 :] = 0
+    x = x * mask
+    return x, mask
+
+
+def export_graph(graph: ExitGraph, path: Path) -> None:
+    """Trace ``graph`` to ``path`` (dynamic batch and length) with the TorchScript-based exporter.
+
+    Why not the dynamo exporter: with transformers' masking helpers and WavLM's relative position bias
+    it specialises the frame count; the tracing exporter records the shape arithmetic as graph ops.
+    """
+    names = [n for pair in output_names(graph.exits).values() for n in pair]
+    dyn = {INPUT_WAVE: {0: "batch", 1: "samples"}, INPUT_MASK: {0: "batch", 1: "samples"}}
+    dyn |= {n: {0: "batch"} for n in names}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            graph,
+            _example(),
+            str(path),
+            input_names=[INPUT_WAVE, INPUT_MASK],
+            output_names=names,
+            dynamic_axes=dyn,
+            opset_version=OPSET,
+            dynamo=False,
+            do_constant_folding=True,
+        )
+
+
+def export_onnx(
+    model: MultiExitSER,
+    exits: Sequence[int],
+    out: str | os.PathLike[str],
+    *,
+    quantize: str | None = None,
+    calibration: Iterator[np.ndarray] | Callable[[], Iterator[np.ndarray]] | None = None,
+    quant_mode: str = "static",
+) -> dict[str, Any]:
+    """Write ``out`` (``.onnx``) and its JSON sidecar; returns the metadata written.
+
+    ``quantize="int8"`` quantises the fp32 graph with ONNX Runtime: ``quant_mode="static"`` (QDQ,
+    calibrated on ``calibration``, normalised waveforms) is the default; ``"dynamic"`` quantises
+    MatMul/Gemm weights only and needs no calibration.
+    """
+    out = Path(out)
+    if quantize not in (None, "int8"):
+        raise ConfigError("quantize", f"unknown value {quantize!r}; valid: int8")
+    graph = graph_model(model, exits)
+    quant = None if quantize is None else f"int8-{quant_mode}"
+    info = graph_info(model, exits, quant)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".onnx-") as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        export_graph(graph, fp32)
+        final = fp32
+        if quantize == "int8":
+            final = Path(tmp) / "int8.onnx"
+            quantize_int8(fp32, final, mode=quant_mode, calibration=calibration)
+            info["quantization_detail"] = QUANT_DETAIL[quant_mode]
+        _set_metadata(final, info)
+        os.replace(final, out)
+    from fedsd.checkpoint import atomic_write_json
+
+    atomic_write_json(sidecar_path(out), info)
+    return info
+
+
+# ------------------------------------------------------------------------------------------- int8
+QUANT_DETAIL = {
+    "static": "QDQ, int8 activations (calibrated, MinMax) and per-channel int8 weights",
+    "dynamic": "dynamic int8 of MatMul/Gemm weights; activations quantised at run time",
+    "dynamic-all": "dynamic int8 of every supported op (Conv included)",
+}
+
+
+class _Calibration:
+    """ONNX Runtime ``CalibrationDataReader`` over normalised waveforms, one clip per batch."""
+
+    def __init__(self, clips: Iterator[np.ndarray]) -> None:
+        self._it = iter(clips)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        wav = next(self._it, None)
+        if wav is None:
+            return None
+        wav = np.asarray(wav, dtype=np.float32)[None]
+        return {INPUT_WAVE: wav, INPUT_MASK: np.ones(wav.shape, dtype=np.int64)}
+
+    def rewind(self) -> None:  # pragma: no cover - not used by MinMax calibration
+        pass
+
+
+def quantize_int8(
+    fp32: Path,
+    out: Path,
+    *,
+    mode: str = "static",
+    calibration: Iterator[np.ndarray] | Callable[[], Iterator[np.ndarray]] | None = None,
+) -> None:
+    """Quantise the graph at ``fp32`` to ``out`` (see ``QUANT_DETAIL`` for the modes)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if mode == "dynamic":
+            quantize_dynamic(fp32, out, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+            return
+        if mode == "dynamic-all":
+            quantize_dynamic(fp32, out, weight_type=QuantType.QInt8)
+            return
+        if mode != "static":
+            raise ConfigError("quant_mode", f"unknown value {mode!r}; valid: {', '.join(QUANT_DETAIL)}")
+        if calibration is None:
+            raise ConfigError("calibration", "static int8 needs calibration speech")
+        clips = calibration() if callable(calibration) else calibration
+        pre = out.with_name(out.stem + "-pre.onnx")
+        try:
+            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        except Exception:  # noqa: BLE001 - pre-processing is an optimisation; quantise the raw graph
+            pre = fp32
+        quantize_static(
+            str(pre),
+            str(out),
+            _Calibration(clips),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+        )
