@@ -4,8 +4,9 @@
 - ``query.model`` → receives the base model once (a device started without ``--model``).
 - ``train``       → fine-tunes its shallow heads from cached backbone features by self-distillation
                     and replies with those heads, ``num-examples`` and metrics. Nothing else leaves.
-- ``evaluate``    → per-exit metrics on its local validation utterances.
-- ``query.done``  → the run is over (a supervised device stops its SuperNode).
+- ``evaluate``    → per-exit metrics on its personal test utterances (else its validation ones).
+- ``query.done``  → the run is over (a supervised device stops its SuperNode); with the final global
+                    heads attached: personal-test metrics, personal heads and ``--out`` (clients/personal.py).
 
 When the node config names an ``events`` file (`fedsd client run` does), every handled message appends
 one JSON line to it — what `fedsd client run` prints per round.
@@ -39,6 +40,15 @@ from fedsd.audio import CropPolicy
 from fedsd.checkpoint import CheckpointError, atomic_write_text
 from fedsd.clients.device import DeviceError, DeviceSettings, refuse
 from fedsd.clients.dp_training import train_heads_private
+from fedsd.clients.personal import (
+    PERSONAL_DIR,
+    evaluate_personal,
+    personal_exits,
+    personal_features,
+    personal_metrics,
+    personalize,
+    write_device_model,
+)
 from fedsd.clients.training import (
     ExitPlan,
     LocalTrainConfig,
@@ -197,9 +207,12 @@ def received_heads(arrays: ArrayRecord, model: MultiExitSER) -> dict[str, torch.
 def _features(
     settings: DeviceSettings, model: MultiExitSER, plan: ExitPlan, *, evaluation: bool = False
 ) -> CachedFeatures:
-    rows, labelled = settings.local_data()
+    rows, labelled = settings.local_data()  # never the personal test rows
     held_out = {"valid", "test"}
-    if settings.partition is None:  # a real device: its manifest's valid/test rows are for evaluation
+    personal = settings.personal_test_data() if evaluation else []
+    if personal:  # federated evaluation: on the device's own held-out speech
+        rows, labelled = personal, [True] * len(personal)
+    elif settings.partition is None:  # a real device: its manifest's valid/test rows are for evaluation
         keep = [(r.split in held_out) == evaluation for r in rows]
         if evaluation and not any(keep):  # no validation split: evaluate on the labelled rows
             keep = [bool(r.label) for r in rows]
@@ -241,15 +254,27 @@ def _uar_metrics(prefix: str, reports: dict) -> dict[str, float]:
 
 
 def train(msg: Message, context: Context, defaults: dict[str, Any] | None = None) -> Message:
-    """Adapt the shallow heads on local speech; reply with those heads and metrics only."""
+    """Adapt the shallow heads on local speech; reply with those heads and metrics only.
+
+    Metrics: ``train-uar-before/after`` on the utterances it trains on (training accuracy), and
+    ``personal-{uar,wa,f1}-before/after`` on its personal test speech (never trained on): the received
+    global heads, then its locally adapted ones. With ``--out`` it first keeps the received global heads
+    (those of the last completed round) as its deployable model.
+    """
     t0 = time.perf_counter()
     cfg = server_config(msg)
     dp = dp_settings(context, cfg)  # checked before anything loads
     settings, model, lcfg, plan = _prepare(msg, context, defaults)
+    if settings.out is not None:
+        done = max(0, _round_of(cfg) - 1)
+        write_device_model(model, lcfg.exit, settings.out, _model_info(settings, cfg, done, "global"))
     feats = _features(settings, model, plan)
     n_labelled = int((feats.labels >= 0).sum())
     if lcfg.distill.mode == "ce" and n_labelled == 0:
         raise DeviceError("mode=ce needs labelled utterances and this device has none")
+    p_exits = personal_exits(plan, lcfg.exit)
+    personal = personal_features(settings, model, p_exits, model_crop(model))
+    p_before = evaluate_personal(model, personal, p_exits)
     before = evaluate_cached(model, feats, plan.train) if n_labelled else {}
     dp_metrics: dict[str, Any] = {}
     if dp is None:
@@ -257,6 +282,7 @@ def train(msg: Message, context: Context, defaults: dict[str, Any] | None = None
     else:
         losses, dp_metrics = _train_private(context, settings, model, feats, plan, lcfg, dp, cfg)
     after = evaluate_cached(model, feats, plan.train) if n_labelled else {}
+    p_after = evaluate_personal(model, personal, p_exits)
     # CE-only training learns from labelled utterances only: weight the update by what it used.
     num_examples = n_labelled if lcfg.distill.mode == "ce" else len(feats.utt_ids)
     metrics: dict[str, Any] = {
@@ -264,15 +290,29 @@ def train(msg: Message, context: Context, defaults: dict[str, Any] | None = None
         "exit": lcfg.exit,
         "n-labelled": n_labelled,
         "n-utterances": len(feats.utt_ids),
+        "n-personal-test": len(personal.utt_ids) if personal is not None else 0,
         "loss": float(losses.get("total", 0.0)),
         "cache-hits": feats.hits,
         "cache-misses": feats.misses,
         "seconds": time.perf_counter() - t0,
     }
-    metrics |= _uar_metrics("uar-before", before) | _uar_metrics("uar-after", after) | dp_metrics
+    metrics |= _uar_metrics("train-uar-before", before) | _uar_metrics("train-uar-after", after) | dp_metrics
+    metrics |= personal_metrics("before", p_before) | personal_metrics("after", p_after)
     state = model.head_state_dict(plan.train)
     content = RecordDict({"arrays": heads_to_record(state), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
+
+
+def _round_of(cfg: dict[str, Any]) -> int:
+    """The run's round number of a (checked) server config: server-round + round-offset."""
+    return config_int(cfg, "server-round", 0, 0, MAX_ROUND) + config_int(cfg, "round-offset", 0, 0, MAX_ROUND)
+
+
+def _model_info(settings: DeviceSettings, cfg: dict[str, Any], rnd: int, heads: str) -> dict[str, Any]:
+    return {
+        "round": rnd, "heads": heads, "device": settings.name,
+        "federation_id": str(cfg.get("federation-id", "")), "time": time.time(),
+    }  # fmt: skip
 
 
 def dp_settings(context: Context, train_config: dict[str, Any]) -> DPSettings | None:
@@ -420,6 +460,7 @@ def info(msg: Message, context: Context, defaults: dict[str, Any] | None = None)
             "exit": settings.exit if settings.exit is not None else -1,
             "n-utterances": len(rows),
             "n-labelled": int(sum(labelled)),
+            "name": settings.name,
             "device": settings.device,
             "torch-threads": torch.get_num_threads(),
         }
@@ -461,8 +502,46 @@ def receive_model(msg: Message, context: Context, defaults: dict[str, Any] | Non
 
 
 def done(msg: Message, context: Context, defaults: dict[str, Any] | None = None) -> Message:
-    """The server's last word: the run is over (the event log records it for the supervisor)."""
-    return Message(RecordDict(), reply_to=msg)
+    """The server's last word: the run is over (the event log records it for the supervisor).
+
+    When it carries the final global heads (and the run's config), the device measures them on its
+    personal test speech, keeps them as its deployable model (``--out``), and with personalize-epochs > 0
+    fine-tunes a private copy on its own training speech (``--out``/personal). The reply holds metrics
+    only: ``personal-*-global`` and ``personal-*-personal`` per exit; personal heads never leave.
+    """
+    arrays = msg.content.array_records.get("arrays") if msg.has_content() else None
+    if arrays is None or not len(arrays):
+        return Message(RecordDict(), reply_to=msg)
+    t0 = time.perf_counter()
+    cfg = server_config(msg)
+    settings, model, lcfg, plan = _prepare(msg, context, defaults)  # model holds the final global heads
+    try:
+        epochs = settings.personalize_epochs
+        if epochs is None:
+            epochs = config_int(cfg, "personalize-epochs", 0, 0, 10_000)
+        rnd = config_int(cfg, "rounds", 0, 0, MAX_ROUND)
+    except UntrustedValueError as e:
+        raise refuse(e) from None
+    p_exits = personal_exits(plan, lcfg.exit)
+    personal = personal_features(settings, model, p_exits, model_crop(model))
+    metrics: dict[str, Any] = {
+        "exit": lcfg.exit,
+        "n-personal-test": len(personal.utt_ids) if personal is not None else 0,
+        "personalize-epochs": epochs,
+    }
+    metrics |= personal_metrics("global", evaluate_personal(model, personal, p_exits))
+    if settings.out is not None:
+        write_device_model(model, lcfg.exit, settings.out, _model_info(settings, cfg, rnd, "global"))
+    if epochs > 0:
+        feats = _features(settings, model, plan)
+        losses = personalize(model, feats, plan, lcfg, epochs, device_identity(settings, context))
+        metrics["personal-loss"] = float(losses.get("total", 0.0))
+        metrics |= personal_metrics("personal", evaluate_personal(model, personal, p_exits))
+        if settings.out is not None:
+            info = _model_info(settings, cfg, rnd, "personal") | {"personalize_epochs": epochs}
+            write_device_model(model, lcfg.exit, settings.out / PERSONAL_DIR, info)
+    metrics["seconds"] = time.perf_counter() - t0
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 def _event(msg: Message, reply: Message | None, context: Context, seconds: float) -> dict[str, Any]:
@@ -496,11 +575,14 @@ def _event(msg: Message, reply: Message | None, context: Context, seconds: float
         ev |= {k.replace("-", "_"): v for k, v in content.config_records["info"].items()}
     metrics = dict(content.metric_records.get("metrics", MetricRecord()))
     for key, value in metrics.items():
-        if "/" in key:  # exit3/uar-before → uar_before: {3: ...}
+        if "/" in key:  # exit3/personal-uar-before → personal_uar_before: {3: ...}
             exit_part, name = key.split("/", 1)
             ev.setdefault(name.replace("-", "_"), {})[exit_part.removeprefix("exit")] = value
         else:
             ev[key.replace("-", "_")] = value
+    for when in ("before", "after"):  # the console's "local UAR": on the device's own held-out speech
+        if f"personal_uar_{when}" in ev:
+            ev[f"uar_{when}"] = ev[f"personal_uar_{when}"]
     arrays = content.array_records.get("arrays")
     if arrays is not None and mtype == "train":
         ev["trained_exits"] = sorted({exit_of_key(k) for k in arrays})

@@ -22,6 +22,7 @@ from flwr.app import Context
 
 from fedsd.config import ExperimentConfig
 from fedsd.data.manifest import ManifestRow, read_manifest
+from fedsd.data.partition import PERSONAL_TEST
 from fedsd.untrusted import UntrustedValueError
 from fedsd.untrusted import fingerprint as check_fingerprint
 
@@ -35,14 +36,22 @@ SIM_MODEL = "sim-model"
 SIM_EXITS_MIX = "sim-exits-mix"
 SIM_CACHE = "sim-cache"
 SIM_DEVICE = "sim-device"
+SIM_DEVICE_MODELS = "sim-device-models"
+"""Directory under which each virtual device writes its deployable model (``<dir>/<client id>``)."""
 
 
 def simulated_device_config(
-    cfg: ExperimentConfig, partition: Path, base_model: Path, run_dir: Path, device: str = "cpu"
+    cfg: ExperimentConfig,
+    partition: Path,
+    base_model: Path,
+    run_dir: Path,
+    device: str = "cpu",
+    device_models: Path | None = None,
 ) -> dict[str, Any]:
-    """What every virtual device of a simulation needs to find its shard and model (absolute paths)."""
+    """What every virtual device of a simulation needs to find its shard and model (absolute paths);
+    with ``device_models`` each device keeps its deployable model in ``<device_models>/<client id>``."""
     mix = cfg.federated.exits_mix or [cfg.model.exits[-1]]
-    return {
+    return ({SIM_DEVICE_MODELS: str(device_models.resolve())} if device_models else {}) | {
         SIM_PARTITION: str(partition.resolve()),
         SIM_MANIFEST: str(cfg.data.manifest_path.resolve()),
         SIM_ROOT: str(cfg.data.root.resolve()),
@@ -86,6 +95,12 @@ class DeviceSettings:
     root: Path | None = None
     partition: Path | None = None
     partition_id: int | None = None
+    out: Path | None = None
+    """Where this device keeps its deployable model (`fedsd client run --out`); None: nowhere."""
+    personalize_epochs: int | None = None
+    """The device's own choice (`--personalize-epochs`); None: the server's ``personalize-epochs``."""
+    name: str = ""
+    """How the server's report names this device: its partition's client id, or its manifest's name."""
 
     @classmethod
     def from_context(cls, context: Context, defaults: dict[str, Any] | None = None) -> DeviceSettings:
@@ -96,6 +111,9 @@ class DeviceSettings:
         if "partition-id" in nc and SIM_PARTITION in rc:  # a simulated device
             pid = int(nc["partition-id"])
             mix = [int(x) for x in str(rc.get(SIM_EXITS_MIX, "")).split(",") if x.strip()]
+            from fedsd.data.partition import Partition
+
+            name = Partition.load(Path(str(rc[SIM_PARTITION]))).client(pid).client_id
             return cls(
                 exit=mix[pid % len(mix)] if mix else None,
                 device=str(rc.get(SIM_DEVICE, "cpu")),
@@ -105,6 +123,8 @@ class DeviceSettings:
                 root=Path(str(rc[SIM_ROOT])),
                 partition=Path(str(rc[SIM_PARTITION])),
                 partition_id=pid,
+                out=Path(str(rc[SIM_DEVICE_MODELS])) / name if rc.get(SIM_DEVICE_MODELS) else None,
+                name=name,
             )
         for key in ("data", "root"):
             if not nc.get(key):
@@ -119,6 +139,9 @@ class DeviceSettings:
             model=Path(str(nc["model"])) if nc.get("model") else None,
             manifest=Path(str(nc["data"])),
             root=Path(str(nc["root"])),
+            out=Path(str(nc["out"])) if nc.get("out") else None,
+            personalize_epochs=int(nc["personalize-epochs"]) if "personalize-epochs" in nc else None,
+            name=str(nc.get("name") or Path(str(nc["data"])).stem),
         )
 
     def delivered_model_dir(self, fingerprint: str) -> Path:
@@ -142,7 +165,8 @@ class DeviceSettings:
         return None
 
     def local_data(self) -> tuple[list[ManifestRow], list[bool]]:
-        """This device's utterances and which of them carry a label it may use."""
+        """This device's utterances and which of them carry a label it may use — never its personal test
+        rows (``split=personal_test`` in a manifest, ``personal_test_utt_ids`` in a partition)."""
         if self.partition is not None:
             from fedsd.data.dataset import rows_by_ids
             from fedsd.data.partition import Partition
@@ -151,5 +175,16 @@ class DeviceSettings:
             rows = rows_by_ids(read_manifest(self.manifest), part.utt_ids)
             return rows, list(part.labelled)
         assert self.manifest is not None
-        rows = read_manifest(self.manifest)
+        rows = [r for r in read_manifest(self.manifest) if r.split != PERSONAL_TEST]
         return rows, [bool(r.label) for r in rows]
+
+    def personal_test_data(self) -> list[ManifestRow]:
+        """This device's personal test utterances (labelled, held out from its training); may be empty."""
+        if self.partition is not None:
+            from fedsd.data.dataset import rows_by_ids
+            from fedsd.data.partition import Partition
+
+            part = Partition.load(self.partition).client(self.partition_id)
+            return rows_by_ids(read_manifest(self.manifest), part.personal_test_utt_ids)
+        assert self.manifest is not None
+        return [r for r in read_manifest(self.manifest) if r.split == PERSONAL_TEST and r.label]

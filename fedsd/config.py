@@ -168,6 +168,10 @@ class FederatedConfig(_Strict):
     alpha: float = Field(0.5, gt=0)
     keep_speakers: bool = False
     label_fraction: float = Field(0.2, ge=0, le=1)
+    personal_test_fraction: float = Field(0.2, ge=0, lt=1)
+    """Per device, this stratified share of its own utterances is its personal test set (never trained on)."""
+    personalize_epochs: int = Field(0, ge=0)
+    """After the last round, each device fine-tunes a private copy of its heads this many epochs (0: off)."""
     test_speakers: int = Field(4, ge=0)
     server_speakers: int = Field(8, ge=0)
     server_valid_speakers: int = Field(2, ge=1)

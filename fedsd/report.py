@@ -124,6 +124,28 @@ def plot_uar_per_round(rounds: Sequence[int], uar: Mapping[int, Sequence[float]]
     return _save(fig, path)
 
 
+def plot_personal_per_device(
+    devices: Sequence[str], series: Mapping[str, Sequence[float]], path: str | Path
+) -> Path:
+    """Grouped bars: personal-test UAR of every device (x) for each model (series: base model, final
+    global heads, personal heads, ...); a missing value (NaN) leaves a gap."""
+    plt = _pyplot()
+    n = max(1, len(series))
+    width = 0.8 / n
+    fig, ax = plt.subplots(figsize=(min(18.0, max(5.5, 0.6 * len(devices) * n ** 0.5 + 2)), 4))
+    for j, (label, values) in enumerate(series.items()):
+        xs = [i + (j - (n - 1) / 2) * width for i in range(len(devices))]
+        ax.bar(xs, [0.0 if math.isnan(v) else v for v in values], width, label=label)
+    ax.set_xticks(range(len(devices)), list(devices), rotation=45 if len(devices) > 6 else 0, ha="right"
+                  if len(devices) > 6 else "center", fontsize=8)  # fmt: skip
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("UAR on the device's personal test speech")
+    ax.set_title("Personal-test UAR per device (at its exit)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def plot_epsilon_per_round(
     rounds: Sequence[int],
     per_device: Mapping[str, Sequence[float]],

@@ -14,6 +14,7 @@ Run directory (every write atomic):
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -50,6 +51,7 @@ from fedsd.server.replies import (
 )
 from fedsd.server.strategy import NotEnoughDevices, PartialFedAvg, wait_for_nodes
 from fedsd.server.validation import Rejection, validate_info_reply
+from fedsd.untrusted import UntrustedValueError, identifier
 from fedsd.wire import (
     QUERY_DONE,
     QUERY_INFO,
@@ -191,6 +193,8 @@ class Federation:
         self.federation_id = uuid.uuid4().hex[:16]
         self.device_epsilon: dict[int, float] = {}
         """Latest cumulative ε each device reported (devices keep it between rounds they skip)."""
+        self.device_names: dict[int, str] = {}
+        """Node id → the name the device gave (its partition's client id): what reports show."""
 
     # ----------------------------------------------------------------- state and resume
     def _state_path(self) -> Path:
@@ -301,6 +305,15 @@ class Federation:
             self._eval_feats = cache.get(rows, root, self.model.exits, label_names=self.model.label_names)
         return evaluate_cached(self.model, self._eval_feats, self.model.exits)
 
+    @staticmethod
+    def _personal_record(device_metrics: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Devices' personal-test metrics, mean ± std over devices per exit: ``personal`` (nested) and
+        flat ``exit<k>/personal-<metric>-<tag>[-std]`` keys beside the global ``exit<k>/uar``."""
+        from fedsd.server.report import personal_flat, summarize_personal
+
+        summary = summarize_personal(device_metrics)
+        return {"personal": summary} | personal_flat(summary) if summary else {}
+
     def _eval_record(self, rnd: int) -> dict[str, Any]:
         reports = self.evaluate()
         rec: dict[str, Any] = {"round": rnd, "time": time.time()}
@@ -345,6 +358,18 @@ class Federation:
         self.strategy.declared_exits = exits
         return sorted(joined)
 
+    def _name_device(self, node: int, reply: Message) -> str:
+        """The name a device gives itself (its partition's client id, e.g. ``client-003``) for reports;
+        an invalid or already taken name falls back to ``<name>@<node id>`` or the node id."""
+        try:
+            name = identifier(reply.content.config_records["info"].get("name", ""), "name")
+        except UntrustedValueError:
+            name = str(node)
+        if name in {v for n, v in self.device_names.items() if n != node}:
+            name = f"{name}@{node}"
+        self.device_names[node] = name
+        return name
+
     def _greet(self, grid: Grid, nodes: Sequence[int]) -> dict[int, dict[str, Any]]:
         """query.info to ``nodes``, then the base model to those that lack it; the usable ones' infos.
 
@@ -372,7 +397,7 @@ class Federation:
             if isinstance(parsed, Rejection):
                 self.log(f"device {node}: cannot take part: malformed handshake reply: {parsed.reason}")
                 continue
-            infos[node] = parsed
+            infos[node] = parsed | {"name": self._name_device(node, reply)}
         need = [n for n, i in infos.items() if not i["has-model"]]
         if need and not self.spec.deliver_model:
             for n in need:
@@ -407,9 +432,8 @@ class Federation:
         start = self._load_start()
         if start >= self.rounds:
             self.log(f"all {self.rounds} rounds are already done")
-            result = FederationResult(self.run_dir, start, self.history, self._finish())
             self.notify_done(grid)
-            return result
+            return FederationResult(self.run_dir, start, self.history, self._finish())
         infos = self.handshake(grid)
         if len(infos) < self.min_clients:
             raise NotEnoughDevices(f"{len(infos)} usable device(s); min_clients is {self.min_clients}")
@@ -427,6 +451,7 @@ class Federation:
                 report = self.strategy.train_reports.get(server_round)
                 if report is not None:
                     rec["train"] = report.to_dict() | {"round": rnd}
+                    rec |= self._personal_record([c.metrics for c in report.clients])
                     privacy = self._privacy_record(report)
                     if privacy:
                         rec["privacy"] = privacy
@@ -450,6 +475,7 @@ class Federation:
                 joined = self.admit_late(grid, infos)
                 if joined:
                     rec["joined"] = joined
+            rec["device_names"] = {str(n): name for n, name in sorted(self.device_names.items())}
             self._save_round(rnd, rec)
             self.history.append(rec)
             uars = ", ".join(
@@ -462,7 +488,8 @@ class Federation:
                 uars += f"; central DP: ε {privacy['central']['epsilon']:.2f}"
             self.log(f"round {rnd}/{self.rounds}: UAR on unseen speakers — {uars}")
             return MetricRecord(
-                {k: v for k, v in rec.items() if k.startswith("exit") and isinstance(v, float)}
+                {k: v for k, v in rec.items()
+                 if k.startswith("exit") and "/personal-" not in k and isinstance(v, float)}  # fmt: skip
             )
 
         tracker = ReplyTracker(grid)  # names the devices that did not reply (see evaluate_fn)
@@ -476,29 +503,69 @@ class Federation:
             ),
             evaluate_fn=evaluate_fn,
         )
-        result = FederationResult(self.run_dir, self.rounds, self.history, self._finish())
         self.notify_done(grid)
-        return result
+        return FederationResult(self.run_dir, self.rounds, self.history, self._finish())
 
-    def notify_done(self, grid: Grid, timeout: float = 30.0) -> int:
+    def notify_done(self, grid: Grid, timeout: float | None = None) -> int:
         """Tell every connected device the run is over (best effort); returns how many confirmed.
 
         A supervised device (`fedsd client run`) stops its SuperNode when it hears this, instead of
-        waiting for the server to disappear.
+        waiting for the server to disappear. The message carries the final global heads and the run's
+        training config: each device measures them on its personal test speech, keeps them as its
+        deployable model (``--out``) and, with personalize-epochs, fine-tunes private heads. Their
+        replies (metrics only) become ``final`` in the last metrics.jsonl line.
         """
         try:
             nodes = sorted(grid.get_node_ids())
             if not nodes:
                 return 0
-            content = RecordDict({"config": ConfigRecord({"rounds": self.rounds, "status": "completed"})})
+            config = dict(train_config_record(
+                self.cfg, self.fingerprint, 0, num_rounds=self.rounds, federation_id=self.federation_id
+            ))  # fmt: skip
+            config |= {"rounds": self.rounds, "status": "completed",
+                       "personalize-epochs": self.cfg.federated.personalize_epochs}  # fmt: skip
+            content = RecordDict(
+                {"arrays": heads_to_record(self.model.head_state_dict()), "config": ConfigRecord(config)}
+            )
             msgs = [Message(content, dst_node_id=n, message_type=QUERY_DONE) for n in nodes]
-            replies = grid.send_and_receive(msgs, timeout=timeout)
+            replies = list(grid.send_and_receive(msgs, timeout=timeout or self.cfg.federated.round_timeout))
             ok = sum(1 for r in replies if not r.has_error())
             self.log(f"told {ok} of {len(nodes)} device(s) that the run is over")
+            self._note_final(nodes, replies)
             return ok
         except Exception as e:  # never fail a finished run over a courtesy message
             self.log(f"could not tell the devices that the run is over: {e}")
             return 0
+
+    def _note_final(self, nodes: Sequence[int], replies: Sequence[Message]) -> None:
+        """Devices' end-of-run personal metrics (untrusted: numbers only) → ``final`` of the last round."""
+        if not self.history:
+            return
+        asked, seen = set(nodes), set()
+        devices: dict[str, dict[str, Any]] = {}
+        for r in replies:
+            node = r.metadata.src_node_id
+            if r.has_error() or node not in asked or node in seen or not r.has_content():
+                continue
+            seen.add(node)
+            metrics = dict(r.content.metric_records.get("metrics", MetricRecord()))
+            kept = {k: float(v) for k, v in metrics.items()
+                    if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}  # fmt: skip
+            if kept:
+                devices[str(node)] = {"name": self.device_names.get(node, str(node)), "metrics": kept}
+        if not devices:
+            return
+        final = {"devices": devices} | self._personal_record([d["metrics"] for d in devices.values()])
+        self.history[-1]["final"] = final
+        lines = "".join(json.dumps(r, default=str) + "\n" for r in self.history)
+        atomic_write_text(self.run_dir / "metrics.jsonl", lines)
+        summary = final.get("personal", {})
+        for k, m in summary.get("global", {}).items():
+            text = f"exit {k}: personal-test UAR, global heads {m['uar']['mean']:.3f} ± {m['uar']['std']:.3f}"
+            p = summary.get("personal", {}).get(k)
+            if p:
+                text += f"; personal heads {p['uar']['mean']:.3f} ± {p['uar']['std']:.3f}"
+            self.log(f"{text} (n = {m['uar']['n']} devices)")
 
     def _finish(self) -> Path:
         final = self.run_dir / "final"

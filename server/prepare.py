@@ -16,8 +16,8 @@ from typing import Any
 
 from fedsd.config import ConfigError, ExperimentConfig
 from fedsd.data.dataset import rows_by_ids
-from fedsd.data.manifest import ManifestRow, read_manifest, write_manifest
-from fedsd.data.partition import Partition, make_partition
+from fedsd.data.manifest import ManifestRow, read_manifest
+from fedsd.data.partition import Partition, make_partition, write_device_manifests
 from fedsd.data.prepare import ensure_corpus
 
 Log = Callable[[str], None]
@@ -45,6 +45,7 @@ def make_run_partition(cfg: ExperimentConfig, out: Path, log: Log = print) -> Pa
         server_speakers=fc.server_speakers,
         seed=fc.seed,
         keep_speakers=fc.keep_speakers,
+        personal_test_fraction=fc.personal_test_fraction,
     )
     part.config["manifest"] = str(cfg.data.manifest_path)
     part.save(out)
@@ -75,16 +76,9 @@ def server_pool_splits(
 
 
 def write_client_manifests(part: Partition, rows: list[ManifestRow], out_dir: Path) -> list[Path]:
-    """One manifest per device; unlabelled utterances have an empty label (they never leave it)."""
-    paths = []
-    for c in part.clients:
-        mine = rows_by_ids(rows, c.utt_ids)
-        masked = [
-            ManifestRow(**{**r.__dict__, "label": r.label if lab else "", "split": "train"})
-            for r, lab in zip(mine, c.labelled, strict=True)
-        ]
-        paths.append(write_manifest(masked, out_dir / f"{c.client_id}.csv"))
-    return paths
+    """One manifest per device; unlabelled utterances have an empty label (they never leave it), personal
+    test rows are marked ``split=personal_test`` (see fedsd.data.partition.device_manifest_rows)."""
+    return write_device_manifests(part, rows, out_dir)
 
 
 def prepare_run(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,51 @@ def _number(value: Any, default: float = math.nan) -> float:
 def _whole(value: Any, default: int) -> int:
     number = _number(value)
     return int(number) if math.isfinite(number) else default
+
+
+_PERSONAL_KEY = re.compile(r"exit([0-9]{1,6})/personal-(uar|wa|f1)-([a-z]{1,16})", re.ASCII)
+
+
+def summarize_personal(device_metrics: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean ± std over devices of their personal-test metrics, per tag (before, after, global, personal),
+    exit and metric: ``{tag: {"<exit>": {"uar": {"mean", "std", "n"}, ...}}}``.
+
+    Devices are untrusted: only ``exit<k>/personal-<metric>-<tag>`` keys with a finite value in [0, 1]
+    count. ``std`` is the sample standard deviation (0 for a single device).
+    """
+    values: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for m in device_metrics:
+        for key, value in m.items():
+            match = _PERSONAL_KEY.fullmatch(str(key))
+            v = _number(value)
+            if match is None or not 0.0 <= v <= 1.0:
+                continue
+            k, metric, tag = match.groups()
+            values.setdefault(tag, {}).setdefault(str(int(k)), {}).setdefault(metric, []).append(v)
+    out: dict[str, Any] = {}
+    for tag, exits in sorted(values.items()):
+        out[tag] = {}
+        for k, metrics in sorted(exits.items(), key=lambda kv: int(kv[0])):
+            out[tag][k] = {
+                metric: {
+                    "mean": statistics.fmean(vs),
+                    "std": statistics.stdev(vs) if len(vs) > 1 else 0.0,
+                    "n": len(vs),
+                }
+                for metric, vs in sorted(metrics.items())
+            }
+    return out
+
+
+def personal_flat(summary: dict[str, Any]) -> dict[str, float]:
+    """``exit<k>/personal-<metric>-<tag>`` (mean) and ``...-std`` beside the global ``exit<k>/uar``."""
+    out: dict[str, float] = {}
+    for tag, exits in summary.items():
+        for k, metrics in exits.items():
+            for metric, s in metrics.items():
+                out[f"exit{k}/personal-{metric}-{tag}"] = float(s["mean"])
+                out[f"exit{k}/personal-{metric}-{tag}-std"] = float(s["std"])
+    return out
 
 
 def _uar(rec: dict[str, Any], k: int) -> float:
@@ -95,24 +142,32 @@ def write_report(
         )
         lines.append(f"Latency: median of batch-1 forwards of {crop:.1f} s of audio on the server.\n")
         lines.append("![UAR against latency](uar_vs_latency.png)\n")
+    lines += personal_section(history, exits, run_dir)
     clients = [h["train"] for h in history if "train" in h]
     if clients:
         lines.append("## Devices, last round\n")
         last = clients[-1]
+        names = device_names(history)
         rows = []
         for c in last["clients"]:
             m = c["metrics"]
             ex = _whole(m.get("exit"), -1)
-            before = [_number(v) for key, v in m.items() if key.endswith("/uar-before")]
-            after = [_number(v) for key, v in m.items() if key.endswith("/uar-after")]
+
+            def mean_of(suffix: str, m: dict[str, Any] = m) -> float:
+                # an exit without evaluated utterances has no UAR: skipped
+                return nanmean([_number(v) for key, v in m.items() if str(key).endswith(suffix)])
+
             rows.append(
                 [
-                    c["node_id"],
+                    names.get(str(c["node_id"]), str(c["node_id"])),
                     ex,
                     _whole(m.get("n-utterances"), 0),
                     _whole(m.get("n-labelled"), 0),
-                    nanmean(before),  # an exit without evaluated utterances has no UAR: skipped
-                    nanmean(after),
+                    _whole(m.get("n-personal-test"), 0),
+                    mean_of("/personal-uar-before"),
+                    mean_of("/personal-uar-after"),
+                    mean_of("/train-uar-before"),
+                    mean_of("/train-uar-after"),
                     f"{_number(m.get('seconds')):.1f}",
                 ]
             )
@@ -121,19 +176,31 @@ def write_report(
                 [
                     "device",
                     "exit",
-                    "utterances",
+                    "training utterances",
                     "labelled",
-                    "local UAR before",
-                    "local UAR after",
+                    "personal test",
+                    "personal-test UAR before",
+                    "personal-test UAR after",
+                    "training-set UAR before",
+                    "training-set UAR after",
                     "seconds",
                 ],
                 rows,
             )
         )
+        lines.append(
+            "UAR averaged over the device's exits. *Personal test*: the device's own held-out utterances "
+            "(never trained on), with the global heads it received (before) and after its local training "
+            "this round (after). *Training-set UAR*: on the labelled utterances it trains on.\n"
+        )
         rejected = [(h["round"], r) for h in clients for r in h.get("rejections", [])]
         lines.append("## Rejected updates\n")
         if rejected:
-            lines += [f"- round {rnd}: device {r.get('node_id')}: {r.get('reason')}" for rnd, r in rejected]
+            names = device_names(history)
+            lines += [
+                f"- round {rnd}: device {names.get(str(r.get('node_id')), r.get('node_id'))}: {r.get('reason')}"
+                for rnd, r in rejected
+            ]
             lines.append("")
         else:
             lines.append("None.\n")
@@ -141,6 +208,105 @@ def write_report(
     path = atomic_write_text(run_dir / "report.md", "\n".join(lines))
     log(f"report: {path}")
     return path
+
+
+def device_names(history: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """Node id (as a string) → the device's name (its partition's client id), from every round."""
+    names: dict[str, str] = {}
+    for h in history:
+        for node, info in (h.get("devices") or {}).items():
+            if isinstance(info, dict) and isinstance(info.get("name"), str):
+                names[str(node)] = info["name"]
+        for node, name in (h.get("device_names") or {}).items():
+            names[str(node)] = str(name)
+    return names
+
+
+def _pm(summary: dict[str, Any], tag: str, k: int) -> str:
+    s = ((summary.get(tag) or {}).get(str(k)) or {}).get("uar")
+    if not s:
+        return "–"
+    return f"{s['mean']:.3f} ± {s['std']:.3f} (n={s['n']})"
+
+
+def personal_per_device(history: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per device (by name), personal-test UAR at its own exit: ``start`` (the global heads it first
+    received), ``adapted`` (after its last local training), ``global`` (final global heads) and
+    ``personal`` (its personal heads), where reported."""
+    names = device_names(history)
+    out: dict[str, dict[str, float]] = {}
+    exit_of: dict[str, int] = {}
+
+    def put(node: Any, metrics: dict[str, Any], fields: dict[str, str], first: bool) -> None:
+        name = names.get(str(node), str(node))
+        k = _whole(metrics.get("exit"), exit_of.get(name, -1))
+        exit_of[name] = k
+        row = out.setdefault(name, {})
+        for field, tag in fields.items():
+            v = _number(metrics.get(f"exit{k}/personal-uar-{tag}"))
+            if math.isfinite(v) and not (first and field in row):
+                row[field] = v
+
+    for h in history:
+        for c in (h.get("train") or {}).get("clients", []):
+            put(c.get("node_id"), c.get("metrics") or {}, {"start": "before"}, True)
+            put(c.get("node_id"), c.get("metrics") or {}, {"adapted": "after"}, False)
+    final = (history[-1].get("final") or {}).get("devices", {}) if history else {}
+    for node, d in final.items():
+        put(node, d.get("metrics") or {}, {"global": "global", "personal": "personal"}, False)
+    return {n: v for n, v in sorted(out.items()) if v}
+
+
+def personal_section(
+    history: Sequence[dict[str, Any]], exits: Sequence[int], run_dir: Path | None = None
+) -> list[str]:
+    """Markdown (and personal_uar_per_device.png): the devices' personal test speech, mean ± std over
+    devices per exit, beside the global UAR on unseen speakers."""
+    trained = [h for h in history if h.get("personal")]
+    final = (history[-1].get("final") or {}).get("personal", {}) if history else {}
+    if not trained and not final:
+        return []
+    first = trained[0]["personal"] if trained else {}
+    last = trained[-1]["personal"] if trained else {}
+    lines = ["## Personal test speech (each device's own held-out utterances)\n"]
+    lines.append(
+        "Each device keeps a labelled part of its own utterances that it never trains on and the server "
+        "never sees. UAR on it, mean ± std over the devices that run the exit (n), beside the global UAR "
+        "on unseen speakers. *Base model*: the global heads devices received in round 1; *final global*: "
+        "the heads every device ends with; *after local training*: each device's heads after its last "
+        "round of local training; *personal heads*: a private copy fine-tuned on the device after the "
+        "last round (never sent).\n"
+    )
+    header = [
+        "exit", f"global UAR, unseen speakers (round {history[0].get('round')} → {history[-1].get('round')})",
+        "personal: base model", "personal: final global", "personal: after local training",
+        "personal: personal heads",
+    ]  # fmt: skip
+    rows = []
+    for k in exits:
+        cells = [_pm(first, "before", k), _pm(final, "global", k), _pm(last, "after", k), _pm(final, "personal", k)]
+        if all(c == "–" for c in cells):
+            continue
+        rows.append([k, f"{_uar(history[0], k):.3f} → {_uar(history[-1], k):.3f}", *cells])
+    if rows:
+        lines.append(markdown_table(header, rows))
+    per_device = personal_per_device(history)
+    if per_device and run_dir is not None:
+        from fedsd.report import plot_personal_per_device
+
+        labels = {"start": "base model", "global": "final global heads", "adapted": "after local training",
+                  "personal": "personal heads"}  # fmt: skip
+        series = {
+            label: [per_device[d].get(field, math.nan) for d in per_device]
+            for field, label in labels.items()
+            if any(field in v for v in per_device.values())
+        }
+        plot_personal_per_device(list(per_device), series, run_dir / "personal_uar_per_device.png")
+        lines.append(
+            "![Personal-test UAR per device](personal_uar_per_device.png)\n\n"
+            "Per device at its own exit.\n"
+        )
+    return lines
 
 
 def privacy_section(history: Sequence[dict[str, Any]], run_dir: Path | None = None) -> list[str]:

@@ -23,6 +23,14 @@ def simulate_command(
     out: Path | None = typer.Option(None, "--out", help="Run directory (default runs/<name>-sim)."),
     engine: str = typer.Option("ray", help="ray (Flower's simulation engine) or inprocess (no workers)."),
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last completed round."),
+    personalize_epochs: int | None = typer.Option(
+        None, "--personalize-epochs", min=0,
+        help="After the last round each device fine-tunes private heads this many epochs (federated.personalize_epochs).",
+    ),
+    device_models: bool = typer.Option(
+        False, "--device-models",
+        help="Every device writes its deployable model to RUN/device-models/<client id> (+ personal/).",
+    ),
     set_: list[str] | None = typer.Option(None, "--set", help="Any config field: --set federated.lr=0.01"),
 ) -> None:
     """Simulate federated self-distillation over devices partitioned from a corpus.
@@ -45,6 +53,7 @@ def simulate_command(
         "federated.by": by,
         "federated.alpha": alpha,
         "federated.mode": mode,
+        "federated.personalize_epochs": personalize_epochs,
         "federated.exits_mix": [int(x) for x in exits_mix.split(",")] if exits_mix else None,
     }.items():
         if value is not None:
@@ -63,7 +72,10 @@ def simulate_command(
             overrides=overrides,
         )
         console.print(f"simulating {cfg.federated.rounds} rounds with the {engine} engine → {run_dir}")
-        result = run_simulation_engine(cfg, spec, prepared, engine=engine, log=console.print)  # type: ignore[arg-type]
+        result = run_simulation_engine(
+            cfg, spec, prepared, engine=engine, log=console.print,  # type: ignore[arg-type]
+            device_models=run_dir / "device-models" if device_models else None,
+        )  # fmt: skip
     except (ConfigError, FederationError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
     console.print(f"[bold green]done[/]: {result.rounds_done} rounds; report {result.run_dir / 'report.md'}")

@@ -34,10 +34,15 @@ def run_simulation_engine(
     engine: Engine = "ray",
     log: Callable[[str], None] = print,
     cpus_per_client: float = 1.0,
+    device_models: Path | None = None,
 ) -> FederationResult:
+    """Run ``spec`` over one virtual device per partition client; with ``device_models`` every device
+    writes its deployable model (and personal heads) to ``<device_models>/<client id>``."""
     run_dir = Path(spec.run_dir)
     n = len(Partition.load(prepared.partition).clients)
-    client_app = make_client_app(simulated_device_config(cfg, prepared.partition, prepared.base_model, run_dir))
+    client_app = make_client_app(
+        simulated_device_config(cfg, prepared.partition, prepared.base_model, run_dir, device_models=device_models)
+    )
     if engine == "inprocess":
         grid = InProcessGrid(client_app, [{"partition-id": i, "num-partitions": n} for i in range(n)])
         return run_federation(grid, spec, log=log)

@@ -38,7 +38,12 @@ from fedsd.data.corpora import (  # noqa: E402
     scan_corpus,
 )
 from fedsd.data.manifest import ManifestError, ManifestRow, read_manifest, write_manifest  # noqa: E402
-from fedsd.data.partition import Partition, PartitionError, make_partition  # noqa: E402
+from fedsd.data.partition import (  # noqa: E402
+    Partition,
+    PartitionError,
+    make_partition,
+    write_device_manifests,
+)
 
 console = Console()
 err_console = Console(stderr=True)
@@ -291,7 +296,12 @@ def _histogram_table(
 
 def _client_entries(p: Partition) -> list[tuple[str, dict[str, int], list[str]]]:
     return [
-        (c.client_id, c.class_histogram, [f"labelled={c.num_labelled}", f"speakers={len(c.speakers)}"])
+        (
+            c.client_id,
+            c.class_histogram,
+            [f"labelled={c.num_labelled}", f"personal test={len(c.personal_test_utt_ids)}",
+             f"speakers={len(c.speakers)}"],
+        )  # fmt: skip
         for c in p.clients
     ]
 
@@ -333,8 +343,26 @@ def partition_cmd(
     ] = False,
     min_per_client: Annotated[int, typer.Option(min=1, help="Smallest allowed client (utterances).")] = 1,
     seed: Annotated[int, typer.Option(min=0, help="Random seed (same seed = same partition).")] = 0,
+    personal_test_fraction: Annotated[
+        float,
+        typer.Option(
+            min=0.0, max=0.95,
+            help="Per client, this stratified share of its own utterances is held out as its personal "
+            "test set (labelled, never trained on; at least one per class it has twice).",
+        ),
+    ] = 0.2,
+    device_manifests: Annotated[
+        Path | None,
+        typer.Option(
+            "--device-manifests",
+            help="Also write one manifest per client into this directory (CLIENT.csv: training rows, "
+            "hidden labels blank; personal test rows with split=personal_test), for `fedsd client run --data`.",
+        ),
+    ] = None,
 ) -> None:
     """Split a manifest into a held-out test set, a server pool and federated clients with scarce labels.
+
+    Each client keeps a personal test set of its own utterances (--personal-test-fraction, 0 for none).
 
     Example: fedsd data partition iemocap.csv --clients 8 --by dirichlet --alpha 0.3 --label-fraction 0.1 --test-speakers 2 --out part.json
     """  # noqa: E501
@@ -351,10 +379,14 @@ def partition_cmd(
             seed=seed,
             keep_speakers=keep_speakers,
             min_per_client=min_per_client,
+            personal_test_fraction=personal_test_fraction,
         )
         part.config["manifest"] = str(manifest)
         part.save(out)
         _print_partition(part, str(out))
+        if device_manifests is not None:
+            paths = write_device_manifests(part, rows, device_manifests)
+            console.print(f"{len(paths)} device manifests written to {escape(str(device_manifests))}", soft_wrap=True)
 
 
 def _plot(

@@ -30,7 +30,8 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
 )
 OPTIONAL_COLUMNS: tuple[str, ...] = ("session", "gender", "lang", "text_id")
 COLUMNS: tuple[str, ...] = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
-SPLITS: frozenset[str] = frozenset({"train", "valid", "test", ""})
+SPLITS: frozenset[str] = frozenset({"train", "valid", "test", "personal_test", ""})
+"""``personal_test``: a device's own held-out rows (fedsd.data.partition.PERSONAL_TEST), never trained on."""
 
 
 class ManifestError(ValueError):
@@ -118,7 +119,7 @@ def read_manifest(path: str | os.PathLike[str], *, require_labels: bool = False)
                 ) from None
             if rec.get("split", "") not in SPLITS:
                 raise ManifestError(
-                    f"{path}:{lineno}: column 'split' is {rec['split']!r}; expected one of train, valid, test or empty"
+                    f"{path}:{lineno}: column 'split' is {rec['split']!r}; expected one of train, valid, test, personal_test or empty"
                 )
             if rec["utt_id"] in seen:
                 raise ManifestError(

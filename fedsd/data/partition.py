@@ -9,6 +9,14 @@ results across label fractions differ only in the labels, not in the draw.
 
 Only labelled manifest rows take part (a partition needs ground truth to evaluate and to simulate
 scarcity); "unlabelled" inside a partition means "label hidden from the client".
+
+Personal test split: with ``personal_test_fraction`` > 0 each device also keeps a stratified held-out part
+of its *own* utterances (``personal_test_utt_ids``: labelled, never trained on by the device, never seen by
+the server). It measures what on-device adaptation is for: the model on that device's speaker(s), on
+speech it has not trained on. Per class with at least two utterances, round(f * n_c) of them (at least
+one, never all) by a rank of its own (a hash of seed and utt_id, independent of the label rank), so the
+personal test set is the same at every label fraction; ``utt_ids`` are then the device's training
+utterances only.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ from fedsd.checkpoint import atomic_write_text, sha256_json
 from fedsd.data.manifest import ManifestRow, label_names
 
 PartitionBy = Literal["speaker", "dirichlet", "iid"]
+PERSONAL_TEST = "personal_test"
+"""Manifest ``split`` of a device's personal test rows (labelled, held out from its training)."""
 PARTITION_MODES: tuple[str, ...] = ("speaker", "dirichlet", "iid")
 
 
@@ -37,7 +47,8 @@ class PartitionError(ValueError):
 
 
 class ClientPartition(BaseModel):
-    """One simulated device: its utterances, which of them it may see labels for, and a summary."""
+    """One simulated device: its training utterances, which of them it may see labels for, its personal
+    test utterances (held out, labelled) and a summary (``class_histogram`` counts training utterances)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -46,6 +57,7 @@ class ClientPartition(BaseModel):
     labelled: list[bool]
     speakers: list[str]
     class_histogram: dict[str, int]
+    personal_test_utt_ids: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _mask_matches(self) -> ClientPartition:
@@ -90,6 +102,7 @@ class Partition(BaseModel):
         owner: dict[str, str] = {}
         groups = [("test", self.test_utt_ids), ("server", self.server_utt_ids)]
         groups += [(c.client_id, c.utt_ids) for c in self.clients]
+        groups += [(f"{c.client_id} personal test", c.personal_test_utt_ids) for c in self.clients]
         for name, utts in groups:
             for u in utts:
                 if u in owner:
@@ -171,6 +184,26 @@ def labelled_mask(utt_ids: Sequence[str], labels: Sequence[str], fraction: float
     for members in by_class.values():
         k = min(len(members), max(1, math.ceil(fraction * len(members) - 1e-9)))
         for i in sorted(members, key=lambda j: utterance_rank(seed, utt_ids[j]))[:k]:
+            mask[i] = True
+    return mask
+
+
+def personal_test_mask(
+    utt_ids: Sequence[str], labels: Sequence[str], fraction: float, seed: int
+) -> list[bool]:
+    """Stratified personal test subset of one device: per class with n_c >= 2 utterances, the
+    ``max(1, round(fraction * n_c))`` (at most n_c - 1) lowest by a rank independent of the label rank."""
+    mask = [False] * len(utt_ids)
+    if fraction <= 0:
+        return mask
+    by_class: dict[str, list[int]] = {}
+    for i, lab in enumerate(labels):
+        by_class.setdefault(lab, []).append(i)
+    for members in by_class.values():
+        if len(members) < 2:
+            continue
+        k = min(len(members) - 1, max(1, math.floor(fraction * len(members) + 0.5)))
+        for i in sorted(members, key=lambda j: utterance_rank(seed, f"personal-test\x00{utt_ids[j]}"))[:k]:
             mask[i] = True
     return mask
 
@@ -284,16 +317,20 @@ def make_partition(
     seed: int = 0,
     keep_speakers: bool = False,
     min_per_client: int = 1,
+    personal_test_fraction: float = 0.0,
 ) -> Partition:
     """Hold out ``test_speakers`` unseen speakers, then ``server_speakers``, then form clients from the rest.
 
     ``by="speaker"``: one client per speaker (``num_clients=None``) or speakers dealt into N clients
     balanced by utterance count. ``by="dirichlet"``: per-class proportions ~ Dir(alpha) over N clients
     (utterance level, or whole speakers with ``keep_speakers``). ``by="iid"``: shuffle and deal.
-    Deterministic per ``seed``.
+    ``personal_test_fraction``: per device, that stratified share of its utterances is held out as its
+    personal test set (see the module docstring). Deterministic per ``seed``.
     """
     if by not in PARTITION_MODES:
         raise PartitionError(f"unknown partition mode {by!r}; use one of {', '.join(PARTITION_MODES)}")
+    if not 0.0 <= personal_test_fraction < 1.0:
+        raise PartitionError(f"personal_test_fraction must be in [0, 1), got {personal_test_fraction}")
     if not 0.0 <= label_fraction <= 1.0:
         raise PartitionError(f"label_fraction must be in [0, 1], got {label_fraction}")
     if not alpha > 0:
@@ -374,8 +411,11 @@ def make_partition(
     clients = []
     for k, g in enumerate(groups):
         g = sorted(g)  # manifest order
-        utts = [cand[i].utt_id for i in g]
-        labs = [cand[i].label for i in g]
+        held = personal_test_mask([cand[i].utt_id for i in g], [cand[i].label for i in g],
+                                  personal_test_fraction, seed)  # fmt: skip
+        train_idx = [i for i, h in zip(g, held, strict=True) if not h]
+        utts = [cand[i].utt_id for i in train_idx]
+        labs = [cand[i].label for i in train_idx]
         counts = Counter(labs)
         clients.append(
             ClientPartition(
@@ -384,6 +424,7 @@ def make_partition(
                 labelled=labelled_mask(utts, labs, label_fraction, seed),
                 speakers=sorted({cand[i].speaker for i in g}),
                 class_histogram={c: counts.get(c, 0) for c in names},
+                personal_test_utt_ids=[cand[i].utt_id for i, h in zip(g, held, strict=True) if h],
             )
         )
     config = {
@@ -395,6 +436,7 @@ def make_partition(
         "server_speakers": server_speakers,
         "keep_speakers": keep_speakers,
         "min_per_client": min_per_client,
+        "personal_test_fraction": personal_test_fraction,
         "num_rows": len(pool),
         "rows_sha256": sha256_json(sorted((r.utt_id, r.label, r.speaker) for r in pool)),
     }
@@ -408,3 +450,30 @@ def make_partition(
         server_speakers=server_spk,
         clients=clients,
     )
+
+
+def device_manifest_rows(part: Partition, client: str | int, rows: Sequence[ManifestRow]) -> list[ManifestRow]:
+    """What one device's manifest holds: its training rows (``split=train``, the label blanked where the
+    device may not see it) and its personal test rows (``split=personal_test``, labelled)."""
+    from dataclasses import replace
+
+    from fedsd.data.dataset import rows_by_ids
+
+    c = part.client(client)
+    train = [
+        replace(r, label=r.label if lab else "", split="train")
+        for r, lab in zip(rows_by_ids(rows, c.utt_ids), c.labelled, strict=True)
+    ]
+    return train + [replace(r, split=PERSONAL_TEST) for r in rows_by_ids(rows, c.personal_test_utt_ids)]
+
+
+def write_device_manifests(
+    part: Partition, rows: Sequence[ManifestRow], out_dir: str | os.PathLike[str]
+) -> list[Path]:
+    """One manifest per device, ``<out_dir>/<client_id>.csv`` (see :func:`device_manifest_rows`)."""
+    from fedsd.data.manifest import write_manifest
+
+    return [
+        write_manifest(device_manifest_rows(part, c.client_id, rows), Path(out_dir) / f"{c.client_id}.csv")
+        for c in part.clients
+    ]
