@@ -178,6 +178,21 @@ def run_command(
         help="Stop training before ε would exceed this (default: the target).",
         rich_help_panel="Differential privacy",
     ),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        "-o",
+        help="Keep this device's deployable model here: the exported slice for its exit with the global "
+        "heads of the last completed round, the final ones when the run ends (+ OUT/personal: its personal "
+        "heads). Loads with `fedsd predict --model OUT` and `fedsd evaluate`.",
+    ),
+    personalize_epochs: int | None = typer.Option(
+        None,
+        "--personalize-epochs",
+        min=0,
+        help="After the last round, fine-tune a private copy of the heads on this device's own speech for "
+        "N epochs (kept, never sent; default: the server's federated.personalize_epochs).",
+    ),
     server_timeout: float = typer.Option(
         300.0,
         "--server-timeout",
@@ -295,6 +310,8 @@ def run_command(
         "root": str(root),
         "model": str(model) if model else None,
         "cache": str(cache_dir),
+        "out": str(out.expanduser().resolve()) if out else None,
+        "personalize-epochs": personalize_epochs,
     } | dp_config
     session = default_session_dir(cache_dir)
     styles = {"info": "dim", "warning": "yellow", "error": "bold red"}
@@ -326,6 +343,8 @@ def run_command(
     trained = [ev for ev in sup.events if ev.get("kind") == "train" and "error" not in ev]
     if code == EXIT_DONE:
         console.print(f"[bold green]done[/]: {len(trained)} round(s) trained on this device")
+    if out is not None and (out / "fedsd.json").is_file():
+        console.print(f"deployable model: {escape(str(out))} (fedsd predict --model {escape(str(out))})")
     elif code == EXIT_REFUSED:
         err_console.print("[bold red]the server refused this device[/] (see the reason above)")
     elif code == EXIT_SERVER_GONE:

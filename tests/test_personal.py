@@ -254,3 +254,15 @@ def test_an_interrupted_device_keeps_the_last_completed_round(run) -> None:
     assert all(torch.equal(v, round1[k]) for k, v in dev.head_state_dict().items())
     assert not (Path(rc["sim-device-models"]) / "client-000" / "personal").exists()
     assert np.isclose(len(calls), 2 + 2 * 2 + 2)  # info ×2, train ×2 ×2 rounds, done ×2
+
+
+def test_a_deployed_device_reads_out_personalize_epochs_and_its_name(tmp_path: Path) -> None:
+    nc = {"data": str(tmp_path / "client-007.csv"), "root": str(tmp_path), "out": str(tmp_path / "model"),
+          "personalize-epochs": 5}  # fmt: skip
+    ctx = Context(run_id=1, node_id=9, node_config=nc, state=RecordDict(), run_config={})
+    s = DeviceSettings.from_context(ctx)
+    assert s.out == tmp_path / "model" and s.personalize_epochs == 5 and s.name == "client-007"
+    bare = DeviceSettings.from_context(Context(1, 9, {**nc, "name": "kitchen"} | {"out": ""}, RecordDict(), {}))
+    assert bare.out is None and bare.name == "kitchen"
+    del nc["personalize-epochs"]
+    assert DeviceSettings.from_context(Context(1, 9, nc, RecordDict(), {})).personalize_epochs is None
