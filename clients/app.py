@@ -39,7 +39,8 @@ from flwr.clientapp import ClientApp
 from fedsd.audio import CropPolicy
 from fedsd.checkpoint import CheckpointError, atomic_write_text
 from fedsd.clients.device import DeviceError, DeviceSettings, refuse
-from fedsd.clients.dp_training import train_heads_private
+from fedsd.clients.dp_training import dp_in_use, dp_reply_metrics, spend_device_round, train_heads_private
+from fedsd.clients.identity import device_id
 from fedsd.clients.personal import (
     PERSONAL_DIR,
     evaluate_personal,
@@ -298,6 +299,8 @@ def train(msg: Message, context: Context, defaults: dict[str, Any] | None = None
     }
     metrics |= _uar_metrics("train-uar-before", before) | _uar_metrics("train-uar-after", after) | dp_metrics
     metrics |= personal_metrics("before", p_before) | personal_metrics("after", p_after)
+    if dp is not None:  # only what DP covers (or the handshake revealed) leaves the device
+        metrics = dp_reply_metrics(metrics)
     state = model.head_state_dict(plan.train)
     content = RecordDict({"arrays": heads_to_record(state), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
@@ -404,6 +407,10 @@ def _train_private(
             f"(budget {dp.budget:g}, δ = {dp.delta:g}, after {ledger.rounds} DP round(s)); "
             "this device stops training"
         )
+    try:  # the device-wide ledger (its own identity, every run) first: a crash over-counts, never under
+        device_metrics = spend_device_round(context, settings, dp, sigma, q, steps, train_config)
+    except ValueError as e:
+        raise DeviceError(str(e)) from None
     losses = train_heads_private(
         model, feats, plan, lcfg, noise_multiplier=sigma, max_grad_norm=dp.max_grad_norm,
         sample_rate=q, steps=steps,
@@ -418,7 +425,7 @@ def _train_private(
         "dp-steps": after.steps(),
         "dp-rounds": after.rounds,
         "dp-ledger-from-state": int(source == "state"),
-    }
+    } | device_metrics
     if dp.budget is not None:
         metrics["dp-epsilon-budget"] = dp.budget
     return losses, metrics
@@ -426,6 +433,8 @@ def _train_private(
 
 def evaluate(msg: Message, context: Context, defaults: dict[str, Any] | None = None) -> Message:
     """Per-exit UAR/WA/F1 of the received heads on the device's validation utterances."""
+    if dp_in_use(context, server_config(msg)):
+        raise DeviceError("federated evaluation is refused while DP is on: its metrics are not noised")
     settings, model, _lcfg, plan = _prepare(msg, context, defaults)
     exits = [k for k in model.exits if k <= max(plan.needed)]
     feats = _features(
@@ -460,11 +469,14 @@ def info(msg: Message, context: Context, defaults: dict[str, Any] | None = None)
             "exit": settings.exit if settings.exit is not None else -1,
             "n-utterances": len(rows),
             "n-labelled": int(sum(labelled)),
+            "device-id": device_id(settings),
             "name": settings.name,
             "device": settings.device,
             "torch-threads": torch.get_num_threads(),
         }
     )
+    if dp_in_use(context, cfg):  # how many labels it holds is not the server's business under DP
+        reply.pop("n-labelled")
     return Message(RecordDict({"info": reply}), reply_to=msg)
 
 
@@ -541,6 +553,8 @@ def done(msg: Message, context: Context, defaults: dict[str, Any] | None = None)
             info = _model_info(settings, cfg, rnd, "personal") | {"personalize_epochs": epochs}
             write_device_model(model, lcfg.exit, settings.out / PERSONAL_DIR, info)
     metrics["seconds"] = time.perf_counter() - t0
+    if dp_in_use(context, cfg):  # personal test metrics are not noised: with DP on they stay here
+        metrics = {k: v for k, v in metrics.items() if k in ("exit", "personalize-epochs")}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

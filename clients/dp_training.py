@@ -18,8 +18,13 @@ guarantee hold, and how this module keeps each condition:
 from __future__ import annotations
 
 import copy
+import json
+import math
 import secrets
 import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import torch
 from opacus import GradSampleModule
@@ -28,6 +33,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 from torch import nn
 
+from fedsd.checkpoint import atomic_write_json
 from fedsd.clients.training import (
     ExitPlan,
     LocalTrainConfig,
@@ -40,6 +46,7 @@ from fedsd.distill import self_distill_loss
 from fedsd.features import CachedFeatures
 from fedsd.model.heads import ExitHead, HeadOutput
 from fedsd.model.multiexit import MultiExitSER
+from fedsd.privacy import DPSettings, epsilon
 
 
 def dp_compatible(head: ExitHead) -> ExitHead:
@@ -187,3 +194,128 @@ def _train(
         model.heads[str(k)].load_state_dict(plain_state_dict(head))
     model.eval()
     return {k: v / max(counted, 1) for k, v in sums.items()}
+
+
+# ----------------------------------------------------------------------------- what a DP reply may carry
+DP_REPLY_KEYS = frozenset({"num-examples", "exit", "n-utterances"})
+"""Non-``dp-*`` metrics a train reply keeps when DP is on. ``num-examples`` and ``n-utterances`` are
+the data-set size the device declared at the handshake (not protected by DP: the server needs it to
+weight the update); everything else data-dependent (loss, local UAR before/after, labelled counts,
+personal test metrics, cache hits, timing) is left out, as DP does not cover it."""
+
+
+def dp_reply_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The train-reply metrics that DP covers or that the handshake already revealed (see above)."""
+    out = {k: v for k, v in metrics.items() if k in DP_REPLY_KEYS or k.startswith("dp-")}
+    if "n-utterances" in out:
+        out["num-examples"] = out["n-utterances"]  # not the labelled count (an exact, un-noised figure)
+    return out
+
+
+def dp_in_use(context: Any, config: Mapping[str, Any]) -> bool:
+    """True when this device trains (or trained) with DP: its own ``dp-*`` flags, the server's DP
+    settings in ``config``, or a privacy ledger in its state."""
+    from fedsd.privacy import DP_KEYS, PrivacyLedger
+
+    keys = set(DP_KEYS.values())
+    node = dict(context.node_config)
+    if any(k in node and node[k] not in ("", None) for k in keys):
+        return True
+    if any(k in config and config[k] not in ("", None) for k in keys):
+        return True
+    return PrivacyLedger.STATE_KEY in context.state.config_records
+
+
+# ----------------------------------------------------------------------------- device-wide ledger
+DEVICE_BUDGET_KEY = "dp-device-budget"
+"""Node config (the device's own flag, never the server's): ε this device may spend over every run."""
+
+
+def device_ledger_path(settings: Any) -> Path | None:
+    """``<cache>/privacy/device.json`` on a real device (a simulated one keeps no files)."""
+    if getattr(settings, "partition", None) is not None:
+        return None
+    return Path(settings.cache_dir) / "privacy" / "device.json"
+
+
+def _read_device_ledger(path: Path | None) -> dict[str, Any]:
+    if path is None or not path.is_file():
+        return {"history": [], "runs": {}}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        history = [(float(s), float(q), int(n)) for s, q, n in raw.get("history", [])]
+        runs = {str(k): int(v) for k, v in dict(raw.get("runs", {})).items()}
+    except (OSError, ValueError, TypeError) as e:
+        # never start from zero silently: an unreadable ledger stops DP training until it is fixed
+        raise ValueError(f"device privacy ledger {path} is unreadable ({e}); fix or remove it") from None
+    return {"history": history, "runs": runs, "device-id": raw.get("device-id")}
+
+
+def device_budget(context: Any) -> float | None:
+    value = dict(context.node_config).get(DEVICE_BUDGET_KEY)
+    if value in (None, ""):
+        return None
+    budget = float(value)
+    if not 0 < budget < math.inf:
+        raise ValueError(f"{DEVICE_BUDGET_KEY} must be finite and > 0, got {value!r}")
+    return budget
+
+
+def check_device_budget(
+    context: Any, settings: Any, dp: DPSettings, sigma: float, sample_rate: float, steps: int
+) -> str | None:
+    """Why this round would exceed the device-wide budget (over every run this device took part in,
+    whatever federation id each server chose), or None when it fits / no budget is set."""
+    budget = device_budget(context)
+    if budget is None:
+        return None
+    ledger = _read_device_ledger(device_ledger_path(settings))
+    spent = epsilon(ledger["history"], dp.delta, dp.accountant)
+    after = epsilon([*ledger["history"], (sigma, sample_rate, steps)], dp.delta, dp.accountant)
+    if after > budget:
+        return (
+            f"privacy budget reached: this round would raise this device's ε over all its runs from "
+            f"{spent:.3f} to {after:.3f} (device budget {budget:g}, δ = {dp.delta:g}); this device stops "
+            "training"
+        )
+    return None
+
+
+def record_device_round(
+    settings: Any, dp: DPSettings, sigma: float, sample_rate: float, steps: int, federation_id: str
+) -> dict[str, float]:
+    """Add one DP round to the device-wide ledger (keyed by this device's own identity, not by the
+    server's federation id); returns ``{"dp-device-epsilon": ε over every run so far}``."""
+    from fedsd.clients.identity import device_id
+
+    path = device_ledger_path(settings)
+    if path is None:
+        return {}
+    ledger = _read_device_ledger(path)
+    ledger["history"].append((float(sigma), float(sample_rate), int(steps)))
+    runs = ledger["runs"]
+    runs[federation_id] = runs.get(federation_id, 0) + 1
+    atomic_write_json(
+        path,
+        {"device-id": device_id(settings), "history": [list(h) for h in ledger["history"]], "runs": runs},
+    )
+    return {"dp-device-epsilon": epsilon(ledger["history"], dp.delta, dp.accountant)}
+
+
+def spend_device_round(
+    context: Any,
+    settings: Any,
+    dp: DPSettings,
+    sigma: float,
+    sample_rate: float,
+    steps: int,
+    train_config: Mapping[str, Any],
+) -> dict[str, float]:
+    """Before a DP round trains: refuse it if it would exceed the device-wide budget
+    (``--dp-device-budget``), else record it in the device-wide ledger first (a crash after this
+    over-counts, never under-counts). Raises ValueError with the reason; returns the reply metrics."""
+    refusal = check_device_budget(context, settings, dp, sigma, sample_rate, steps)
+    if refusal is not None:
+        raise ValueError(refusal)
+    fid = str(train_config.get("federation-id", ""))[:64]
+    return record_device_round(settings, dp, sigma, sample_rate, steps, fid)

@@ -12,6 +12,12 @@ so adding or removing one device moves the noised sum by at most C. A device tha
 part in m mechanisms that round; the ε reported is for the device with the most compositions so far
 (RDP accountant, no amplification by sampling: conservative). Weights by ``num-examples`` are not
 used (they would change the sensitivity); the mean is unweighted.
+
+Across restarts (issue 11): compositions are counted per *device identity* (the ``device-id`` a device
+declares at the handshake, which survives SuperNode restarts; Flower's node id does not), and
+:meth:`CentralDP.state` / :meth:`CentralDP.restore` carry them through ``state.json`` so a resumed run
+keeps counting. A resumed run never replays noise: with a fixed ``seed`` the generator is seeded with
+``(seed, resume round, number of starts)``.
 """
 
 from __future__ import annotations
@@ -35,8 +41,14 @@ class CentralDP:
     noise_multiplier: float
     delta: float = 1e-5
     seed: int | None = None
-    compositions: dict[int, int] = field(default_factory=dict)
-    """Per device: Gaussian mechanisms it took part in so far (one per head per round)."""
+    compositions: dict[Any, int] = field(default_factory=dict)
+    """Per device identity: Gaussian mechanisms it took part in so far (one per head per round)."""
+    identities: dict[int, str] = field(default_factory=dict)
+    """Node id → stable device identity (from the handshake); a node without one counts as itself."""
+    starts: int = 0
+    """How many times the run was (re)started with this state (mixed into a fixed seed)."""
+    baseline: int = 0
+    """Compositions every device is assumed to have had already (a resume without saved counts)."""
 
     def __post_init__(self) -> None:
         if not self.clip_norm > 0:
@@ -45,9 +57,51 @@ class CentralDP:
             raise ValueError(f"central_dp.noise_multiplier must be >= 0, got {self.noise_multiplier}")
         self._rng = np.random.default_rng(self.seed)
 
+    def identity(self, node_id: int) -> Any:
+        return self.identities.get(node_id, node_id)
+
+    def state(self) -> dict[str, Any]:
+        """What a resumed run needs (JSON-ready): compositions per device identity, starts."""
+        return {
+            "compositions": {str(k): int(v) for k, v in self.compositions.items()},
+            "starts": self.starts,
+            "baseline": self.baseline,
+        }
+
+    def restore(
+        self, state: dict[str, Any] | None, resume_round: int, history: Sequence[dict[str, Any]] = ()
+    ) -> None:
+        """Continue the accounting of an earlier start; reseed so no noise of it is ever replayed.
+
+        Without saved counts (a run directory of an older fedsd) but with rounds done, every device is
+        assumed to have taken part in every head mechanism released so far (from the metrics
+        ``history``, else all heads of every round): conservative, never an under-report.
+        """
+        if state is None and resume_round > 0:
+            released = [
+                len((rec.get("privacy", {}).get("central") or {}).get("senders_per_head") or {})
+                for rec in history
+                if int(rec.get("round", 0)) > 0
+            ]
+            self.baseline = sum(released) if len(released) == resume_round else resume_round * 64
+        state = state or {}
+        self.baseline = max(self.baseline, int(state.get("baseline", 0)))
+        restored: dict[Any, int] = {}
+        for key, count in dict(state.get("compositions") or {}).items():
+            ident: Any = int(key) if str(key).lstrip("-").isdigit() else str(key)
+            restored[ident] = int(count)
+        for key, count in self.compositions.items():
+            restored[key] = max(restored.get(key, 0), count)
+        self.compositions = restored
+        self.starts = int(state.get("starts", 0)) + 1
+        if self.seed is not None:
+            self._rng = np.random.default_rng(np.random.SeedSequence([self.seed, resume_round, self.starts]))
+        else:
+            self._rng = np.random.default_rng()
+
     def epsilon(self) -> float:
         """ε (at ``delta``) of the device that took part in the most mechanisms so far."""
-        worst = max(self.compositions.values(), default=0)
+        worst = self.baseline + max(self.compositions.values(), default=0)
         return central_epsilon(self.noise_multiplier, worst, 1, self.delta)
 
     def aggregate(
@@ -77,7 +131,8 @@ class CentralDP:
                 clipped += int(factor < 1.0)
                 for k in keys:
                     total[k] += deltas[k] * factor
-                self.compositions[u.node_id] = self.compositions.get(u.node_id, 0) + 1
+                who = self.identity(u.node_id)
+                self.compositions[who] = self.compositions.get(who, 0) + 1
             std = self.noise_multiplier * self.clip_norm
             for k in keys:
                 noisy = total[k] + (self._rng.normal(0.0, std, total[k].shape) if std > 0 else 0.0)

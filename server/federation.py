@@ -211,6 +211,8 @@ class Federation:
                     f"but --base-model {self.spec.base_model} has {self.fingerprint[:12]}"
                 )
             done = int(state["completed_round"])
+            if self.strategy.central_dp is not None:  # keep counting; never replay the noise
+                self.strategy.central_dp.restore(state.get("central_dp"), done, self._read_history(done))
             self.federation_id = str(state.get("federation_id") or self.federation_id)
             for rec in self._read_history(done):
                 self._note_epsilons(rec)
@@ -250,6 +252,7 @@ class Federation:
                 "rounds": self.rounds,
                 "fingerprint": self.fingerprint,
                 "federation_id": self.federation_id,
+                "central_dp": self.strategy.central_dp.state() if self.strategy.central_dp else None,
                 "base_model": self.spec.base_model,
                 "spec": asdict(self.spec),
                 "time": time.time(),
@@ -335,7 +338,14 @@ class Federation:
         self._greeted = set(nodes)
         self.strategy.declared_examples = {n: float(i["n-utterances"]) for n, i in infos.items()}
         self.strategy.declared_exits = {n: int(i["exit"]) for n, i in infos.items()}
+        self._note_identities(infos)
         return infos
+
+    def _note_identities(self, infos: dict[int, dict[str, Any]]) -> None:
+        """Central DP counts per device identity (stable across SuperNode restarts), not per node id."""
+        if self.strategy.central_dp is not None:
+            ids = {n: str(i["device-id"]) for n, i in infos.items() if i.get("device-id")}
+            self.strategy.central_dp.identities |= ids
 
     def admit_late(self, grid: Grid, infos: dict[int, dict[str, Any]]) -> list[int]:
         """Greet devices that connected after the handshake (a restarted SuperNode gets a new node id).
@@ -356,6 +366,7 @@ class Federation:
         exits = dict(self.strategy.declared_exits or {})
         exits |= {n: int(i["exit"]) for n, i in joined.items()}
         self.strategy.declared_exits = exits
+        self._note_identities(joined)
         return sorted(joined)
 
     def _name_device(self, node: int, reply: Message) -> str:

@@ -32,6 +32,7 @@ the run. Everything a device sends that ends up in a reason or a log line goes t
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -449,12 +450,17 @@ def _count(value: Any, name: str, lo: int, hi: int) -> int | str:
     return int(value)
 
 
+DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""A device's stable identity as declared at the handshake (see ``fedsd.clients.identity``)."""
+
+
 def validate_info_reply(reply: Message) -> dict[str, Any] | Rejection:
     """Parse a handshake (``query.info``) reply; a malformed one rejects the device, never the run.
 
     Returns ``{"has-model": bool, "exit": int (-1 = the server's choice), "n-utterances": int >= 1,
-    "n-labelled": int | None, "device": str, "torch-threads": int | None}`` — only these keys, every
-    string printable — or the :class:`Rejection` that says why the device cannot take part.
+    "n-labelled": int | None, "device": str, "torch-threads": int | None, "device-id": str | None}`` —
+    only these keys, every string printable — or the :class:`Rejection` that says why the device
+    cannot take part.
     """
     node_id = _node_id(reply)
     if reply.has_error():
@@ -481,7 +487,11 @@ def validate_info_reply(reply: Message) -> dict[str, Any] | Rejection:
         n_labelled = counted
     threads = _count(info.get("torch-threads"), "torch-threads", 1, 10**6)
     device = info.get("device", "")
+    device_id = info.get("device-id")
+    if not (isinstance(device_id, str) and DEVICE_ID.fullmatch(device_id)):
+        device_id = None  # absent or not a plain id: the device is known by its node id only
     return {
+        "device-id": device_id,
         "has-model": has_model,
         "exit": exit_k,
         "n-utterances": n,

@@ -327,7 +327,13 @@ def test_malformed_handshake_replies_are_rejected(info, reason) -> None:
 def test_handshake_reply_is_parsed_to_known_keys_and_printable_strings() -> None:
     got = validate_info_reply(info_reply(5, GOOD_INFO | {"device": "cu\x1b[2Jda", "evil": "x" * 10**5}))
     assert not isinstance(got, Rejection)
-    assert set(got) == {"has-model", "exit", "n-utterances", "n-labelled", "device", "torch-threads"}
+    assert set(got) == {"has-model", "exit", "n-utterances", "n-labelled", "device", "torch-threads", "device-id"}
+    assert got["device-id"] is None  # none declared
+    named = validate_info_reply(info_reply(5, GOOD_INFO | {"device-id": "3f2a9c"}))
+    assert not isinstance(named, Rejection) and named["device-id"] == "3f2a9c"
+    for bad in ("../x", "", "a" * 65, 7, "a b"):
+        odd = validate_info_reply(info_reply(5, GOOD_INFO | {"device-id": bad}))
+        assert not isinstance(odd, Rejection) and odd["device-id"] is None
     assert got["device"] == "cu\\x1b[2Jda" and got["n-utterances"] == 40 and got["exit"] == 3
     assert validate_info_reply(info_reply(5, GOOD_INFO | {"exit": -1, "n-utterances": 12.0}))["exit"] == -1  # type: ignore[index]
     err = validate_info_reply(info_reply(5, None, error="boom\x1b[31m"))
