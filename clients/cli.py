@@ -178,6 +178,14 @@ def run_command(
         help="Stop training before ε would exceed this (default: the target).",
         rich_help_panel="Differential privacy",
     ),
+    dp_device_budget: float | None = typer.Option(
+        None,
+        "--dp-device-budget",
+        min=0.0,
+        help="Stop training before this device's ε over all its runs (any server, any federation id) "
+        "would exceed this; the device-wide ledger is <cache>/privacy/device.json.",
+        rich_help_panel="Differential privacy",
+    ),
     out: Path | None = typer.Option(
         None,
         "--out",
@@ -312,7 +320,7 @@ def run_command(
         "cache": str(cache_dir),
         "out": str(out.expanduser().resolve()) if out else None,
         "personalize-epochs": personalize_epochs,
-    } | dp_config
+    } | dp_config | ({"dp-device-budget": dp_device_budget} if dp_device_budget else {})
     session = default_session_dir(cache_dir)
     styles = {"info": "dim", "warning": "yellow", "error": "bold red"}
 
