@@ -43,6 +43,10 @@ def _mount() -> None:
         from fedsd.train_cli import register as register_train
 
         register_train(app)
+    if _exists("fedsd.pretrain_cli"):
+        from fedsd.pretrain_cli import register as register_pretrain
+
+        register_pretrain(app)
     if _exists("fedsd.export_cli"):
         from fedsd.export_cli import register as register_export
 
