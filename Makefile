@@ -9,7 +9,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test lint system-deps clean
+.PHONY: demo test test-fast lint system-deps clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,7 +33,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: system-deps $(STAMP) lint
-	$(BIN)/python -m pytest -q
+	FEDSD_REQUIRE_ESPEAK=1 $(BIN)/python -m pytest -q
+
+# the edit loop: everything not marked slow (`make test` still runs the whole suite)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
