@@ -136,8 +136,9 @@ def plot_personal_per_device(
     for j, (label, values) in enumerate(series.items()):
         xs = [i + (j - (n - 1) / 2) * width for i in range(len(devices))]
         ax.bar(xs, [0.0 if math.isnan(v) else v for v in values], width, label=label)
-    ax.set_xticks(range(len(devices)), list(devices), rotation=45 if len(devices) > 6 else 0, ha="right"
-                  if len(devices) > 6 else "center", fontsize=8)  # fmt: skip
+    many = len(devices) > 12
+    ax.set_xticks(range(len(devices)), list(devices), rotation=60 if many else 0, ha="right" if many else "center",
+                  fontsize=7 if many else 8)  # fmt: skip
     ax.set_ylim(0, 1)
     ax.set_ylabel("UAR on the device's personal test speech")
     ax.set_title("Personal-test UAR per device (at its exit)")

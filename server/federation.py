@@ -62,6 +62,8 @@ from fedsd.wire import (
 )
 
 Log = Callable[[str], None]
+DONE_TIMEOUT_S = 120.0
+"""Longest wait for the devices' end-of-run replies (they personalise and write their model first)."""
 
 
 class FederationError(RuntimeError):
@@ -539,7 +541,8 @@ class Federation:
                 {"arrays": heads_to_record(self.model.head_state_dict()), "config": ConfigRecord(config)}
             )
             msgs = [Message(content, dst_node_id=n, message_type=QUERY_DONE) for n in nodes]
-            replies = list(grid.send_and_receive(msgs, timeout=timeout or self.cfg.federated.round_timeout))
+            wait = timeout or min(self.cfg.federated.round_timeout, DONE_TIMEOUT_S)
+            replies = list(grid.send_and_receive(msgs, timeout=wait))
             ok = sum(1 for r in replies if not r.has_error())
             self.log(f"told {ok} of {len(nodes)} device(s) that the run is over")
             self._note_final(nodes, replies)
@@ -552,6 +555,9 @@ class Federation:
         """Devices' end-of-run personal metrics (untrusted: numbers only) → ``final`` of the last round."""
         if not self.history:
             return
+        from fedsd.server.report import device_names
+
+        names = device_names(self.history) | {str(n): v for n, v in self.device_names.items()}  # resumed too
         asked, seen = set(nodes), set()
         devices: dict[str, dict[str, Any]] = {}
         for r in replies:
@@ -563,7 +569,7 @@ class Federation:
             kept = {k: float(v) for k, v in metrics.items()
                     if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}  # fmt: skip
             if kept:
-                devices[str(node)] = {"name": self.device_names.get(node, str(node)), "metrics": kept}
+                devices[str(node)] = {"name": names.get(str(node), str(node)), "metrics": kept}
         if not devices:
             return
         final = {"devices": devices} | self._personal_record([d["metrics"] for d in devices.values()])

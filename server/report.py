@@ -242,6 +242,7 @@ def personal_per_device(history: Sequence[dict[str, Any]]) -> dict[str, dict[str
         k = _whole(metrics.get("exit"), exit_of.get(name, -1))
         exit_of[name] = k
         row = out.setdefault(name, {})
+        row["exit"] = float(k)
         for field, tag in fields.items():
             v = _number(metrics.get(f"exit{k}/personal-uar-{tag}"))
             if math.isfinite(v) and not (first and field in row):
@@ -254,7 +255,7 @@ def personal_per_device(history: Sequence[dict[str, Any]]) -> dict[str, dict[str
     final = (history[-1].get("final") or {}).get("devices", {}) if history else {}
     for node, d in final.items():
         put(node, d.get("metrics") or {}, {"global": "global", "personal": "personal"}, False)
-    return {n: v for n, v in sorted(out.items()) if v}
+    return {n: v for n, v in sorted(out.items()) if len(v) > 1}
 
 
 def personal_section(
@@ -301,7 +302,8 @@ def personal_section(
             for field, label in labels.items()
             if any(field in v for v in per_device.values())
         }
-        plot_personal_per_device(list(per_device), series, run_dir / "personal_uar_per_device.png")
+        ticks = [f"{d}\nexit {int(v['exit'])}" for d, v in per_device.items()]
+        plot_personal_per_device(ticks, series, run_dir / "personal_uar_per_device.png")
         lines.append(
             "![Personal-test UAR per device](personal_uar_per_device.png)\n\n"
             "Per device at its own exit.\n"

@@ -266,3 +266,25 @@ def test_a_deployed_device_reads_out_personalize_epochs_and_its_name(tmp_path: P
     assert bare.out is None and bare.name == "kitchen"
     del nc["personalize-epochs"]
     assert DeviceSettings.from_context(Context(1, 9, nc, RecordDict(), {})).personalize_epochs is None
+
+
+def test_data_partition_cli_writes_personal_rows_into_device_manifests(tmp_path: Path) -> None:
+    from fedsd.cli import app as cli
+    from fedsd.data.manifest import write_manifest
+
+    rows = corpus(n_speakers=6, per_class=5)
+    manifest = write_manifest(rows, tmp_path / "m.csv")
+    res = CliRunner().invoke(
+        cli,
+        ["data", "partition", str(manifest), "--clients", "3", "--label-fraction", "0.2", "--test-speakers", "1",
+         "--out", str(tmp_path / "part.json"), "--device-manifests", str(tmp_path / "devices")],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "personal test" in res.output
+    part = Partition.load(tmp_path / "part.json")
+    assert part.config["personal_test_fraction"] == 0.2  # the command's default
+    for c in part.clients:
+        got = read_manifest(tmp_path / "devices" / f"{c.client_id}.csv")
+        assert [r.utt_id for r in got if r.split == PERSONAL_TEST] == c.personal_test_utt_ids
+        assert [r.utt_id for r in got if r.split == "train"] == c.utt_ids
+        assert sum(bool(r.label) for r in got if r.split == "train") == c.num_labelled

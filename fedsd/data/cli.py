@@ -296,12 +296,7 @@ def _histogram_table(
 
 def _client_entries(p: Partition) -> list[tuple[str, dict[str, int], list[str]]]:
     return [
-        (
-            c.client_id,
-            c.class_histogram,
-            [f"labelled={c.num_labelled}", f"personal test={len(c.personal_test_utt_ids)}",
-             f"speakers={len(c.speakers)}"],
-        )  # fmt: skip
+        (c.client_id, c.class_histogram, [f"labelled={c.num_labelled}", f"speakers={len(c.speakers)}"])
         for c in p.clients
     ]
 
@@ -315,6 +310,13 @@ def _print_partition(p: Partition, source: str) -> None:
         f"server: {len(p.server_utt_ids)} utterances from {len(p.server_speakers)} speaker(s)",
         soft_wrap=True,
     )
+    personal = [len(c.personal_test_utt_ids) for c in p.clients]
+    if any(personal):
+        console.print(
+            f"personal test (held out on each client, not in the counts above): {sum(personal)} utterances, "
+            f"{min(personal)}–{max(personal)} per client",
+            soft_wrap=True,
+        )
 
 
 @app.command("partition")
