@@ -325,7 +325,8 @@ def privacy_section(history: Sequence[dict[str, Any]], run_dir: Path | None = No
             f"Sample-level DP on the devices (Opacus DP-SGD on the heads): cumulative ε at δ = {delta:g} "
             "as each device reported it (a device that skipped a round keeps its last value).\n"
         )
-    header = ["round"] + (["max ε"] + [f"device {n}" for n in devices] if devices else [])
+    names = device_names(history)
+    header = ["round"] + (["max ε"] + [names.get(n, f"device {n}") for n in devices] if devices else [])
     header += ["central ε (client-level)"] if central else []
     rows = []
     for h in recs:
@@ -340,7 +341,9 @@ def privacy_section(history: Sequence[dict[str, Any]], run_dir: Path | None = No
     lines.append(markdown_table(header, rows))
     if devices and run_dir is not None:
         per_device = {
-            f"device {n}": [float(h["privacy"].get("device_epsilon", {}).get(n, math.nan)) for h in recs]
+            names.get(n, f"device {n}"): [
+                float(h["privacy"].get("device_epsilon", {}).get(n, math.nan)) for h in recs
+            ]
             for n in devices
         }
         budgets = [
@@ -359,5 +362,6 @@ def privacy_section(history: Sequence[dict[str, Any]], run_dir: Path | None = No
         lines.append("![ε per round](epsilon_per_round.png)\n")
     stopped = sorted({n for h in recs for n in h["privacy"].get("budget_stopped", [])})
     if stopped:
-        lines.append(f"Devices that stopped training at their ε budget: {', '.join(map(str, stopped))}.\n")
+        shown = ", ".join(names.get(str(n), str(n)) for n in stopped)
+        lines.append(f"Devices that stopped training at their ε budget: {shown}.\n")
     return lines
