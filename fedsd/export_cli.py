@@ -44,7 +44,9 @@ def export_command(
     root: Path | None = typer.Option(None, "--root", help="Corpus root --calibration's paths are relative to."),
     calibration_clips: int = typer.Option(300, help="int8: at most this many clips calibrate the ranges."),
     quant_mode: str = typer.Option(
-        "static", help="int8 method: static (calibrated QDQ, default), dynamic (MatMul/Gemm only)."
+        "static",
+        help="int8 method: static (calibrated QDQ of the transformer MatMuls; default, see README), "
+        "static-all (every op, front end included), dynamic (MatMul weights), dynamic-all.",
     ),
 ) -> None:
     """Export the model a device at one exit needs: front end, layers 1..K and heads <= K.
@@ -169,12 +171,12 @@ def _export_onnx(
 ) -> None:
     from fedsd.model.backbone import ConfigError
     from fedsd.model.multiexit import MultiExitSER
-    from fedsd.onnx_export import QUANT_DETAIL, export_onnx, graph_info
+    from fedsd.onnx_export import QUANT_DETAIL, QUANT_MODES, export_onnx, graph_info
 
     if quantize not in (None, "int8"):
         _fail(f"--quantize {quantize!r}: valid values: int8", 2)
-    if quant_mode not in ("static", "dynamic"):
-        _fail(f"--quant-mode {quant_mode!r}: valid values: static, dynamic", 2)
+    if quant_mode not in QUANT_MODES:
+        _fail(f"--quant-mode {quant_mode!r}: valid values: {', '.join(QUANT_MODES)}", 2)
     if not model.is_dir():
         _fail(f"--model {model}: not a directory (expected a checkpoint written by `fedsd train`)", 2)
     try:
@@ -197,7 +199,7 @@ def _export_onnx(
         _fail(f"--exit/--exits {bad}: not exits of {model}; valid exits: {net.exits}", 2)
     clips = None
     source = None
-    if quantize and quant_mode == "static":
+    if quantize and quant_mode.startswith("static"):
         clips, source = _calibration_clips(graph_info(net, wanted, None), calibration, root, limit)
     try:
         info = export_onnx(net, wanted, out, quantize=quantize, calibration=clips, quant_mode=quant_mode)

@@ -19,6 +19,7 @@ The runtime side (``fedsd.onnx_runtime``) never imports torch.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -260,10 +261,21 @@ def export_onnx(
 
 # ------------------------------------------------------------------------------------------- int8
 QUANT_DETAIL = {
-    "static": "QDQ, int8 activations (calibrated, MinMax) and per-channel int8 weights",
-    "dynamic": "dynamic int8 of MatMul/Gemm weights; activations quantised at run time",
-    "dynamic-all": "dynamic int8 of every supported op (Conv included)",
+    "static": "static QDQ int8 of the transformer MatMuls (calibrated MinMax activations, per-channel "
+    "weights); CNN front end and exit head stay fp32",
+    "static-all": "static QDQ int8 of every supported op, the CNN front end included",
+    "dynamic": "dynamic int8 of the transformer MatMul weights; activations quantised at run time",
+    "dynamic-all": "dynamic int8 of every supported op (Conv included: ConvInteger)",
 }
+QUANT_MODES = tuple(QUANT_DETAIL)
+
+
+def _head_nodes(path: Path) -> list[str]:
+    """Node names of the exit heads (pooling statistics and two small Gemms): kept in fp32."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [n.name for n in graph.node if "heads" in n.name or n.op_type == "Gemm"]
 
 
 class _Calibration:
@@ -291,34 +303,52 @@ def quantize_int8(
     calibration: Iterator[np.ndarray] | Callable[[], Iterator[np.ndarray]] | None = None,
 ) -> None:
     """Quantise the graph at ``fp32`` to ``out`` (see ``QUANT_DETAIL`` for the modes)."""
+    if mode not in QUANT_DETAIL:
+        raise ConfigError("quant_mode", f"unknown value {mode!r}; valid: {', '.join(QUANT_DETAIL)}")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # ORT logs a warning per 1-D weight it cannot quantise per channel
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _quantize(fp32, out, mode, calibration)
+    finally:
+        root.setLevel(level)
+
+
+def _quantize(
+    fp32: Path,
+    out: Path,
+    mode: str,
+    calibration: Iterator[np.ndarray] | Callable[[], Iterator[np.ndarray]] | None,
+) -> None:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if mode == "dynamic":
-            quantize_dynamic(fp32, out, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
-            return
-        if mode == "dynamic-all":
-            quantize_dynamic(fp32, out, weight_type=QuantType.QInt8)
-            return
-        if mode != "static":
-            raise ConfigError("quant_mode", f"unknown value {mode!r}; valid: {', '.join(QUANT_DETAIL)}")
-        if calibration is None:
-            raise ConfigError("calibration", "static int8 needs calibration speech")
-        clips = calibration() if callable(calibration) else calibration
-        pre = out.with_name(out.stem + "-pre.onnx")
-        try:
-            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-        except Exception:  # noqa: BLE001 - pre-processing is an optimisation; quantise the raw graph
-            pre = fp32
-        quantize_static(
-            str(pre),
-            str(out),
-            _Calibration(clips),
-            quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-        )
+    matmul_only = mode in ("static", "dynamic")
+    if mode.startswith("dynamic"):
+        kw: dict[str, Any] = {"op_types_to_quantize": ["MatMul"]} if matmul_only else {}
+        exclude = _head_nodes(fp32) if matmul_only else []
+        quantize_dynamic(fp32, out, weight_type=QuantType.QInt8, nodes_to_exclude=exclude, **kw)
+        return
+    if calibration is None:
+        raise ConfigError("calibration", "static int8 needs calibration speech")
+    clips = calibration() if callable(calibration) else calibration
+    pre = out.with_name(out.stem + "-pre.onnx")
+    try:
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+    except Exception:  # noqa: BLE001 - pre-processing is an optimisation; quantise the raw graph
+        pre = fp32
+    kw = {"op_types_to_quantize": ["MatMul"]} if matmul_only else {}
+    quantize_static(
+        str(pre),
+        str(out),
+        _Calibration(clips),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        nodes_to_exclude=_head_nodes(pre) if matmul_only else [],
+        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+        **kw,
+    )
