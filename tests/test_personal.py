@@ -288,3 +288,24 @@ def test_data_partition_cli_writes_personal_rows_into_device_manifests(tmp_path:
         assert [r.utt_id for r in got if r.split == PERSONAL_TEST] == c.personal_test_utt_ids
         assert [r.utt_id for r in got if r.split == "train"] == c.utt_ids
         assert sum(bool(r.label) for r in got if r.split == "train") == c.num_labelled
+
+
+def test_simulate_cli_device_models_and_personalize_epochs(
+    tmp_path: Path, small_corpus: Path, tiny_model_dir: Path
+) -> None:
+    from fedsd.cli import app as cli
+
+    cfg_path = tmp_path / "fed.yaml"
+    cfg_path.write_text(CONFIG.format(root=small_corpus).replace("personalize_epochs: 3", "personalize_epochs: 0"))
+    out = tmp_path / "sim"
+    res = CliRunner().invoke(
+        cli,
+        ["simulate", "--config", str(cfg_path), "--base-model", str(tiny_model_dir), "--engine", "inprocess",
+         "--rounds", "1", "--out", str(out), "--device-models", "--personalize-epochs", "2"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["final"]
+    assert {d["metrics"]["personalize-epochs"] for d in final["devices"].values()} == {2}
+    for name in ("client-000", "client-001"):
+        assert (out / "device-models" / name / "fedsd.json").is_file()
+        assert (out / "device-models" / name / "personal" / "fedsd.json").is_file()
