@@ -26,6 +26,7 @@ SHARED = {"common"}  # modules, not scripts
 SMOKED = {
     "adaptation",
     "exit_latency",
+    "onnx_latency",
     "privacy",
     "robustness",
     "round_cost",
@@ -182,6 +183,25 @@ def test_exit_latency_smoke(tmp_path, capsys):
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     p = check_provenance(data, "exit_latency")
     assert p["config"]["backbone"] == "tiny" and p["config"]["exits"] == [1, 2, 3, 4]
+
+
+def test_onnx_latency_smoke(tmp_path, tiny_corpus, capsys):
+    bench = load_script("onnx_latency")
+    argv = ["--backbone", "tiny", "--exits", "1", "3", "--seconds", "0.5", "--repeats", "2", "--modes", "static",
+            "dynamic", "--corpus", str(tiny_corpus), "--calibration-clips", "4", "--eval-clips", "4", "--quiet",
+            "--json", str(tmp_path / "o.json")]  # fmt: skip
+    data = read(tmp_path / "o.json", bench.main(argv))
+    assert "| exit | eager fp32 ms | ORT fp32 ms |" in capsys.readouterr().out
+    p = check_provenance(data, "onnx_latency")
+    assert p["config"]["threads"] == 1 and p["config"]["onnxruntime"]
+    assert [r["exit"] for r in data["rows"]] == [1, 3] and data["setup"]["samples"] == 8000
+    for r in data["rows"]:
+        assert r["fp32_parity_max_abs_dlogit"] < 1e-4
+        assert set(r["ms"]) == {"torch", "ort_fp32", "static", "dynamic"} and all(v > 0 for v in r["ms"].values())
+        assert set(r["bytes"]) == {"torch", "ort_fp32", "static", "dynamic"} and all(r["bytes"].values())
+        assert all(0 <= a["agree"] <= 1 and a["clips"] == 4 for a in r["agreement"].values())
+    assert all(len(v) == 2 for v in data["samples_s"]["cpu"].values())
+    assert set(data["targets"]) == {"static", "dynamic", "ort_fp32_not_slower_than_eager"}
 
 
 def test_synthetic_baseline_smoke(tmp_path, tiny_corpus):
