@@ -297,8 +297,8 @@ def test_int8_agrees_with_fp32(trained, tmp_path):
     export_onnx(net, net.exits, tmp_path / "fp32.onnx")
     info = export_onnx(net, net.exits, tmp_path / "int8.onnx", quantize="int8", calibration=calib)
     assert info["quantization"] == "int8-static"
-    # the tiny front end is a large share of its weights: the base shape shrinks far more (README)
-    assert (tmp_path / "int8.onnx").stat().st_size < 0.9 * (tmp_path / "fp32.onnx").stat().st_size
+    # int8 MatMul and conv weights; the tiny model's norms and biases keep it above the base shape's ~25 %
+    assert (tmp_path / "int8.onnx").stat().st_size < 0.6 * (tmp_path / "fp32.onnx").stat().st_size
     fp32 = evaluate_clips(load(tmp_path / "fp32.onnx"), wavs)
     int8 = evaluate_clips(load(tmp_path / "int8.onnx"), wavs)
     for k in net.exits:
