@@ -435,7 +435,8 @@ class Federation:
                 infos.pop(node, None)
         for n, i in sorted(infos.items()):
             self.log(
-                f"device {n}: exit {i['exit']}, {i['n-utterances']} utterances ({i['n-labelled']} labelled)"
+                f"device {n} ({i.get('name', n)}): exit {i['exit']}, {i['n-utterances']} utterances "
+                f"({i['n-labelled']} labelled)"
             )
         return infos
 
