@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedsd.clients.runner import shim_env
 from fedsd.server.deploy import (
     ManagedProcess,
     config_arg,
@@ -70,9 +71,14 @@ def start_supernode(
     cwd: Path | None = None,
     root_certificates: Path | None = None,
     auth_key: Path | None = None,
+    runner_dir: Path | None = None,
 ) -> ManagedProcess:
     """`flower-supernode` connected to ``superlink`` (HOST:PORT), with its own Runtime API port
     (several SuperNodes on one host each need one).
+
+    ``runner_dir``: where to put fedsd's ``flwr-clientapp`` (first on the SuperNode's PATH), so every
+    ClientApp it runs is the installed fedsd's and never code from the run's app bundle
+    (``fedsd.clients.runner``). Defaults to ``flwr_home/bin``.
 
     TLS verified against ``root_certificates`` (a CA PEM) when given, else plain HTTP (`--insecure`);
     ``auth_key`` (OpenSSH EC private key, needs TLS) signs every request for node authentication.
@@ -96,7 +102,8 @@ def start_supernode(
         "--port",
         str(local_port),
     ]
-    return ManagedProcess("flower-supernode", cmd, env=flower_env(flwr_home), log_path=log_path, cwd=cwd)
+    env = shim_env(flower_env(flwr_home), runner_dir or flwr_home / "bin")
+    return ManagedProcess("flower-supernode", cmd, env=env, log_path=log_path, cwd=cwd)
 
 
 def read_new_lines(path: Path, offset: int) -> tuple[list[str], int]:

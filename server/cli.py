@@ -7,8 +7,10 @@ What it does, in order (each step says what it did):
 3. write ``OUT/spec.json`` (the whole run spec), a private FLWR_HOME in ``OUT/.flwr`` with a SuperLink
    connection ``fedsd`` (TLS with ``--tls-dir``'s ca.pem, or plain HTTP with ``--insecure``) and a
    code-free Flower app dir ``OUT/.flwr/app`` (every process imports the installed `fedsd`);
-4. start `flower-superlink` (log: ``OUT/.flwr/superlink.log``), wait for its port; with ``--auth``
-   register the ``--node-key`` public keys (more with `fedsd server register-node KEY.pub --out OUT`);
+4. start `flower-superlink` on 127.0.0.1 and a free port (log: ``OUT/.flwr/superlink.log``), then the
+   fleet proxy on ``--host:--port`` (``fedsd.proxy``, log ``OUT/.flwr/proxy.log``): devices reach only
+   the Fleet API, the Control API stays on loopback; with ``--auth`` register the ``--node-key`` public
+   keys (more with `fedsd server register-node KEY.pub --out OUT`);
 5. `flwr run OUT/.flwr/app fedsd --stream --run-config spec-file=...`, stream its output;
 6. ask the SuperLink for the run's real outcome (`flwr ls --format json`; the exit code of
    `flwr run` is not it), stop the SuperLink, exit 0 only on ``finished:completed``.
@@ -131,12 +133,19 @@ def _security(
     except SecurityError as e:
         _fail(str(e), 2)
     names = certificate_hosts(cert)
-    local = deploy.connect_host(host)
+    local = "127.0.0.1"  # the SuperLink binds loopback only; the fleet proxy faces the devices
     if not covers_host(cert, local):
         _fail(
             f"{files.server_cert} names {', '.join(names) or 'no host'}, but Flower's own helper and the "
             f"flwr CLI reach this SuperLink at {local}: make certificates that name it, e.g. "
             f"`fedsd certs create --out {tls_dir} --host {local} --force`",
+            2,
+        )
+    if host not in ("0.0.0.0", "::", "") and not covers_host(cert, host):
+        _fail(
+            f"{files.server_cert} names {', '.join(names) or 'no host'}, but devices reach this server at "
+            f"{host} (--host): make certificates that name it, e.g. "
+            f"`fedsd certs create --out {tls_dir} --host {host} --force`",
             2,
         )
     remote = _client_host(host)
@@ -325,6 +334,7 @@ def start_command(
     # Both signals end the run cleanly (an `&` job of a script starts with SIGINT ignored: re-arm it).
     previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     superlink = None
+    proxy = None
     flwr_home: Path | None = None
     run_id_box: dict[str, int | None] = {"id": None}
     try:
@@ -452,9 +462,10 @@ def start_command(
         # ------------------------------------------------------------ 3. spec, FLWR_HOME, app dir
         spec_path = atomic_write_json(run_dir / "spec.json", json.loads(spec.to_json()))
         flwr_home = run_dir / ".flwr"
+        internal_port = deploy.free_port("127.0.0.1")  # the SuperLink's own port: loopback only
         deploy.write_flwr_home(
             flwr_home,
-            deploy.join_address(deploy.connect_host(host), port),
+            deploy.join_address("127.0.0.1", internal_port),
             insecure=tls is None,
             root_certificates=tls.ca_cert if tls is not None else None,
         )
@@ -466,20 +477,28 @@ def start_command(
             _fail(f"port {port} on {host} was taken while preparing; choose another with --port")
         superlink = deploy.start_superlink(
             flwr_home,
-            host,
-            port,
+            "127.0.0.1",
+            internal_port,
             log_path=flwr_home / "superlink.log",
             cwd=Path.cwd(),
             tls=tls,
             node_auth=auth,
         )
         try:
-            deploy.wait_for_port(host, port, timeout=60.0, process=superlink, what="the SuperLink")
+            deploy.wait_for_port(
+                "127.0.0.1", internal_port, timeout=60.0, process=superlink, what="the SuperLink"
+            )
+            proxy = deploy.start_fleet_proxy(
+                flwr_home, host, port, internal_port, log_path=flwr_home / "proxy.log", tls=tls
+            )
+            deploy.wait_for_port(host, port, timeout=60.0, process=proxy, what="the fleet proxy")
         except deploy.DeployError as e:
             _fail(str(e))
         console.print(
             f"[green]SuperLink listening on {escape(deploy.join_address(host, port))}[/] "
-            f"(pid {superlink.pid}, log {escape(str(superlink.log_path))})",
+            f"(pid {superlink.pid}, log {escape(str(superlink.log_path))}): devices reach only its Fleet API "
+            f"there (fleet proxy, pid {proxy.pid}); its Control API is on loopback "
+            f"{escape(deploy.join_address('127.0.0.1', internal_port))}",
             highlight=False,
         )
         for key in node_keys:
@@ -553,6 +572,8 @@ def start_command(
         raise typer.Exit(EXIT_INTERRUPTED) from None
     finally:
         _shield_cleanup()
+        if proxy is not None:
+            proxy.stop(timeout=5.0)
         if superlink is not None:
             superlink.stop(timeout=10.0)
             _say("SuperLink stopped")

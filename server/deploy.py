@@ -409,6 +409,40 @@ def start_superlink(
     return ManagedProcess("flower-superlink", cmd, env=flower_env(flwr_home), log_path=log_path, cwd=cwd)
 
 
+def start_fleet_proxy(
+    flwr_home: Path,
+    host: str,
+    port: int,
+    upstream_port: int,
+    *,
+    log_path: Path,
+    tls: TlsFiles | None = None,
+) -> ManagedProcess:
+    """The device-facing port: `fedsd.proxy` on host:port passing only the Fleet API (and, from this
+    machine only, the rest) to the SuperLink on 127.0.0.1:``upstream_port``; TLS on both legs with
+    ``tls`` (towards devices with the server certificate, towards the SuperLink verified by the CA)."""
+    scheme = "http" if tls is None else "https"
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedsd.proxy",
+        "--listen",
+        join_address(host, port),
+        "--upstream",
+        f"{scheme}://127.0.0.1:{upstream_port}",
+    ]
+    if tls is not None:
+        cmd += [
+            "--certfile",
+            str(tls.server_cert),
+            "--keyfile",
+            str(tls.server_key),
+            "--cafile",
+            str(tls.ca_cert),
+        ]
+    return ManagedProcess("fedsd fleet proxy", cmd, env=flower_env(flwr_home), log_path=log_path)
+
+
 def submit_run(
     flwr_home: Path,
     app_dir: Path,
