@@ -149,6 +149,13 @@ def test_multi_exit_graph_and_metadata(tmp_path):
         "mono": True,
     }
     assert info["parent_fingerprint"] == net.backbone_fingerprint() and info["quantization"] is None
+    # early exit on a several-exit graph: the first exit confident enough answers, else the deepest
+    from fedsd.onnx_runtime import predict_one
+
+    assert predict_one(graph, wavs[0], "auto", threshold=0.0)[0] == 1
+    k, probs = predict_one(graph, wavs[0], "auto", threshold=1.1)
+    assert k == 3 and abs(probs.sum() - 1) < 1e-6
+    assert predict_one(graph, wavs[0], 2)[0] == 2
 
 
 def test_numpy_resample_matches_torchaudio():
@@ -297,8 +304,8 @@ def test_int8_agrees_with_fp32(trained, tmp_path):
     export_onnx(net, net.exits, tmp_path / "fp32.onnx")
     info = export_onnx(net, net.exits, tmp_path / "int8.onnx", quantize="int8", calibration=calib)
     assert info["quantization"] == "int8-static"
-    # int8 MatMul and conv weights; the tiny model's norms and biases keep it above the base shape's ~25 %
-    assert (tmp_path / "int8.onnx").stat().st_size < 0.6 * (tmp_path / "fp32.onnx").stat().st_size
+    # int8 MatMul and conv weights; the four fp32 heads are a third of this tiny graph (base shape: README)
+    assert (tmp_path / "int8.onnx").stat().st_size < 0.7 * (tmp_path / "fp32.onnx").stat().st_size
     fp32 = evaluate_clips(load(tmp_path / "fp32.onnx"), wavs)
     int8 = evaluate_clips(load(tmp_path / "int8.onnx"), wavs)
     for k in net.exits:
