@@ -52,13 +52,19 @@ def demo_command(
             base_model=str(prepared.base_model),
             partition=str(prepared.partition),
         )
-        result = run_simulation_engine(cfg, spec, prepared, engine=engine, log=console.print)  # type: ignore[arg-type]
+        result = run_simulation_engine(  # every device keeps its deployable model (and personal heads)
+            cfg, spec, prepared, engine=engine, log=console.print,  # type: ignore[arg-type]
+            device_models=out / "federated" / "device-models",
+        )  # fmt: skip
     except (ConfigError, FederationError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
     console.rule("[bold]4. report")
     report = result.run_dir / "report.md"
     console.print(report.read_text())
     console.print(f"[bold green]demo finished in {time.perf_counter() - t0:.0f} s[/]; report: [bold]{report}[/]")
+    console.print(
+        f"each device's model (its exit, final global heads, personal heads): {out / 'federated' / 'device-models'}"
+    )
 
 
 def register(app: typer.Typer) -> None:
