@@ -39,7 +39,14 @@ from flwr.clientapp import ClientApp
 from fedsd.audio import CropPolicy
 from fedsd.checkpoint import CheckpointError, atomic_write_text
 from fedsd.clients.device import DeviceError, DeviceSettings, refuse
-from fedsd.clients.dp_training import dp_in_use, dp_reply_metrics, spend_device_round, train_heads_private
+from fedsd.clients.dp_training import (
+    dp_in_use,
+    dp_reply_metrics,
+    keep_local,
+    pop_local_metrics,
+    spend_device_round,
+    train_heads_private,
+)
 from fedsd.clients.identity import device_id
 from fedsd.clients.personal import (
     PERSONAL_DIR,
@@ -300,6 +307,7 @@ def train(msg: Message, context: Context, defaults: dict[str, Any] | None = None
     metrics |= _uar_metrics("train-uar-before", before) | _uar_metrics("train-uar-after", after) | dp_metrics
     metrics |= personal_metrics("before", p_before) | personal_metrics("after", p_after)
     if dp is not None:  # only what DP covers (or the handshake revealed) leaves the device
+        keep_local(context, metrics)  # ... the device's own event log still shows everything
         metrics = dp_reply_metrics(metrics)
     state = model.head_state_dict(plan.train)
     content = RecordDict({"arrays": heads_to_record(state), "metrics": MetricRecord(metrics)})
@@ -554,6 +562,7 @@ def done(msg: Message, context: Context, defaults: dict[str, Any] | None = None)
             write_device_model(model, lcfg.exit, settings.out / PERSONAL_DIR, info)
     metrics["seconds"] = time.perf_counter() - t0
     if dp_in_use(context, cfg):  # personal test metrics are not noised: with DP on they stay here
+        keep_local(context, metrics)
         metrics = {k: v for k, v in metrics.items() if k in ("exit", "personalize-epochs")}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
@@ -587,7 +596,7 @@ def _event(msg: Message, reply: Message | None, context: Context, seconds: float
     content = reply.content
     if "info" in content.config_records:
         ev |= {k.replace("-", "_"): v for k, v in content.config_records["info"].items()}
-    metrics = dict(content.metric_records.get("metrics", MetricRecord()))
+    metrics = dict(content.metric_records.get("metrics", MetricRecord())) | pop_local_metrics(context)
     for key, value in metrics.items():
         if "/" in key:  # exit3/personal-uar-before → personal_uar_before: {3: ...}
             exit_part, name = key.split("/", 1)

@@ -319,3 +319,26 @@ def spend_device_round(
         raise ValueError(refusal)
     fid = str(train_config.get("federation-id", ""))[:64]
     return record_device_round(settings, dp, sigma, sample_rate, steps, fid)
+
+
+# ----------------------------------------------------------------------------- the device's own log
+LOCAL_METRICS_KEY = "fedsd-local-metrics"
+"""Metrics withheld from a DP reply, kept in ``context.state`` (which never leaves the device: Flower
+pushes it to the local SuperNode only) until the device's own event log has recorded them."""
+
+
+def keep_local(context: Any, metrics: Mapping[str, Any]) -> None:
+    from flwr.app import MetricRecord
+
+    numeric = {
+        k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    context.state[LOCAL_METRICS_KEY] = MetricRecord(numeric)
+
+
+def pop_local_metrics(context: Any) -> dict[str, Any]:
+    record = context.state.metric_records.get(LOCAL_METRICS_KEY)
+    if record is None:
+        return {}
+    del context.state[LOCAL_METRICS_KEY]
+    return dict(record)

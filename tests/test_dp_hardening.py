@@ -177,7 +177,8 @@ def _task_identity():
 
 
 def test_dp_reply_carries_only_what_dp_covers(device) -> None:
-    reply = _train(device, "run-a")
+    events = device["cache"].parent / "events.jsonl"
+    reply = _train(device, "run-a", device["node"] | {"events": str(events)})
     assert isinstance(reply, Message) and not reply.has_error(), reply
     metrics = dict(reply.content.metric_records["metrics"])
     assert {k for k in metrics if not k.startswith("dp-")} <= {"num-examples", "exit", "n-utterances"}
@@ -186,6 +187,8 @@ def test_dp_reply_carries_only_what_dp_covers(device) -> None:
     for leak in ("loss", "n-labelled", "cache-hits", "seconds"):
         assert leak not in metrics
     assert not any("uar" in k or "personal" in k for k in metrics)
+    logged = json.loads(events.read_text().splitlines()[-1])  # the device's own log keeps it all
+    assert logged["kind"] == "train" and "loss" in logged and "n_labelled" in logged
     info = _send(device["node"], QUERY_INFO, {"config": ConfigRecord({"fingerprint": device["fp"]})})
     assert isinstance(info, Message)
     record = dict(info.content.config_records["info"])
