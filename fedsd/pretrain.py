@@ -151,8 +151,12 @@ def pretrain(
     settings: PretrainSettings | None = None,
     log: Callable[[str], None] = print,
     progress: Callable[[int, int], None] | None = None,
+    source: dict[str, Any] | None = None,
 ) -> PretrainResult:
-    """Masked prediction of MFCC clusters on ``rows`` (labels ignored); writes a checkpoint to ``out_dir``."""
+    """Masked prediction of MFCC clusters on ``rows`` (labels ignored); writes a checkpoint to ``out_dir``.
+
+    ``source`` (e.g. the manifest's path and sha256) is recorded in ``pretrain.json`` as provenance.
+    """
     from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
 
     s = settings or PretrainSettings()
@@ -246,6 +250,7 @@ def pretrain(
             {
                 "method": "masked prediction of MFCC k-means clusters (HuBERT iteration 1)",
                 "settings": asdict(s),
+                "source": source or {},
                 "clips": len(rows),
                 "speakers": len({r.speaker for r in rows}),
                 "history": history,

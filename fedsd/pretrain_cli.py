@@ -42,6 +42,7 @@ def pretrain_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from fedsd.audio import AudioError
+    from fedsd.checkpoint import sha256_file
     from fedsd.data.manifest import ManifestError, read_manifest
     from fedsd.pretrain import PretrainSettings, pretrain
 
@@ -66,6 +67,7 @@ def pretrain_command(
             pretrain(
                 rows, root or manifest.parent, out, settings, log=console.print,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
+                source={"manifest": str(manifest.resolve()), "sha256": sha256_file(manifest)},
             )  # fmt: skip
         except (AudioError, ValueError) as e:
             _fail(str(e), 1)
