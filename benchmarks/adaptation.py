@@ -1,28 +1,43 @@
 """Federated on-device adaptation: does self-distillation on unlabelled speech lift the shallow exits?
 
-Synthetic corpus (24 speakers × 12 sentences × 4 emotions), the tiny backbone of ``configs/demo.yaml``,
-8 simulated devices with exits [1, 2, 3] (the deep exit 4 is the frozen teacher), 5 rounds × 5 local
-epochs, Flower's Message API over the in-process grid (no Ray). Per label fraction and seed it compares
-the shallow exits' UAR on unseen test speakers
+The recipe of ``configs/demo.yaml`` (synthetic corpus, tiny backbone, its central base model trained on
+the server pool; 8 simulated devices with exits 1/2/3 round-robin, the deep exit 4 the frozen teacher;
+its rounds × local epochs), Flower's Message API over the in-process grid (no Ray). Per label fraction
+and seed it measures, per exit, SD against CE only:
 
-    before      the central base model (self-distillation on the server's 8-speaker pool)
-    CE only     federated, cross-entropy on the devices' labelled utterances
-    self-dist.  federated, CE on labelled + KD from the frozen deep exit + feature loss on all utterances
+    unseen speakers    global UAR of the final global heads on the unseen test speakers (and of the
+                       base model, round 0)
+    personal test,     each device's own held-out speech (``federated.personal_test_fraction`` of its
+      global heads     utterances, stratified, never trained on); mean over the devices that run the
+                       exit, for the base model's heads (round 1 "before") and the final global heads
+    personal test,     the same speech after each device fine-tuned a private copy of the final global
+      personal heads   heads on its own training speech (``federated.personalize_epochs``, the recipe's
+                       value = its local_epochs; chosen without looking at test or personal-test speech)
+
+    base model         the central model before federation (round 0)
+    CE only            federated, cross-entropy on the devices' labelled utterances
+    self-dist.         federated, CE on labelled + KD from the frozen deep exit + feature loss on all
+
+and the paired differences over seeds with 95 % Student-t intervals (``common.t_interval``): SD − CE,
+personal − global heads, federated − base model. The premise of distillation (the base model's teacher
+beats each shallow exit on the unseen speakers) is checked and printed first.
 
 Paired design. ``make_partition`` draws test and server speakers from ``federated.seed`` too, so a plain
 seed change would move the test set and the base model's training pool. Instead the speaker split is
 drawn once (``--speaker-seed``), the base model is trained once on its server pool, and each seed
-re-partitions only the 12 remaining device speakers: which speakers share a device, which utterances are
-labelled (nested: the 10 % set lies inside the 20 % one) and the local training seed (``federated.seed``).
-Every run of a seed sees the same devices and labels, every run sees the same test speakers and base
-model, and the feature cache (same backbone, same files) is shared by all runs.
+re-partitions only the remaining device speakers: which speakers share a device, which utterances are
+labelled (nested: the 5 % set lies inside the 10 % one, inside the 20 % one), which are the devices'
+personal test speech (the same at every fraction) and the local training seed (``federated.seed``).
+Every run of a seed sees the same devices, labels and personal test speech, every run sees the same
+test speakers and base model, and the feature cache (same backbone, same files) is shared by all runs.
 
 Reproduce (the recipe is configs/demo.yaml; every size defaults to its value. The first run generates
 the corpus and trains the base model; the federated runs reuse cached features):
 
-    .venv/bin/python benchmarks/adaptation.py --seeds 0 1 2 --fractions 0.1 0.2
+    .venv/bin/python benchmarks/adaptation.py --seeds 0 1 2 --fractions 0.1 --threads 1
+    .venv/bin/python benchmarks/adaptation.py                      # 5 seeds × 5 %, 10 %, 20 % (issue 10)
     .venv/bin/python benchmarks/adaptation.py --ablations          # SD loss ablations at 10 % labels
-    .venv/bin/python benchmarks/adaptation.py --speakers 8 --sentences 1 --clients 2 --test-speakers 2 \
+    .venv/bin/python benchmarks/adaptation.py --speakers 8 --sentences 2 --clients 2 --test-speakers 2 \
         --server-speakers 2 --base-epochs 1 --rounds 1 --local-epochs 1 --seeds 0 --fractions 0.5   # tiny
 
 Writes ``benchmarks/results/adaptation.json`` + ``adaptation.png`` (``adaptation.ablations.*`` with
@@ -103,117 +118,358 @@ def teacher_quality(base: Path, split: Any, rows_all: list, root: Path, cache: P
     return out
 
 
-# ---------------------------------------------------------------------------------------- report
-def markdown_table(rows: list[tuple[str, str, dict[str, list[float]]]], exits: Sequence[int]) -> str:
-    head = "| labels | method | " + " | ".join(f"exit {k}" for k in exits) + " |"
-    sep = "|---|---|" + "---:|" * len(exits)
-    lines = [head, sep]
-    for labels, method, per_exit in rows:
-        lines.append(f"| {labels} | {method} | " + " | ".join(cell(per_exit[str(k)]) for k in exits) + " |")
-    return "\n".join(lines)
-
-
-def paired_table(
-    runs: list[dict[str, Any]], fractions: Sequence[float], exits: Sequence[int], ref: str = "ce"
-) -> str:
-    """Each variant − the reference per seed (same devices, labels, local seed): mean ± std, wins, paired t."""
-    names = {r["key"]: r["variant"] for r in runs}
-    head = (
-        "| labels | variant − " + names.get(ref, ref) + " | " + " | ".join(f"exit {k}" for k in exits) + " |"
+def premise(quality: dict[str, Any]) -> dict[str, Any]:
+    """Distillation's premise on the unseen speakers: the base model's teacher beats each shallow exit."""
+    uar = quality["test speakers"]
+    exits = sorted(uar, key=int)
+    teacher = exits[-1]
+    gaps = {k: uar[teacher] - uar[k] for k in exits[:-1]}
+    holds = {k: g > 0 for k, g in gaps.items()}
+    text = (
+        f"premise (base model, unseen test speakers): teacher exit {teacher} UAR {uar[teacher]:.3f} vs "
+        + ", ".join(f"exit {k} {uar[k]:.3f} (gap {g:+.3f})" for k, g in gaps.items())
+        + (
+            " — holds: the teacher is better than every shallow exit"
+            if all(holds.values())
+            else " — DOES NOT HOLD at exit(s) "
+            + ", ".join(k for k, h in holds.items() if not h)
+            + ": the teacher is not better there, so there is nothing (or less than nothing) to distil"
+        )
     )
-    lines = [head, "|---|---|" + "---:|" * len(exits)]
+    return {"teacher_exit": int(teacher), "uar": uar, "gap": gaps, "holds": holds,
+            "holds_all": all(holds.values()), "text": text}  # fmt: skip
+
+
+def device_partition(bench: common.FedBench, split: Any, seed: int, fraction: float) -> Path:
+    """``FedBench.partition`` with each device's personal test split (``federated.personal_test_fraction``).
+
+    Test and server speakers are ``split``'s; devices, labels, personal test speech and the local seed
+    are drawn from ``seed``. The personal test speech does not depend on ``fraction`` (its own rank).
+    """
+    from fedsd.data.partition import Partition, make_partition
+
+    ptf = float(bench.config().federated.personal_test_fraction)
+    which = {"test": split.test_speakers, "server": split.server_speakers, "clients": bench.num_clients,
+             "corpus": sorted(r.utt_id for r in bench.rows), "personal_test_fraction": ptf}  # fmt: skip
+    path = (
+        bench.work
+        / "partitions"
+        / f"spk{split.seed}-{common.digest(which, 8)}-f{fraction:g}-s{seed}-pt{ptf:g}.json"
+    )
+    if path.exists():
+        return path
+    held = set(split.test_speakers) | set(split.server_speakers)
+    device_rows = [r for r in bench.rows if r.label and r.speaker not in held]
+    sub = make_partition(
+        device_rows, num_clients=bench.num_clients, by="speaker", label_fraction=fraction, seed=seed,
+        personal_test_fraction=ptf,
+    )  # fmt: skip
+    Partition(
+        config={
+            **split.config,
+            "label_fraction": fraction,
+            "speaker_seed": split.seed,
+            "device_seed": seed,
+            "personal_test_fraction": ptf,
+        },  # fmt: skip
+        seed=seed,
+        label_names=split.label_names,
+        test_utt_ids=split.test_utt_ids,
+        test_speakers=split.test_speakers,
+        server_utt_ids=split.server_utt_ids,
+        server_speakers=split.server_speakers,
+        clients=sub.clients,
+    ).save(path)
+    return path
+
+
+NAN = float("nan")
+
+
+def personal_results(run_dir: Path, exits: Sequence[int]) -> dict[str, Any]:
+    """Personal-test UAR (mean over the devices that run the exit) from a run's ``metrics.jsonl``.
+
+    ``base``: the base model's heads (round 1, what each device received, measured before training);
+    ``global``: the final global heads and ``personal``: the personal heads (the ``final`` record the
+    server writes after the devices' end-of-run replies); ``devices``: each device's values.
+    """
+    import json
+
+    hist = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    r1 = next((rec for rec in hist if rec.get("round") == 1), {})
+    final = hist[-1].get("final", {}) if hist else {}
+    summary = final.get("personal", {})
+
+    def mean(tag: str, k: int) -> float:
+        return float(summary.get(tag, {}).get(str(k), {}).get("uar", {}).get("mean", NAN))
+
+    def count(tag: str, k: int) -> int:
+        return int(summary.get(tag, {}).get(str(k), {}).get("uar", {}).get("n", 0))
+
+    devices = {
+        d.get("name", node): {
+            "exit": d["metrics"].get("exit"),
+            "n_personal_test": d["metrics"].get("n-personal-test"),
+            "global": {str(k): d["metrics"].get(f"exit{k}/personal-uar-global") for k in exits},
+            "personal": {str(k): d["metrics"].get(f"exit{k}/personal-uar-personal") for k in exits},
+        }
+        for node, d in final.get("devices", {}).items()
+    }
+    return {
+        "base": {str(k): float(r1.get(f"exit{k}/personal-uar-before", NAN)) for k in exits},
+        "global": {str(k): mean("global", k) for k in exits},
+        "personal": {str(k): mean("personal", k) for k in exits},
+        "n_devices": {str(k): count("global", k) for k in exits},
+        "devices": devices,
+        "has_final": bool(final),
+    }
+
+
+# ---------------------------------------------------------------------------------------- report
+MEASURES = {
+    "unseen": "unseen test speakers",
+    "pglobal": "personal test, global heads",
+    "ppersonal": "personal test, personal heads",
+}
+
+
+def values(runs: list[dict[str, Any]], f: float, key: str, measure: str, k: int) -> dict[int, float]:
+    """seed → one run's value (``measure`` of variant ``key`` at exit ``k``); 'base' = the base model."""
+    out: dict[int, float] = {}
+    for r in runs:
+        if r["fraction"] != f or (key != "base" and r["key"] != key):
+            continue
+        if key == "base":
+            v = r["before"][str(k)] if measure == "unseen" else r["personal"]["base"][str(k)]
+        elif measure == "unseen":
+            v = r["after"][str(k)]
+        else:
+            v = r["personal"]["global" if measure == "pglobal" else "personal"][str(k)]
+        out.setdefault(r["seed"], v)
+    return out
+
+
+def fmt_cell(vals: Sequence[float]) -> str:
+    vals = [v for v in vals if not math.isnan(v)]
+    return cell(vals) if vals else "–"
+
+
+def results_table(
+    runs: list[dict[str, Any]], fractions: Sequence[float], variants: dict[str, Variant], exits: Sequence[int]
+) -> tuple[str, list[dict[str, Any]]]:
+    """Markdown + JSON rows: per fraction, the base model and each variant, per measure, per exit."""
+    cols = [*exits]
+    head = (
+        "| labels | method | measured on | "
+        + " | ".join(f"exit {k}" + (" (teacher)" if k == exits[-1] else "") for k in cols)
+        + " |"
+    )
+    lines = [head, "|---|---|---|" + "---:|" * len(cols)]
+    rows: list[dict[str, Any]] = []
+    methods = [("base", METHOD_NAMES["before"])] + [(k, v[0]) for k, v in variants.items()]
     for f in fractions:
-        by_seed: dict[int, dict[str, dict[str, float]]] = {}
-        for r in runs:
-            if r["fraction"] == f:
-                by_seed.setdefault(r["seed"], {})[r["key"]] = r["after"]
-        for key, name in names.items():
-            if key == ref:
-                continue
-            cells = []
+        for key, name in methods:
+            for measure, where in MEASURES.items():
+                if key == "base" and measure == "ppersonal":
+                    continue
+                per = {str(k): list(values(runs, f, key, measure, k).values()) for k in cols}
+                if measure != "unseen":  # devices run exits 1..3: the teacher is not measured there
+                    per[str(exits[-1])] = []
+                lines.append(
+                    f"| {f:.0%} | {name} | {where} | "
+                    + " | ".join(fmt_cell(per[str(k)]) for k in cols)
+                    + " |"
+                )
+                rows.append({"labels": f"{f:.0%}", "fraction": f, "method": name, "key": key,
+                             "measure": measure, "uar": per,
+                             "mean_std": {k: mean_std(v) for k, v in per.items()}})  # fmt: skip
+    return "\n".join(lines), rows
+
+
+def diff_cell(ci: dict[str, Any]) -> str:
+    if not ci["n"]:
+        return "–"
+    if ci["n"] < 2:
+        return f"{ci['mean']:+.3f} (n = 1)"
+    return f"{ci['mean']:+.3f} [{ci['ci_low']:+.3f}, {ci['ci_high']:+.3f}] ({ci['positive']}/{ci['n']} > 0)"
+
+
+def differences(
+    runs: list[dict[str, Any]], fractions: Sequence[float], variants: dict[str, Variant], exits: Sequence[int]
+) -> tuple[str, list[dict[str, Any]]]:
+    """Paired differences per seed with 95 % Student-t intervals over seeds (shallow exits only)."""
+    names = {k: v[0] for k, v in variants.items()}
+    comparisons: list[tuple[str, str, str, str, str]] = []  # (label, key a, measure a, key b, measure b)
+    for key in variants:
+        if key != "ce":
+            for measure, where in MEASURES.items():
+                comparisons.append((f"{names[key]} − CE only, {where}", key, measure, "ce", measure))
+    for key in variants:
+        comparisons.append(
+            (f"{names[key]}: personal − global heads, personal test", key, "ppersonal", key, "pglobal")
+        )
+    for key in variants:
+        comparisons.append(
+            (f"{names[key]} − base model, unseen test speakers", key, "unseen", "base", "unseen")
+        )
+        comparisons.append(
+            (f"{names[key]} (global heads) − base model, personal test", key, "pglobal", "base", "pglobal")
+        )
+        comparisons.append(
+            (
+                f"{names[key]} (personal heads) − base model, personal test",
+                key,
+                "ppersonal",
+                "base",
+                "pglobal",
+            )
+        )
+    head = "| labels | paired difference (per seed) | " + " | ".join(f"exit {k}" for k in exits) + " |"
+    lines = [head, "|---|---|" + "---:|" * len(exits)]
+    rows: list[dict[str, Any]] = []
+    for f in fractions:
+        for label, ka, ma, kb, mb in comparisons:
+            cis = {}
             for k in exits:
-                d = [v[key][str(k)] - v[ref][str(k)] for v in by_seed.values() if {key, ref} <= set(v)]
-                m, s = mean_std(d)
-                t = m / (s / math.sqrt(len(d))) if len(d) > 1 and s > 0 else math.nan
-                t_txt = f", t = {t:.1f}" if not math.isnan(t) else ""
-                cells.append(f"{m:+.3f} ± {s:.3f} ({sum(x > 0 for x in d)}/{len(d)} up{t_txt})")
-            lines.append(f"| {f:.0%} | {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+                a, b = values(runs, f, ka, ma, k), values(runs, f, kb, mb, k)
+                d = [a[s] - b[s] for s in sorted(set(a) & set(b)) if not math.isnan(a[s] - b[s])]
+                cis[str(k)] = common.t_interval(d)
+            lines.append(f"| {f:.0%} | {label} | " + " | ".join(diff_cell(cis[str(k)]) for k in exits) + " |")
+            rows.append({"labels": f"{f:.0%}", "fraction": f, "comparison": label, "a": [ka, ma], "b": [kb, mb],
+                         "t95": cis})  # fmt: skip
+    return "\n".join(lines), rows
+
+
+def verdicts(
+    diffs: list[dict[str, Any]],
+    fractions: Sequence[float],
+    variants: dict[str, Variant],
+    exits: Sequence[int],
+    prem: dict[str, Any],
+) -> list[str]:
+    """The issue's targets (SD ≥ CE + 0.05 at exits 1–2 on personal test speech at 10 % labels; personal
+    heads ≥ global heads; federation not below the base model on the unseen speakers), read as measured."""
+
+    def find(f: float, a: list[str], b: list[str]) -> dict[str, Any] | None:
+        return next((d for d in diffs if d["fraction"] == f and d["a"] == a and d["b"] == b), None)
+
+    def mean_ci(ci: dict[str, Any]) -> str:
+        return diff_cell(ci)
+
+    out = [prem["text"]]
+    for f in fractions:
+        for key, (name, *_) in variants.items():
+            fed = find(f, [key, "unseen"], ["base", "unseen"])
+            if fed is None:
+                continue
+            for k in exits:
+                ci = fed["t95"][str(k)]
+                if not ci["n"] or ci["mean"] >= 0:
+                    continue
+                sig = ci["n"] > 1 and ci["ci_high"] < 0
+                out.append(
+                    f"{f:.0%} {name}: federation LOWERS the unseen-speaker UAR below the base model at exit {k}: "
+                    f"{mean_ci(ci)}"
+                    + (" (the whole 95 % interval is below 0)" if sig else " (interval includes 0)")
+                )
+        if "sd" in variants:
+            for measure in ("ppersonal", "pglobal"):
+                d = find(f, ["sd", measure], ["ce", measure])
+                if d is None:
+                    continue
+                for k in [k for k in exits if k <= 2]:
+                    ci = d["t95"][str(k)]
+                    if not ci["n"]:
+                        continue
+                    met = ci["mean"] >= 0.05
+                    out.append(
+                        f"{f:.0%} target SD ≥ CE + 0.05, {MEASURES[measure]}, exit {k}: "
+                        f"{'met (mean)' if met else 'NOT met'}: {mean_ci(ci)}"
+                    )
+        for key, (name, *_) in variants.items():
+            d = find(f, [key, "ppersonal"], [key, "pglobal"])
+            if d is None:
+                continue
+            cells = [(k, d["t95"][str(k)]) for k in exits if d["t95"][str(k)]["n"]]
+            if cells:
+                ok = all(ci["mean"] >= 0 for _, ci in cells)
+                out.append(
+                    f"{f:.0%} {name}: target personal heads ≥ global heads {'met (mean)' if ok else 'NOT met'}: "
+                    + "; ".join(f"exit {k} {mean_ci(ci)}" for k, ci in cells)
+                )
+    return out
 
 
 def plot(
-    rows: list[tuple[str, str, dict[str, list[float]]]], exits: Sequence[int], path: Path, title: str
+    runs: list[dict[str, Any]],
+    fractions: Sequence[float],
+    variants: dict[str, Variant],
+    exits: Sequence[int],
+    path: Path,
+    title: str,
 ) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups: dict[str, list[tuple[str, dict[str, list[float]]]]] = {}
-    for labels, method, per_exit in rows:
-        groups.setdefault(labels, []).append((method, per_exit))
-    n_methods = max(len(m) for m in groups.values())
-    panel = max(5.5, 0.22 * n_methods * len(exits))
-    fig, axes = plt.subplots(
-        1, len(groups), figsize=(panel * len(groups) + (3.5 if n_methods > 4 else 0), 3.8)
-    )
-    axes = [axes] if not hasattr(axes, "__len__") else list(axes)
-    cmap = plt.get_cmap("tab20" if n_methods > 10 else "tab10")
-    for ax, (labels, methods) in zip(axes, groups.items(), strict=True):
-        width = 0.8 / len(methods)
-        for j, (method, per_exit) in enumerate(methods):
-            stats = [mean_std(per_exit[str(k)]) for k in exits]
-            xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(exits))]
-            ax.bar(
-                xs,
-                [m for m, _ in stats],
-                width,
-                yerr=[s for _, s in stats],
-                capsize=3,
-                label=method,
-                color=cmap(j % cmap.N),
+    shallow = [k for k in exits if k != exits[-1]]
+    fig, axes = plt.subplots(len(fractions), 2, figsize=(13, 3.6 * len(fractions)), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    colour = {"base": "0.55"} | {k: cmap((i + 1) % cmap.N) for i, k in enumerate(variants)}
+    bars_left = [("base", "unseen", METHOD_NAMES["before"])] + [
+        (k, "unseen", v[0]) for k, v in variants.items()
+    ]
+    bars_right = [("base", "pglobal", METHOD_NAMES["before"])] + [
+        (k, m, f"{v[0]}, {'global' if m == 'pglobal' else 'personal'} heads")
+        for k, v in variants.items()
+        for m in ("pglobal", "ppersonal")
+    ]
+    for row, f in zip(axes, fractions, strict=True):
+        for ax, bars, ks, where in (
+            (row[0], bars_left, list(exits), "unseen test speakers"),
+            (row[1], bars_right, shallow, "personal test speech (mean over devices)"),
+        ):
+            width = 0.8 / len(bars)
+            for j, (key, measure, label) in enumerate(bars):
+                stats = [mean_std(list(values(runs, f, key, measure, k).values())) for k in ks]
+                xs = [i + (j - (len(bars) - 1) / 2) * width for i in range(len(ks))]
+                ax.bar(xs, [0 if math.isnan(m) else m for m, _ in stats], width,
+                       yerr=[0 if math.isnan(s) else s for _, s in stats], capsize=2, label=label,
+                       color=colour[key], alpha=0.45 if measure == "pglobal" and key != "base" else 1.0,
+                       hatch="//" if measure == "pglobal" and key != "base" else None)  # fmt: skip
+            ax.set_xticks(
+                range(len(ks)), [f"exit {k}" + (" (teacher)" if k == exits[-1] else "") for k in ks]
             )
-        ax.set_xticks(
-            range(len(exits)), [f"exit {k}" + (" (teacher)" if k == exits[-1] else "") for k in exits]
-        )
-        ax.set_title(f"{labels} labelled on devices")
-        ax.set_ylim(0, 1)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].set_ylabel("UAR, unseen test speakers")
-    if n_methods > 4:
-        axes[-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
-    else:
-        axes[0].legend(loc="upper left", fontsize=7, ncol=n_methods, framealpha=0.9)
-    fig.suptitle(textwrap.fill(title, 120), fontsize=9)
+            ax.set_title(f"{f:.0%} labels on devices: {where}", fontsize=9)
+            ax.set_ylim(0, 1.15)
+            ax.grid(axis="y", alpha=0.3)
+            ax.set_ylabel("UAR")
+            ax.legend(loc="upper left", fontsize=6, framealpha=0.9, ncol=3)
+    fig.suptitle(textwrap.fill(title, 140), fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _curves(
-    table_rows: list[tuple[str, str, dict[str, list[float]]]],
-    runs: list[dict[str, Any]],
-    variants: dict[str, Variant],
-    fractions: Sequence[float],
-) -> list[dict[str, list[list[float]]]]:
-    """Per table row, per exit, the per-round UAR curve of each seed (the 'before' row: round 0 only)."""
-    out: list[dict[str, list[list[float]]]] = []
+def _curves(runs: list[dict[str, Any]], variants: dict[str, Variant], fractions: Sequence[float]) -> dict:
+    """Per fraction and variant, per exit, the mean over seeds of the last 3 rounds' unseen-speaker UAR."""
+    out: dict[str, Any] = {}
     for f in fractions:
-        sel = [r for r in runs if r["fraction"] == f]
-        once = list({r["seed"]: r for r in sel}.values())
-        out.append({k: [[r["before"][k]] for r in once] for k in sel[0]["before"]})
         for key in variants:
-            per = [r for r in sel if r["key"] == key]
-            out.append({k: [r["curve"][k] for r in per] for k in sel[0]["curve"]})
-    assert len(out) == len(table_rows)
+            per = [r for r in runs if r["fraction"] == f and r["key"] == key]
+            if per:
+                out[f"{f:g}/{key}"] = {
+                    k: [statistics.mean(r["curve"][k][-3:]) for r in per] for k in per[0]["curve"]
+                }
     return out
 
 
 # ---------------------------------------------------------------------------------------- main
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    common.add_federation_args(ap, "adaptation")
+    common.add_federation_args(ap, "adaptation", seeds=(0, 1, 2, 3, 4))
     ap.add_argument(
         "--base-per-seed",
         action="store_true",
@@ -225,7 +481,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="best",
         help="which checkpoint of the trained base model (best = what prepare_run federates)",
     )
-    ap.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.2])
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     ap.add_argument("--ablations", action="store_true", help="SD loss/optimizer ablations instead")
     ap.add_argument("--ablation-fraction", type=float, default=0.1)
     ap.add_argument("--variants", nargs="+", help=f"run these (CE only always): {', '.join(ABLATIONS)}")
@@ -237,6 +493,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.variants or []) - set(ABLATIONS))
     if unknown:
         ap.error(f"--variants {unknown}: choose from {', '.join(ABLATIONS)}")
+    bad = [f for f in args.fractions if not 0 < f <= 1]
+    if bad:
+        ap.error(f"--fractions {bad}: each must be in (0, 1]")
     return args
 
 
@@ -262,14 +521,22 @@ def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
                 f"base model {best.parent.name}/{best.name}, {name}: "
                 + ", ".join(f"exit {k} {v:.3f}" for k, v in per_exit.items())
             )
+        prem = premise(quality)
+        log(prem["text"])
         tag = f"spk{spk_seed}-{best.parent.name}-{best.name}"
-        setups[spk_seed] = {"split": split, "base": best, "seconds": seconds, "quality": quality, "tag": tag}
+        setups[spk_seed] = {"split": split, "base": best, "seconds": seconds, "quality": quality, "tag": tag,
+                            "premise": prem}  # fmt: skip
         return setups[spk_seed]
 
     variants = ABLATIONS if args.ablations else MAIN
     if args.variants:
         variants = {k: ABLATIONS[k] for k in dict.fromkeys(["ce", *args.variants])}
     fractions = [args.ablation_fraction] if args.ablations else args.fractions
+    fc = bench.config().federated
+    log(
+        f"personal test: {fc.personal_test_fraction:.0%} of each device's speech; personal heads: "
+        f"{fc.personalize_epochs} epochs after the last round (local_epochs {fc.local_epochs})"
+    )
     runs: list[dict[str, Any]] = []
     for f in fractions:
         for seed in args.seeds:
@@ -278,14 +545,17 @@ def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
             split, base, base_tag = st["split"], st["base"], st["tag"]
             for key, (name, mode, extra, frac_override) in variants.items():
                 frac = frac_override if frac_override is not None else f
-                part_path = bench.partition(split, seed, frac)
+                part_path = device_partition(bench, split, seed, frac)
                 overrides = {
                     "federated.mode": mode,
                     "federated.seed": seed,
                     "federated.label_fraction": frac,
                     **extra,
                 }
-                res = bench.federate(overrides, part_path, base, f"{base_tag}/f{frac:g}-s{seed}-{mode}")
+                run_name = f"{base_tag}/f{frac:g}-s{seed}-{mode}"
+                res = bench.federate(overrides, part_path, base, run_name)
+                exits_here = sorted(int(k) for k in res["after"])
+                personal = personal_results(bench.work / "runs" / f"{run_name}-{res['key'][:10]}", exits_here)
                 runs.append(
                     {
                         "key": key,
@@ -296,55 +566,56 @@ def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
                         "seed": seed,
                         "speaker_seed": spk_seed,
                         "base_model": str(base),
+                        "partition": str(part_path),
                     }
                     | {k: res[k] for k in ("before", "after", "curve", "seconds", "cached")}
-                    | {"overrides": extra, "run_key": res["key"]}
+                    | {"personal": personal, "overrides": extra, "run_key": res["key"]}
                 )
+                shallow = exits_here[:-1]
                 log(
-                    f"{f:.0%} seed {seed} {name}: "
-                    + ", ".join(f"exit {k} {v:.3f}" for k, v in res["after"].items())
-                    + f" ({res['seconds']:.0f} s{', cached' if res['cached'] else ''})"
+                    f"{f:.0%} seed {seed} {name}: unseen "
+                    + "/".join(f"{res['after'][str(k)]:.3f}" for k in exits_here)
+                    + "; personal test, global heads "
+                    + "/".join(f"{personal['global'][str(k)]:.3f}" for k in shallow)
+                    + ", personal heads "
+                    + "/".join(f"{personal['personal'][str(k)]:.3f}" for k in shallow)
+                    + f" (exits {exits_here}; {res['seconds']:.0f} s{', cached' if res['cached'] else ''})"
                 )
     exits = sorted(int(k) for k in runs[0]["after"])
-    table_rows: list[tuple[str, str, dict[str, list[float]]]] = []
-    for f in fractions:
-        sel = [r for r in runs if r["fraction"] == f]
-        once = list({r["seed"]: r for r in sel}.values())  # the base model's UAR, once per seed
-        before = {str(k): [r["before"][str(k)] for r in once] for k in exits}
-        table_rows.append((f"{f:.0%}", METHOD_NAMES["before"], before))
-        for key, (name, *_) in variants.items():
-            per = [r for r in sel if r["key"] == key]
-            table_rows.append((f"{f:.0%}", name, {str(k): [r["after"][str(k)] for r in per] for k in exits}))
-
-    last3 = [
-        (labels, method, {k: [statistics.mean(c[-3:]) for c in v] for k, v in per.items()})
-        for (labels, method, _), per in zip(
-            table_rows, _curves(table_rows, runs, variants, fractions), strict=True
-        )
-    ]
+    shallow = exits[:-1]  # the teacher exit never changes
+    table_md, table_rows = results_table(runs, fractions, variants, exits)
+    diff_md, diff_rows = differences(runs, fractions, variants, shallow)
     first = setups[next(iter(setups))]
+    prem = first["premise"]
+    lines = verdicts(diff_rows, fractions, variants, shallow, prem)
     base_desc = f"{first['base'].parent.name}/{first['base'].name}"
     title = (
-        f"UAR on {len(first['split'].test_speakers)} unseen test speakers, "
-        f"mean ± std over seeds {args.seeds} "
+        f"UAR per exit, mean ± std over seeds {args.seeds}: {len(first['split'].test_speakers)} unseen test "
+        "speakers and each device's personal test speech "
         + (
             "(speaker split and base model per seed; "
             if args.base_per_seed
             else f"(one base model, {base_desc}; "
         )
-        + f"exit {exits[-1]} = frozen teacher, for reference)"
+        + f"exit {exits[-1]} = frozen teacher)"
     )
     print()
     print(f"### {title}")
     print()
-    print(markdown_table(table_rows, exits))
-    paired = paired_table(runs, fractions, exits[:-1])  # the teacher exit never changes
+    print(table_md)
     print()
-    print("Paired difference per seed, variant − CE only (same base model, devices, labels, local seed):")
+    print("Paired differences per seed (same base model, devices, labels, personal test speech, local seed), "
+          "mean [95 % Student-t interval over seeds] (seeds > 0 / seeds):")  # fmt: skip
     print()
-    print(paired)
+    print(diff_md)
+    print()
+    for line in lines:
+        print(f"- {line}")
     fed_seconds = sum(r["seconds"] for r in runs)
     fresh = [r for r in runs if not r["cached"]]
+    missing = [f"{r['fraction']:g}/s{r['seed']}/{r['key']}" for r in runs if not r["personal"]["has_final"]]
+    if missing:
+        print(f"- no end-of-run personal metrics (no personal test speech or no final replies): {missing}")
     print()
     print(
         f"{len(runs)} federated runs, {fed_seconds:.0f} s of federation in all "
@@ -379,23 +650,20 @@ def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
             "seeds": args.seeds,
             "fractions": fractions,
             "variants": {k: {"name": v[0], "mode": v[1], "overrides": v[2]} for k, v in variants.items()},
+            "personal_test_fraction": fc.personal_test_fraction,
+            "personalize_epochs": fc.personalize_epochs,
             "engine": "inprocess",
             "torch_threads": args.threads,
         },
         "base_model_quality": {str(k): st["quality"] for k, st in setups.items()},
+        "premise": {str(k): st["premise"] for k, st in setups.items()},
         "exits": exits,
-        "table": [
-            {
-                "labels": labels,
-                "method": method,
-                "uar": per_exit,
-                "mean_std": {k: mean_std(v) for k, v in per_exit.items()},
-            }
-            for labels, method, per_exit in table_rows
-        ],
-        "markdown": markdown_table(table_rows, exits),
-        "markdown_last3_rounds": markdown_table(last3, exits),
-        "paired_markdown": paired,
+        "table": table_rows,
+        "markdown": table_md,
+        "differences": diff_rows,
+        "differences_markdown": diff_md,
+        "verdicts": lines,
+        "last3_rounds_unseen": _curves(runs, variants, fractions),
         "runs": runs,
         "timings_s": {
             "total": run.seconds,
@@ -404,7 +672,7 @@ def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
         },
     }
     out = bench.write(json_path, payload, args)
-    plot(table_rows, exits, png_path, title)
+    plot(runs, fractions, variants, exits, png_path, title)
     log(f"wrote {png_path}")
     return out
 

@@ -111,8 +111,10 @@ def adaptation_run(
 ) -> tuple[Path, dict[str, Any], Path]:
     """The adaptation benchmark at its smallest; its base model serves privacy and robustness too."""
     tmp = tmp_path_factory.mktemp("bench-adaptation")
+    # one device holding both device speakers: 2 clips per class, so it has personal test speech (1 per class)
     argv = ["--corpus", str(tiny_corpus), "--work", str(tmp / "work"), "--base-epochs", "1", "--fractions", "0.5",
-            "--out", str(tmp / "res" / "adaptation"), *FED]  # fmt: skip
+            "--out", str(tmp / "res" / "adaptation"), *FED, "--clients", "1", "--set", "federated.min_clients=1",
+            "--set", "federated.personalize_epochs=1"]  # fmt: skip
     out = load_script("adaptation").main(argv)
     base = Path(next(iter(out["setup"]["splits"].values()))["base_model"])
     return tmp / "res", out, base
@@ -281,15 +283,32 @@ def test_adaptation_smoke(adaptation_run):
         str(base): json.loads((base / "fedsd.json").read_text())["fingerprint"]
     }
     assert data["exits"] == [1, 2, 3, 4]
-    assert [(r["labels"], r["method"]) for r in data["table"]] == [
-        ("50%", "before (base model)"), ("50%", "CE only"), ("50%", "self-distillation"),
+    assert [(r["labels"], r["method"], r["measure"]) for r in data["table"]] == [
+        ("50%", "before (base model)", "unseen"), ("50%", "before (base model)", "pglobal"),
+        ("50%", "CE only", "unseen"), ("50%", "CE only", "pglobal"), ("50%", "CE only", "ppersonal"),
+        ("50%", "self-distillation", "unseen"), ("50%", "self-distillation", "pglobal"),
+        ("50%", "self-distillation", "ppersonal"),
     ]  # fmt: skip
     for row in data["table"]:
         assert set(row["uar"]) == {"1", "2", "3", "4"}
-        for values in row["uar"].values():
-            assert len(values) == 1
-            assert_uar(values[0])
+        if row["measure"] == "unseen":
+            for values in row["uar"].values():
+                assert len(values) == 1
+                assert_uar(values[0])
+        else:  # the one device runs exit 1: measured there only, the teacher never on devices
+            assert len(row["uar"]["1"]) == 1 and row["uar"]["4"] == []
+            assert_uar(row["uar"]["1"][0])
     assert {r["mode"] for r in data["runs"]} == {"ce", "sd"} and not any(r["cached"] for r in data["runs"])
+    for r in data["runs"]:
+        p = r["personal"]
+        assert p["has_final"] and p["n_devices"]["1"] == 1
+        for tag in ("base", "global", "personal"):
+            assert_uar(p[tag]["1"])
+    comparisons = {d["comparison"] for d in data["differences"]}
+    assert "self-distillation − CE only, personal test, personal heads" in comparisons
+    assert "CE only: personal − global heads, personal test" in comparisons
+    assert all(d["t95"]["1"]["n"] == 1 for d in data["differences"])  # one seed: no interval
+    assert data["verdicts"][0].startswith("premise") and isinstance(data["premise"]["0"]["holds_all"], bool)
     assert data["setup"]["corpus"]["utterances"] == 24
     assert_png(res / "adaptation.png")
 
