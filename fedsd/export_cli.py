@@ -29,7 +29,9 @@ def _dir_bytes(path: Path) -> int:
 def export_command(
     model: Path = typer.Option(..., "--model", "-m", help="Checkpoint directory of the full model."),
     exit_: int = typer.Option(..., "--exit", "-k", help="The exit the device runs (one of the model's)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Directory to write the exported model to."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Directory to write the exported model to (--format onnx: X.onnx or a directory)."
+    ),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists and is not empty."),
     format_: str = typer.Option(
         "pytorch", "--format", help="pytorch (a fedsd checkpoint directory) or onnx (one graph file)."
