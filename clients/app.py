@@ -21,6 +21,8 @@ why (:class:`~fedsd.clients.device.HostileMessage`), and nothing is written.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import json
 import math
 import os
@@ -29,7 +31,7 @@ import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -39,15 +41,9 @@ from flwr.clientapp import ClientApp
 from fedsd.audio import CropPolicy
 from fedsd.checkpoint import CheckpointError, atomic_write_text
 from fedsd.clients.device import DeviceError, DeviceSettings, refuse
-from fedsd.clients.dp_training import (
-    dp_in_use,
-    dp_reply_metrics,
-    keep_local,
-    pop_local_metrics,
-    spend_device_round,
-    train_heads_private,
-)
+from fedsd.clients.dp_gate import dp_in_use, dp_keys_present, pop_local_metrics
 from fedsd.clients.identity import device_id
+from fedsd.clients.model_store import load_model
 from fedsd.clients.personal import (
     PERSONAL_DIR,
     evaluate_personal,
@@ -66,9 +62,8 @@ from fedsd.clients.training import (
     train_heads,
 )
 from fedsd.distill import DistillConfig
-from fedsd.features import CachedFeatures, FeatureCache
+from fedsd.features import BackboneNeeded, CachedFeatures, FeatureCache
 from fedsd.model.multiexit import MultiExitSER
-from fedsd.privacy import DPSettings, PrivacyError, PrivacyLedger, calibrate_noise, local_schedule
 from fedsd.untrusted import (
     UntrustedValueError,
     config_choice,
@@ -80,6 +75,9 @@ from fedsd.untrusted import (
 from fedsd.untrusted import fingerprint as check_fingerprint
 from fedsd.wire import HEAD_PREFIX, QUERY_DONE, exit_of_key, heads_to_record, record_to_checkpoint
 
+if TYPE_CHECKING:  # imported where used: Opacus only on the DP path
+    from fedsd.privacy import DPSettings, PrivacyLedger
+
 MAX_ROUND = 10**9
 """Largest round number (and round offset, number of rounds) a server may send."""
 _HEAD_KEY = re.compile(r"heads\.([0-9]{1,6})\.[A-Za-z0-9_.]{1,200}", re.ASCII)
@@ -90,15 +88,18 @@ def model_crop(model: MultiExitSER) -> CropPolicy:
     return CropPolicy.for_evaluation(model.meta.get("crop"), int(model.meta.get("sample_rate", 16000)))
 
 
-def load_device_model(settings: DeviceSettings, fingerprint: str) -> MultiExitSER:
-    """The device's model; refuses one whose backbone differs from the server's."""
+def load_device_model(settings: DeviceSettings, fingerprint: str, *, weights: bool = True) -> MultiExitSER:
+    """The device's model; refuses one whose backbone differs from the server's.
+
+    Its fingerprint is verified once per identity of its files (``fedsd.clients.model_store``);
+    ``weights=False`` may give a heads-only model (for heads on cached features)."""
     path = settings.model_dir(fingerprint)
     if path is None:
         raise DeviceError(
             "this device has no model: start it with --model DIR, or let the server deliver it "
             f"(expected backbone fingerprint {fingerprint[:12]})"
         )
-    model = MultiExitSER.from_pretrained(path)
+    model = load_model(path, settings.cache_dir, weights=weights)
     mine = model.meta.get("exported_from", {}).get("fingerprint") or model.backbone_fingerprint()
     if fingerprint and mine != fingerprint:
         raise DeviceError(
@@ -242,7 +243,8 @@ def _prepare(
     settings = DeviceSettings.from_context(context, defaults)
     cfg = server_config(msg)
     lcfg = _local_config(cfg, 0, device_identity(settings, context))  # checked before anything loads
-    model = load_device_model(settings, str(cfg.get("fingerprint", "")))
+    weights = _NEED_WEIGHTS.get() or settings.out is not None  # --out exports the backbone
+    model = load_device_model(settings, str(cfg.get("fingerprint", "")), weights=weights)
     lcfg = replace(lcfg, exit=_device_exit(settings, model, cfg))
     try:
         plan = plan_exits(model.exits, lcfg.exit, lcfg)
@@ -256,11 +258,36 @@ def _prepare(
     return settings, model, lcfg, plan
 
 
+_NEED_WEIGHTS = contextvars.ContextVar("fedsd_need_backbone_weights", default=False)
+"""Set while a message is handled again with the full model (a feature was not cached)."""
+
+
+def _backbone_on_demand(handler):
+    """Handle a message with a heads-only model first; if a feature is not cached (BackboneNeeded),
+    handle it again with the backbone. Nothing is written before the features are read."""
+
+    @functools.wraps(handler)
+    def run(msg: Message, context: Context, defaults: dict[str, Any] | None = None) -> Message:
+        if _NEED_WEIGHTS.get():
+            return handler(msg, context, defaults)
+        try:
+            return handler(msg, context, defaults)
+        except BackboneNeeded:
+            token = _NEED_WEIGHTS.set(True)
+            try:
+                return handler(msg, context, defaults)
+            finally:
+                _NEED_WEIGHTS.reset(token)
+
+    return run
+
+
 def _uar_metrics(prefix: str, reports: dict) -> dict[str, float]:
     """UAR per exit; an exit evaluated on no utterance has none (NaN) and is left out, never sent as 0."""
     return {f"exit{k}/{prefix}": float(r.uar) for k, r in reports.items() if r.n > 0 and math.isfinite(r.uar)}
 
 
+@_backbone_on_demand
 def train(msg: Message, context: Context, defaults: dict[str, Any] | None = None) -> Message:
     """Adapt the shallow heads on local speech; reply with those heads and metrics only.
 
@@ -307,6 +334,8 @@ def train(msg: Message, context: Context, defaults: dict[str, Any] | None = None
     metrics |= _uar_metrics("train-uar-before", before) | _uar_metrics("train-uar-after", after) | dp_metrics
     metrics |= personal_metrics("before", p_before) | personal_metrics("after", p_after)
     if dp is not None:  # only what DP covers (or the handshake revealed) leaves the device
+        from fedsd.clients.dp_training import dp_reply_metrics, keep_local
+
         keep_local(context, metrics)  # ... the device's own event log still shows everything
         metrics = dp_reply_metrics(metrics)
     state = model.head_state_dict(plan.train)
@@ -328,6 +357,10 @@ def _model_info(settings: DeviceSettings, cfg: dict[str, Any], rnd: int, heads: 
 
 def dp_settings(context: Context, train_config: dict[str, Any]) -> DPSettings | None:
     """This round's DP settings: the device's own ``dp-*`` node config over the server's; None = off."""
+    if not dp_keys_present(dict(context.node_config), train_config):
+        return None  # DP off: Opacus is never imported
+    from fedsd.privacy import DPSettings, PrivacyError
+
     try:
         dp = DPSettings.from_records(dict(context.node_config), train_config)
     except PrivacyError as e:
@@ -360,6 +393,8 @@ def load_ledger(
     context: Context, settings: DeviceSettings, train_config: dict[str, Any]
 ) -> tuple[PrivacyLedger, str]:
     """The ledger of this run from ``context.state`` (or the disk mirror), and where it came from."""
+    from fedsd.privacy import PrivacyLedger
+
     fid = str(train_config.get("federation-id", ""))
     record = context.state.config_records.get(PrivacyLedger.STATE_KEY)
     ledger, source = PrivacyLedger(), "new"
@@ -376,6 +411,8 @@ def load_ledger(
 def save_ledger(
     context: Context, settings: DeviceSettings, train_config: dict[str, Any], ledger: PrivacyLedger
 ) -> None:
+    from fedsd.privacy import PrivacyLedger
+
     fid = str(train_config.get("federation-id", ""))
     context.state[PrivacyLedger.STATE_KEY] = ConfigRecord({"ledger": ledger.to_json(), "federation-id": fid})
     path = _ledger_file(settings, train_config)
@@ -394,6 +431,9 @@ def _train_private(
     train_config: dict[str, Any],
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """One round of DP-SGD, refused when it would push ε past the budget; returns losses, dp metrics."""
+    from fedsd.clients.dp_training import spend_device_round, train_heads_private
+    from fedsd.privacy import calibrate_noise, local_schedule
+
     ledger, source = load_ledger(context, settings, train_config)
     n = len(feats.utt_ids)
     q, steps = local_schedule(n, lcfg.batch_size, lcfg.epochs)
@@ -439,6 +479,7 @@ def _train_private(
     return losses, metrics
 
 
+@_backbone_on_demand
 def evaluate(msg: Message, context: Context, defaults: dict[str, Any] | None = None) -> Message:
     """Per-exit UAR/WA/F1 of the received heads on the device's validation utterances."""
     if dp_in_use(context, server_config(msg)):
@@ -465,7 +506,7 @@ def info(msg: Message, context: Context, defaults: dict[str, Any] | None = None)
     has_model = False
     if path is not None:
         try:
-            load_device_model(settings, fingerprint)
+            load_device_model(settings, fingerprint, weights=False)
             has_model = True
         except DeviceError:
             if settings.model is not None:
@@ -521,6 +562,7 @@ def receive_model(msg: Message, context: Context, defaults: dict[str, Any] | Non
     return Message(RecordDict({"info": ConfigRecord({"stored": str(dest)})}), reply_to=msg)
 
 
+@_backbone_on_demand
 def done(msg: Message, context: Context, defaults: dict[str, Any] | None = None) -> Message:
     """The server's last word: the run is over (the event log records it for the supervisor).
 
@@ -562,6 +604,8 @@ def done(msg: Message, context: Context, defaults: dict[str, Any] | None = None)
             write_device_model(model, lcfg.exit, settings.out / PERSONAL_DIR, info)
     metrics["seconds"] = time.perf_counter() - t0
     if dp_in_use(context, cfg):  # personal test metrics are not noised: with DP on they stay here
+        from fedsd.clients.dp_training import keep_local
+
         keep_local(context, metrics)
         metrics = {k: v for k, v in metrics.items() if k in ("exit", "personalize-epochs")}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -42,6 +42,10 @@ CACHE_FORMAT = 2  # 2: the key holds the audio's sha256
 _CONTENT_HASHES: dict[tuple[str, int, int, int, int, int], str] = {}
 
 
+class BackboneNeeded(RuntimeError):
+    """A feature is not cached and the model has no backbone weights (heads only): load them."""
+
+
 @dataclass
 class CachedFeatures:
     """Head inputs for a set of utterances: ``inputs[k][i]`` is utterance i's precomputed input at exit k."""
@@ -161,6 +165,8 @@ class FeatureCache:
             [index[r.label] if (m and r.label) else -1 for r, m in zip(rows, mask, strict=True)],
             dtype=torch.long,
         )
+        if todo and not self.model.has_backbone_weights:
+            raise BackboneNeeded(f"{len(todo)} of {len(rows)} utterances are not cached")
         if todo:
             ds = SpeechDataset(rows, root, label_names, self.crop, labelled=labelled, train=False)
             self.model.eval().to(device)

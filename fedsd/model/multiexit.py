@@ -91,6 +91,7 @@ class MultiExitSER(nn.Module):
         first: ExitHead = self.heads[str(self.exits[0])]  # type: ignore[assignment]
         self.head_kwargs: dict[str, Any] = first.config()
         self.meta: dict[str, Any] = dict(meta or {})
+        self._verified: tuple[str, tuple] | None = None  # see from_pretrained(fingerprint=...)
 
     # -- properties ---------------------------------------------------------------------------------
 
@@ -273,8 +274,22 @@ class MultiExitSER(nn.Module):
         return self
 
     def backbone_fingerprint(self) -> str:
-        """Identity of what the backbone computes at the exits: weights, config, final-norm rule."""
+        """Identity of what the backbone computes at the exits: weights, config, final-norm rule.
+
+        A model loaded with a verified ``fingerprint`` (``from_pretrained``) answers with it while its
+        backbone tensors are the ones loaded, unmodified (same objects, same in-place version
+        counters); after any change it hashes the weights again."""
+        if self._verified is not None and self._verified[1] == self._backbone_version():
+            return self._verified[0]
         return backbone_fingerprint(self.backbone, self.final_norm_at_last_exit)
+
+    def _backbone_version(self) -> tuple:
+        return tuple((id(t), t._version) for t in self.backbone.state_dict(keep_vars=True).values())
+
+    @property
+    def has_backbone_weights(self) -> bool:
+        """False for a heads-only model (``from_pretrained(backbone="meta")``): no forward pass."""
+        return not any(t.is_meta for t in self.backbone.parameters())
 
     # -- checkpoints --------------------------------------------------------------------------------
 
@@ -311,10 +326,25 @@ class MultiExitSER(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+        cls,
+        path: str | os.PathLike[str],
+        map_location: str | torch.device = "cpu",
+        *,
+        fingerprint: str | None = None,
+        backbone: PreTrainedModel | str | None = None,
     ) -> MultiExitSER:
-        """Load a directory written by ``save_pretrained``; anything inconsistent raises CheckpointError."""
+        """Load a directory written by ``save_pretrained``; anything inconsistent raises CheckpointError.
+
+        ``fingerprint``: the backbone fingerprint the caller already verified for these exact files (a
+        device's stamp, ``fedsd.clients.model_store``); it must equal the one in fedsd.json, and the
+        weights are not hashed again. Only with it, ``backbone`` may be ``"meta"`` (a heads-only model:
+        the encoder's skeleton without weights, for heads trained on cached features) or a backbone
+        already loaded from this directory (reused, not read again).
+        """
         path = Path(path)
+        if backbone is not None and fingerprint is None:
+            raise ValueError("from_pretrained(backbone=...) needs the verified fingerprint")
+        verified = fingerprint is not None
         meta_path = path / META_FILE
         if not meta_path.is_file():
             raise CheckpointError(f"{meta_path}: missing; {path} is not a fedsd model directory")
@@ -334,8 +364,16 @@ class MultiExitSER(nn.Module):
         bdir = path / BACKBONE_DIR
         if not bdir.is_dir():
             raise CheckpointError(f"{bdir}: backbone directory is missing")
+        if fingerprint is not None and fingerprint != info["fingerprint"]:
+            raise CheckpointError(
+                f"{meta_path}: fingerprint {str(info['fingerprint'])[:12]}… is not the verified "
+                f"{fingerprint[:12]}…"
+            )
         try:
-            backbone = load_backbone(bdir, family=info["family"])
+            if backbone is None:
+                backbone = load_backbone(bdir, family=info["family"])
+            elif isinstance(backbone, str):
+                backbone = _skeleton(bdir, info["family"], backbone)
         except (BackboneError, ConfigError) as err:
             raise CheckpointError(f"{bdir}: {err}") from err
         # Checkpoints older than the key recorded no decision (and a fingerprint without it): the
@@ -345,7 +383,8 @@ class MultiExitSER(nn.Module):
             raise CheckpointError(
                 f"{meta_path}: final_norm_at_last_exit must be true or false, got {final_norm!r}"
             )
-        fingerprint = backbone_fingerprint(backbone, final_norm)
+        if fingerprint is None:
+            fingerprint = backbone_fingerprint(backbone, final_norm)
         if fingerprint != info["fingerprint"]:
             raise CheckpointError(
                 f"{bdir}: backbone fingerprint {fingerprint[:12]}… differs from the "
@@ -375,4 +414,27 @@ class MultiExitSER(nn.Module):
                     f"{heads_path}: head weights do not match {name}: differing keys {diff[:8]}"
                 )
         model.load_head_state_dict(heads, strict=True)
-        return model.to(map_location).eval()
+        if not model.has_backbone_weights:
+            model.heads.to(map_location)
+            model.eval()
+        else:
+            model.to(map_location).eval()
+        if verified:
+            model._verified = (fingerprint, model._backbone_version())
+        return model
+
+
+def _skeleton(bdir: Path, family: str, device: str) -> PreTrainedModel:
+    """The encoder of ``bdir``'s config on ``device`` ("meta": shapes only, nothing read or allocated)."""
+    from transformers import AutoConfig
+
+    from fedsd.model.backbone import FAMILIES, _deterministic, family_of
+
+    if device != "meta":
+        raise ValueError(f"backbone={device!r}: only 'meta' (a heads-only model) is supported")
+    config = _deterministic(AutoConfig.from_pretrained(str(bdir)))
+    if family_of(config) != family:
+        raise ConfigError("family", f"{bdir} holds a {family_of(config)!r} model, fedsd.json says {family!r}")
+    _, model_cls = FAMILIES[family]
+    with torch.device("meta"):
+        return model_cls(config).eval()
