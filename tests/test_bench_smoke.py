@@ -30,6 +30,7 @@ SMOKED = {
     "privacy",
     "robustness",
     "round_cost",
+    "round_overhead",
     "self_distillation",
     "simulation_scale",
     "synthetic_baseline",
@@ -234,6 +235,18 @@ def test_round_cost_smoke(tmp_path):
     assert all(t["median_s"] > 0 for t in data["times"].values())
     assert data["max_feature_gap"] < 1e-4
     assert 0 < data["bytes"]["upload_over_parameters"] < 1
+
+
+def test_round_overhead_smoke(tmp_path):
+    bench = load_script("round_overhead")
+    argv = ["--backbone", "tiny", "--utterances", "2", "--seconds", "0.5", "--repeats", "1", "--epochs", "1",
+            "--quiet", "--json", str(tmp_path / "ro.json")]  # fmt: skip
+    data = read(tmp_path / "ro.json", bench.main(argv))
+    check_provenance(data, "round_overhead")
+    assert set(data["times"]) == {"bare", "fedsd"}
+    assert data["times"]["fedsd"]["cache_misses"] == [0]  # every timed message found its features cached
+    assert "opacus" not in data["times"]["fedsd"]["heavy_modules"]
+    assert all(t["median_s"] > 0 for t in data["times"].values()) and data["over_floor"]["fedsd"] > 0
 
 
 def test_self_distillation_smoke(tmp_path, tiny_corpus, capsys):
