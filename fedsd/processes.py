@@ -1,4 +1,4 @@
-"""Children that never outlive whoever started them, and clean-ups a second Ctrl-C cannot interrupt.
+"""Children that never outlive whoever started them.
 
 Flower's processes start their own sessions (`flower-superlink` → `flower-superexec` →
 `flwr-serverapp`; `flower-supernode` → one `flwr-clientapp` per message), so stopping the process
@@ -119,32 +119,6 @@ def alive(pid: int) -> bool:
 def _signal(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, sig)
-
-
-# ----------------------------------------------------------------------------- clean-up shield
-@contextlib.contextmanager
-def shielded(notice: Any = None) -> Iterator[list[str]]:
-    """SIGINT/SIGTERM are noted, not raised, inside the block (a clean-up a second Ctrl-C must not
-    cut short); ``notice(name)`` is called for each. Yields the names of the signals received.
-    The previous handlers come back on exit."""
-    got: list[str] = []
-
-    def handler(signum: int, _frame: Any) -> None:
-        name = signal.Signals(signum).name
-        got.append(name)
-        if notice is not None:
-            with contextlib.suppress(Exception):
-                notice(name)
-
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(ValueError):  # not the main thread: nothing to shield
-            previous[sig] = signal.signal(sig, handler)
-    try:
-        yield got
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 # ----------------------------------------------------------------------------- the guard
