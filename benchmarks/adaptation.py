@@ -140,49 +140,6 @@ def premise(quality: dict[str, Any]) -> dict[str, Any]:
             "holds_all": all(holds.values()), "text": text}  # fmt: skip
 
 
-def device_partition(bench: common.FedBench, split: Any, seed: int, fraction: float) -> Path:
-    """``FedBench.partition`` with each device's personal test split (``federated.personal_test_fraction``).
-
-    Test and server speakers are ``split``'s; devices, labels, personal test speech and the local seed
-    are drawn from ``seed``. The personal test speech does not depend on ``fraction`` (its own rank).
-    """
-    from fedsd.data.partition import Partition, make_partition
-
-    ptf = float(bench.config().federated.personal_test_fraction)
-    which = {"test": split.test_speakers, "server": split.server_speakers, "clients": bench.num_clients,
-             "corpus": sorted(r.utt_id for r in bench.rows), "personal_test_fraction": ptf}  # fmt: skip
-    path = (
-        bench.work
-        / "partitions"
-        / f"spk{split.seed}-{common.digest(which, 8)}-f{fraction:g}-s{seed}-pt{ptf:g}.json"
-    )
-    if path.exists():
-        return path
-    held = set(split.test_speakers) | set(split.server_speakers)
-    device_rows = [r for r in bench.rows if r.label and r.speaker not in held]
-    sub = make_partition(
-        device_rows, num_clients=bench.num_clients, by="speaker", label_fraction=fraction, seed=seed,
-        personal_test_fraction=ptf,
-    )  # fmt: skip
-    Partition(
-        config={
-            **split.config,
-            "label_fraction": fraction,
-            "speaker_seed": split.seed,
-            "device_seed": seed,
-            "personal_test_fraction": ptf,
-        },  # fmt: skip
-        seed=seed,
-        label_names=split.label_names,
-        test_utt_ids=split.test_utt_ids,
-        test_speakers=split.test_speakers,
-        server_utt_ids=split.server_utt_ids,
-        server_speakers=split.server_speakers,
-        clients=sub.clients,
-    ).save(path)
-    return path
-
-
 NAN = float("nan")
 
 
@@ -545,7 +502,7 @@ def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
             split, base, base_tag = st["split"], st["base"], st["tag"]
             for key, (name, mode, extra, frac_override) in variants.items():
                 frac = frac_override if frac_override is not None else f
-                part_path = device_partition(bench, split, seed, frac)
+                part_path = bench.partition(split, seed, frac)
                 overrides = {
                     "federated.mode": mode,
                     "federated.seed": seed,

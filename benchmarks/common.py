@@ -598,25 +598,30 @@ class FedBench:
         return out / checkpoint, seconds
 
     def partition(self, split: Any, seed: int, fraction: float) -> Path:
-        """The fixed test/server speakers of ``split``; devices and labels re-drawn from ``seed``."""
+        """The fixed test/server speakers of ``split``; devices, labels and each device's personal test
+        speech (the recipe's ``federated.personal_test_fraction``, independent of ``fraction``) re-drawn
+        from ``seed``."""
         from fedsd.data.partition import Partition, make_partition
 
+        ptf = float(self.config().federated.personal_test_fraction)
         which = {"test": split.test_speakers, "server": split.server_speakers, "clients": self.num_clients,
-                 "corpus": sorted(r.utt_id for r in self.rows)}  # fmt: skip
-        path = self.work / "partitions" / f"spk{split.seed}-{digest(which, 8)}-f{fraction:g}-s{seed}.json"
+                 "corpus": sorted(r.utt_id for r in self.rows), "personal_test_fraction": ptf}  # fmt: skip
+        path = self.work / "partitions" / f"spk{split.seed}-{digest(which, 8)}-f{fraction:g}-s{seed}-pt{ptf:g}.json"
         if path.exists():
             return path
         held = set(split.test_speakers) | set(split.server_speakers)
         device_rows = [r for r in self.rows if r.label and r.speaker not in held]
         sub = make_partition(
-            device_rows, num_clients=self.num_clients, by="speaker", label_fraction=fraction, seed=seed
-        )
+            device_rows, num_clients=self.num_clients, by="speaker", label_fraction=fraction, seed=seed,
+            personal_test_fraction=ptf,
+        )  # fmt: skip
         Partition(
             config={
                 **split.config,
                 "label_fraction": fraction,
                 "speaker_seed": split.seed,
                 "device_seed": seed,
+                "personal_test_fraction": ptf,
             },
             seed=seed,
             label_names=split.label_names,

@@ -70,8 +70,12 @@ def _parse_overrides(items: list[str] | None) -> dict[str, Any]:
         raise  # unreachable: _fail exits
 
 
+_INTERRUPTED: list[int] = []  # the signal that started a shutdown (the process is on its way out)
+
+
 def _raise_interrupt(signum: int, _frame: Any) -> None:
     _shield_cleanup()  # only the first signal interrupts; the clean-up it starts runs to its end
+    _INTERRUPTED.append(signum)
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
@@ -577,8 +581,11 @@ def start_command(
         if superlink is not None:
             superlink.stop(timeout=10.0)
             _say("SuperLink stopped")
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        if not _INTERRUPTED:
+            # After an interrupt the shield stays until the process exits: restoring Python's default
+            # handler here let a late Ctrl-C kill the exiting process by SIGINT (exit -2, not 130).
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 @app.command("register-node")
