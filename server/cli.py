@@ -581,9 +581,13 @@ def start_command(
         if superlink is not None:
             superlink.stop(timeout=10.0)
             _say("SuperLink stopped")
-        if not _INTERRUPTED:
-            # After an interrupt the shield stays until the process exits: restoring Python's default
-            # handler here let a late Ctrl-C kill the exiting process by SIGINT (exit -2, not 130).
+        if _INTERRUPTED:
+            # The clean-up is done and the process is on its way out: ignore further signals at the OS
+            # level. A Python handler would be reset to the default during interpreter shutdown, so a
+            # late Ctrl-C then killed the exiting process by SIGINT (exit -2 instead of 130).
+            for sig in previous:
+                signal.signal(sig, signal.SIG_IGN)
+        else:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
