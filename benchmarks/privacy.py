@@ -46,7 +46,7 @@ def overhead(
     base: Path, partition: Path, corpus: Path, cache: Path, repeats: int, delta: float, epochs: int
 ) -> dict[str, Any]:
     """Median seconds of one round of local training on device 0 (exit 3: heads 1-3), with and without DP."""
-    from fedsd.clients.app import model_crop
+    from fedsd.cached import model_crop
     from fedsd.clients.dp_training import train_heads_private
     from fedsd.clients.training import LocalTrainConfig, plan_exits, train_heads
     from fedsd.data.dataset import rows_by_ids

@@ -52,7 +52,7 @@ from flwr.app import MetricRecord, RecordDict  # noqa: E402
 from flwr.common.serde import recorddict_to_proto  # noqa: E402
 
 from fedsd.audio import CropPolicy  # noqa: E402
-from fedsd.clients.app import model_crop  # noqa: E402
+from fedsd.cached import model_crop  # noqa: E402
 from fedsd.clients.training import ExitPlan, LocalTrainConfig, plan_exits, train_heads  # noqa: E402
 from fedsd.data.dataset import SpeechDataset, collate_batch  # noqa: E402
 from fedsd.data.manifest import ManifestRow, read_manifest  # noqa: E402

@@ -38,7 +38,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedsd.audio import CropPolicy
+from fedsd.cached import evaluate_cached, model_crop
 from fedsd.checkpoint import CheckpointError, atomic_write_text
 from fedsd.clients.device import DeviceError, DeviceSettings, refuse
 from fedsd.clients.dp_gate import dp_in_use, dp_keys_present, pop_local_metrics
@@ -56,7 +56,6 @@ from fedsd.clients.personal import (
 from fedsd.clients.training import (
     ExitPlan,
     LocalTrainConfig,
-    evaluate_cached,
     mix_seed,
     plan_exits,
     train_heads,
@@ -81,11 +80,6 @@ if TYPE_CHECKING:  # imported where used: Opacus only on the DP path
 MAX_ROUND = 10**9
 """Largest round number (and round offset, number of rounds) a server may send."""
 _HEAD_KEY = re.compile(r"heads\.([0-9]{1,6})\.[A-Za-z0-9_.]{1,200}", re.ASCII)
-
-
-def model_crop(model: MultiExitSER) -> CropPolicy:
-    """Devices cache deterministic features: the model's crop, with random crops made central."""
-    return CropPolicy.for_evaluation(model.meta.get("crop"), int(model.meta.get("sample_rate", 16000)))
 
 
 def load_device_model(settings: DeviceSettings, fingerprint: str, *, weights: bool = True) -> MultiExitSER:

@@ -219,19 +219,14 @@ def run_command(
         EXIT_DONE,
         EXIT_REFUSED,
         EXIT_SERVER_GONE,
+        TLS_MISSING_CLIENT,
         Supervisor,
         SupervisorSettings,
         default_session_dir,
         describe_event,
     )
     from fedsd.data.manifest import ManifestError, read_manifest
-    from fedsd.server.deploy import (
-        TLS_MISSING_CLIENT,
-        DeployError,
-        join_address,
-        parse_address,
-        probe_transport,
-    )
+    from fedsd.launch import DeployError, join_address, parse_address, probe_transport
     from fedsd.untrusted import printable
 
     if root_cert is not None and insecure:

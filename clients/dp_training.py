@@ -33,12 +33,11 @@ from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 from torch import nn
 
+from fedsd.cached import batch_input, head_outputs
 from fedsd.checkpoint import atomic_write_json
 from fedsd.clients.training import (
     ExitPlan,
     LocalTrainConfig,
-    batch_input,
-    head_outputs,
     rng_devices,
     set_train_modes,
 )

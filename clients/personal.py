@@ -32,8 +32,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from fedsd.cached import evaluate_cached
 from fedsd.clients.device import DeviceSettings
-from fedsd.clients.training import ExitPlan, LocalTrainConfig, evaluate_cached, mix_seed, train_heads
+from fedsd.clients.training import ExitPlan, LocalTrainConfig, mix_seed, train_heads
 from fedsd.features import CachedFeatures, FeatureCache
 from fedsd.metrics import ClassificationReport
 from fedsd.model.multiexit import MultiExitSER

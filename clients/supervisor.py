@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsd.clients.runner import shim_env
-from fedsd.server.deploy import (
+from fedsd.launch import (
     ManagedProcess,
     config_arg,
     flower_bin,
@@ -49,6 +49,13 @@ from fedsd.server.deploy import (
     port_open,
 )
 from fedsd.untrusted import printable
+
+TLS_MISSING_CLIENT = (
+    "choose how this device reaches the server: --root-cert CA.pem verifies the server's TLS "
+    "certificate (the ca.pem of the server's --tls-dir, copied to this device), or --insecure talks "
+    "plain HTTP, unencrypted (only to a server started with --insecure, on loopback or a trusted network)."
+)
+"""Neither --root-cert nor --insecure given to `fedsd client run`."""
 
 EXIT_DONE = 0
 EXIT_SUPERNODE_FAILED = 1

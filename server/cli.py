@@ -35,6 +35,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from fedsd import launch
 from fedsd.server import deploy
 
 if TYPE_CHECKING:
@@ -319,7 +320,7 @@ def start_command(
     from fedsd.server.federation import FederationSpec
 
     overrides = _parse_overrides(set_)
-    if not deploy.port_free(host, port):
+    if not launch.port_free(host, port):
         _fail(f"port {port} on {host} is in use (another server?); choose another with --port", 1)
     if tls is None:
         console.print(
@@ -436,7 +437,7 @@ def start_command(
 
         # ------------------------------------------------------------ 2. how to start the devices
         exits = list(cfg.federated.exits_mix or [cfg.model.exits[-1]])
-        address = deploy.join_address(_client_host(host), port)
+        address = launch.join_address(_client_host(host), port)
         data_root = cfg.data.root.expanduser().resolve()
         if tls is None:
             transport = "--insecure"
@@ -466,10 +467,10 @@ def start_command(
         # ------------------------------------------------------------ 3. spec, FLWR_HOME, app dir
         spec_path = atomic_write_json(run_dir / "spec.json", json.loads(spec.to_json()))
         flwr_home = run_dir / ".flwr"
-        internal_port = deploy.free_port("127.0.0.1")  # the SuperLink's own port: loopback only
+        internal_port = launch.free_port("127.0.0.1")  # the SuperLink's own port: loopback only
         deploy.write_flwr_home(
             flwr_home,
-            deploy.join_address("127.0.0.1", internal_port),
+            launch.join_address("127.0.0.1", internal_port),
             insecure=tls is None,
             root_certificates=tls.ca_cert if tls is not None else None,
         )
@@ -477,7 +478,7 @@ def start_command(
         _say(f"run spec: {spec_path}; Flower home: {flwr_home}")
 
         # ------------------------------------------------------------ 4. the SuperLink
-        if not deploy.port_free(host, port):
+        if not launch.port_free(host, port):
             _fail(f"port {port} on {host} was taken while preparing; choose another with --port")
         superlink = deploy.start_superlink(
             flwr_home,
@@ -489,26 +490,26 @@ def start_command(
             node_auth=auth,
         )
         try:
-            deploy.wait_for_port(
+            launch.wait_for_port(
                 "127.0.0.1", internal_port, timeout=60.0, process=superlink, what="the SuperLink"
             )
             proxy = deploy.start_fleet_proxy(
                 flwr_home, host, port, internal_port, log_path=flwr_home / "proxy.log", tls=tls
             )
-            deploy.wait_for_port(host, port, timeout=60.0, process=proxy, what="the fleet proxy")
-        except deploy.DeployError as e:
+            launch.wait_for_port(host, port, timeout=60.0, process=proxy, what="the fleet proxy")
+        except launch.DeployError as e:
             _fail(str(e))
         console.print(
-            f"[green]SuperLink listening on {escape(deploy.join_address(host, port))}[/] "
+            f"[green]SuperLink listening on {escape(launch.join_address(host, port))}[/] "
             f"(pid {superlink.pid}, log {escape(str(superlink.log_path))}): devices reach only its Fleet API "
             f"there (fleet proxy, pid {proxy.pid}); its Control API is on loopback "
-            f"{escape(deploy.join_address('127.0.0.1', internal_port))}",
+            f"{escape(launch.join_address('127.0.0.1', internal_port))}",
             highlight=False,
         )
         for key in node_keys:
             try:
                 node_id = deploy.register_node(flwr_home, key)
-            except deploy.DeployError as e:
+            except launch.DeployError as e:
                 _fail(f"--node-key {key}: {e}")
             _say(f"registered device key {key} (node id {node_id})")
 
@@ -532,7 +533,7 @@ def start_command(
         # ------------------------------------------------------------ 6. the real outcome
         try:
             status = deploy.wait_finished(flwr_home, run_id, timeout=60.0)
-        except deploy.DeployError as e:
+        except launch.DeployError as e:
             _fail(f"could not read the outcome of run {run_id}: {e}")
         summary = _summary(run_dir)
         if summary is not None:
@@ -650,18 +651,18 @@ def register_node_command(
             ca = tls_dir.expanduser().resolve() / "ca.pem"
             if not ca.is_file():
                 _fail(f"--tls-dir {tls_dir}: ca.pem is missing ({ca})", 2)
-            address = deploy.join_address(deploy.connect_host(host or "127.0.0.1"), port or 8000)
+            address = launch.join_address(launch.connect_host(host or "127.0.0.1"), port or 8000)
             flwr_home = Path(tmp)
             deploy.write_flwr_home(flwr_home, address, insecure=False, root_certificates=ca)
         try:
-            h, p = deploy.parse_address(address)
-        except deploy.DeployError as e:
+            h, p = launch.parse_address(address)
+        except launch.DeployError as e:
             _fail(str(e))
-        if not deploy.port_open(h, p, timeout=2.0):
+        if not launch.port_open(h, p, timeout=2.0):
             _fail(f"no server is listening at {address} (is `fedsd server start` running?)")
         try:
             node_id = deploy.register_node(flwr_home, public_key)
-        except deploy.DeployError as e:
+        except launch.DeployError as e:
             _fail(str(e))
     console.print(
         f"[green]registered[/] {escape(str(public_key))} with the server at {escape(address)}: node id "

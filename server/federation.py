@@ -25,6 +25,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from fedsd.cached import evaluate_cached, model_crop
 from fedsd.checkpoint import (
     append_jsonl,
     atomic_write_json,
@@ -33,7 +34,6 @@ from fedsd.checkpoint import (
     save_tensors,
     sweep_temporaries,
 )
-from fedsd.clients.training import evaluate_cached
 from fedsd.config import ExperimentConfig, load_config
 from fedsd.data.dataset import rows_by_ids
 from fedsd.data.manifest import ManifestRow, read_manifest
@@ -303,7 +303,6 @@ class Federation:
             rows, root = _eval_rows(self.spec, self.cfg)
             if not rows:
                 return {}
-            from fedsd.clients.app import model_crop
 
             cache_dir = Path(self.spec.cache_dir) if self.spec.cache_dir else self.run_dir / "cache"
             cache = FeatureCache(cache_dir, self.model, model_crop(self.model))

@@ -22,10 +22,11 @@ import tomllib
 
 import pytest
 
+from fedsd import launch
 from fedsd.clients.runner import install_guard_rails, write_shim
+from fedsd.launch import ManagedProcess, free_port, port_open
 from fedsd.proxy import allowed
 from fedsd.server import deploy
-from fedsd.server.deploy import ManagedProcess, free_port, port_open
 
 FEDSD = [sys.executable, "-m", "fedsd.cli"]
 CONFIG = """name: controlplane
@@ -157,7 +158,7 @@ def test_control_routes_refused_from_outside_and_a_device_runs_through_the_proxy
 
         _wait("the fleet proxy", up, 300, procs)
         conn = tomllib.loads((run / ".flwr" / "config.toml").read_text())["superlink"]["fedsd"]
-        internal = deploy.parse_address(conn["address"])[1]
+        internal = launch.parse_address(conn["address"])[1]
         assert internal != port
         # the SuperLink itself is not reachable from another address
         with pytest.raises(OSError):
@@ -259,7 +260,7 @@ def test_a_bundle_with_its_own_clientapp_never_runs_it_on_a_device(
     try:
         superlink = deploy.start_superlink(home, "127.0.0.1", port, log_path=tmp_path / "superlink.log")
         procs.append(superlink)
-        deploy.wait_for_port("127.0.0.1", port, timeout=120, process=superlink)
+        launch.wait_for_port("127.0.0.1", port, timeout=120, process=superlink)
         device = ManagedProcess(
             "device",
             [*FEDSD, "client", "run", "--server", f"127.0.0.1:{port}", "--insecure", "--exit", "1",
@@ -269,8 +270,8 @@ def test_a_bundle_with_its_own_clientapp_never_runs_it_on_a_device(
         )  # fmt: skip
         procs.append(device)
         res = subprocess.run(
-            [deploy.flower_bin("flwr"), "run", str(evil), deploy.CONNECTION, "--stream"],
-            env=deploy.flower_env(home), cwd=tmp_path, capture_output=True, text=True, timeout=540,
+            [launch.flower_bin("flwr"), "run", str(evil), deploy.CONNECTION, "--stream"],
+            env=launch.flower_env(home), cwd=tmp_path, capture_output=True, text=True, timeout=540,
         )  # fmt: skip
         _wait("the bundle's ServerApp to finish", summary.is_file, 120, procs)
         replies = json.loads(summary.read_text())

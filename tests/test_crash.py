@@ -32,8 +32,8 @@ from flwr.app import Error, Message
 from fedsd.clients.app import make_client_app
 from fedsd.clients.device import simulated_device_config
 from fedsd.config import load_config
+from fedsd.launch import ManagedProcess, descendants, free_port, port_open
 from fedsd.server import federation as federation_module
-from fedsd.server.deploy import ManagedProcess, descendants, free_port, port_open
 from fedsd.server.federation import FederationSpec, run_federation
 from fedsd.server.inprocess import InProcessGrid
 from fedsd.server.prepare import prepare_run

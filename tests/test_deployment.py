@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedsd.cli import app
-from fedsd.server.deploy import ManagedProcess, free_port, port_open
+from fedsd.launch import ManagedProcess, free_port, port_open
 
 runner = CliRunner()
 
@@ -267,6 +267,7 @@ def test_a_slow_flwr_ls_is_a_deploy_error_and_the_outcome_poll_retries_it(monkey
     from subprocess; wait_finished polls again until its deadline and returns the real outcome."""
     import subprocess
 
+    from fedsd import launch
     from fedsd.server import deploy
 
     calls: list[list[str]] = []
@@ -282,13 +283,13 @@ def test_a_slow_flwr_ls_is_a_deploy_error_and_the_outcome_poll_retries_it(monkey
 
     monkeypatch.setattr(deploy.subprocess, "run", fake_run)
     monkeypatch.setattr(deploy.time, "sleep", lambda _: None)
-    with pytest.raises(deploy.DeployError, match="did not answer within 30 s"):
+    with pytest.raises(launch.DeployError, match="did not answer within 30 s"):
         deploy.run_status(tmp_path, 7)
     answers.insert(0, "timeout")
     assert deploy.wait_finished(tmp_path, 7, timeout=60.0)["status"] == "finished:completed"
     assert len(calls) == 4 and all("ls" in c and "7" in c for c in calls)
     # past the deadline the last error is raised, still a DeployError
-    with pytest.raises(deploy.DeployError, match="did not answer"):
+    with pytest.raises(launch.DeployError, match="did not answer"):
         deploy.wait_finished(tmp_path, 7, timeout=-1.0)
 
 

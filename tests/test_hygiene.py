@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from fedsd.server.deploy import ManagedProcess, descendants, free_port, port_free, port_open
+from fedsd.launch import ManagedProcess, descendants, free_port, port_free, port_open
 from fedsd.server.strategy import PartialFedAvg
 
 FEDSD = [sys.executable, "-m", "fedsd.cli"]

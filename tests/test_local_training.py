@@ -8,13 +8,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from fedsd.cached import batch_input, head_outputs
 from fedsd.clients.app import _local_config, device_identity
 from fedsd.clients.device import DeviceSettings
 from fedsd.clients.dp_training import train_heads_private
 from fedsd.clients.training import (
     LocalTrainConfig,
-    batch_input,
-    head_outputs,
     mix_seed,
     plan_exits,
     train_heads,

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from typer.testing import CliRunner
 
 from fedsd.cli import app
-from fedsd.server.deploy import ManagedProcess, free_port, port_open, probe_transport
+from fedsd.launch import ManagedProcess, free_port, port_open, probe_transport
 
 runner = CliRunner()
 
