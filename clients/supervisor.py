@@ -20,17 +20,20 @@ process group and watches three things:
   exit code 4 and a hint; a key the server does not know (yet) is tried again every few seconds for
   ``server_timeout`` seconds — the operator may still be registering it — then exit code 4.
 
-SIGINT/SIGTERM end the session too (exit code 130). Every way out stops the SuperNode (SIGTERM to its
-process group, SIGKILL after a timeout), so no `flwr-clientapp` is left behind.
+SIGINT/SIGTERM (or ``request_stop`` from another thread, as ``Device.stop()`` does) end the session
+too (exit code 130). Every way out stops the SuperNode (SIGTERM to its process group, SIGKILL after a
+timeout), so no `flwr-clientapp` is left behind.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -338,12 +341,21 @@ class Supervisor:
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._signal = signal.Signals(signum).name
 
+    def request_stop(self, reason: str = "stop requested") -> None:
+        """End the session from another thread as a signal would (exit code 130; the SuperNode is
+        stopped by :meth:`run` on its way out)."""
+        self._signal = reason
+
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
-        """Start the SuperNode and supervise it until done, server gone, crash or signal."""
+        """Start the SuperNode and supervise it until done, server gone, crash or signal.
+
+        In the main thread SIGINT/SIGTERM end the session; in any other thread (Python delivers signals
+        to the main thread only) the owner ends it with :meth:`request_stop`."""
         handlers = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            handlers[sig] = signal.signal(sig, self._on_signal)
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                handlers[sig] = signal.signal(sig, self._on_signal)
         try:
             self.start()
             return self._loop()
@@ -444,6 +456,16 @@ class Supervisor:
 
 
 def default_session_dir(cache_dir: Path) -> Path:
-    """``<cache>/sessions/<UTC time>-<pid>``: one directory per `fedsd client run`."""
+    """``<cache>/sessions/<UTC time>-<pid>[-n]``, created here: one new directory per session, also when
+    one process runs several devices on one cache in the same second."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    return cache_dir / "sessions" / f"{stamp}-{os.getpid()}"
+    sessions = cache_dir / "sessions"
+    sessions.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        path = sessions / (f"{stamp}-{os.getpid()}" + (f"-{n}" if n > 1 else ""))
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise AssertionError("unreachable")

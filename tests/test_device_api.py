@@ -1,0 +1,232 @@
+"""`fedsd.api.Device`, the object behind `fedsd client run`: its checks (before anything starts), its
+non-blocking use (start/stop), and a real loopback round against `fedsd server start` that leaves the
+device's deployable model in ``out``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from fedsd import api
+from fedsd.clients.service import DeviceEvent, DeviceOptionError
+from fedsd.clients.supervisor import EXIT_DONE, EXIT_INTERRUPTED
+from fedsd.launch import ManagedProcess, free_port, port_open
+
+START_TIMEOUT = 180.0
+RUN_TIMEOUT = 300.0
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", COLUMNS="200", PYTHONUNBUFFERED="1")  # fmt: skip
+    return env
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fedsd.security import create_certificates, generate_node_key
+
+    tmp = tmp_path_factory.mktemp("tls")
+    create_certificates(tmp)
+    generate_node_key(tmp / "node.key")
+    return tmp
+
+
+def _device(corpus: Path, cache: Path, superlink: str = "127.0.0.1:9", **kw) -> api.Device:
+    return api.Device(superlink, **({"data": corpus / "manifest.csv", "root": corpus, "cache": cache,
+                                     "insecure": True} | kw))  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- checks, nothing started
+def test_contradictory_or_missing_options_raise_before_anything_starts(
+    small_corpus: Path, tiny_model_dir: Path, tls: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    empty = tmp_path / "empty.csv"
+    empty.write_text((small_corpus / "manifest.csv").read_text().splitlines()[0] + "\n")
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    cases = [  # (options, exit code of `fedsd client run`, pieces of the message)
+        ({"insecure": False}, 2, ["--root-cert CA.pem", "--insecure"]),
+        ({"root_cert": tls / "ca.pem"}, 2, ["--root-cert and --insecure contradict"]),
+        ({"auth_key": tls / "node.key"}, 2, ["--auth-key", "needs TLS"]),
+        ({"insecure": False, "root_cert": tmp_path / "nope.pem"}, 2, ["--root-cert", "nope.pem", "not found"]),
+        ({"insecure": False, "root_cert": tls / "ca.pem", "auth_key": tls / "ca.pem"}, 2, ["OpenSSH"]),
+        ({"superlink": "127.0.0.1:notaport"}, 2, ["--server"]),
+        ({"exit": 0}, 2, ["--exit 0", ">= 1"]),
+        ({"data": tmp_path / "missing.csv"}, 1, ["--data", "missing.csv", "not found"]),
+        ({"data": empty}, 1, ["--data", "no rows"]),
+        ({"root": tmp_path / "nodir"}, 1, ["--root", "nodir", "directory not found"]),
+        ({"root": tmp_path}, 1, ["--root", "72 of 72 audio files", "missing"]),
+        ({"model": not_a_model}, 1, ["--model", "no fedsd.json"]),
+        ({"model": tiny_model_dir, "exit": 7}, 2, ["--exit 7", "has exits [1, 2, 3, 4]"]),
+        ({"dp_noise_multiplier": 1.0, "dp_target_epsilon": 3.0}, 2, ["contradict each other"]),
+        ({"dp_rounds": 3}, 2, ["--dp-rounds only goes with --dp-target-epsilon"]),
+        ({"dp_noise_multiplier": 1.0, "dp_delta": 2.0}, 2, ["--dp-*", "delta"]),
+        ({"personalize_epochs": -1}, 2, ["--personalize-epochs -1"]),
+        ({"server_timeout": 0}, 2, ["--server-timeout"]),
+    ]
+    for options, code, pieces in cases:
+        with pytest.raises(DeviceOptionError) as info:
+            _device(small_corpus, cache, **options)
+        text = _flat(str(info.value))
+        assert info.value.code == code, (options, text)
+        for piece in pieces:
+            assert piece in text, (options, piece, text)
+    assert not cache.exists()  # no session, no SuperNode
+
+
+class _Listener:
+    """A loopback server that completes TLS handshakes (``cert``) or answers plain HTTP 400."""
+
+    def __init__(self, tls_dir: Path | None) -> None:
+        self.ctx = None
+        if tls_dir is not None:
+            self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.ctx.load_cert_chain(tls_dir / "server.pem", tls_dir / "server.key")
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                conn.settimeout(5)
+                if self.ctx is not None:
+                    with self.ctx.wrap_socket(conn, server_side=True) as s:
+                        s.recv(1)
+                else:
+                    conn.recv(1024)
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+            except (OSError, ssl.SSLError):
+                pass
+            finally:
+                conn.close()
+
+
+def test_a_server_on_the_other_transport_is_refused_before_a_supernode_starts(
+    small_corpus: Path, tls: Path, tmp_path: Path
+) -> None:
+    plain, tls_server = _Listener(None), _Listener(tls)
+    try:
+        dev = _device(small_corpus, tmp_path / "c1", superlink=f"127.0.0.1:{tls_server.port}")
+        with pytest.raises(DeviceOptionError, match="serves TLS: start this device with --root-cert"):
+            dev.start()
+        dev = _device(small_corpus, tmp_path / "c2", superlink=f"127.0.0.1:{plain.port}", insecure=False,
+                      root_cert=tls / "ca.pem")  # fmt: skip
+        with pytest.raises(DeviceOptionError, match="serves plain HTTP"):
+            dev.run()
+    finally:
+        plain.sock.close()
+        tls_server.sock.close()
+    assert not (tmp_path / "c1").exists() and not (tmp_path / "c2").exists()
+
+
+def test_start_then_stop_ends_the_supernode(small_corpus: Path, tmp_path: Path) -> None:
+    """Non-blocking use: start() returns at once, stop() ends the session (130) and its SuperNode, from
+    a thread that is not the one supervising."""
+    events: list[DeviceEvent] = []
+    dev = _device(small_corpus, tmp_path / "cache", superlink=f"127.0.0.1:{free_port()}", exit=1,
+                  on_event=events.append)  # fmt: skip
+    assert dev.start() is dev
+    deadline = time.monotonic() + 60
+    while not any("SuperNode started" in e.text for e in events) and time.monotonic() < deadline:
+        assert dev.wait(0.2) is None, [e.text for e in events]
+    node = dev._supervisor.node  # the SuperNode process of this session
+    assert node is not None and node.alive()
+    assert dev.stop(timeout=30) == EXIT_INTERRUPTED == dev.returncode
+    assert not node.alive()
+    texts = [e.text for e in events]
+    assert texts[0].startswith("warning: --insecure") and any(t.startswith("connecting to ") for t in texts)
+    assert any("stop requested" in t for t in texts), texts
+    assert dev.session_dir is not None and (dev.session_dir / "supernode.log").is_file()
+    with pytest.raises(RuntimeError, match="already been started"):
+        dev.start()
+
+
+# ----------------------------------------------------------------------------- a real loopback round
+def _config(tmp: Path, corpus: Path) -> Path:
+    cfg = tmp / "device-api.yaml"
+    cfg.write_text(
+        f"""name: device-api-test
+data: {{corpus: synth, root: {corpus}}}
+model: {{backbone: tiny, pretrained: false, exits: [1, 2, 3, 4]}}
+train: {{epochs: 1, batch_size: 16, lr: 1.0e-3}}
+federated: {{num_clients: 1, test_speakers: 1, server_speakers: 1, rounds: 1, local_epochs: 1,
+            min_clients: 1, exits_mix: [2], label_fraction: 0.5, round_timeout: 120}}
+""",
+        encoding="utf-8",
+    )
+    return cfg
+
+
+@pytest.mark.slow
+def test_one_device_runs_a_round_and_keeps_its_deployable_model(
+    small_corpus: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from fedsd.model.multiexit import MultiExitSER
+
+    run, port = tmp_path / "run", free_port()
+    t0 = time.monotonic()
+    server = ManagedProcess(
+        "server",
+        [sys.executable, "-m", "fedsd.cli", "server", "start", "--config", str(_config(tmp_path, small_corpus)),
+         "--insecure", "--out", str(run), "--port", str(port), "--base-model", str(tiny_model_dir),
+         "--device-wait", "120"],
+        env=_env(), log_path=tmp_path / "server.log", cwd=tmp_path,
+    )  # fmt: skip
+    events: list[DeviceEvent] = []
+    dev = None
+    try:
+        while not port_open("127.0.0.1", port, timeout=0.5):
+            assert server.alive(), f"server exited early ({server.returncode})\n{server.tail(60)}"
+            assert time.monotonic() - t0 < START_TIMEOUT, f"SuperLink never came up\n{server.tail(60)}"
+            time.sleep(0.5)
+        (manifest,) = sorted((run / "devices").glob("*.csv"))
+        dev = api.Device(
+            f"127.0.0.1:{port}", exit=2, data=manifest, root=small_corpus, model=tiny_model_dir,
+            cache=tmp_path / "cache", insecure=True, out=tmp_path / "mine", personalize_epochs=1,
+            server_timeout=60, on_event=events.append,
+        ).start()  # fmt: skip
+        code = dev.wait(RUN_TIMEOUT)
+        texts = "\n".join(e.text for e in events)
+        assert code == EXIT_DONE, f"{code}\n{texts}\n--- server ---\n{server.tail(60)}"
+        deadline = time.monotonic() + 60
+        while server.alive() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert server.returncode == 0, server.tail(60)
+    finally:
+        if dev is not None:
+            dev.stop(timeout=20)
+        server.stop(timeout=20)
+    print(f"device API loopback round: {time.monotonic() - t0:.0f} s")
+
+    assert [e["kind"] for e in dev.events] == ["info", "train", "done"], dev.events
+    assert dev.rounds_trained == 1
+    kinds = [(e.source, e.kind) for e in events if e.source == "device"]
+    assert kinds == [("device", "info"), ("device", "train"), ("device", "done")]
+    assert events[-2].text == "done: 1 round(s) trained on this device" and events[-2].level == "success"
+    assert events[-1].text.startswith(f"deployable model: {tmp_path / 'mine'}")
+    # --- the deployable model: this device's exit, loadable; its personal copy beside it
+    assert dev.deployable_model == (tmp_path / "mine").resolve()
+    model = MultiExitSER.from_pretrained(dev.deployable_model)
+    assert model.exits == [2]
+    assert MultiExitSER.from_pretrained(dev.deployable_model / "personal").exits == [2]
+    assert not port_open("127.0.0.1", port, timeout=0.5)
