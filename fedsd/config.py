@@ -200,6 +200,13 @@ class FederatedConfig(_Strict):
     central_dp: CentralDPConfig | None = None
     round_timeout: float = Field(600.0, gt=0)
     federated_evaluation: bool = False
+    ray_address: str | None = None
+    """Simulation: join this running Ray cluster (`host:port` of `ray start --head`, or `auto`) instead of
+    starting a private Ray on this machine; the cluster keeps running afterwards."""
+    cpus_per_client: float = Field(1.0, gt=0)
+    """Simulation: CPU cores Ray reserves for each virtual device (fractions allowed: 0.5 = two per core)."""
+    gpus_per_client: float = Field(0.0, ge=0)
+    """Simulation: GPUs Ray reserves for each virtual device (fractions share a GPU); > 0 trains on CUDA."""
     seed: int = 0
 
     @model_validator(mode="after")

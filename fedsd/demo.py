@@ -30,36 +30,25 @@ def demo_command(
     """
     import shutil
 
-    from fedsd.config import ConfigError, load_config
-    from fedsd.server.federation import FederationError, FederationSpec
-    from fedsd.server.prepare import prepare_run
-    from fedsd.server.simulation import run_simulation_engine
+    from fedsd.server.federation import FederationError
+    from fedsd.server.simulation import simulate
     from fedsd.train_cli import _fail, progress_bar
 
     t0 = time.perf_counter()
+    out = out.resolve()
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    console.rule("[bold]1–3. data, the central multi-exit model, federated adaptation of the shallow exits")
     try:
-        cfg = load_config(config)
-        out = out.resolve()
-        if fresh and out.exists():
-            shutil.rmtree(out)
-        console.rule("[bold]1–2. data and the central multi-exit model")
-        with progress_bar() as progress:
-            prepared = prepare_run(cfg, out, log=console.print, progress=progress)
-        console.rule("[bold]3. federated adaptation of the shallow exits")
-        spec = FederationSpec(
-            config=str(config.resolve()),
-            run_dir=str(out / "federated"),
-            base_model=str(prepared.base_model),
-            partition=str(prepared.partition),
-        )
-        result = run_simulation_engine(  # every device keeps its deployable model (and personal heads)
-            cfg, spec, prepared, engine=engine, log=console.print,  # type: ignore[arg-type]
-            device_models=out / "federated" / "device-models",
-        )  # fmt: skip
-    except (ConfigError, FederationError, ValueError, FileNotFoundError) as e:
+        with progress_bar() as progress:  # every device keeps its deployable model (and personal heads)
+            result = simulate(
+                config, out=out, federation_dir=out / "federated", engine=engine, device_models=True,  # type: ignore[arg-type]
+                progress=progress, log=console.print,
+            )  # fmt: skip
+    except (ValueError, OSError, FederationError) as e:  # ConfigError is a ValueError
         _fail(str(e))
     console.rule("[bold]4. report")
-    report = result.run_dir / "report.md"
+    report = result.report or result.run_dir / "report.md"
     console.print(report.read_text())
     console.print(f"[bold green]demo finished in {time.perf_counter() - t0:.0f} s[/]; report: [bold]{report}[/]")
     console.print(

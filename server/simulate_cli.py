@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -31,54 +32,57 @@ def simulate_command(
         False, "--device-models",
         help="Every device writes its deployable model to RUN/device-models/<client id> (+ personal/).",
     ),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="Join this running Ray cluster (HOST:PORT of `ray start --head`, or auto)."
+    ),
+    cpus_per_client: float | None = typer.Option(None, help="CPU cores per device, > 0, fractions allowed (1)."),
+    gpus_per_client: float | None = typer.Option(None, help="GPUs per device, >= 0; 0.25: four share a GPU (0)."),
     set_: list[str] | None = typer.Option(None, "--set", help="Any config field: --set federated.lr=0.01"),
 ) -> None:
     """Simulate federated self-distillation over devices partitioned from a corpus.
 
     Example: [bold]fedsd simulate --config configs/demo.yaml --clients 8 --rounds 5 --label-fraction 0.2 --exits-mix 1,2,3[/]
+    On a Ray cluster: [bold]fedsd simulate -c configs/demo.yaml --ray-address HEAD:6379 --cpus-per-client 2[/]
     """
-    from fedsd.config import ConfigError, load_config
-    from fedsd.server.federation import FederationError, FederationSpec
-    from fedsd.server.prepare import prepare_run
-    from fedsd.server.simulation import run_simulation_engine
-    from fedsd.train_cli import _fail, _parse_overrides, progress_bar
+    from fedsd.server.federation import FederationError
+    from fedsd.server.simulation import simulate
+    from fedsd.train_cli import _fail, progress_bar
 
-    if engine not in ("ray", "inprocess"):
-        _fail(f"--engine {engine!r}: use ray or inprocess", 2)
-    overrides = _parse_overrides(set_)
-    for key, value in {
-        "federated.num_clients": clients,
-        "federated.rounds": rounds,
-        "federated.label_fraction": label_fraction,
-        "federated.by": by,
-        "federated.alpha": alpha,
-        "federated.mode": mode,
-        "federated.personalize_epochs": personalize_epochs,
-        "federated.exits_mix": [int(x) for x in exits_mix.split(",")] if exits_mix else None,
-    }.items():
-        if value is not None:
-            overrides[key] = value
+    check_flags(engine, ray_address, cpus_per_client, gpus_per_client)
+    overrides = flag_overrides(
+        set_, num_clients=clients, rounds=rounds, label_fraction=label_fraction, by=by, alpha=alpha, mode=mode,
+        personalize_epochs=personalize_epochs, exits_mix=[int(x) for x in exits_mix.split(",")] if exits_mix else None,
+    )  # fmt: skip
     try:
-        cfg = load_config(config, overrides)
-        run_dir = (out or Path("runs") / f"{cfg.name}-sim").resolve()
         with progress_bar() as progress:
-            prepared = prepare_run(cfg, run_dir, log=console.print, progress=progress, base_model=base_model)
-        spec = FederationSpec(
-            config=str(config.resolve()),
-            run_dir=str(run_dir),
-            base_model=str(prepared.base_model),
-            partition=str(prepared.partition),
-            resume=resume,
-            overrides=overrides,
-        )
-        console.print(f"simulating {cfg.federated.rounds} rounds with the {engine} engine → {run_dir}")
-        result = run_simulation_engine(
-            cfg, spec, prepared, engine=engine, log=console.print,  # type: ignore[arg-type]
-            device_models=run_dir / "device-models" if device_models else None,
-        )  # fmt: skip
-    except (ConfigError, FederationError, ValueError, FileNotFoundError) as e:
+            result = simulate(
+                config, out=out, engine=engine, resume=resume, device_models=device_models, base_model=base_model,  # type: ignore[arg-type]
+                ray_address=ray_address, cpus_per_client=cpus_per_client, gpus_per_client=gpus_per_client,
+                progress=progress, log=console.print, overrides=overrides,
+            )  # fmt: skip
+    except (ValueError, OSError, FederationError) as e:  # ConfigError is a ValueError, ConnectionError an OSError
         _fail(str(e))
-    console.print(f"[bold green]done[/]: {result.rounds_done} rounds; report {result.run_dir / 'report.md'}")
+    last = {k: rows[-1]["uar"] for k, rows in result.global_metrics.items() if rows}
+    console.print("final UAR on unseen speakers: " + ", ".join(f"exit {k} {u:.3f}" for k, u in last.items()))
+    console.print(f"[bold green]done[/]: {result.rounds_done} rounds; report {result.report}")
+
+
+def check_flags(engine: str, ray_address: str | None, cpus: float | None, gpus: float | None) -> None:
+    """Exit 2 (a usage error) with the reason for an unknown engine, a bad address or bad resources."""
+    from fedsd.server.simulation import check_simulation_args
+    from fedsd.train_cli import _fail
+
+    try:
+        check_simulation_args(engine, ray_address, cpus, gpus)
+    except ValueError as e:
+        _fail(str(e), 2)
+
+
+def flag_overrides(set_: list[str] | None, **flags: Any) -> dict[str, Any]:
+    """``--set`` items, then the shortcut flags that were given as ``federated.*`` overrides (they win)."""
+    from fedsd.train_cli import _parse_overrides
+
+    return _parse_overrides(set_) | {f"federated.{k}": v for k, v in flags.items() if v is not None}
 
 
 def register(app: typer.Typer) -> None:
