@@ -18,7 +18,7 @@ and seed it measures, per exit, SD against CE only:
     CE only            federated, cross-entropy on the devices' labelled utterances
     self-dist.         federated, CE on labelled + KD from the frozen deep exit + feature loss on all
 
-and the paired differences over seeds with 95 % Student-t intervals (``common.t_interval``): SD − CE,
+and the paired differences over seeds with 95 % Student-t intervals (``common.paired``): SD − CE,
 personal − global heads, federated − base model. The premise of distillation (the base model's teacher
 beats each shallow exit on the unseen speakers) is checked and printed first.
 
@@ -41,7 +41,7 @@ the corpus and trains the base model; the federated runs reuse cached features):
         --server-speakers 2 --base-epochs 1 --rounds 1 --local-epochs 1 --seeds 0 --fractions 0.5   # tiny
 
 Writes ``benchmarks/results/adaptation.json`` + ``adaptation.png`` (``adaptation.ablations.*`` with
-``--ablations``) with provenance (benchmarks/common.py); corpus, base model, runs and feature cache live
+``--ablations``) with provenance (benchmarks/common/); corpus, base model, runs and feature cache live
 in the work directory (default ``runs/bench/<code version>/federated``, shared with privacy.py and
 robustness.py), reused only by the same code.
 """
@@ -60,7 +60,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (benchmarks/common.py; scripts are not a package)
+import common  # noqa: E402  (benchmarks/common/; scripts are not a package)
 from common import cell, mean_std  # noqa: E402
 
 METHOD_NAMES = {"before": "before (base model)", "ce": "CE only", "sd": "self-distillation"}
@@ -242,14 +242,6 @@ def results_table(
     return "\n".join(lines), rows
 
 
-def diff_cell(ci: dict[str, Any]) -> str:
-    if not ci["n"]:
-        return "–"
-    if ci["n"] < 2:
-        return f"{ci['mean']:+.3f} (n = 1)"
-    return f"{ci['mean']:+.3f} [{ci['ci_low']:+.3f}, {ci['ci_high']:+.3f}] ({ci['positive']}/{ci['n']} > 0)"
-
-
 def differences(
     runs: list[dict[str, Any]], fractions: Sequence[float], variants: dict[str, Variant], exits: Sequence[int]
 ) -> tuple[str, list[dict[str, Any]]]:
@@ -285,12 +277,8 @@ def differences(
     rows: list[dict[str, Any]] = []
     for f in fractions:
         for label, ka, ma, kb, mb in comparisons:
-            cis = {}
-            for k in exits:
-                a, b = values(runs, f, ka, ma, k), values(runs, f, kb, mb, k)
-                d = [a[s] - b[s] for s in sorted(set(a) & set(b)) if not math.isnan(a[s] - b[s])]
-                cis[str(k)] = common.t_interval(d)
-            lines.append(f"| {f:.0%} | {label} | " + " | ".join(diff_cell(cis[str(k)]) for k in exits) + " |")
+            cis = {str(k): common.paired(values(runs, f, ka, ma, k), values(runs, f, kb, mb, k)) for k in exits}
+            lines.append(f"| {f:.0%} | {label} | " + " | ".join(common.ci_cell(cis[str(k)]) for k in exits) + " |")
             rows.append({"labels": f"{f:.0%}", "fraction": f, "comparison": label, "a": [ka, ma], "b": [kb, mb],
                          "t95": cis})  # fmt: skip
     return "\n".join(lines), rows
@@ -309,9 +297,6 @@ def verdicts(
     def find(f: float, a: list[str], b: list[str]) -> dict[str, Any] | None:
         return next((d for d in diffs if d["fraction"] == f and d["a"] == a and d["b"] == b), None)
 
-    def mean_ci(ci: dict[str, Any]) -> str:
-        return diff_cell(ci)
-
     out = [prem["text"]]
     for f in fractions:
         for key, (name, *_) in variants.items():
@@ -325,7 +310,7 @@ def verdicts(
                 sig = ci["n"] > 1 and ci["ci_high"] < 0
                 out.append(
                     f"{f:.0%} {name}: federation LOWERS the unseen-speaker UAR below the base model at exit {k}: "
-                    f"{mean_ci(ci)}"
+                    f"{common.ci_cell(ci)}"
                     + (" (the whole 95 % interval is below 0)" if sig else " (interval includes 0)")
                 )
         if "sd" in variants:
@@ -340,7 +325,7 @@ def verdicts(
                     met = ci["mean"] >= 0.05
                     out.append(
                         f"{f:.0%} target SD ≥ CE + 0.05, {MEASURES[measure]}, exit {k}: "
-                        f"{'met (mean)' if met else 'NOT met'}: {mean_ci(ci)}"
+                        f"{'met (mean)' if met else 'NOT met'}: {common.ci_cell(ci)}"
                     )
         for key, (name, *_) in variants.items():
             d = find(f, [key, "ppersonal"], [key, "pglobal"])
@@ -351,7 +336,7 @@ def verdicts(
                 ok = all(ci["mean"] >= 0 for _, ci in cells)
                 out.append(
                     f"{f:.0%} {name}: target personal heads ≥ global heads {'met (mean)' if ok else 'NOT met'}: "
-                    + "; ".join(f"exit {k} {mean_ci(ci)}" for k, ci in cells)
+                    + "; ".join(f"exit {k} {common.ci_cell(ci)}" for k, ci in cells)
                 )
     return out
 
@@ -364,14 +349,19 @@ def plot(
     path: Path,
     title: str,
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    with common.figure(path, dpi=110, nrows=len(fractions), ncols=2, figsize=(13, 3.6 * len(fractions)),
+                       squeeze=False) as (fig, axes):  # fmt: skip
+        _draw(axes, runs, fractions, variants, exits, plt.get_cmap("tab10"))
+        fig.suptitle(textwrap.fill(title, 140), fontsize=9)
+
+
+def _draw(
+    axes: Any, runs: list[dict[str, Any]], fractions: Sequence[float], variants: dict[str, Variant],
+    exits: Sequence[int], cmap: Any,
+) -> None:  # fmt: skip
     shallow = [k for k in exits if k != exits[-1]]
-    fig, axes = plt.subplots(len(fractions), 2, figsize=(13, 3.6 * len(fractions)), squeeze=False)
-    cmap = plt.get_cmap("tab10")
     colour = {"base": "0.55"} | {k: cmap((i + 1) % cmap.N) for i, k in enumerate(variants)}
     bars_left = [("base", "unseen", METHOD_NAMES["before"])] + [
         (k, "unseen", v[0]) for k, v in variants.items()
@@ -402,11 +392,6 @@ def plot(
             ax.grid(axis="y", alpha=0.3)
             ax.set_ylabel("UAR")
             ax.legend(loc="upper left", fontsize=6, framealpha=0.9, ncol=3)
-    fig.suptitle(textwrap.fill(title, 140), fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _curves(runs: list[dict[str, Any]], variants: dict[str, Variant], fractions: Sequence[float]) -> dict:
@@ -456,12 +441,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    return common.run_main(__file__, argv, parse_args, _main)
+    return common.run_main(__file__, argv, parse_args, _main, setup=common.FedBench.from_args)
 
 
-def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
-    log = run.log
-    bench = common.FedBench.from_args(args, run)
+def _main(args: argparse.Namespace, bench: common.FedBench) -> dict[str, Any]:
+    run, log = bench.run, bench.run.log
     corpus, cache, rows_all = bench.corpus, bench.cache, bench.rows
     setups: dict[int, dict[str, Any]] = {}
 
@@ -501,17 +485,10 @@ def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
             split, base, base_tag = st["split"], st["base"], st["tag"]
             for key, (name, mode, extra, frac_override) in variants.items():
                 frac = frac_override if frac_override is not None else f
-                part_path = bench.partition(split, seed, frac)
-                overrides = {
-                    "federated.mode": mode,
-                    "federated.seed": seed,
-                    "federated.label_fraction": frac,
-                    **extra,
-                }
-                run_name = f"{base_tag}/f{frac:g}-s{seed}-{mode}"
-                res = bench.federate(overrides, part_path, base, run_name)
+                res = bench.run_seed(split, base, seed, frac, f"{base_tag}/f{frac:g}-s{seed}-{mode}", mode=mode,
+                                     extra=extra)  # fmt: skip
                 exits_here = sorted(int(k) for k in res["after"])
-                personal = personal_results(bench.work / "runs" / f"{run_name}-{res['key'][:10]}", exits_here)
+                personal = personal_results(Path(res["run_dir"]), exits_here)
                 runs.append(
                     {
                         "key": key,
@@ -522,7 +499,7 @@ def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
                         "seed": seed,
                         "speaker_seed": spk_seed,
                         "base_model": str(base),
-                        "partition": str(part_path),
+                        "partition": res["partition"],
                     }
                     | {k: res[k] for k in ("before", "after", "curve", "seconds", "cached")}
                     | {"personal": personal, "overrides": extra, "run_key": res["key"]}
@@ -535,7 +512,8 @@ def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
                     + "/".join(f"{personal['global'][str(k)]:.3f}" for k in shallow)
                     + ", personal heads "
                     + "/".join(f"{personal['personal'][str(k)]:.3f}" for k in shallow)
-                    + f" (exits {exits_here}; {res['seconds']:.0f} s{', cached' if res['cached'] else ''})"
+                    + f" (exits {exits_here})"
+                    + common.took(res)
                 )
     exits = sorted(int(k) for k in runs[0]["after"])
     shallow = exits[:-1]  # the teacher exit never changes
@@ -627,10 +605,8 @@ def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
             "federated_runs": fed_seconds,
         },
     }
-    out = bench.write(json_path, payload, args)
-    plot(runs, fractions, variants, exits, png_path, title)
-    log(f"wrote {png_path}")
-    return out
+    draw = lambda path: plot(runs, fractions, variants, exits, path, title)  # noqa: E731
+    return bench.publish(json_path, png_path, payload, args, draw)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ the full exit next to Hugging Face's plain ``backbone(x).last_hidden_state``. Ta
         --plot runs/bench/exit_latency.png
 
 Writes ``benchmarks/results/exit_latency.json`` by default (``--json``), with provenance
-(benchmarks/common.py).
+(benchmarks/common/).
 
 Every repetition times every variant once, in a freshly shuffled order, so machine noise (other
 processes on a shared CPU) spreads over all variants alike; medians and interquartile ranges are
@@ -22,13 +22,10 @@ reported, and ratios are only taken between numbers from the same run.
 from __future__ import annotations
 
 import argparse
-import gc
 import platform
-import random
 import statistics
 import sys
 import textwrap
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,7 +33,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (benchmarks/common.py; scripts are not a package)
+import common  # noqa: E402  (benchmarks/common/; scripts are not a package)
 
 from fedsd.model import MultiExitSER, load_backbone  # noqa: E402
 from fedsd.model.backbone import SAMPLE_RATE  # noqa: E402
@@ -44,22 +41,7 @@ from fedsd.model.backbone import SAMPLE_RATE  # noqa: E402
 LABELS = ("angry", "happy", "neutral", "sad")
 EXIT_TOLERANCE = 0.10  # exit k within 10 % of front end + k layers + head
 FULL_TOLERANCE = 0.05  # our full exit within 5 % of the plain HF forward
-CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
-def default_exits(num_layers: int) -> list[int]:
-    """Quarter depths ([3, 6, 9, 12] for a 12-layer model, [1, 2, 3, 4] for the tiny one)."""
-    return sorted({max(1, round(num_layers * q / 4)) for q in (1, 2, 3, 4)})
-
-
-def quantiles(samples: Sequence[float]) -> dict[str, float]:
-    """Median and interquartile range in milliseconds."""
-    ms = sorted(s * 1e3 for s in samples)
-    if len(ms) >= 2:
-        q1, med, q3 = statistics.quantiles(ms, n=4, method="inclusive")
-    else:
-        q1 = med = q3 = ms[0]
-    return {"median_ms": med, "q1_ms": q1, "q3_ms": q3, "iqr_ms": q3 - q1}
+CLOCKS = common.CLOCKS
 
 
 def build_variants(model: MultiExitSER, x: torch.Tensor) -> dict[str, Callable[[], Any]]:
@@ -85,43 +67,24 @@ def build_variants(model: MultiExitSER, x: torch.Tensor) -> dict[str, Callable[[
 
 
 def measure(
-    variants: dict[str, Callable[[], Any]],
-    repeats: int,
-    warmup: int,
-    seed: int = 0,
-    progress: bool = True,
-    clock: Callable[[], float] = time.perf_counter,
+    variants: dict[str, Callable[[], Any]], repeats: int, warmup: int, seed: int = 0, clock: str = "wall"
 ) -> dict[str, list[float]]:
-    """Round-robin timing: each repetition runs every variant once, in a new random order."""
-    names = list(variants)
-    rng = random.Random(seed)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # a collection landing inside one variant's timing would bias it
-    try:
-        for rep in range(warmup + repeats):
-            order = names[:]
-            rng.shuffle(order)
-            for name in order:
-                fn = variants[name]
-                t0 = clock()
-                fn()
-                dt = clock() - t0
-                if rep >= warmup:
-                    times[name].append(dt)
-            gc.collect()
-            if progress and (rep + 1) % 5 == 0:
-                print(f"  repetition {rep + 1}/{warmup + repeats}", file=sys.stderr, flush=True)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return times
+    """Round-robin timing on one clock, the garbage collector kept out of the timed calls."""
+
+    def progress(rep: int, _: Any) -> None:
+        if rep % 5 == 0:
+            print(f"  repetition {rep}/{repeats}", file=sys.stderr, flush=True)
+
+    times = common.interleaved(
+        variants, repeats, seed=seed, warmup=warmup, clocks=(clock,), gc_off=True, on_repeat=progress
+    )
+    return times[clock]
 
 
 def analyse(model: MultiExitSER, times: dict[str, list[float]]) -> dict[str, Any]:
     """Medians, ideal times, ratios and whether the targets are met."""
     n = model.encoder.num_layers
-    stats = {name: quantiles(t) for name, t in times.items()}
+    stats = {name: common.quartiles_ms(t) for name, t in times.items()}
     layer_ms = statistics.fmean(stats[f"layer{i}"]["median_ms"] for i in range(1, n + 1))
     front_ms, head_ms = stats["front"]["median_ms"], stats["head"]["median_ms"]
     full = f"exit{model.exits[-1]}"
@@ -204,29 +167,20 @@ def render(result: dict[str, Any], header: str) -> str:
 
 def plot(result: dict[str, Any], path: Path, title: str, ylabel: str = "latency (ms)") -> Path:
     """Measured latency per exit (median, IQR bars) against the ideal line, plus the HF reference."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = result["rows"]
     ks = [r["exit"] for r in rows]
     med = [r["median_ms"] for r in rows]
     err = [[r["median_ms"] - r["q1_ms"] for r in rows], [r["q3_ms"] - r["median_ms"] for r in rows]]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.errorbar(ks, med, yerr=err, fmt="o-", capsize=4, label="measured (median, IQR)")
-    ax.plot(ks, [r["ideal_ms"] for r in rows], "s--", label="ideal: front + k x layer + head")
-    ax.axhline(result["hf_ms"], color="grey", ls=":", label="plain HF forward (all layers)")
-    ax.set_xlabel("exit (transformer layers run)")
-    ax.set_ylabel(ylabel)
-    ax.set_xticks(ks)
-    ax.set_ylim(bottom=0)
-    ax.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with common.figure(path, figsize=(6, 4)) as (_, ax):
+        ax.errorbar(ks, med, yerr=err, fmt="o-", capsize=4, label="measured (median, IQR)")
+        ax.plot(ks, [r["ideal_ms"] for r in rows], "s--", label="ideal: front + k x layer + head")
+        ax.axhline(result["hf_ms"], color="grey", ls=":", label="plain HF forward (all layers)")
+        ax.set_xlabel("exit (transformer layers run)")
+        ax.set_ylabel(ylabel)
+        ax.set_xticks(ks)
+        ax.set_ylim(bottom=0)
+        ax.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=9)
+        ax.legend(fontsize=8)
     return path
 
 
@@ -266,13 +220,13 @@ def run(args: argparse.Namespace, bench: common.Run | None = None) -> dict[str, 
     """Build the model, time every variant interleaved, print/write the results."""
     torch.manual_seed(args.seed)
     backbone = load_backbone(args.backbone, family=args.family)
-    exits = args.exits or default_exits(int(backbone.config.num_hidden_layers))
+    exits = args.exits or common.default_exits(int(backbone.config.num_hidden_layers))
     model = MultiExitSER(backbone, exits, LABELS, head="stats").eval()
     samples = int(round(args.seconds * SAMPLE_RATE))
     x = torch.randn(args.batch, samples, generator=torch.Generator().manual_seed(args.seed))
     with torch.inference_mode():
         variants = build_variants(model, x)
-        times = measure(variants, args.repeats, args.warmup, args.seed, clock=CLOCKS[args.clock])
+        times = measure(variants, args.repeats, args.warmup, args.seed, clock=args.clock)
     result = analyse(model, times)
     setup = {
         "backbone": args.backbone,

@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import sys
-import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (benchmarks/common.py; scripts are not a package)
+import common  # noqa: E402  (benchmarks/common/; scripts are not a package)
 
 from fedsd.model import MultiExitSER, load_backbone  # noqa: E402
 from fedsd.model.backbone import SAMPLE_RATE  # noqa: E402
@@ -42,14 +39,10 @@ from fedsd.model.export import export_exit  # noqa: E402
 from fedsd.onnx_export import QUANT_DETAIL, export_onnx, graph_info  # noqa: E402
 from fedsd.onnx_runtime import OnnxExitModel, load_clip  # noqa: E402
 
-LABELS = ("neutral", "happy", "angry", "sad")
-CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+LABELS = common.EMOTIONS
+CLOCKS = common.CLOCKS
 INT8_TARGET = 2.0  # int8 at least this much faster than eager fp32
 SIZE_TARGET = 0.30  # int8 file at most this share of the fp32 file
-
-
-def default_exits(num_layers: int) -> list[int]:
-    return sorted({max(1, round(num_layers * q / 4)) for q in (1, 2, 3, 4)})
 
 
 def _dir_bytes(path: Path) -> int:
@@ -87,36 +80,6 @@ def corpus_clips(
     cal = [load_clip(corpus / r.path, pre) for r in cal_rows]
     ev = [load_clip(corpus / r.path, pre) for r in eval_rows]
     return cal, ev, [r.label for r in eval_rows], corpus
-
-
-def quantiles(samples: Sequence[float]) -> dict[str, float]:
-    ms = sorted(s * 1e3 for s in samples)
-    if len(ms) >= 2:
-        q1, med, q3 = statistics.quantiles(ms, n=4, method="inclusive")
-    else:
-        q1 = med = q3 = ms[0]
-    return {"median_ms": med, "q1_ms": q1, "q3_ms": q3}
-
-
-def measure(
-    variants: dict[str, Callable[[], Any]], repeats: int, warmup: int, seed: int
-) -> dict[str, dict[str, list[float]]]:
-    """Both clocks for every variant; each repetition runs every variant once, in a shuffled order."""
-    names = list(variants)
-    for _ in range(warmup):
-        for name in names:
-            variants[name]()
-    out: dict[str, dict[str, list[float]]] = {c: {n: [] for n in names} for c in CLOCKS}
-    rng = random.Random(seed)
-    for _ in range(repeats):
-        rng.shuffle(names)
-        for name in names:
-            w0, c0 = time.perf_counter(), time.process_time()
-            variants[name]()
-            c1, w1 = time.process_time(), time.perf_counter()
-            out["wall"][name].append(w1 - w0)
-            out["cpu"][name].append(c1 - c0)
-    return out
 
 
 def uar(y: Sequence[int], p: Sequence[int], n: int) -> float:
@@ -169,11 +132,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace, bench: common.Run) -> dict[str, Any]:
-    if args.work is None:
-        with tempfile.TemporaryDirectory(prefix="onnx-latency-") as tmp:
-            return _run(args, bench, Path(tmp))
-    args.work.mkdir(parents=True, exist_ok=True)
-    return _run(args, bench, args.work)
+    with common.scratch(args.work, "onnx-latency-") as work:
+        return _run(args, bench, work)
 
 
 def _run(args: argparse.Namespace, bench: common.Run, work: Path) -> dict[str, Any]:
@@ -183,7 +143,7 @@ def _run(args: argparse.Namespace, bench: common.Run, work: Path) -> dict[str, A
         source = str(args.model)
     else:
         backbone = load_backbone(args.backbone, family=args.family)
-        exits = default_exits(int(backbone.config.num_hidden_layers))
+        exits = common.default_exits(int(backbone.config.num_hidden_layers))
         net = MultiExitSER(backbone, exits, LABELS, head="stats", meta={"normalize": "utterance"}).eval()
         source = args.backbone
     exits = args.exits or net.exits
@@ -241,12 +201,12 @@ def _run(args: argparse.Namespace, bench: common.Run, work: Path) -> dict[str, A
         )
     bench.log(f"timing {len(variants)} variants x {args.repeats} interleaved repeats")
     with torch.inference_mode():
-        times = measure(variants, args.repeats, args.warmup, args.seed)
+        times = common.interleaved(variants, args.repeats, seed=args.seed, warmup=args.warmup, clocks=list(CLOCKS))
     for r in rows:
         k = r["exit"]
-        r["ms"] = {v: quantiles(times[args.clock][f"{k}|{v}"])["median_ms"] for v in ["torch", "ort_fp32", *args.modes]}
-        r["wall"] = {v: quantiles(times["wall"][f"{k}|{v}"]) for v in ["torch", "ort_fp32", *args.modes]}
-        r["cpu"] = {v: quantiles(times["cpu"][f"{k}|{v}"]) for v in ["torch", "ort_fp32", *args.modes]}
+        r["ms"] = {v: common.quartiles_ms(times[args.clock][f"{k}|{v}"])["median_ms"] for v in ["torch", "ort_fp32", *args.modes]}
+        r["wall"] = {v: common.quartiles_ms(times["wall"][f"{k}|{v}"]) for v in ["torch", "ort_fp32", *args.modes]}
+        r["cpu"] = {v: common.quartiles_ms(times["cpu"][f"{k}|{v}"]) for v in ["torch", "ort_fp32", *args.modes]}
         r["speedup"] = {v: r["ms"]["torch"] / r["ms"][v] for v in ["ort_fp32", *args.modes]}
         r["size_ratio"] = {m: r["bytes"][m] / r["bytes"]["ort_fp32"] for m in args.modes}
     targets = {

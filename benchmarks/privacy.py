@@ -20,7 +20,7 @@ are made in the work directory on first use):
         --server-speakers 2 --base-epochs 1 --rounds 1 --local-epochs 1 --seeds 0 --epsilons 8 \
         --repeats 1                                          # tiny
 
-Writes ``benchmarks/results/privacy.json`` (with provenance, see benchmarks/common.py) and ``privacy.png``.
+Writes ``benchmarks/results/privacy.json`` (with provenance, see benchmarks/common/) and ``privacy.png``.
 """
 
 from __future__ import annotations
@@ -28,14 +28,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (benchmarks/common.py; scripts are not a package)
-from common import mean_std  # noqa: E402
+import common  # noqa: E402  (benchmarks/common/; scripts are not a package)
+from common import cell, mean_std  # noqa: E402
 
 from fedsd.report import markdown_table  # noqa: E402
 
@@ -67,25 +66,14 @@ def overhead(
     q, steps = local_schedule(len(feats.utt_ids), lcfg.batch_size, lcfg.epochs)
     sigma = calibrate_noise(3.0, delta, q, steps * 5)
     heads0 = {k: v.clone() for k, v in model.head_state_dict().items()}
-    times: dict[str, list[float]] = {"no DP": [], "DP-SGD": []}
-    for _ in range(repeats):
-        for name in times:
-            model.load_head_state_dict(heads0)
-            t0 = time.perf_counter()
-            if name == "no DP":
-                train_heads(model, feats, plan, lcfg)
-            else:
-                train_heads_private(
-                    model,
-                    feats,
-                    plan,
-                    lcfg,
-                    noise_multiplier=sigma,
-                    max_grad_norm=1.0,
-                    sample_rate=q,
-                    steps=steps,
-                )
-            times[name].append(time.perf_counter() - t0)
+    variants = {
+        "no DP": lambda: train_heads(model, feats, plan, lcfg),
+        "DP-SGD": lambda: train_heads_private(
+            model, feats, plan, lcfg, noise_multiplier=sigma, max_grad_norm=1.0, sample_rate=q, steps=steps
+        ),
+    }
+    reset = {name: lambda: model.load_head_state_dict(heads0) for name in variants}  # same start each time
+    times = common.interleaved(variants, repeats, before=reset)["wall"]
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
         "utterances": len(feats.utt_ids),
@@ -100,31 +88,23 @@ def overhead(
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    dp_rows = [r for r in rows if r["target_epsilon"] is not None]
-    xs = [r["target_epsilon"] for r in dp_rows]
-    for k in EXITS:
-        means = [mean_std(r["uar"][str(k)])[0] for r in dp_rows]
-        stds = [mean_std(r["uar"][str(k)])[1] for r in dp_rows]
-        line = ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=f"exit {k}")
-        nodp = [r for r in rows if r["target_epsilon"] is None][0]
-        ax.axhline(mean_std(nodp["uar"][str(k)])[0], ls="--", lw=1, color=line[0].get_color())
-    ax.axhline(0.25, color="grey", lw=0.8, ls=":", label="chance")
-    ax.set_xscale("log")
-    ax.minorticks_off()
-    ax.set_xticks(xs, [f"{x:g}" for x in xs])
-    ax.set_xlabel("target ε per device over the run (δ = 1e-4)")
-    ax.set_ylabel("UAR, unseen speakers")
-    ax.set_title("Device DP-SGD: UAR vs ε (dashed: no DP)", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with common.figure(path, figsize=(5.5, 3.6)) as (_, ax):
+        dp_rows = [r for r in rows if r["target_epsilon"] is not None]
+        xs = [r["target_epsilon"] for r in dp_rows]
+        for k in EXITS:
+            means = [mean_std(r["uar"][str(k)])[0] for r in dp_rows]
+            stds = [mean_std(r["uar"][str(k)])[1] for r in dp_rows]
+            line = ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=f"exit {k}")
+            nodp = [r for r in rows if r["target_epsilon"] is None][0]
+            ax.axhline(mean_std(nodp["uar"][str(k)])[0], ls="--", lw=1, color=line[0].get_color())
+        ax.axhline(0.25, color="grey", lw=0.8, ls=":", label="chance")
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.set_xlabel("target ε per device over the run (δ = 1e-4)")
+        ax.set_ylabel("UAR, unseen speakers")
+        ax.set_title("Device DP-SGD: UAR vs ε (dashed: no DP)", fontsize=9)
+        ax.legend(fontsize=7)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -138,12 +118,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    return common.run_main(__file__, argv, parse_args, _main)
+    return common.run_main(__file__, argv, parse_args, _main, setup=common.FedBench.from_args)
 
 
-def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
-    log = run.log
-    bench = common.FedBench.from_args(args, run)
+def _main(args: argparse.Namespace, bench: common.FedBench) -> dict[str, Any]:
+    run, log = bench.run, bench.run.log
     split, base = bench.fixed_base(args.speaker_seed)
     fed = bench.config().federated
     settings: list[float | None] = [None, *sorted(args.epsilons, reverse=True)]
@@ -151,20 +130,12 @@ def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
     for eps in settings:
         row: dict[str, Any] = {"target_epsilon": eps, "uar": {str(k): [] for k in EXITS}, "epsilon": [], "sigma": [],
                                "device_seconds": []}  # fmt: skip
+        dp = {} if eps is None else {
+            "federated.dp": {"target_epsilon": eps, "delta": args.delta, "max_grad_norm": 1.0, "rounds": fed.rounds},
+        }  # fmt: skip
+        name = "nodp" if eps is None else f"eps{eps:g}"
         for seed in args.seeds:
-            part = bench.partition(split, seed, args.fraction)
-            overrides: dict[str, Any] = {
-                "federated.label_fraction": args.fraction,
-                "federated.seed": seed,
-                "federated.mode": "sd",
-            }
-            if eps is not None:
-                overrides |= {
-                    "federated.dp": {"target_epsilon": eps, "delta": args.delta, "max_grad_norm": 1.0,
-                                     "rounds": fed.rounds},
-                }  # fmt: skip
-            name = "nodp" if eps is None else f"eps{eps:g}"
-            res = bench.federate(overrides, part, base, f"privacy/{name}-s{seed}")
+            res = bench.run_seed(split, base, seed, args.fraction, f"privacy/{name}-s{seed}", extra=dp)
             for k in EXITS:
                 row["uar"][str(k)].append(res["after"][str(k)])
             reports = res["train_reports"]
@@ -178,7 +149,7 @@ def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
                 f"{name} seed {seed}: UAR "
                 + ", ".join(f"exit {k} {res['after'][str(k)]:.3f}" for k in EXITS)
                 + (f"; max ε {row['epsilon'][-1]:.3f}" if eps is not None else "")
-                + (" (cached)" if res.get("cached") else f" ({res['seconds']:.0f} s)")
+                + common.took(res)
             )
         rows.append(row)
     before = res["before"]
@@ -195,11 +166,7 @@ def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
         label = "none" if r["target_epsilon"] is None else f"target ε = {r['target_epsilon']:g}"
         sig = "–" if not r["sigma"] else f"{min(r['sigma']):.2f}–{max(r['sigma']):.2f}"
         eps_txt = "∞" if not r["epsilon"] else f"{max(r['epsilon']):.2f}"
-        cells = []
-        for k in EXITS:
-            m, s = mean_std(r["uar"][str(k)])
-            cells.append(f"{m:.3f} ± {s:.3f}")
-        table_rows.append([label, sig, eps_txt, *cells])
+        table_rows.append([label, sig, eps_txt, *(cell(r["uar"][str(k)]) for k in EXITS)])
     print()
     print(
         f"### Shallow-exit UAR under device DP (mean ± std over seeds {args.seeds}, {args.fraction:.0%} labels)"
@@ -221,28 +188,14 @@ def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
         f"{run.seconds:.0f} s"
     )
     payload = {
-        "setting": bench.setup_record()
-        | {
-            "base_model": str(base),
-            "test_speakers": split.test_speakers,
-            "seeds": args.seeds,
-            "label_fraction": args.fraction,
-            "delta": args.delta,
-            "rounds": fed.rounds,
-            "local_epochs": fed.local_epochs,
-            "num_clients": fed.num_clients,
-            "exits_mix": fed.exits_mix,
-        },
+        "setting": bench.setting(split, base, args, delta=args.delta, exits_mix=fed.exits_mix),
         "exits": list(EXITS),
         "before": before,
         "rows": rows,
         "overhead": ov,
     }
-    json_path = args.out.with_suffix(".json")
-    out = bench.write(json_path, payload, args)
-    plot(rows, args.out.with_suffix(".png"))
-    log(f"wrote {args.out.with_suffix('.png')}")
-    return out
+    png = args.out.with_suffix(".png")
+    return bench.publish(args.out.with_suffix(".json"), png, payload, args, lambda path: plot(rows, path))
 
 
 if __name__ == "__main__":

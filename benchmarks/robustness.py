@@ -18,7 +18,7 @@ made in the work directory on first use.
         --server-speakers 2 --base-epochs 1 --rounds 1 --local-epochs 1 --seeds 0 \
         --defences mean median --attacks none scaled          # tiny
 
-Writes ``benchmarks/results/robustness.json`` (with provenance, see benchmarks/common.py) and
+Writes ``benchmarks/results/robustness.json`` (with provenance, see benchmarks/common/) and
 ``robustness.png``.
 """
 
@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (benchmarks/common.py; scripts are not a package)
-from common import mean_std  # noqa: E402
+import common  # noqa: E402  (benchmarks/common/; scripts are not a package)
+from common import cell, mean_std  # noqa: E402
 
 from fedsd.report import markdown_table  # noqa: E402
 
@@ -77,28 +77,20 @@ def plot(
     attacks: list[str],
     title: str,
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 3.6))
     names = defences
-    width = 0.8 / len(attacks)
-    for j, attack in enumerate(attacks):
-        stats = [mean_std(results[f"{d}|{attack}"]["1"]) for d in names]
-        xs = [i + (j - (len(attacks) - 1) / 2) * width for i in range(len(names))]
-        ax.bar(
-            xs, [m for m, _ in stats], width, yerr=[s for _, s in stats], capsize=3, label=f"attack: {attack}"
-        )
-    ax.axhline(0.25, color="grey", lw=0.8, ls=":")
-    ax.set_xticks(range(len(names)), names, fontsize=8)
-    ax.set_ylabel("exit 1 UAR, unseen speakers")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="lower center", ncol=len(attacks), framealpha=0.95)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with common.figure(path, figsize=(7.5, 3.6)) as (_, ax):
+        width = 0.8 / len(attacks)
+        for j, attack in enumerate(attacks):
+            stats = [mean_std(results[f"{d}|{attack}"]["1"]) for d in names]
+            xs = [i + (j - (len(attacks) - 1) / 2) * width for i in range(len(names))]
+            ax.bar(
+                xs, [m for m, _ in stats], width, yerr=[s for _, s in stats], capsize=3, label=f"attack: {attack}"
+            )
+        ax.axhline(0.25, color="grey", lw=0.8, ls=":")
+        ax.set_xticks(range(len(names)), names, fontsize=8)
+        ax.set_ylabel("exit 1 UAR, unseen speakers")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7, loc="lower center", ncol=len(attacks), framealpha=0.95)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -118,12 +110,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    return common.run_main(__file__, argv, parse_args, _main)
+    return common.run_main(__file__, argv, parse_args, _main, setup=common.FedBench.from_args)
 
 
-def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
-    log = run.log
-    bench = common.FedBench.from_args(args, run)
+def _main(args: argparse.Namespace, bench: common.FedBench) -> dict[str, Any]:
+    run, log = bench.run, bench.run.log
     split, base = bench.fixed_base(args.speaker_seed)
     num_clients = bench.num_clients
     defences = {DEFENCE_KEYS[d]: DEFENCES[DEFENCE_KEYS[d]] for d in args.defences}
@@ -133,25 +124,21 @@ def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
     before: dict[str, float] = {}
     for defence, extra in defences.items():
         for attack, factor in attacks.items():
-            cell = results.setdefault(f"{defence}|{attack}", {str(k): [] for k in EXITS})
+            per_exit = results.setdefault(f"{defence}|{attack}", {str(k): [] for k in EXITS})
+            tag = "-".join(f"{k.split('.')[-1]}{v}" for k, v in extra.items()) or "mean"
             for seed in args.seeds:
-                part = bench.partition(split, seed, args.fraction)
-                overrides = extra | {
-                    "federated.label_fraction": args.fraction, "federated.seed": seed, "federated.mode": "sd",
-                }  # fmt: skip
-                tag = "-".join(f"{k.split('.')[-1]}{v}" for k, v in extra.items()) or "mean"
-                res = bench.federate(
-                    overrides, part, base, f"robustness/{tag}-f{factor}-s{seed}", wrap=attacker(factor),
-                    key_extra={"attack": "device 0 sends g + factor (u - g)", "factor": factor},
+                res = bench.run_seed(
+                    split, base, seed, args.fraction, f"robustness/{tag}-f{factor}-s{seed}", extra=extra,
+                    wrap=attacker(factor), key_extra={"attack": "device 0 sends g + factor (u - g)", "factor": factor},
                 )  # fmt: skip
                 before = res["before"]
                 for k in EXITS:
-                    cell[str(k)].append(res["after"][str(k)])
+                    per_exit[str(k)].append(res["after"][str(k)])
                 n_rejected = sum(len(r.get("rejections", [])) for r in res["train_reports"])
                 rejected.setdefault(f"{defence}|{attack}", []).append(n_rejected)
                 log(
                     f"{defence} / {attack} / seed {seed}: exit 1 {res['after']['1']:.3f}, rejected {n_rejected}"
-                    + (" (cached)" if res.get("cached") else f" ({res['seconds']:.0f} s)")
+                    + common.took(res)
                 )
     clean = results["mean (no defence)|none"]
     header = (
@@ -162,9 +149,9 @@ def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
     rows = [["base model (before federation)", "–"] + [f"{before[str(k)]:.3f}" for k in EXITS] + ["", ""]]
     for key, per_exit in results.items():
         defence, attack = key.split("|")
-        cells = [f"{mean_std(per_exit[str(k)])[0]:.3f} ± {mean_std(per_exit[str(k)])[1]:.3f}" for k in EXITS]
-        delta = mean_std([a - b for a, b in zip(per_exit["1"], clean["1"], strict=True)])
-        rows.append([defence, attack, *cells, f"{delta[0]:+.3f} ± {delta[1]:.3f}",
+        cells = [cell(per_exit[str(k)]) for k in EXITS]
+        delta = common.paired(dict(enumerate(per_exit["1"])), dict(enumerate(clean["1"])))  # by seed
+        rows.append([defence, attack, *cells, f"{delta['mean']:+.3f} ± {delta['std']:.3f}",
                      f"{sum(rejected[key]) / len(args.seeds):.1f}/run"])  # fmt: skip
     title = f"One malicious device of {num_clients} (device 0), mean ± std over seeds {args.seeds}"
     print()
@@ -172,30 +159,17 @@ def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
     print()
     print(markdown_table(header, rows))
     print(f"this run {run.seconds:.0f} s")
-    fed = bench.config().federated
     payload = {
-        "setting": bench.setup_record()
-        | {
-            "base_model": str(base),
-            "test_speakers": split.test_speakers,
-            "seeds": args.seeds,
-            "label_fraction": args.fraction,
-            "rounds": fed.rounds,
-            "local_epochs": fed.local_epochs,
-            "num_clients": num_clients,
-            "defences": defences,
-            "attacks": attacks,
-        },
+        "setting": bench.setting(split, base, args, defences=defences, attacks=attacks),
         "exits": list(EXITS),
         "before": before,
         "results": results,
         "rejected": rejected,
         "seeds": args.seeds,
     }
-    out = bench.write(args.out.with_suffix(".json"), payload, args)
-    plot(results, args.out.with_suffix(".png"), list(defences), list(attacks), title)
-    log(f"wrote {args.out.with_suffix('.png')}")
-    return out
+    png = args.out.with_suffix(".png")
+    draw = lambda path: plot(results, path, list(defences), list(attacks), title)  # noqa: E731
+    return bench.publish(args.out.with_suffix(".json"), png, payload, args, draw)
 
 
 if __name__ == "__main__":

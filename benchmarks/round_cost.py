@@ -24,7 +24,7 @@ count); upload ≤ 1 % of the full model.
     .venv/bin/python benchmarks/round_cost.py                     # base, 32 × 4 s, exit 6, 2 epochs, 3 reps
     .venv/bin/python benchmarks/round_cost.py --backbone tiny --utterances 8 --seconds 1 --repeats 2
 
-Writes ``benchmarks/results/round_cost.json`` (``--json``) with provenance (benchmarks/common.py).
+Writes ``benchmarks/results/round_cost.json`` (``--json``) with provenance (benchmarks/common/).
 """
 
 from __future__ import annotations
@@ -36,9 +36,7 @@ import os
 import platform
 import random
 import shutil
-import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -47,7 +45,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (benchmarks/common.py; scripts are not a package)
+import common  # noqa: E402  (benchmarks/common/; scripts are not a package)
 from flwr.app import MetricRecord, RecordDict  # noqa: E402
 from flwr.common.serde import recorddict_to_proto  # noqa: E402
 
@@ -61,10 +59,9 @@ from fedsd.features import CachedFeatures, FeatureCache  # noqa: E402
 from fedsd.model import MultiExitSER, load_backbone  # noqa: E402
 from fedsd.wire import heads_to_record  # noqa: E402
 
-LABELS = ("neutral", "happy", "angry", "sad")
+LABELS = common.EMOTIONS
 SPEEDUP_TARGET = 50.0
 UPLOAD_TARGET = 0.01
-DEFAULT_JSON = common.RESULTS / "round_cost.json"
 VARIANTS = ("no_cache", "cold_cache", "warm_cache", "model_load")
 
 
@@ -79,11 +76,6 @@ TITLES = {
     "warm_cache": "warm cache (steady state: read + train)",
     "model_load": "model load (`from_pretrained`, per message)",
 }
-
-
-def default_exits(num_layers: int) -> list[int]:
-    """Quarter depths ([3, 6, 9, 12] for a 12-layer model, [1, 2, 3, 4] for the tiny one)."""
-    return sorted({max(1, round(num_layers * q / 4)) for q in (1, 2, 3, 4)})
 
 
 def make_corpus(out: Path, utterances: int, seed: int) -> tuple[list[ManifestRow], Path]:
@@ -106,11 +98,6 @@ def labelled_mask(n: int, fraction: float, seed: int) -> list[bool]:
 
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def quantiles(samples: Sequence[float]) -> dict[str, float]:
-    s = sorted(samples)
-    return {"median_s": statistics.median(s), "min_s": s[0], "max_s": s[-1], "samples_s": list(s)}
 
 
 class Device:
@@ -202,29 +189,6 @@ class Device:
         return self.reply(feats, losses), feats
 
 
-def measure(
-    variants: dict[str, Callable[[], Any]],
-    before: dict[str, Callable[[], Any]],
-    repeats: int,
-    seed: int,
-    log: Callable[[str], None],
-) -> dict[str, list[float]]:
-    """Each repetition runs every variant once, in a new random order; ``before`` runs untimed."""
-    rng = random.Random(seed)
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for rep in range(repeats):
-        order = list(variants)
-        rng.shuffle(order)
-        for name in order:
-            if name in before:
-                before[name]()
-            t0 = time.perf_counter()
-            variants[name]()
-            times[name].append(time.perf_counter() - t0)
-            log(f"  rep {rep + 1}/{repeats} {name}: {times[name][-1]:.3f} s")
-    return times
-
-
 def feature_gap(a: CachedFeatures, b: CachedFeatures) -> float:
     """Largest absolute difference between two sets of head inputs (recomputed vs cached)."""
     return max(
@@ -247,7 +211,7 @@ def run(args: argparse.Namespace, work: Path, log: Callable[[str], None]) -> dic
     )
 
     backbone = load_backbone(args.backbone)
-    exits = args.exits or default_exits(backbone.config.num_hidden_layers)
+    exits = args.exits or common.default_exits(backbone.config.num_hidden_layers)
     meta = {"sample_rate": 16000, "crop": {"max_seconds": args.seconds, "mode": "tile"}}
     model = MultiExitSER(backbone, exits, LABELS, head="stats", meta=meta).eval()
     device_exit = args.exit if args.exit is not None else exits[1]
@@ -318,10 +282,13 @@ def run(args: argparse.Namespace, work: Path, log: Callable[[str], None]) -> dic
     before[vkey("model_load", default_threads)] = setting(default_threads)
     log(f"timing {len(variants)} variants × {args.repeats} repetitions, interleaved: {', '.join(variants)}")
     load_before = os.getloadavg()
-    times = measure(variants, before, args.repeats, args.seed, log)
+    def progress(rep: int, times: dict[str, dict[str, list[float]]]) -> None:
+        log(f"  rep {rep}/{args.repeats}: " + ", ".join(f"{n} {t[-1]:.3f} s" for n, t in times["wall"].items()))
+
+    times = common.interleaved(variants, args.repeats, seed=args.seed, before=before, on_repeat=progress)["wall"]
     load_after = os.getloadavg()
     torch.set_num_threads(default_threads)
-    stats = {name: quantiles(t) for name, t in times.items()}
+    stats = {name: common.spread_s(t) for name, t in times.items()}
     gap = feature_gap(recomputed["feats"], again)
 
     # What a device uploads per round: the train reply's content (its heads + a few metrics).
@@ -451,37 +418,20 @@ def table(res: dict[str, Any]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--backbone", default="base", help="built-in backbone: base (wav2vec2-base shape) or tiny")
-    p.add_argument("--utterances", type=int, default=32, help="utterances on the device")
-    p.add_argument("--seconds", type=float, default=4.0, help="clip length (tile/crop policy)")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions per variant")
-    p.add_argument("--epochs", type=int, default=2, help="local epochs per round")
-    p.add_argument(
-        "--exits",
-        type=lambda s: [int(x) for x in s.split(",")],
-        default=None,
-        help="model exits (default: quarter depths, 3,6,9,12 for base)",
-    )
+    p = common.device_parser(__doc__, utterances=32, seconds=4.0, helps={"seconds": "clip length (tile/crop policy)"})
+    p.add_argument("--exits", type=common.int_list, help="model exits (default: quarter depths, 3,6,9,12 for base)")
     p.add_argument("--exit", type=int, default=None, help="the device's exit (default: the second exit)")
     p.add_argument("--batch-size", type=int, default=8, help="backbone and head batch size")
     p.add_argument("--label-fraction", type=float, default=0.2, help="labelled share of the device's data")
     p.add_argument(
         "--threads",
-        type=lambda s: [int(x) for x in s.split(",")],
-        default=None,
+        type=common.int_list,
         help="torch intra-op thread counts to time the no-cache and warm-cache rounds at "
         "(default: 1; torch's default is always added)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", type=Path, default=None, help="keep corpus, model and caches here")
-    p.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the results")
-    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    common.add_timing_args(p, "round_cost", repeats=3)
     args = p.parse_args(argv)
-    if args.utterances < 1 or args.repeats < 1 or args.epochs < 1 or args.seconds <= 0:
-        p.error("--utterances, --repeats, --epochs must be >= 1 and --seconds > 0")
+    common.check_sizes(p, args)
     return args
 
 
@@ -490,16 +440,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def _main(args: argparse.Namespace, bench: common.Run) -> dict[str, Any]:
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        res = run(args, args.workdir, bench.log)
-    else:
-        with tempfile.TemporaryDirectory(prefix="fedsd-round-cost-") as tmp:
-            res = run(args, Path(tmp), bench.log)
-    print(table(res))
-    fingerprint = res.pop("fingerprint")
-    config = {k: v for k, v in vars(args).items() if k not in ("json", "quiet")} | res["settings"]
-    return bench.write(args.json, res, config=config, fingerprint=fingerprint, args=args)
+    return common.timed_main(args, bench, run, table, with_settings=True)
 
 
 if __name__ == "__main__":

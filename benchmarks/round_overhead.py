@@ -20,7 +20,7 @@ Target (issue 12): cached train message ≤ 1.5× the bare ClientApp.
     .venv/bin/python benchmarks/round_overhead.py --before /tmp/before     # base, 16 × 2 s, 5 reps
     .venv/bin/python benchmarks/round_overhead.py --backbone tiny --utterances 4 --repeats 1
 
-Writes ``benchmarks/results/round_overhead.json`` (``--json``) with provenance (benchmarks/common.py).
+Writes ``benchmarks/results/round_overhead.json`` (``--json``) with provenance (benchmarks/common/).
 """
 
 from __future__ import annotations
@@ -28,22 +28,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (benchmarks/common.py; scripts are not a package)
+import common  # noqa: E402  (benchmarks/common/; scripts are not a package)
 
-LABELS = ("neutral", "happy", "angry", "sad")
+LABELS = common.EMOTIONS
 TARGET = 1.5
-DEFAULT_JSON = common.RESULTS / "round_overhead.json"
 
 # Runs in the fresh process. argv[1]: JSON {"kind", "code", "node", "heads", "config"}; prints one JSON line.
 CHILD = r"""
@@ -94,11 +91,6 @@ print(json.dumps({"import_s": T1 - T0, "handler_s": T2 - T1, "metrics": metrics,
 """
 
 
-def default_exits(num_layers: int) -> list[int]:
-    """Quarter depths ([3, 6, 9, 12] for a 12-layer model, [1, 2, 3, 4] for the tiny one)."""
-    return sorted({max(1, round(num_layers * q / 4)) for q in (1, 2, 3, 4)})
-
-
 def make_device(work: Path, args: argparse.Namespace) -> tuple[dict[str, Any], Path, str]:
     """Corpus, model and a real device's node config (without its cache); returns (node, heads, fp)."""
     import numpy as np
@@ -124,7 +116,7 @@ def make_device(work: Path, args: argparse.Namespace) -> tuple[dict[str, Any], P
     write_manifest(rows, data / "manifest.csv")
     torch.manual_seed(args.seed)
     backbone = load_backbone(args.backbone)
-    exits = default_exits(int(backbone.config.num_hidden_layers))
+    exits = common.default_exits(int(backbone.config.num_hidden_layers))
     model = MultiExitSER(backbone, exits, list(LABELS),
                          meta={"sample_rate": sr, "crop": {"max_seconds": args.seconds, "mode": "tile"}})  # fmt: skip
     model.save_pretrained(work / "model")
@@ -153,8 +145,7 @@ def summary(samples: list[dict[str, Any]]) -> dict[str, Any]:
     def med(key: str) -> float:
         return statistics.median(s[key] for s in samples)
 
-    walls = sorted(s["wall_s"] for s in samples)
-    return {"median_s": med("wall_s"), "min_s": walls[0], "max_s": walls[-1], "samples_s": walls,
+    return common.spread_s([s["wall_s"] for s in samples]) | {
             "import_median_s": med("import_s"), "handler_median_s": med("handler_s"),
             "cache_misses": [int(s["metrics"].get("cache-misses", 0)) for s in samples],
             "heavy_modules": samples[-1]["heavy"], "code_file": samples[-1]["file"]}  # fmt: skip
@@ -178,17 +169,17 @@ def run(args: argparse.Namespace, work: Path, log: Any) -> dict[str, Any]:
         log(f"  {first['wall_s']:.1f} s, {first['metrics'].get('cache-misses')} misses ({first['file']})")
     load_before = os.getloadavg()
     samples: dict[str, list[dict[str, Any]]] = {name: [] for name in specs}
-    order = list(specs)
-    rng = random.Random(args.seed)
-    for rep in range(args.repeats):
-        rng.shuffle(order)
-        for name in order:
-            samples[name].append(run_child(specs[name]))
-        log(f"repetition {rep + 1}/{args.repeats}: " + ", ".join(
-            f"{n} {samples[n][-1]['wall_s']:.2f} s" for n in specs))  # fmt: skip
+
+    def message(name: str) -> Any:
+        return lambda: samples[name].append(run_child(specs[name]))
+
+    def progress(rep: int, _: Any) -> None:
+        log(f"repetition {rep}/{args.repeats}: " + ", ".join(f"{n} {samples[n][-1]['wall_s']:.2f} s" for n in specs))
+
+    # each child reports its own wall time, from spawn to exit: that is what is kept
+    common.interleaved({name: message(name) for name in specs}, args.repeats, seed=args.seed, on_repeat=progress)
     times = {name: summary(s) for name, s in samples.items()}
-    floor = times["bare"]["median_s"]
-    ratios = {name: t["median_s"] / floor for name, t in times.items() if name != "bare"}
+    ratios = common.over({name: t["median_s"] for name, t in times.items()}, "bare")
     return {
         "settings": {"backbone": args.backbone, "utterances": args.utterances, "seconds": args.seconds,
                      "epochs": args.epochs, "repeats": args.repeats, "device_exit": int(node["exit"]),
@@ -226,22 +217,13 @@ def table(res: dict[str, Any]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--backbone", default="base", help="built-in backbone: base (wav2vec2-base shape) or tiny")
-    p.add_argument("--utterances", type=int, default=16, help="utterances on the device (all cached)")
-    p.add_argument("--seconds", type=float, default=2.0, help="clip length")
-    p.add_argument("--epochs", type=int, default=2, help="local epochs of the message")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved repetitions per process kind")
+    p = common.device_parser(__doc__, utterances=16, seconds=2.0,
+                             helps={"utterances": "utterances on the device (all cached)",
+                                   "epochs": "local epochs of the message"})  # fmt: skip
     p.add_argument("--before", type=Path, default=None, help="another checkout to time as fedsd@before")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", type=Path, default=None, help="keep corpus, model and caches here")
-    p.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the results")
-    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    common.add_timing_args(p, "round_overhead", repeats=5)
     args = p.parse_args(argv)
-    if args.utterances < 1 or args.repeats < 1 or args.epochs < 1 or args.seconds <= 0:
-        p.error("--utterances, --repeats, --epochs must be >= 1 and --seconds > 0")
+    common.check_sizes(p, args)
     if args.before is not None and not (args.before / "clients" / "app.py").is_file():
         p.error(f"--before {args.before}: not a fedsd checkout (no clients/app.py)")
     return args
@@ -252,16 +234,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def _main(args: argparse.Namespace, bench: common.Run) -> dict[str, Any]:
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        res = run(args, args.workdir, bench.log)
-    else:
-        with tempfile.TemporaryDirectory(prefix="fedsd-round-overhead-") as tmp:
-            res = run(args, Path(tmp), bench.log)
-    print(table(res))
-    fingerprint = res.pop("fingerprint")
-    config = {k: v for k, v in vars(args).items() if k not in ("json", "quiet")}
-    return bench.write(args.json, res, config=config, fingerprint=fingerprint, args=args)
+    return common.timed_main(args, bench, run, table)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ per exit with its 95 % Student-t interval over seeds; the baseline's UAR.
     .venv/bin/python benchmarks/self_distillation.py --speakers 8 --sentences 1 --test-speakers 2 \\
         --valid-speakers 2 --epochs 1 --seeds 0 1 --fractions 1.0 --set data.crop.max_seconds=1   # tiny
 
-Writes ``benchmarks/results/self_distillation.json`` (with provenance, see benchmarks/common.py) and
+Writes ``benchmarks/results/self_distillation.json`` (with provenance, see benchmarks/common/) and
 ``self_distillation.png``. The corpus (generated from the recipe's ``data.synth`` unless ``--corpus``)
 and the training runs live in the work directory (default ``runs/bench/<code version>/self_distillation``).
 """
@@ -26,15 +26,14 @@ and the training runs live in the work directory (default ``runs/bench/<code ver
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (benchmarks/common.py; scripts are not a package)
-from common import mean_std, t_interval  # noqa: E402
+import common  # noqa: E402  (benchmarks/common/; scripts are not a package)
+from common import mean_std  # noqa: E402
 
 ARMS = {"ce": "CE only", "sd": "self-distillation"}
 BASELINE = "MFCC + logistic regression"
@@ -44,11 +43,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    common.add_config_args(ap)
-    ap.add_argument("--work", type=Path, help="corpus and runs (default runs/bench/<code>/self_distillation)")
-    ap.add_argument("--corpus", type=Path, help="an existing corpus (default: the recipe's, generated)")
-    ap.add_argument("--speakers", type=int, help="synthetic speakers (default: the recipe's data.synth)")
-    ap.add_argument("--sentences", type=int, help="sentences per speaker and emotion (default: the recipe's)")
+    common.add_corpus_args(ap, "corpus and runs (default runs/bench/<code>/self_distillation)")
     ap.add_argument("--test-speakers", type=int, default=4, help="unseen test speakers per seed")
     ap.add_argument("--valid-speakers", type=int, default=2, help="validation speakers per seed")
     ap.add_argument("--epochs", type=int, help="training epochs (default: the recipe's train.epochs)")
@@ -97,7 +92,7 @@ def train_one(config: dict[str, Any], run_dir: str, threads: int | None = None) 
     if threads is not None:
         common.set_threads(threads)
     cfg = ExperimentConfig.model_validate(config)
-    res = train(cfg, run_dir, log=common._quiet)
+    res = train(cfg, run_dir, log=common.quiet)
     return {
         "test_uar": {str(k): r.uar for k, r in res.test.items()},
         "test_wa": {str(k): r.wa for k, r in res.test.items()},
@@ -142,7 +137,6 @@ def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
     from fedsd.train import resolve_label_names, split_rows
 
     log = run.log
-    work = common.work_dir(args.work, run.name)
     sizes = {
         "data.synth.speakers": args.speakers,
         "data.synth.sentences": args.sentences,
@@ -151,9 +145,7 @@ def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
         "data.valid_speakers": args.valid_speakers,
         "data.test_speakers": args.test_speakers,
     }
-    overrides = common.base_overrides(args, sizes)
-    corpus = common.ensure_corpus(common.load_recipe(args, overrides), args.corpus, work, log)
-    overrides |= common.corpus_overrides(corpus)
+    work, corpus, overrides = common.prepare_corpus(args, sizes, run.name, log)
     recipe = common.load_recipe(args, overrides)
     rows = read_manifest(corpus / "manifest.csv")
     label_names = resolve_label_names(recipe, rows)
@@ -256,17 +248,16 @@ def summarise(
             for mode in modes
         }
         seeds = sorted(set.intersection(*(set(v) for v in arm.values())))
+        per_seed = {mode: {str(k): {s: arm[mode][s][str(k)] for s in seeds} for k in exits} for mode in modes}
         entry: dict[str, Any] = {}
         for mode in modes:
             entry[mode] = {}
-            for k in exits:
-                vals = [arm[mode][s][str(k)] for s in seeds]
+            for k, by_seed in per_seed[mode].items():
+                vals = list(by_seed.values())
                 m, sd = mean_std(vals)
-                entry[mode][str(k)] = {"mean": m, "std": sd, "values": vals}
+                entry[mode][k] = {"mean": m, "std": sd, "values": vals}
         if len(modes) == 2:
-            entry["sd_minus_ce"] = {
-                str(k): t_interval([arm["sd"][s][str(k)] - arm["ce"][s][str(k)] for s in seeds]) for k in exits
-            }
+            entry["sd_minus_ce"] = {k: common.paired(per_seed["sd"][k], per_seed["ce"][k]) for k in per_seed["sd"]}
         b = [r["uar"] for r in base_runs if r["fraction"] == f]
         m, sd = mean_std(b)
         entry["baseline"] = {"mean": m, "std": sd, "values": b}
@@ -280,9 +271,7 @@ def _pm(m: float, s: float) -> str:
 
 
 def _ci(d: dict[str, Any]) -> str:
-    if math.isnan(d["ci_low"]):
-        return f"{d['mean']:+.3f} (1 seed)"
-    return f"{d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] ({d['positive']}/{d['n']} up)"
+    return common.ci_cell(d, single="1 seed", up="up")
 
 
 def print_table(
@@ -325,14 +314,16 @@ def plot(
     n_test: int,
     n_classes: int,
 ) -> Path:
-    import matplotlib
+    size = (4.2 * len(fractions), 3.6)
+    with common.figure(path, ncols=len(fractions), figsize=size, sharey=True, squeeze=False) as (fig, axes):
+        _draw(axes, summary, fractions, exits, n_test, n_classes)
+        fig.suptitle(f"Self-distillation vs CE only, mean ± std over seeds {seeds}", fontsize=9)
+    return path
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(
-        1, len(fractions), figsize=(4.2 * len(fractions), 3.6), sharey=True, squeeze=False
-    )
+def _draw(
+    axes: Any, summary: dict[str, Any], fractions: Sequence[float], exits: list[int], n_test: int, n_classes: int
+) -> None:
     for ax, f in zip(axes[0], fractions, strict=True):
         e = summary[f"{f:g}"]
         for j, (mode, name) in enumerate(ARMS.items()):
@@ -355,12 +346,6 @@ def plot(
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel(f"test UAR ({n_test} unseen speakers)")
     axes[0][0].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"Self-distillation vs CE only, mean ± std over seeds {seeds}", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 if __name__ == "__main__":

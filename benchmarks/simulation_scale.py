@@ -26,7 +26,7 @@ devices: ≤ 5 minutes in all, ≤ 8 GB.
     .venv/bin/python benchmarks/simulation_scale.py                          # 10, 25, 50 devices
     .venv/bin/python benchmarks/simulation_scale.py --clients 4 --speakers 10 --rounds 2   # smoke run
 
-Writes ``benchmarks/results/simulation_scale.json`` (``--json``) with provenance (benchmarks/common.py).
+Writes ``benchmarks/results/simulation_scale.json`` (``--json``) with provenance (benchmarks/common/).
 """
 
 from __future__ import annotations
@@ -56,16 +56,18 @@ except ImportError:  # Ray vendors psutil in ray/thirdparty_files; use it withou
     import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (benchmarks/common.py; scripts are not a package)
+import common  # noqa: E402  (benchmarks/common/; scripts are not a package)
 
 REPO = common.ROOT
 DEFAULT_JSON = common.RESULTS / "simulation_scale.json"
-LABELS = ("neutral", "happy", "angry", "sad")
+LABELS = common.EMOTIONS
 TIME_TARGET_S = 300.0
 MEMORY_TARGET_B = 8e9
 TARGET_CLIENTS = 50
 SAMPLE_EVERY_S = 0.5
 PSS_EVERY = 4  # PSS (slower to read) every 4th sample, i.e. every 2 s
+# the flags that size a run: the parent passes them on to its children, which fill the config with them
+SIZES = ("rounds", "speakers", "sentences", "seconds", "by", "test_speakers", "server_speakers")
 
 CONFIG = """\
 name: simscale{clients}
@@ -137,13 +139,7 @@ def child_simulate(work: Path, clients: int, args: argparse.Namespace) -> dict[s
             clients=clients,
             root=work / "corpus",
             labels=", ".join(LABELS),
-            seconds=args.seconds,
-            speakers=args.speakers,
-            sentences=args.sentences,
-            by=args.by,
-            test_speakers=args.test_speakers,
-            server_speakers=args.server_speakers,
-            rounds=args.rounds,
+            **{k: getattr(args, k) for k in SIZES},
         ),
         encoding="utf-8",
     )
@@ -287,16 +283,11 @@ def stop_processes(procs: Sequence[psutil.Process], log: Callable[[str], None]) 
 
 
 def child_env(ray_tmp: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env |= {
+    return os.environ | common.ENV | {
         "RAY_ADDRESS": "local",  # start a private Ray instance, never join one found on the machine
         "RAY_TMPDIR": str(ray_tmp),
-        "RAY_DISABLE_USAGE_STATS": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
         "PYTHONUNBUFFERED": "1",
     }
-    return env
 
 
 def run_child(
@@ -465,22 +456,7 @@ def table(res: dict[str, Any]) -> str:
 
 def passthrough(args: argparse.Namespace) -> list[str]:
     """The options a child needs to reproduce the parent's settings."""
-    return [
-        "--rounds",
-        str(args.rounds),
-        "--speakers",
-        str(args.speakers),
-        "--sentences",
-        str(args.sentences),
-        "--seconds",
-        str(args.seconds),
-        "--by",
-        args.by,
-        "--test-speakers",
-        str(args.test_speakers),
-        "--server-speakers",
-        str(args.server_speakers),
-    ]
+    return [item for k in SIZES for item in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -587,12 +563,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.child_out.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
         return out
     bench = common.Run(__file__, argv)
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        res = parent(args, args.workdir.resolve())
-    else:
-        with tempfile.TemporaryDirectory(prefix="fedsd-sim-scale-") as tmp:
-            res = parent(args, Path(tmp))
+    with common.scratch(args.workdir, "fedsd-sim-scale-") as work:
+        res = parent(args, work)
     print(table(res))
     config = res["settings"] | {"config_template": CONFIG, "engine": "ray", "base_model": "tiny, untrained"}
     return bench.write(args.json, res, config=config, fingerprint=res["setup"].get("fingerprint"), args=args)

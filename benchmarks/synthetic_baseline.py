@@ -9,8 +9,8 @@ real emotional speech. DESIGN.md §3 sets the target: this simple baseline shoul
     .venv/bin/python benchmarks/synthetic_baseline.py --corpus DIR     # an existing corpus
     .venv/bin/python benchmarks/synthetic_baseline.py --speakers 4 --sentences 1 --folds 2   # tiny
 
-Writes ``benchmarks/results/synthetic_baseline.json`` (``--json``) with provenance (benchmarks/common.py).
-The features and the classifier live in benchmarks/common.py (``mfcc_features``, ``fit_score``), shared
+Writes ``benchmarks/results/synthetic_baseline.json`` (``--json``) with provenance (benchmarks/common/).
+The features and the classifier live in benchmarks/common/baseline.py (``mfcc_features``, ``fit_score``), shared
 with benchmarks/self_distillation.py, which reports this baseline beside the trained model.
 
 Sizes default to the recipe's ``data.synth`` (configs/demo.yaml; ``--config``, ``--set``).
@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (benchmarks/common.py; scripts are not a package)
+import common  # noqa: E402  (benchmarks/common/; scripts are not a package)
 from common import EMOTIONS  # noqa: E402
 
 from fedsd.data.manifest import read_manifest  # noqa: E402

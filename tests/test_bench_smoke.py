@@ -9,6 +9,7 @@ base model (trained by the adaptation benchmark's run).
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import math
@@ -22,7 +23,6 @@ from typing import Any
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-SHARED = {"common"}  # modules, not scripts
 SMOKED = {
     "adaptation",
     "exit_latency",
@@ -54,6 +54,13 @@ def load_script(name: str) -> ModuleType:
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def load_common() -> ModuleType:
+    """benchmarks/common/, the package every script imports as ``common`` (its folder on ``sys.path``)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    return importlib.import_module("common")
 
 
 def check_provenance(data: dict[str, Any], name: str, *, fingerprints: int | None = 1) -> dict[str, Any]:
@@ -122,12 +129,12 @@ def adaptation_run(
 
 
 def test_every_script_has_a_smoke_test():
-    scripts = {p.stem for p in BENCH.glob("*.py")} - SHARED
+    scripts = {p.stem for p in BENCH.glob("*.py")}  # the shared set-up is the package benchmarks/common/
     assert scripts == SMOKED, "add a smoke test for each new benchmark script (and list it in SMOKED)"
 
 
 def test_work_directory_of_other_code_is_refused(tmp_path):
-    common = load_script("common")
+    common = load_common()
     work = common.work_dir(tmp_path / "w", "x")
     assert common.work_dir(work, "x") == work  # same code: reused
     stamp = work / common.WORK_STAMP
@@ -143,7 +150,7 @@ def test_work_directory_of_other_code_is_refused(tmp_path):
 
 
 def test_t_interval():
-    common = load_script("common")
+    common = load_common()
     ci = common.t_interval([1.0, 2.0, 3.0])
     assert ci["mean"] == 2.0 and ci["std"] == 1.0 and ci["n"] == 3 and ci["positive"] == 3
     half = 4.302652729911275 / math.sqrt(3)  # t(0.975, 2)
@@ -151,9 +158,37 @@ def test_t_interval():
     assert math.isnan(common.t_interval([0.5])["ci_low"])
 
 
+def test_paired_differences_pair_by_seed():
+    common = load_common()
+    # seeds 2 and 0 in either order, seed 7 only on one side (left out), a NaN difference left out
+    d = common.paired({2: 0.5, 0: 0.7, 7: 0.9, 3: math.nan}, {0: 0.6, 2: 0.2, 3: 0.1})
+    assert d["n"] == 2 and d["values"] == pytest.approx([0.1, 0.3]) and d["mean"] == pytest.approx(0.2)
+    assert common.ci_cell(d).startswith("+0.200 [") and common.ci_cell(d).endswith("(2/2 > 0)")
+    assert common.ci_cell(common.paired({0: 0.5}, {0: 0.75}), single="1 seed") == "-0.250 (1 seed)"
+    assert common.ci_cell(common.paired({}, {})) == "–"
+
+
+def test_interleaved_timing_shuffles_resets_and_drops_warmup():
+    common = load_common()
+    calls: list[str] = []
+    variants = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
+    resets: list[str] = []
+    before = {"a": lambda: resets.append("a")}
+    seen: list[int] = []
+    times = common.interleaved(variants, 5, seed=1, warmup=2, before=before, clocks=("wall", "cpu"),
+                               on_repeat=lambda rep, _: seen.append(rep))  # fmt: skip
+    assert set(times) == {"wall", "cpu"} and all(len(t) == 5 for c in times.values() for t in c.values())
+    assert len(calls) == 7 * 4 and resets == ["a"] * 7 and seen == [1, 2, 3, 4, 5]
+    orders = {tuple(calls[i : i + 4]) for i in range(0, len(calls), 4)}
+    assert all(sorted(o) == list("abcd") for o in orders) and len(orders) > 1  # every variant once, reordered
+    assert common.spread_s([3.0, 1.0, 2.0]) == {"median_s": 2.0, "min_s": 1.0, "max_s": 3.0,
+                                                "samples_s": [1.0, 2.0, 3.0]}  # fmt: skip
+    assert common.over({"bare": 2.0, "x": 3.0}, "bare") == {"x": 1.5}
+    assert common.default_exits(12) == [3, 6, 9, 12] and common.default_exits(4) == [1, 2, 3, 4]
+
+
 def test_exit_latency_smoke(tmp_path, capsys):
     bench = load_script("exit_latency")
-    assert bench.default_exits(12) == [3, 6, 9, 12] and bench.default_exits(4) == [1, 2, 3, 4]
     assert set(bench.CLOCKS) == {"wall", "cpu"}
     out = bench.main(
         [

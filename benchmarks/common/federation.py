@@ -1,0 +1,356 @@
+"""The federated benchmarks' set-up: speaker split, base model, partitions and cached federated runs.
+
+Caches. The corpus, the central base model, partitions, feature caches and finished runs live in a work
+directory, so that re-running a table is cheap; every cached run is keyed by the code version and the
+base model's checkpoint hash too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .corpus import add_corpus_args, corpus_info, prepare_corpus
+from .paths import FEDERATED_WORK, RESULTS, quiet
+from .provenance import Run, checkpoint_fingerprint, checkpoint_id, code_tag, digest
+
+
+def add_federation_args(ap: argparse.ArgumentParser, name: str, *, seeds: Sequence[int] = (0, 1, 2)) -> None:
+    """Corpus, split, base model and federation sizes shared by adaptation, privacy and robustness.
+
+    Every size defaults to the recipe's (configs/demo.yaml) value.
+    """
+    add_corpus_args(
+        ap,
+        "corpus, base model, runs, feature cache (default runs/bench/<code>/federated: shared by "
+        "adaptation, privacy and robustness, so the base model is trained once per code version)",
+    )
+    ap.add_argument("--clients", type=int, help="simulated devices (federated.num_clients)")
+    ap.add_argument("--test-speakers", type=int, help="unseen test speakers (federated.test_speakers)")
+    ap.add_argument("--server-speakers", type=int, help="the base model's pool (federated.server_speakers)")
+    ap.add_argument("--base-epochs", type=int, help="base model training epochs (train.epochs)")
+    ap.add_argument("--base-model", type=Path, help="use this central checkpoint instead of training one")
+    ap.add_argument("--rounds", type=int, help="federated rounds (federated.rounds)")
+    ap.add_argument("--local-epochs", type=int, help="local epochs per round (federated.local_epochs)")
+    ap.add_argument("--speaker-seed", type=int, default=0, help="draws test and server speakers (fixed)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(seeds), help="device/label/local seeds")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (the machine is shared)")
+    ap.add_argument("--out", type=Path, default=RESULTS / name, help="results stem (.json, .png)")
+    ap.add_argument("--verbose", action="store_true", help="show Flower's per-round log")
+
+
+@dataclass
+class FedBench:
+    """Corpus, recipe, speaker splits, base models and federated runs of one federated benchmark."""
+
+    run: Run
+    work: Path
+    corpus: Path
+    overrides: dict[str, Any]
+    """Dotted overrides of the recipe shared by every run (corpus and sizes)."""
+    config_path: Path
+    rows: list[Any]
+    base_model: Path | None = None
+    base_seconds: float = 0.0
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, run: Run) -> FedBench:
+        from fedsd.data.manifest import read_manifest
+
+        if not args.verbose:
+            import flwr.common.logger  # noqa: F401  (sets its own level on import: import it first)
+
+            logging.getLogger("flwr").setLevel(logging.WARNING)
+        sizes = {
+            "data.synth.speakers": args.speakers,
+            "data.synth.sentences": args.sentences,
+            "federated.num_clients": args.clients,
+            "federated.test_speakers": args.test_speakers,
+            "federated.server_speakers": args.server_speakers,
+            "federated.rounds": args.rounds,
+            "federated.local_epochs": args.local_epochs,
+            "train.epochs": args.base_epochs,
+        }
+        work, corpus, overrides = prepare_corpus(args, sizes, FEDERATED_WORK, run.log)
+        bench = cls(
+            run, work, corpus, overrides, args.config.resolve(), read_manifest(corpus / "manifest.csv")
+        )
+        if args.base_model is not None:
+            bench.base_model = args.base_model.resolve()
+        return bench
+
+    def config(self, extra: dict[str, Any] | None = None) -> Any:
+        from fedsd.config import load_config
+
+        return load_config(self.config_path, self.overrides | (extra or {}))
+
+    @property
+    def cache(self) -> Path:
+        return self.work / "cache"
+
+    @property
+    def num_clients(self) -> int:
+        return self.config().federated.num_clients or 8
+
+    def speaker_split(self, speaker_seed: int) -> Any:
+        """Test speakers, server pool and device speakers, fixed for the whole benchmark."""
+        from fedsd.data.partition import make_partition
+
+        fc = self.config().federated
+        split = make_partition(
+            [r for r in self.rows if r.label],
+            num_clients=fc.num_clients,
+            by="speaker",
+            label_fraction=1.0,
+            test_speakers=fc.test_speakers,
+            server_speakers=fc.server_speakers,
+            seed=speaker_seed,
+        )
+        self.run.log(
+            f"speakers (seed {speaker_seed}): test {', '.join(split.test_speakers)}; server pool "
+            f"{len(split.server_speakers)}; devices {sum(len(c.speakers) for c in split.clients)}"
+        )
+        return split
+
+    def ensure_base_model(self, split: Any, checkpoint: str = "best") -> tuple[Path, float]:
+        """The central base model (the recipe's training on the server pool), trained once per recipe
+        and split in this work directory; ``--base-model`` wins. Returns (checkpoint dir, seconds now)."""
+        if self.base_model is not None:
+            base, seconds = self.base_model, 0.0
+        else:
+            base, seconds = self._train_base(split, checkpoint)
+        self.fingerprints[str(base)] = checkpoint_fingerprint(base)
+        return base, seconds
+
+    def _train_base(self, split: Any, checkpoint: str) -> tuple[Path, float]:
+        from fedsd.checkpoint import atomic_write_json
+        from fedsd.server.prepare import server_pool_splits
+        from fedsd.train import train
+
+        cfg = self.config()
+        recipe = cfg.model_dump(mode="json")
+        n_valid = cfg.federated.server_valid_speakers
+        key = {
+            "recipe": {k: recipe[k] for k in ("data", "model", "train")},  # not the federated section
+            "server_valid_speakers": n_valid,
+            "server": split.server_speakers,
+            "test": split.test_speakers,
+        }
+        out = self.work / f"base-spk{split.seed}-{digest(key, 10)}"
+        done = out / "bench-base.json"
+        if done.exists():
+            info = json.loads(done.read_text(encoding="utf-8"))
+            best = out / checkpoint
+            if info.get("key") == digest(key) and info.get("fingerprints", {}).get(checkpoint) == (
+                checkpoint_fingerprint(best) if (best / "fedsd.json").exists() else None
+            ):
+                self.run.log(f"base model: reusing {best} (trained by this code)")
+                return best, 0.0
+        rows = self.rows
+        splits = server_pool_splits(split, rows, cfg.train.seed, n_valid)  # as fedsd.server.prepare does
+        self.run.log(
+            f"base model: training centrally on {len(split.server_speakers)} server speakers "
+            f"({len(splits['train'])} train / {len(splits['valid'])} valid utterances, "
+            f"{cfg.train.epochs} epochs) → {out}"
+        )
+        t0 = time.perf_counter()
+        res = train(cfg, out, splits=splits, log=quiet)
+        seconds = time.perf_counter() - t0
+        fps = {name: checkpoint_fingerprint(out / name) for name in ("best", "last")}
+        atomic_write_json(done, {"key": digest(key), "fingerprints": fps, "code_tag": code_tag(),
+                                 "best_epoch": res.best_epoch, "seconds": seconds})  # fmt: skip
+        self.base_seconds += seconds
+        self.run.log(f"base model trained in {seconds:.0f} s (best epoch {res.best_epoch})")
+        return out / checkpoint, seconds
+
+    def partition(self, split: Any, seed: int, fraction: float) -> Path:
+        """The fixed test/server speakers of ``split``; devices, labels and each device's personal test
+        speech (the recipe's ``federated.personal_test_fraction``, independent of ``fraction``) re-drawn
+        from ``seed``."""
+        from fedsd.data.partition import Partition, make_partition
+
+        ptf = float(self.config().federated.personal_test_fraction)
+        which = {"test": split.test_speakers, "server": split.server_speakers, "clients": self.num_clients,
+                 "corpus": sorted(r.utt_id for r in self.rows), "personal_test_fraction": ptf}  # fmt: skip
+        path = (
+            self.work
+            / "partitions"
+            / f"spk{split.seed}-{digest(which, 8)}-f{fraction:g}-s{seed}-pt{ptf:g}.json"
+        )
+        if path.exists():
+            return path
+        held = set(split.test_speakers) | set(split.server_speakers)
+        device_rows = [r for r in self.rows if r.label and r.speaker not in held]
+        sub = make_partition(
+            device_rows, num_clients=self.num_clients, by="speaker", label_fraction=fraction, seed=seed,
+            personal_test_fraction=ptf,
+        )  # fmt: skip
+        Partition(
+            config={
+                **split.config,
+                "label_fraction": fraction,
+                "speaker_seed": split.seed,
+                "device_seed": seed,
+                "personal_test_fraction": ptf,
+            },
+            seed=seed,
+            label_names=split.label_names,
+            test_utt_ids=split.test_utt_ids,
+            test_speakers=split.test_speakers,
+            server_utt_ids=split.server_utt_ids,
+            server_speakers=split.server_speakers,
+            clients=sub.clients,
+        ).save(path)
+        return path
+
+    def federate(
+        self,
+        overrides: dict[str, Any],
+        partition: Path,
+        base: Path,
+        name: str,
+        *,
+        wrap: Callable[[Any], Any] | None = None,
+        key_extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """One in-process federated run over the recipe + ``overrides``; cached in the work directory.
+
+        ``wrap`` turns the honest ClientApp into another ``(message, context) → reply`` callable (an
+        attacker); ``key_extra`` names what it changes. The cache key holds the overrides, the partition,
+        the base model's checkpoint hash and the code version: a cached run is only reused when all match.
+        """
+        from fedsd.clients.app import make_client_app
+        from fedsd.clients.device import SIM_CACHE, simulated_device_config
+        from fedsd.data.partition import Partition
+        from fedsd.server.federation import FederationSpec, run_federation
+        from fedsd.server.inprocess import InProcessGrid
+
+        overrides = self.overrides | overrides
+        key = digest(
+            {"overrides": overrides, "partition": partition.read_text(), "base": checkpoint_id(base),
+             "code": code_tag(), "extra": key_extra or {}},
+            32,
+        )  # fmt: skip
+        run_dir = self.work / "runs" / f"{name}-{key[:10]}"
+        done = run_dir / "bench.json"
+        if done.exists():
+            prev = json.loads(done.read_text(encoding="utf-8"))
+            if prev.get("key") == key:
+                return prev | {"cached": True, "run_dir": str(run_dir)}
+        cfg = self.config(overrides)
+        spec = FederationSpec(
+            config=str(self.config_path), run_dir=str(run_dir), base_model=str(base), partition=str(partition),
+            cache_dir=str(self.cache), overrides=overrides,
+        )  # fmt: skip
+        app = make_client_app(
+            simulated_device_config(cfg, partition, base, run_dir) | {SIM_CACHE: str(self.cache)}
+        )
+        n = len(Partition.load(partition).clients)
+        grid = InProcessGrid(
+            wrap(app) if wrap is not None else app,
+            [{"partition-id": i, "num-partitions": n} for i in range(n)],
+        )
+        t0 = time.perf_counter()
+        hist = run_federation(grid, spec, log=quiet).history
+        exits = sorted(int(k[4:-4]) for k in hist[0] if k.startswith("exit") and k.endswith("/uar"))
+        out = {
+            "key": key,
+            "seconds": time.perf_counter() - t0,
+            "before": {str(k): hist[0][f"exit{k}/uar"] for k in exits},
+            "after": {str(k): hist[-1][f"exit{k}/uar"] for k in exits},
+            "curve": {str(k): [rec[f"exit{k}/uar"] for rec in hist] for k in exits},
+            "rounds": len(hist) - 1,
+            "train_reports": [rec.get("train", {}) for rec in hist[1:]],
+        }
+        from fedsd.checkpoint import atomic_write_json
+
+        atomic_write_json(done, out)
+        return out | {"cached": False, "run_dir": str(run_dir)}
+
+    def run_seed(
+        self,
+        split: Any,
+        base: Path,
+        seed: int,
+        fraction: float,
+        name: str,
+        *,
+        mode: str = "sd",
+        extra: dict[str, Any] | None = None,
+        wrap: Callable[[Any], Any] | None = None,
+        key_extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """One seed of a federated benchmark: its partition (:meth:`partition`) and its run (:meth:`federate`)
+        with ``fraction`` labels, loss ``mode`` and local seed ``seed``, plus ``extra`` overrides.
+
+        The result also names its ``partition`` and ``run_dir``.
+        """
+        part = self.partition(split, seed, fraction)
+        overrides = {"federated.label_fraction": fraction, "federated.seed": seed, "federated.mode": mode}
+        res = self.federate(overrides | (extra or {}), part, base, name, wrap=wrap, key_extra=key_extra)
+        return res | {"partition": str(part)}
+
+    def fixed_base(self, speaker_seed: int) -> tuple[Any, Path]:
+        """One speaker split and its base model for the whole benchmark."""
+        split = self.speaker_split(speaker_seed)
+        base, _ = self.ensure_base_model(split)
+        return split, base
+
+    def write(self, path: Path, payload: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+        """The results JSON, with the shared recipe as config and the base models' fingerprints."""
+        config = self.config().model_dump(mode="json")
+        return self.run.write(path, payload, config=config, fingerprint=dict(self.fingerprints), args=args)
+
+    def publish(
+        self,
+        json_path: Path,
+        png_path: Path,
+        payload: dict[str, Any],
+        args: argparse.Namespace,
+        draw: Callable[[Path], Any],
+    ) -> dict[str, Any]:
+        """Write the results JSON (:meth:`write`), then ``draw(png_path)``; returns what was written."""
+        out = self.write(json_path, payload, args)
+        draw(png_path)
+        self.run.log(f"wrote {png_path}")
+        return out
+
+    def setting(self, split: Any, base: Path, args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+        """The results' setting of a one-base-model benchmark: data, models, split, seeds and federation."""
+        fed = self.config().federated
+        return (
+            self.setup_record()
+            | {
+                "base_model": str(base),
+                "test_speakers": split.test_speakers,
+                "seeds": args.seeds,
+                "label_fraction": args.fraction,
+                "rounds": fed.rounds,
+                "local_epochs": fed.local_epochs,
+                "num_clients": self.num_clients,
+            }
+            | extra
+        )
+
+    def setup_record(self) -> dict[str, Any]:
+        """What the results JSON says about the data and models."""
+        return {
+            "corpus": corpus_info(self.corpus),
+            "work": str(self.work),
+            "recipe": str(self.config_path),
+            "overrides": self.overrides,
+            "base_models": dict(self.fingerprints),
+            "base_model_training_s": self.base_seconds,
+        }
+
+
+def took(res: dict[str, Any]) -> str:
+    """`` (cached)`` or `` (42 s)``: how a federated run's log line ends."""
+    return " (cached)" if res.get("cached") else f" ({res['seconds']:.0f} s)"
