@@ -34,6 +34,7 @@ _TARGETS: dict[str, str] = {
     "evaluate": "fedsd.inference:evaluate",
     "predict": "fedsd.inference:predict",
     "Prediction": "fedsd.inference:Prediction",
+    "EvaluationResult": "fedsd.inference:EvaluationResult",
     "export": "fedsd.export:export",
     "ExportResult": "fedsd.export:ExportResult",
     # federation

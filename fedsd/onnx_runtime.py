@@ -213,37 +213,6 @@ def predict_one(
     return k, softmax(model.run([wav], [k])[k][0].astype(np.float64))
 
 
-def predict_files(
-    model: OnnxExitModel, files: Sequence[str | os.PathLike[str]], exit_: str | int, threshold: float = 0.9
-) -> list[dict[str, Any]]:
-    """The records ``fedsd predict --json`` prints, one per file (``{"file", "error"}`` when unreadable)."""
-    from fedsd.audio import AudioError
-
-    results: list[dict[str, Any]] = []
-    names = model.label_names
-    for f in files:
-        try:
-            wav = model.load_clip(f)
-        except AudioError as e:
-            results.append({"file": str(f), "error": e.reason})
-            continue
-        t0 = time.perf_counter()
-        used, probs = predict_one(model, wav, exit_, threshold)
-        dt = time.perf_counter() - t0
-        top = int(probs.argmax())
-        results.append(
-            {
-                "file": str(f),
-                "label": names[top],
-                "confidence": float(probs[top]),
-                "exit": used,
-                "latency_ms": dt * 1000,
-                "probs": {n: float(p) for n, p in zip(names, probs.tolist(), strict=True)},
-            }
-        )
-    return results
-
-
 def evaluate_clips(
     model: OnnxExitModel, wavs: Sequence[np.ndarray], batch_size: int = 8
 ) -> dict[int, np.ndarray]:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -116,58 +114,24 @@ def evaluate_command(
     Example: [bold]fedsd evaluate --model runs/demo/best --manifest data/synth/manifest.csv --root data/synth --json runs/demo/eval.json[/]
     An exported [bold]X.onnx[/] graph (`fedsd export --format onnx`) is evaluated with ONNX Runtime, without torch.
     """
-    if model.suffix.lower() == ".onnx":  # before anything imports torch
-        from fedsd.onnx_cli import evaluate_onnx
-
-        evaluate_onnx(model, manifest, root, split, json_out, plot, batch_size, latency_utts)
-        return
-    from fedsd.checkpoint import atomic_write_json
-    from fedsd.data.manifest import read_manifest
-    from fedsd.model.multiexit import MultiExitSER
-    from fedsd.report import exit_table, plot_uar_vs_latency
-    from fedsd.train import evaluate_loader, make_loader, measure_exit_latency
+    from fedsd.inference import InferenceError, evaluate
 
     try:
-        net = MultiExitSER.from_pretrained(model).to(device)
-        rows = read_manifest(manifest)
-        if split and split != "all":
-            rows = [r for r in rows if r.split == split]
-            if not rows:
-                _fail(f"{manifest}: no rows with split={split!r} (use --split all)")
-        rows = [r for r in rows if r.label]
-        unknown = sorted({r.label for r in rows} - set(net.label_names))
-        if unknown:
-            _fail(
-                f"{manifest}: labels {unknown} are not in the model's label set {net.label_names} ({model})"
-            )
-        crop = _model_eval_crop(net)
-        loader = make_loader(rows, root, net.label_names, crop, batch_size=batch_size)
-        reports = evaluate_loader(net, loader, device)
-        timed = [loader.dataset[i]["input_values"] for i in range(min(latency_utts, len(rows)))]
-        latency = measure_exit_latency(net, timed, device)
+        result = evaluate(
+            model, manifest, root=root, split=split, batch_size=batch_size, latency_utts=latency_utts, device=device
+        )
+    except InferenceError as e:
+        _fail(str(e), e.code)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
-    console.print(exit_table(reports, latency, title=f"{model} on {manifest} ({len(rows)} utterances)"))
-    result = {
-        "model": str(model),
-        "manifest": str(manifest),
-        "split": split,
-        "label_names": net.label_names,
-        "exits": {str(k): reports[k].to_dict() | {"latency_s": latency[k]} for k in reports},
-    }
+    console.print(result.table())
     if json_out:
-        atomic_write_json(json_out, result)
+        result.save_json(json_out)
         console.print(f"metrics: {json_out}")
     plot = plot or (json_out.with_suffix(".png") if json_out else None)
     if plot:
-        plot_uar_vs_latency({"model": {k: (reports[k].uar, latency[k]) for k in reports}}, plot)
+        result.save_plot(plot)
         console.print(f"plot: {plot}")
-
-
-def _model_eval_crop(net: Any):
-    from fedsd.audio import CropPolicy
-
-    return CropPolicy.for_evaluation(net.meta.get("crop"), int(net.meta.get("sample_rate", 16000)))
 
 
 def predict_command(
@@ -185,73 +149,19 @@ def predict_command(
     Example: [bold]fedsd predict --model runs/demo/best --exit auto --threshold 0.9 a.wav b.wav[/]
     An exported [bold]X.onnx[/] graph runs on ONNX Runtime + soundfile + numpy only (torch is never imported).
     """
-    if model.suffix.lower() == ".onnx":  # before anything imports torch
-        from fedsd.onnx_cli import predict_onnx
-
-        predict_onnx(files, model, exit_, threshold, json_out)
-        return
-    import torch
-    from rich.table import Table
-
-    from fedsd.audio import AudioError, apply_crop, load_audio, normalize_waveform
-    from fedsd.model.multiexit import MultiExitSER
+    from fedsd.inference import InferenceError, load_model, predict, predictions_jsonl, predictions_table
 
     try:
-        net = MultiExitSER.from_pretrained(model).to(device).eval()
-    except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
-    if exit_ != "auto":
-        try:
-            k = int(exit_)
-        except ValueError:
-            _fail(f"--exit {exit_!r}: give an exit layer number ({net.exits}) or 'auto'", 2)
-        if k not in net.exits:
-            _fail(f"--exit {k}: this model has exits {net.exits}", 2)
-    crop = _model_eval_crop(net)
-    results: list[dict[str, Any]] = []
-    failures = 0
-    for f in files:
-        try:
-            wav = normalize_waveform(apply_crop(load_audio(f, crop.sample_rate), crop))
-        except AudioError as e:
-            failures += 1
-            results.append({"file": str(f), "error": e.reason})
-            continue
-        x = torch.from_numpy(wav)[None].to(device)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            if exit_ == "auto":
-                used, probs = net.predict_early_exit(x, threshold=threshold)
-            else:
-                used = int(exit_)
-                probs = torch.softmax(net(x, exits=[used])[used].logits[0], -1)
-        dt = time.perf_counter() - t0
-        top = int(probs.argmax())
-        results.append(
-            {
-                "file": str(f),
-                "label": net.label_names[top],
-                "confidence": float(probs[top]),
-                "exit": used,
-                "latency_ms": dt * 1000,
-                "probs": {n: float(p) for n, p in zip(net.label_names, probs.tolist(), strict=True)},
-            }
-        )
+        net = load_model(model, device=device)
+        chosen = net.resolve_exit(exit_)
+        preds = predict(net, files, exit=chosen, threshold=threshold)
+    except InferenceError as e:
+        _fail(str(e), e.code)
     if json_out:
-        for r in results:
-            sys.stdout.write(json.dumps(r) + "\n")
+        sys.stdout.write(predictions_jsonl(preds))
     else:
-        t = Table(title=f"predictions ({model}, exit {exit_})")
-        for col in ("file", "label", "confidence", "exit", "latency ms"):
-            t.add_column(col)
-        for r in results:
-            if "error" in r:
-                t.add_row(r["file"], f"[red]error: {r['error']}[/]", "", "", "")
-            else:
-                t.add_row(
-                    r["file"], r["label"], f"{r['confidence']:.3f}", str(r["exit"]), f"{r['latency_ms']:.1f}"
-                )
-        console.print(t)
+        console.print(predictions_table(preds, model=model, exit=chosen, runtime=net.runtime))
+    failures = sum(p.error is not None for p in preds)
     if failures:
         err_console.print(f"[yellow]{failures} of {len(files)} file(s) could not be read[/]")
         raise typer.Exit(1)

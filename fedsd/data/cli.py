@@ -17,7 +17,7 @@ import contextlib  # noqa: E402
 import io  # noqa: E402
 from collections import Counter  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
-from enum import Enum  # noqa: E402
+from enum import StrEnum  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Annotated  # noqa: E402
 
@@ -41,8 +41,7 @@ from fedsd.data.manifest import ManifestError, ManifestRow, read_manifest, write
 from fedsd.data.partition import (  # noqa: E402
     Partition,
     PartitionError,
-    make_partition,
-    write_device_manifests,
+    partition_manifest,
 )
 
 console = Console()
@@ -246,7 +245,7 @@ def check_cmd(
         raise typer.Exit(1)
 
 
-class _By(str, Enum):
+class _By(StrEnum):
     speaker = "speaker"
     dirichlet = "dirichlet"
     iid = "iid"
@@ -325,12 +324,8 @@ def partition_cmd(
         Path, typer.Argument(help="Manifest CSV (only labelled rows take part).", show_default=False)
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Partition JSON to write.")],
-    clients: Annotated[
-        int | None,
-        typer.Option(
-            "--clients", "-n", min=1, help="Number of clients (by speaker: default one per speaker)."
-        ),
-    ] = None,
+    clients: Annotated[int | None, typer.Option(
+        "--clients", "-n", min=1, help="Number of clients (by speaker: default one per speaker).")] = None,
     by: Annotated[_By, typer.Option(help="How clients are formed.")] = _By.speaker,
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration (small = skewed classes).")] = 0.5,
     label_fraction: Annotated[
@@ -345,22 +340,13 @@ def partition_cmd(
     ] = False,
     min_per_client: Annotated[int, typer.Option(min=1, help="Smallest allowed client (utterances).")] = 1,
     seed: Annotated[int, typer.Option(min=0, help="Random seed (same seed = same partition).")] = 0,
-    personal_test_fraction: Annotated[
-        float,
-        typer.Option(
-            min=0.0, max=0.95,
-            help="Per client, this stratified share of its own utterances is held out as its personal "
-            "test set (labelled, never trained on; at least one per class it has twice).",
-        ),
-    ] = 0.2,
-    device_manifests: Annotated[
-        Path | None,
-        typer.Option(
-            "--device-manifests",
-            help="Also write one manifest per client into this directory (CLIENT.csv: training rows, "
-            "hidden labels blank; personal test rows with split=personal_test), for `fedsd client run --data`.",
-        ),
-    ] = None,
+    personal_test_fraction: Annotated[float, typer.Option(
+        min=0.0, max=0.95, help="Per client, this stratified share of its own utterances is held out as its "
+        "personal test set (labelled, never trained on; at least one per class it has twice).")] = 0.2,
+    device_manifests: Annotated[Path | None, typer.Option(
+        "--device-manifests", help="Also write one manifest per client into this directory (CLIENT.csv: "
+        "training rows, hidden labels blank; personal test rows with split=personal_test), for `fedsd client "
+        "run --data`.")] = None,
 ) -> None:
     """Split a manifest into a held-out test set, a server pool and federated clients with scarce labels.
 
@@ -369,25 +355,14 @@ def partition_cmd(
     Example: fedsd data partition iemocap.csv --clients 8 --by dirichlet --alpha 0.3 --label-fraction 0.1 --test-speakers 2 --out part.json
     """  # noqa: E501
     with _errors():
-        rows = read_manifest(manifest)
-        part = make_partition(
-            rows,
-            num_clients=clients,
-            by=by.value,
-            alpha=alpha,
-            label_fraction=label_fraction,
-            test_speakers=test_speakers,
-            server_speakers=server_speakers,
-            seed=seed,
-            keep_speakers=keep_speakers,
-            min_per_client=min_per_client,
+        part, paths = partition_manifest(
+            manifest, out, device_manifests=device_manifests, num_clients=clients, by=by.value, alpha=alpha,
+            label_fraction=label_fraction, test_speakers=test_speakers, server_speakers=server_speakers,
+            seed=seed, keep_speakers=keep_speakers, min_per_client=min_per_client,
             personal_test_fraction=personal_test_fraction,
-        )
-        part.config["manifest"] = str(manifest)
-        part.save(out)
+        )  # fmt: skip
         _print_partition(part, str(out))
         if device_manifests is not None:
-            paths = write_device_manifests(part, rows, device_manifests)
             console.print(f"{len(paths)} device manifests written to {escape(str(device_manifests))}", soft_wrap=True)
 
 

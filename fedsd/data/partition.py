@@ -477,3 +477,25 @@ def write_device_manifests(
         write_manifest(device_manifest_rows(part, c.client_id, rows), Path(out_dir) / f"{c.client_id}.csv")
         for c in part.clients
     ]
+
+
+def partition_manifest(
+    manifest: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    device_manifests: str | os.PathLike[str] | None = None,
+    **options: Any,
+) -> tuple[Partition, list[Path]]:
+    """Read ``manifest``, :func:`make_partition` it (``options``), save the partition JSON to ``out``.
+
+    The partition records which manifest it came from. With ``device_manifests`` one manifest per device
+    is also written there (:func:`write_device_manifests`); their paths are returned (else ``[]``).
+    """
+    from fedsd.data.manifest import read_manifest
+
+    rows = read_manifest(manifest)
+    part = make_partition(rows, **options)
+    part.config["manifest"] = str(manifest)
+    part.save(out)
+    paths = write_device_manifests(part, rows, device_manifests) if device_manifests is not None else []
+    return part, paths

@@ -1,0 +1,249 @@
+"""Export the slice of a trained model that a device at one exit needs: a checkpoint or one ONNX graph.
+
+Why: the server side trains the full multi-exit model, but a device deployed at exit K should download
+and load only the front end, layers 1..K and the heads <= K (``fedsd.model.export``); with
+``format="onnx"`` that slice becomes one graph that runs without torch (``fedsd.onnx_export``),
+optionally int8-quantised with calibration speech chosen here. ``fedsd export`` is a thin layer over
+:func:`export`. Error messages name the command's flags, since that is where most of them come from.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("pytorch", "onnx")
+DEMO_CALIBRATION = Path("data/synth/manifest.csv")
+
+
+class ExportError(ValueError):
+    """An export that cannot be done as asked; ``code`` is the command's exit status (2: bad usage)."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class ExportResult:
+    """What was written, next to the model it came from."""
+
+    model: Path  # the full model's checkpoint directory
+    path: Path  # the exported checkpoint directory, or the .onnx file
+    format: str
+    exits: list[int]  # the exits kept
+    label_names: list[str]
+    layers: int  # transformer layers kept (1..layers)
+    size_bytes: int
+    source_layers: int
+    source_exits: list[int]
+    source_bytes: int
+    parameters: int | None = None  # pytorch only
+    source_parameters: int | None = None
+    parent_fingerprint: str | None = None
+    quantization: str | None = None  # e.g. "int8 (static QDQ ...)"; None: fp32 (onnx) or not applicable
+    calibration: str | None = None  # where the int8 calibration clips came from
+
+
+def dir_bytes(path: Path) -> int:
+    """Size on disk of every file under ``path`` (what a device would download)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _require_dir(model: Path) -> None:
+    if not model.is_dir():
+        raise ExportError(f"--model {model}: not a directory (expected a checkpoint written by `fedsd train`)")
+
+
+def _load(model: Path) -> Any:
+    from fedsd.model.multiexit import MultiExitSER
+
+    try:
+        return MultiExitSER.from_pretrained(model)
+    except (ValueError, FileNotFoundError) as e:
+        raise ExportError(str(e), 1) from e
+
+
+def parse_exits(exits: str | Sequence[int] | None, exit: int) -> list[int]:
+    """``"1,2,3"`` or ``[1, 2, 3]`` -> ``[1, 2, 3]``; None -> ``[exit]``."""
+    if not exits:
+        return [exit]
+    if not isinstance(exits, str):
+        return [int(k) for k in exits]
+    try:
+        return [int(x) for x in exits.split(",") if x.strip()]
+    except ValueError:
+        raise ExportError(f"--exits {exits!r}: give comma-separated exit numbers, e.g. 1,2,3") from None
+
+
+def export(
+    model: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    exit: int,
+    format: str = "pytorch",
+    quantize: str | None = None,
+    quant_mode: str = "static",
+    exits: str | Sequence[int] | None = None,
+    calibration: str | os.PathLike[str] | None = None,
+    root: str | os.PathLike[str] | None = None,
+    calibration_clips: int = 300,
+    force: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Write what a device at ``exit`` needs from the checkpoint ``model`` to ``out``.
+
+    ``format="pytorch"``: a checkpoint directory (``out`` must be new or empty unless ``force``).
+    ``format="onnx"``: one graph, ``out`` a ``.onnx`` file or a directory (``exitK[-int8].onnx`` in it);
+    ``exits`` puts several exits in one graph; ``quantize="int8"`` with ``quant_mode`` (static modes
+    calibrate on up to ``calibration_clips`` clips of the ``calibration`` manifest, default the demo
+    corpus). ``warn`` hears about calibration clips that were skipped. Raises ``ExportError``.
+    """
+    model, out = Path(model), Path(out)
+    if format not in FORMATS:
+        raise ExportError(f"--format {format!r}: valid values: {', '.join(FORMATS)}")
+    if format == "onnx":
+        cal = Path(calibration) if calibration is not None else None
+        return _export_onnx(
+            model, out, exit, force, quantize, quant_mode, exits, cal, root, calibration_clips, warn
+        )
+    if quantize or exits or calibration:
+        raise ExportError("--quantize, --exits and --calibration need --format onnx")
+    return _export_pytorch(model, out, exit, force)
+
+
+def _export_pytorch(model: Path, out: Path, exit: int, force: bool) -> ExportResult:
+    from fedsd.model.backbone import ConfigError
+    from fedsd.model.export import export_exit, parameter_count, parent_fingerprint
+
+    _require_dir(model)
+    if out.exists() and out.resolve() == model.resolve():
+        raise ExportError(f"--out {out}: is the --model directory; export to a new directory")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ExportError(f"--out {out}: exists and is not empty; pass --force to replace it")
+    net = _load(model)
+    if exit not in net.exits:
+        raise ExportError(f"--exit {exit}: not an exit of {model}; valid exits: {net.exits}")
+    try:
+        small = export_exit(net, exit)
+    except ConfigError as e:  # pragma: no cover - the check above catches it first
+        raise ExportError(str(e)) from e
+    small.save_pretrained(out)
+    return ExportResult(
+        model=model,
+        path=out,
+        format="pytorch",
+        exits=list(small.exits),
+        label_names=list(small.label_names),
+        layers=small.encoder.num_layers,
+        size_bytes=dir_bytes(out),
+        source_layers=net.encoder.num_layers,
+        source_exits=list(net.exits),
+        source_bytes=dir_bytes(model),
+        parameters=parameter_count(small),
+        source_parameters=parameter_count(net),
+        parent_fingerprint=parent_fingerprint(small),
+    )
+
+
+def calibration_clips(
+    preprocessing: dict[str, Any],
+    manifest: Path | None,
+    root: str | os.PathLike[str] | None,
+    limit: int,
+    warn: Callable[[str], None] | None = None,
+) -> tuple[list, str]:
+    """Up to ``limit`` normalised clips (as the graph sees them, training split first) and their source."""
+    from fedsd.audio import AudioError
+    from fedsd.data.manifest import read_manifest
+    from fedsd.onnx_runtime import load_clip
+
+    if manifest is None:
+        manifest = DEMO_CALIBRATION
+        root = root or manifest.parent
+        if not manifest.is_file():
+            raise ExportError(
+                "--quantize int8 needs calibration speech: pass --calibration manifest.csv --root DIR "
+                "(a few hundred clips of your own speech), or run `fedsd demo` first for the demo corpus"
+            )
+    root = Path(root) if root is not None else manifest.parent
+    try:
+        rows = read_manifest(manifest)
+    except (ValueError, FileNotFoundError) as e:
+        raise ExportError(str(e)) from e
+    rows = [r for r in rows if r.split == "train"] or rows
+    if not rows:
+        raise ExportError(f"--calibration {manifest}: no rows")
+    step = max(1, len(rows) // max(1, limit))
+    clips = []
+    for r in rows[::step][:limit]:
+        try:
+            clips.append(load_clip(root / r.path, preprocessing))
+        except AudioError as e:
+            if warn is not None:
+                warn(f"calibration: skipping {e}")
+    if not clips:
+        raise ExportError(f"--calibration {manifest}: none of the chosen clips could be read under {root}")
+    return clips, f"{manifest} ({len(clips)} clips)"
+
+
+def _export_onnx(
+    model: Path,
+    out: Path,
+    exit: int,
+    force: bool,
+    quantize: str | None,
+    quant_mode: str,
+    exits: str | Sequence[int] | None,
+    calibration: Path | None,
+    root: str | os.PathLike[str] | None,
+    limit: int,
+    warn: Callable[[str], None] | None,
+) -> ExportResult:
+    from fedsd.model.backbone import ConfigError
+    from fedsd.onnx_export import QUANT_DETAIL, QUANT_MODES, export_onnx, graph_info
+
+    if quantize not in (None, "int8"):
+        raise ExportError(f"--quantize {quantize!r}: valid values: int8")
+    if quant_mode not in QUANT_MODES:
+        raise ExportError(f"--quant-mode {quant_mode!r}: valid values: {', '.join(QUANT_MODES)}")
+    _require_dir(model)
+    wanted = parse_exits(exits, exit)
+    if out.suffix.lower() != ".onnx":
+        if out.exists() and not out.is_dir():
+            raise ExportError(f"--out {out}: give a .onnx file name or a directory")
+        tag = "-".join(str(k) for k in sorted(set(wanted)))
+        out = out / f"exit{tag}{'-int8' if quantize else ''}.onnx"
+    if out.exists() and not force:
+        raise ExportError(f"--out {out}: exists; pass --force to replace it")
+    net = _load(model)
+    bad = [k for k in wanted if k not in net.exits]
+    if bad:
+        raise ExportError(f"--exit/--exits {bad}: not exits of {model}; valid exits: {net.exits}")
+    clips, source = None, None
+    if quantize and quant_mode.startswith("static"):
+        pre = graph_info(net, wanted, None)["preprocessing"]
+        clips, source = calibration_clips(pre, calibration, root, limit, warn)
+    try:
+        info = export_onnx(net, wanted, out, quantize=quantize, calibration=clips, quant_mode=quant_mode)
+    except ConfigError as e:
+        raise ExportError(str(e)) from e
+    return ExportResult(
+        model=model,
+        path=out,
+        format="onnx",
+        exits=[int(k) for k in info["exits"]],
+        label_names=list(info["label_names"]),
+        layers=int(info["exits"][-1]),
+        size_bytes=out.stat().st_size,
+        source_layers=net.encoder.num_layers,
+        source_exits=list(net.exits),
+        source_bytes=dir_bytes(model),
+        quantization=f"int8 ({QUANT_DETAIL[quant_mode]})" if quantize else None,
+        calibration=source,
+    )
