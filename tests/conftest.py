@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from harness import LABELS, Procs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
-
-LABELS = ["neutral", "happy", "angry", "sad"]
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +44,16 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("model") / "base"
     model.save_pretrained(out)
     return out
+
+
+@pytest.fixture()
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    """Real processes for one test (tests/harness.py): logs in tmp_path; at teardown everything it
+    started is stopped by pid, and the test fails if any process (or a Flower process on one of its
+    ports) is left."""
+    harness = Procs(tmp_path)
+    try:
+        yield harness
+    finally:
+        left = harness.close()
+    assert not left, "processes left after the test:\n" + "\n".join(left)
