@@ -224,9 +224,8 @@ def test_one_device_runs_a_round_and_keeps_its_deployable_model(
     assert kinds == [("device", "info"), ("device", "train"), ("device", "done")]
     assert events[-2].text == "done: 1 round(s) trained on this device" and events[-2].level == "success"
     assert events[-1].text.startswith(f"deployable model: {tmp_path / 'mine'}")
-    # --- the deployable model: this device's exit, loadable; its personal copy beside it
+    # --- the deployable model: the slice for this device's exit (heads <= 2), loadable; its personal copy
     assert dev.deployable_model == (tmp_path / "mine").resolve()
-    model = MultiExitSER.from_pretrained(dev.deployable_model)
-    assert model.exits == [2]
-    assert MultiExitSER.from_pretrained(dev.deployable_model / "personal").exits == [2]
+    assert MultiExitSER.from_pretrained(dev.deployable_model).exits == [1, 2]
+    assert MultiExitSER.from_pretrained(dev.deployable_model / "personal").exits == [1, 2]
     assert not port_open("127.0.0.1", port, timeout=0.5)
