@@ -328,7 +328,7 @@ class Server:
     ) -> None:
         from fedsd.config import ConfigError, ExperimentConfig, load_config
 
-        self._log_fn: Log = log or _log_to_logging
+        self._log_fn: Log = log if log is not None else _log_to_logging
         self.on_output = on_output
         self.host, self.port = host, port
         self.rounds, self.min_clients, self.device_wait = rounds, min_clients, device_wait
@@ -759,13 +759,13 @@ class Server:
     # ------------------------------------------------------------------ node authentication
     def register_node(self, public_key: str | os.PathLike[str]) -> int:
         """Allow one more device into this running server (``auth=True``); returns its node id."""
-        key = _checked_key(public_key)
         if not self.auth:
             raise ServerError(
                 "register_node: this server runs without node authentication (auth=True, tls_dir)"
             )
         if not self.running:
             raise ServerError("register_node: the server is not running; start() it first")
+        key = _checked_key(public_key)
         try:
             return deploy.register_node(self.flwr_home, key)
         except launch.DeployError as e:
