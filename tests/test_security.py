@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import socket
 import ssl
 import stat
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,33 +21,16 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from harness import Procs, env, flat, write_config
 from typer.testing import CliRunner
 
 from fedsd.cli import app
-from fedsd.launch import ManagedProcess, free_port, port_open, probe_transport
+from fedsd.launch import free_port, port_open, probe_transport
 
 runner = CliRunner()
 
-FEDSD = [sys.executable, "-m", "fedsd.cli"]
 START_TIMEOUT = 300.0  # no base-model training (--base-model): data prep + SuperLink start
 RUN_TIMEOUT = 600.0  # handshake + 1 round + done; generous: a failure timeout, not a benchmark
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        COLUMNS="200",
-        PYTHONUNBUFFERED="1",
-    )
-    return env
-
-
-def _flat(text: str) -> str:
-    return " ".join(text.split())
 
 
 def _mode(path: Path) -> int:
@@ -161,7 +142,7 @@ def test_certs_create_refuses_to_overwrite_without_force(tmp_path: Path) -> None
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     result = runner.invoke(app, ["certs", "create", "--out", str(out)])
     assert result.exit_code == 1, result.output
-    text = _flat(result.output)
+    text = flat(result.output)
     assert "already exist" in text and "--force" in text and "ca.key" in text, text
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     result = runner.invoke(app, ["certs", "create", "--out", str(out), "--force"])
@@ -174,7 +155,7 @@ def test_certs_create_refuses_to_overwrite_without_force(tmp_path: Path) -> None
 def test_certs_create_rejects_a_host_that_is_not_a_name_or_ip(tmp_path: Path, host: str) -> None:
     result = runner.invoke(app, ["certs", "create", "--out", str(tmp_path / "tls"), "--host", host])
     assert result.exit_code == 2, result.output
-    assert "--host" in _flat(result.output)
+    assert "--host" in flat(result.output)
     assert not (tmp_path / "tls").exists()
 
 
@@ -196,7 +177,7 @@ def test_client_keygen_writes_an_openssh_ec_key_flower_loads(tmp_path: Path) -> 
     assert try_load_public_key(pub_path) == public_key_to_bytes(private.public_key())
 
     again = runner.invoke(app, ["client", "keygen", "--out", str(key_path)])
-    assert again.exit_code == 1 and "already exist" in _flat(again.output), again.output
+    assert again.exit_code == 1 and "already exist" in flat(again.output), again.output
     assert (
         serialization.load_ssh_private_key(key_path.read_bytes(), None).public_key() == private.public_key()
     )
@@ -243,9 +224,9 @@ def _server_start(args: list[str], tmp_path: Path) -> tuple[int, str, Path, int]
             str(port),
             *args,
         ],
-        env=_env(),
+        env=env(),
     )
-    return result.exit_code, _flat(result.output), out, port
+    return result.exit_code, flat(result.output), out, port
 
 
 @pytest.mark.parametrize(
@@ -300,9 +281,9 @@ def test_client_run_security_flags_are_checked_before_anything_starts(
         app,
         ["client", "run", "--server", "127.0.0.1:9", "--data", str(tmp_path / "m.csv"), "--root", str(tmp_path),
          "--cache", str(tmp_path / "cache"), *[a.format(**names) for a in args]],
-        env=_env(),
+        env=env(),
     )  # fmt: skip
-    text = _flat(result.output)
+    text = flat(result.output)
     assert result.exit_code == 2, text
     for piece in expected:
         assert piece in text, (piece, text)
@@ -320,8 +301,8 @@ def test_register_node_needs_a_server_and_a_valid_key(material: dict[str, Path],
         ([pub, "--tls-dir", str(material["tls"]), "--port", str(free_port())], 1, ["no server is listening"]),
     ]
     for args, code, expected in cases:
-        result = runner.invoke(app, ["server", "register-node", *args], env=_env())
-        text = _flat(result.output)
+        result = runner.invoke(app, ["server", "register-node", *args], env=env())
+        text = flat(result.output)
         assert result.exit_code == code, (args, text)
         for piece in expected:
             assert piece in text, (args, piece, text)
@@ -353,153 +334,96 @@ def test_supervisor_explains_each_refusal() -> None:
 
 
 # ----------------------------------------------------------------------------- slow: a real deployment
-def _config(tmp: Path, corpus: Path) -> Path:
-    cfg = tmp / "secure.yaml"
-    cfg.write_text(
-        f"""name: secure-test
-data: {{corpus: synth, root: {corpus}}}
-model: {{backbone: tiny, pretrained: false, exits: [1, 2, 3, 4]}}
-train: {{epochs: 1, batch_size: 16, lr: 1.0e-3}}
-federated: {{num_clients: 2, test_speakers: 1, server_speakers: 1, rounds: 1, local_epochs: 1,
-            min_clients: 1, exits_mix: [1], label_fraction: 0.5, round_timeout: 120}}
-""",
-        encoding="utf-8",
-    )
-    return cfg
-
-
-def _tail(p: ManagedProcess, n: int = 60) -> str:
-    return f"--- {p.name} ({p.log_path}) ---\n{p.tail(n)}"
-
-
-def _start(name: str, args: list[str], log: Path, cwd: Path) -> ManagedProcess:
-    return ManagedProcess(name, [*FEDSD, *args], env=_env(), log_path=log, cwd=cwd)
-
-
 def _events(cache: Path) -> list[dict]:
     files = list((cache / "sessions").glob("*/events.jsonl"))
     return [json.loads(x) for f in files for x in f.read_text().splitlines() if x.strip()]
 
 
-def _flower_processes(marker: str) -> list[str]:
-    found = []
-    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmd and ("flower-" in cmd or "flwr" in cmd):
-            found.append(f"{entry.name}: {cmd[:200]}")
-    return found
-
-
 @pytest.mark.slow
 def test_tls_and_node_auth_admit_only_the_registered_device(
-    material: dict[str, Path], small_corpus: Path, tiny_model_dir: Path
+    procs: Procs, material: dict[str, Path], small_corpus: Path, tiny_model_dir: Path
 ) -> None:
     """One TLS run with node authentication: the registered device (right CA, registered key) trains and
     the run completes; wrong CA, unknown key, no key and plain HTTP are each refused and never train."""
-    tmp = material["tmp"] / "deploy"
-    tmp.mkdir()
-    tls, run = material["tls"], tmp / "run"
-    config = _config(tmp, small_corpus)
-    port = free_port()
+    tmp, tls = procs.root, material["tls"]
+    run = tmp / "run"
+    config = write_config(
+        tmp / "secure.yaml", small_corpus, name="secure-test", server_speakers=1, rounds=1,
+        exits_mix=[1], round_timeout=120,
+    )  # fmt: skip
+    port = procs.port()
     server_addr = f"127.0.0.1:{port}"
     t0 = time.monotonic()
-    procs: list[ManagedProcess] = []
-    try:
-        server = _start(
+    server = procs.fedsd(
+        "server", "server", "start", "--config", config, "--tls-dir", tls, "--auth", "--rounds", "1",
+        "--min-clients", "1", "--out", run, "--port", port, "--device-wait", "180",
+        "--base-model", tiny_model_dir, "--node-key", f"{material['spare']}.pub",
+    )  # fmt: skip
+    server.wait_for("SuperLink listening on", START_TIMEOUT)
+    started = time.monotonic() - t0
+    # --- the device key is registered with the running server, through its run directory
+    reg = runner.invoke(
+        app, ["server", "register-node", f"{material['good']}.pub", "--out", str(run)], env=env()
+    )
+    assert reg.exit_code == 0, reg.output
+    good_id = int(flat(reg.output).split("node id ")[1].split(";")[0])
+    # ... or through its port and CA (a working TLS connection to the Control API: it answers that
+    # the key is already registered)
+    twice = runner.invoke(
+        app,
+        [
             "server",
-            ["server", "start", "--config", str(config), "--tls-dir", str(tls), "--auth", "--rounds", "1",
-             "--min-clients", "1", "--out", str(run), "--port", str(port), "--device-wait", "180",
-             "--base-model", str(tiny_model_dir), "--node-key", f"{material['spare']}.pub"],
-            tmp / "server.log",
-            tmp,
-        )  # fmt: skip
-        procs.append(server)
-        while not port_open("127.0.0.1", port, timeout=0.5):
-            assert server.alive(), f"server exited early ({server.returncode})\n{_tail(server)}"
-            assert time.monotonic() - t0 < START_TIMEOUT, f"SuperLink never came up\n{_tail(server)}"
-            time.sleep(0.5)
-        started = time.monotonic() - t0
+            "register-node",
+            f"{material['good']}.pub",
+            "--port",
+            str(port),
+            "--tls-dir",
+            str(tls),
+        ],
+        env=env(),
+    )
+    assert twice.exit_code == 1 and "already registered" in flat(twice.output), twice.output
 
-        # --- the device key is registered with the running server, through its run directory
-        reg = runner.invoke(
-            app, ["server", "register-node", f"{material['good']}.pub", "--out", str(run)], env=_env()
-        )
-        assert reg.exit_code == 0, reg.output
-        good_id = int(_flat(reg.output).split("node id ")[1].split(";")[0])
-        # ... or through its port and CA (a working TLS connection to the Control API: it answers that
-        # the key is already registered)
-        twice = runner.invoke(
-            app,
-            [
-                "server",
-                "register-node",
-                f"{material['good']}.pub",
-                "--port",
-                str(port),
-                "--tls-dir",
-                str(tls),
-            ],
-            env=_env(),
-        )
-        assert twice.exit_code == 1 and "already registered" in _flat(twice.output), twice.output
+    manifests = sorted((run / "devices").glob("*.csv"))
+    assert len(manifests) == 2, manifests
 
-        manifests = sorted((run / "devices").glob("*.csv"))
-        assert len(manifests) == 2, manifests
+    # --- plain HTTP gets nowhere: the TLS port answers no HTTP, and a device with --insecure stops
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        raw.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        raw.settimeout(5)
+        try:
+            reply = raw.recv(64)
+        except (TimeoutError, ConnectionResetError):
+            reply = b""
+    assert not reply.startswith(b"HTTP/"), reply
+    common = ["client", "run", "--server", server_addr, "--root", str(small_corpus), "--exit", "1",
+              "--model", str(tiny_model_dir), "--server-timeout", "60"]  # fmt: skip
+    insecure = runner.invoke(
+        app,
+        [*common, "--insecure", "--data", str(manifests[1]), "--cache", str(tmp / "c-insecure")],
+        env=env(),
+    )
+    assert insecure.exit_code == 2, insecure.output
+    assert "serves TLS" in flat(insecure.output) and "--root-cert" in flat(insecure.output)
 
-        # --- plain HTTP gets nowhere: the TLS port answers no HTTP, and a device with --insecure stops
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-            raw.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            raw.settimeout(5)
-            try:
-                reply = raw.recv(64)
-            except (TimeoutError, ConnectionResetError):
-                reply = b""
-        assert not reply.startswith(b"HTTP/"), reply
-        common = ["client", "run", "--server", server_addr, "--root", str(small_corpus), "--exit", "1",
-                  "--model", str(tiny_model_dir), "--server-timeout", "60"]  # fmt: skip
-        insecure = runner.invoke(
-            app,
-            [*common, "--insecure", "--data", str(manifests[1]), "--cache", str(tmp / "c-insecure")],
-            env=_env(),
-        )
-        assert insecure.exit_code == 2, insecure.output
-        assert "serves TLS" in _flat(insecure.output) and "--root-cert" in _flat(insecure.output)
-
-        # --- four devices: one admitted, three refused by Flower (TLS, unknown key, no key)
-        ca = str(tls / "ca.pem")
-        devices = {
-            "good": [*common, "--root-cert", ca, "--auth-key", str(material["good"]), "--data", str(manifests[0])],
-            # the registered key, but it does not trust the server's certificate
-            "wrong-ca": [*common, "--root-cert", str(material["other"] / "ca.pem"), "--auth-key",
-                         str(material["good"]), "--data", str(manifests[1])],
-            "stranger": [*common[:-1], "8", "--root-cert", ca, "--auth-key", str(material["stranger"]),
-                         "--data", str(manifests[1])],
-            "no-key": [*common, "--root-cert", ca, "--data", str(manifests[1])],
-        }  # fmt: skip
-        dev = {}
-        for name, args in devices.items():
-            dev[name] = _start(name, [*args, "--cache", str(tmp / f"c-{name}")], tmp / f"{name}.log", tmp)
-            procs.append(dev[name])
-
-        deadline = time.monotonic() + RUN_TIMEOUT
-        while any(p.alive() for p in procs) and time.monotonic() < deadline:
-            time.sleep(1.0)
-        logs = "\n".join(_tail(p) for p in procs)
-        assert not any(p.alive() for p in procs), f"still running after {RUN_TIMEOUT:.0f} s\n{logs}"
-        codes = {p.name: p.returncode for p in procs}
-        assert codes == {"server": 0, "good": 0, "wrong-ca": 4, "stranger": 4, "no-key": 4}, logs
-    finally:
-        for p in procs:
-            p.stop(timeout=20.0)
+    # --- four devices: one admitted, three refused by Flower (TLS, unknown key, no key)
+    ca = str(tls / "ca.pem")
+    devices = {
+        "good": [*common, "--root-cert", ca, "--auth-key", str(material["good"]), "--data", str(manifests[0])],
+        # the registered key, but it does not trust the server's certificate
+        "wrong-ca": [*common, "--root-cert", str(material["other"] / "ca.pem"), "--auth-key",
+                     str(material["good"]), "--data", str(manifests[1])],
+        "stranger": [*common[:-1], "8", "--root-cert", ca, "--auth-key", str(material["stranger"]),
+                     "--data", str(manifests[1])],
+        "no-key": [*common, "--root-cert", ca, "--data", str(manifests[1])],
+    }  # fmt: skip
+    dev = {name: procs.fedsd(name, *args, "--cache", tmp / f"c-{name}") for name, args in devices.items()}
+    codes = procs.wait_all_exit(RUN_TIMEOUT)
+    assert codes == {"server": 0, "good": 0, "wrong-ca": 4, "stranger": 4, "no-key": 4}, procs.report()
     elapsed = time.monotonic() - t0
 
     # --- the run completed over TLS, with the registered device only
-    server_out = _flat(server.tail(400))
+    server_out = server.out()
     assert "finished: completed" in server_out, server_out[-3000:]
     assert "--root-cert" in server_out and "--auth-key KEY" in server_out, server_out[:3000]
     assert f"registered device key {material['spare']}.pub (node id" in server_out, server_out[:3000]
@@ -519,7 +443,7 @@ def test_tls_and_node_auth_admit_only_the_registered_device(
     assert "[ApiError:2004]" in superlink_log and "[ApiError:2001]" in superlink_log
 
     # --- what each device reported, and that only the admitted one trained
-    good_out = _flat(dev["good"].tail(200))
+    good_out = dev["good"].out()
     assert "round 1: trained exit(s)" in good_out and "the server says the run is over" in good_out, good_out
     assert [e["kind"] for e in _events(tmp / "c-good")][-1] == "done"
     assert any(e["kind"] == "train" for e in _events(tmp / "c-good"))
@@ -529,7 +453,7 @@ def test_tls_and_node_auth_admit_only_the_registered_device(
         "no-key": ["only admits registered devices", "fedsd client keygen"],
     }
     for name, pieces in reasons.items():
-        out = _flat(dev[name].tail(200))
+        out = dev[name].out()
         for piece in pieces:
             assert piece in out, (name, piece, out)
         assert "the server refused this device" in out, out
@@ -537,5 +461,4 @@ def test_tls_and_node_auth_admit_only_the_registered_device(
     assert not (tmp / "c-insecure").exists()  # refused before any SuperNode started
     print(f"security deployment test: SuperLink up after {started:.0f} s, total {elapsed:.0f} s")
 
-    assert not port_open("127.0.0.1", port, timeout=0.5)
-    assert not _flower_processes(server_addr)
+    assert not port_open("127.0.0.1", port, timeout=0.5)  # the procs fixture checks for processes left
