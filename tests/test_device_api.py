@@ -5,34 +5,22 @@ device's deployable model in ``out``.
 
 from __future__ import annotations
 
-import os
 import socket
 import ssl
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from harness import Procs, flat, write_config
 
 from fedsd import api
 from fedsd.clients.service import DeviceEvent, DeviceOptionError
 from fedsd.clients.supervisor import EXIT_DONE, EXIT_INTERRUPTED
-from fedsd.launch import ManagedProcess, free_port, port_open
+from fedsd.launch import port_open
 
 START_TIMEOUT = 180.0
 RUN_TIMEOUT = 300.0
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", COLUMNS="200", PYTHONUNBUFFERED="1")  # fmt: skip
-    return env
-
-
-def _flat(text: str) -> str:
-    return " ".join(text.split())
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +70,7 @@ def test_contradictory_or_missing_options_raise_before_anything_starts(
     for options, code, pieces in cases:
         with pytest.raises(DeviceOptionError) as info:
             _device(small_corpus, cache, **options)
-        text = _flat(str(info.value))
+        text = flat(str(info.value))
         assert info.value.code == code, (options, text)
         for piece in pieces:
             assert piece in text, (options, piece, text)
@@ -139,11 +127,11 @@ def test_a_server_on_the_other_transport_is_refused_before_a_supernode_starts(
     assert not (tmp_path / "c1").exists() and not (tmp_path / "c2").exists()
 
 
-def test_start_then_stop_ends_the_supernode(small_corpus: Path, tmp_path: Path) -> None:
+def test_start_then_stop_ends_the_supernode(small_corpus: Path, tmp_path: Path, procs: Procs) -> None:
     """Non-blocking use: start() returns at once, stop() ends the session (130) and its SuperNode, from
     a thread that is not the one supervising."""
     events: list[DeviceEvent] = []
-    dev = _device(small_corpus, tmp_path / "cache", superlink=f"127.0.0.1:{free_port()}", exit=1,
+    dev = _device(small_corpus, tmp_path / "cache", superlink=f"127.0.0.1:{procs.port()}", exit=1,
                   on_event=events.append)  # fmt: skip
     assert dev.start() is dev
     deadline = time.monotonic() + 60
@@ -162,70 +150,43 @@ def test_start_then_stop_ends_the_supernode(small_corpus: Path, tmp_path: Path) 
 
 
 # ----------------------------------------------------------------------------- a real loopback round
-def _config(tmp: Path, corpus: Path) -> Path:
-    cfg = tmp / "device-api.yaml"
-    cfg.write_text(
-        f"""name: device-api-test
-data: {{corpus: synth, root: {corpus}}}
-model: {{backbone: tiny, pretrained: false, exits: [1, 2, 3, 4]}}
-train: {{epochs: 1, batch_size: 16, lr: 1.0e-3}}
-federated: {{num_clients: 1, test_speakers: 1, server_speakers: 1, rounds: 1, local_epochs: 1,
-            min_clients: 1, exits_mix: [2], label_fraction: 0.5, round_timeout: 120}}
-""",
-        encoding="utf-8",
-    )
-    return cfg
-
-
 @pytest.mark.slow
 def test_one_device_runs_a_round_and_keeps_its_deployable_model(
-    small_corpus: Path, tiny_model_dir: Path, tmp_path: Path
+    small_corpus: Path, tiny_model_dir: Path, tmp_path: Path, procs: Procs
 ) -> None:
+    """`fedsd server start` (a subprocess) and one in-process device with --out: exit code 0, the run's
+    events, and a deployable model (the slice for its exit, + its personal copy) that loads."""
     from fedsd.model.multiexit import MultiExitSER
 
-    run, port = tmp_path / "run", free_port()
+    run, port = tmp_path / "run", procs.port()
+    config = write_config(tmp_path / "device-api.yaml", small_corpus, name="device-api-test", num_clients=1,
+                          server_speakers=1, rounds=1, exits_mix=[2], round_timeout=120)  # fmt: skip
     t0 = time.monotonic()
-    server = ManagedProcess(
-        "server",
-        [sys.executable, "-m", "fedsd.cli", "server", "start", "--config", str(_config(tmp_path, small_corpus)),
-         "--insecure", "--out", str(run), "--port", str(port), "--base-model", str(tiny_model_dir),
-         "--device-wait", "120"],
-        env=_env(), log_path=tmp_path / "server.log", cwd=tmp_path,
-    )  # fmt: skip
+    server = procs.fedsd("server", "server", "start", "--config", config, "--insecure", "--out", run,
+                         "--port", port, "--base-model", tiny_model_dir, "--device-wait", "120")  # fmt: skip
+    procs.wait_until("the SuperLink", lambda: port_open("127.0.0.1", port, 0.5), START_TIMEOUT, watch=server)
+    (manifest,) = sorted((run / "devices").glob("*.csv"))
     events: list[DeviceEvent] = []
-    dev = None
+    dev = api.Device(
+        f"127.0.0.1:{port}", exit=2, data=manifest, root=small_corpus, model=tiny_model_dir,
+        cache=tmp_path / "cache", insecure=True, out=tmp_path / "mine", personalize_epochs=1,
+        server_timeout=60, on_event=events.append,
+    ).start()  # fmt: skip
     try:
-        while not port_open("127.0.0.1", port, timeout=0.5):
-            assert server.alive(), f"server exited early ({server.returncode})\n{server.tail(60)}"
-            assert time.monotonic() - t0 < START_TIMEOUT, f"SuperLink never came up\n{server.tail(60)}"
-            time.sleep(0.5)
-        (manifest,) = sorted((run / "devices").glob("*.csv"))
-        dev = api.Device(
-            f"127.0.0.1:{port}", exit=2, data=manifest, root=small_corpus, model=tiny_model_dir,
-            cache=tmp_path / "cache", insecure=True, out=tmp_path / "mine", personalize_epochs=1,
-            server_timeout=60, on_event=events.append,
-        ).start()  # fmt: skip
         code = dev.wait(RUN_TIMEOUT)
         texts = "\n".join(e.text for e in events)
-        assert code == EXIT_DONE, f"{code}\n{texts}\n--- server ---\n{server.tail(60)}"
-        deadline = time.monotonic() + 60
-        while server.alive() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert server.returncode == 0, server.tail(60)
+        assert code == EXIT_DONE, f"{code}\n{texts}\n{procs.report()}"
+        assert server.wait_exit(180) == 0, procs.report()  # its report and plots come after the run
     finally:
-        if dev is not None:
-            dev.stop(timeout=20)
-        server.stop(timeout=20)
+        dev.stop(timeout=20)
     print(f"device API loopback round: {time.monotonic() - t0:.0f} s")
 
     assert [e["kind"] for e in dev.events] == ["info", "train", "done"], dev.events
     assert dev.rounds_trained == 1
-    kinds = [(e.source, e.kind) for e in events if e.source == "device"]
-    assert kinds == [("device", "info"), ("device", "train"), ("device", "done")]
+    assert [e.kind for e in events if e.source == "device"] == ["info", "train", "done"]
     assert events[-2].text == "done: 1 round(s) trained on this device" and events[-2].level == "success"
     assert events[-1].text.startswith(f"deployable model: {tmp_path / 'mine'}")
     # --- the deployable model: the slice for this device's exit (heads <= 2), loadable; its personal copy
     assert dev.deployable_model == (tmp_path / "mine").resolve()
     assert MultiExitSER.from_pretrained(dev.deployable_model).exits == [1, 2]
     assert MultiExitSER.from_pretrained(dev.deployable_model / "personal").exits == [1, 2]
-    assert not port_open("127.0.0.1", port, timeout=0.5)
