@@ -26,7 +26,7 @@ import json
 import math
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -170,22 +170,30 @@ def utterance_rank(seed: int, utt_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}\x00{utt_id}".encode()).digest()[:8], "big")
 
 
+def _stratified_mask(
+    utt_ids: Sequence[str], labels: Sequence[str], take: Callable[[int], int], rank: Callable[[str], int]
+) -> list[bool]:
+    """Per class of ``n_c`` utterances, mark the ``take(n_c)`` with the lowest ``rank(utt_id)``."""
+    mask = [False] * len(utt_ids)
+    by_class: dict[str, list[int]] = {}
+    for i, lab in enumerate(labels):
+        by_class.setdefault(lab, []).append(i)
+    for members in by_class.values():
+        for i in sorted(members, key=lambda j: rank(utt_ids[j]))[: take(len(members))]:
+            mask[i] = True
+    return mask
+
+
 def labelled_mask(utt_ids: Sequence[str], labels: Sequence[str], fraction: float, seed: int) -> list[bool]:
     """Stratified, nested labelled subset: per class the ceil(fraction * n_c) lowest-ranked utterances.
 
     At least one per class present when ``fraction > 0``.
     """
-    mask = [False] * len(utt_ids)
     if fraction <= 0:
-        return mask
-    by_class: dict[str, list[int]] = {}
-    for i, lab in enumerate(labels):
-        by_class.setdefault(lab, []).append(i)
-    for members in by_class.values():
-        k = min(len(members), max(1, math.ceil(fraction * len(members) - 1e-9)))
-        for i in sorted(members, key=lambda j: utterance_rank(seed, utt_ids[j]))[:k]:
-            mask[i] = True
-    return mask
+        return [False] * len(utt_ids)
+    return _stratified_mask(
+        utt_ids, labels, lambda n: min(n, max(1, math.ceil(fraction * n - 1e-9))), lambda u: utterance_rank(seed, u)
+    )
 
 
 def personal_test_mask(
@@ -193,19 +201,14 @@ def personal_test_mask(
 ) -> list[bool]:
     """Stratified personal test subset of one device: per class with n_c >= 2 utterances, the
     ``max(1, round(fraction * n_c))`` (at most n_c - 1) lowest by a rank independent of the label rank."""
-    mask = [False] * len(utt_ids)
     if fraction <= 0:
-        return mask
-    by_class: dict[str, list[int]] = {}
-    for i, lab in enumerate(labels):
-        by_class.setdefault(lab, []).append(i)
-    for members in by_class.values():
-        if len(members) < 2:
-            continue
-        k = min(len(members) - 1, max(1, math.floor(fraction * len(members) + 0.5)))
-        for i in sorted(members, key=lambda j: utterance_rank(seed, f"personal-test\x00{utt_ids[j]}"))[:k]:
-            mask[i] = True
-    return mask
+        return [False] * len(utt_ids)
+    return _stratified_mask(
+        utt_ids,
+        labels,
+        lambda n: 0 if n < 2 else min(n - 1, max(1, math.floor(fraction * n + 0.5))),
+        lambda u: utterance_rank(seed, f"personal-test\x00{u}"),
+    )
 
 
 def _deal_speakers(
