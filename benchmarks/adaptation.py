@@ -349,18 +349,19 @@ def plot(
     path: Path,
     title: str,
 ) -> None:
-    import matplotlib.pyplot as plt
-
     with common.figure(path, dpi=110, nrows=len(fractions), ncols=2, figsize=(13, 3.6 * len(fractions)),
                        squeeze=False) as (fig, axes):  # fmt: skip
-        _draw(axes, runs, fractions, variants, exits, plt.get_cmap("tab10"))
+        _draw(axes, runs, fractions, variants, exits)
         fig.suptitle(textwrap.fill(title, 140), fontsize=9)
 
 
 def _draw(
     axes: Any, runs: list[dict[str, Any]], fractions: Sequence[float], variants: dict[str, Variant],
-    exits: Sequence[int], cmap: Any,
+    exits: Sequence[int],
 ) -> None:  # fmt: skip
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
     shallow = [k for k in exits if k != exits[-1]]
     colour = {"base": "0.55"} | {k: cmap((i + 1) % cmap.N) for i, k in enumerate(variants)}
     bars_left = [("base", "unseen", METHOD_NAMES["before"])] + [
