@@ -1,7 +1,8 @@
 """`fedsd export`: write the slice of a trained model that a device at one exit needs.
 
-Why a command: the server side trains the full multi-exit model, but a device deployed at exit K should
-download and load only the front end, layers 1..K and the heads <= K (``fedsd.model.export``).
+Flags → ``fedsd.export.export`` (which does the work and the checks) → a before/after table or one line
+per ONNX graph. Why a command: a device deployed at exit K should download and load only the front end,
+layers 1..K and the heads <= K.
 """
 
 from __future__ import annotations
