@@ -20,10 +20,14 @@ several test files share.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
+import socket
+import ssl
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -197,6 +201,10 @@ class Procs:
             cwd=cwd or self.root,
             guard=guard,
         )
+        return self.adopt(managed)
+
+    def adopt(self, managed: ManagedProcess) -> Proc:
+        """Watch and clean up a process started elsewhere (e.g. by ``fedsd.server.deploy``)."""
         proc = Proc(managed, self)
         self.procs.append(proc)
         self.observe()
@@ -224,12 +232,27 @@ class Procs:
     def report(self, lines: int = 60) -> str:
         return "\n".join(p.tail(lines) for p in self.procs)
 
-    def wait_until(self, what: str, cond: Callable[[], Any], timeout: float, poll: float = POLL_S) -> Any:
-        """Poll ``cond`` until it returns something true; raises with every log tail after ``timeout``."""
+    def wait_until(
+        self,
+        what: str,
+        cond: Callable[[], Any],
+        timeout: float,
+        poll: float = POLL_S,
+        *,
+        watch: Proc | None = None,
+    ) -> Any:
+        """Poll ``cond`` until it returns something true; raises with every log tail after ``timeout``
+        or as soon as ``watch`` has exited without it."""
         deadline = time.monotonic() + timeout
         while True:
             self.observe()
             value = cond()
+            if value:
+                return value
+            if watch is not None and not watch.alive() and not (value := cond()):
+                raise AssertionError(
+                    f"{watch.name} exited with code {watch.returncode} before {what}\n{self.report()}"
+                )
             if value:
                 return value
             if time.monotonic() > deadline:
@@ -302,6 +325,45 @@ class Procs:
         return self.leftovers()
 
 
+# ----------------------------------------------------------------------------- an in-process TLS server
+class TlsEcho:
+    """A one-thread TLS (or plain TCP) server on loopback: accepts connections, completes the handshake,
+    closes. Enough to check that Python's ssl (what uvicorn and httpx use) accepts our certificates."""
+
+    def __init__(self, cert: Path | None, key: Path | None) -> None:
+        self.ctx = None
+        if cert is not None:
+            self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.ctx.load_cert_chain(cert, key)
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.errors: list[str] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                conn.settimeout(5)
+                if self.ctx is not None:
+                    with self.ctx.wrap_socket(conn, server_side=True) as tls:
+                        tls.recv(1)
+                else:
+                    conn.recv(1024)
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+            except (OSError, ssl.SSLError) as e:
+                self.errors.append(str(e))
+            finally:
+                conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 # ----------------------------------------------------------------------------- configs and set-ups
 FEDERATED = {
     "num_clients": 2,
@@ -352,19 +414,26 @@ class Federation:
     def run_dir(self) -> Path:
         return Path(self.spec.run_dir)
 
-    def grid(self, n: int = 2, rc: dict | None = None) -> Any:
-        """An in-process grid of ``n`` devices running the real ClientApp."""
-        from fedsd.clients.app import make_client_app
-        from fedsd.server.inprocess import InProcessGrid
-
-        nodes = [{"partition-id": i, "num-partitions": n} for i in range(n)]
-        return InProcessGrid(make_client_app(rc or self.rc), nodes)
+    def grid(self, n: int = 2) -> Any:
+        return inprocess_grid(self.rc, n)
 
     def records(self) -> list[dict]:
-        import json
+        return records(self.run_dir)
 
-        text = (self.run_dir / "metrics.jsonl").read_text(encoding="utf-8")
-        return [json.loads(x) for x in text.splitlines() if x.strip()]
+
+def inprocess_grid(rc: dict, n: int = 2, **kw: Any) -> Any:
+    """An in-process grid of ``n`` devices (partitions 0..n-1) running the real ClientApp."""
+    from fedsd.clients.app import make_client_app
+    from fedsd.server.inprocess import InProcessGrid
+
+    nodes = [{"partition-id": i, "num-partitions": n} for i in range(n)]
+    return InProcessGrid(make_client_app(rc), nodes, **kw)
+
+
+def records(run_dir: Path) -> list[dict]:
+    """The lines of a run's metrics.jsonl."""
+    text = (run_dir / "metrics.jsonl").read_text(encoding="utf-8")
+    return [json.loads(x) for x in text.splitlines() if x.strip()]
 
 
 def federation(
@@ -405,3 +474,51 @@ def uar_from_confusion(confusion: list[list[int]]) -> float:
     an independent reference for the UAR a run reports."""
     recalls = [row[i] / sum(row) for i, row in enumerate(confusion) if sum(row)]
     return sum(recalls) / len(recalls)
+
+
+def session_file(cache: Path, filename: str) -> Path | None:
+    """``<cache>/sessions/<latest>/<filename>`` of a `fedsd client run`, None before it exists."""
+    found = sorted((cache / "sessions").glob(f"*/{filename}"))
+    return found[-1] if found else None
+
+
+def events(cache: Path) -> list[dict]:
+    """A device's event log (one line per handled message), every session of ``cache`` in order."""
+    files = sorted((cache / "sessions").glob("*/events.jsonl"))
+    return [json.loads(x) for f in files for x in f.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+# ----------------------------------------------------------------------------- tiny models
+FAMILY_CASES = [
+    ("wav2vec2", False, {}),
+    ("wav2vec2", True, {}),
+    ("hubert", False, {}),
+    ("hubert", True, {}),
+    ("wavlm", False, {}),
+    ("wavlm", True, {}),
+    # a pre-LN model whose last hidden state includes the encoder's final LayerNorm: shallower exits
+    # must stay raw, the deepest one sees the norm
+    ("wav2vec2", True, {"tie_last_hidden_states": True}),
+]
+"""(family, pre-LN, config overrides): every tiny backbone shape an export must reproduce."""
+
+
+def tiny_net(
+    family: str = "wav2vec2",
+    preln: bool = False,
+    *,
+    exits: Iterable[int] = (1, 2, 3, 4),
+    labels: list[str] | None = None,
+    meta: dict | None = None,
+    **overrides: Any,
+) -> Any:
+    """An untrained tiny multi-exit model (seed 0, eval mode) of ``family``, post- or pre-LN."""
+    import torch
+
+    from fedsd.model import MultiExitSER, build_backbone, builtin_config
+
+    config = builtin_config("tiny-preln" if preln else "tiny", family)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    return MultiExitSER(build_backbone(config), list(exits), labels or LABELS, meta=meta).eval()

@@ -13,7 +13,6 @@ import json
 import socket
 import ssl
 import stat
-import threading
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from harness import Procs, env, flat, write_config
+from harness import Procs, TlsEcho, env, flat, write_config
 from typer.testing import CliRunner
 
 from fedsd.cli import app
@@ -35,45 +34,6 @@ RUN_TIMEOUT = 600.0  # handshake + 1 round + done; generous: a failure timeout, 
 
 def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
-
-
-# ----------------------------------------------------------------------------- an in-process TLS server
-class _TlsEcho:
-    """A one-thread TLS (or plain TCP) server on loopback: accepts connections, completes the handshake,
-    closes. Enough to check that Python's ssl (what uvicorn and httpx use) accepts our certificates."""
-
-    def __init__(self, cert: Path | None, key: Path | None) -> None:
-        self.ctx = None
-        if cert is not None:
-            self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            self.ctx.load_cert_chain(cert, key)
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.errors: list[str] = []
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            try:
-                conn.settimeout(5)
-                if self.ctx is not None:
-                    with self.ctx.wrap_socket(conn, server_side=True) as tls:
-                        tls.recv(1)
-                else:
-                    conn.recv(1024)
-                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
-            except (OSError, ssl.SSLError) as e:
-                self.errors.append(str(e))
-            finally:
-                conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def _handshake(port: int, ca: Path, server_hostname: str) -> None:
@@ -115,7 +75,7 @@ def test_certs_create_makes_a_chain_that_verifies(tmp_path: Path) -> None:
 
     # Python's ssl (uvicorn's server side, httpx's client side) accepts the chain for loopback names
     # and refuses it with another CA.
-    echo = _TlsEcho(out / "server.pem", out / "server.key")
+    echo = TlsEcho(out / "server.pem", out / "server.key")
     try:
         _handshake(echo.port, out / "ca.pem", "127.0.0.1")
         _handshake(echo.port, out / "ca.pem", "localhost")
@@ -128,7 +88,7 @@ def test_certs_create_makes_a_chain_that_verifies(tmp_path: Path) -> None:
         assert probe_transport("127.0.0.1", echo.port) == "tls"
     finally:
         echo.close()
-    plain = _TlsEcho(None, None)
+    plain = TlsEcho(None, None)
     try:
         assert probe_transport("127.0.0.1", plain.port) == "plain"
     finally:
