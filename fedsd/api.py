@@ -29,7 +29,7 @@ _TARGETS: dict[str, str] = {
     "ExperimentConfig": "fedsd.config:ExperimentConfig",
     "ConfigError": "fedsd.config:ConfigError",
     # central training, evaluation, inference, export
-    "train": "fedsd.train:train",
+    "train": "fedsd.train:train_experiment",
     "TrainResult": "fedsd.train:TrainResult",
     "evaluate": "fedsd.inference:evaluate",
     "predict": "fedsd.inference:predict",
@@ -41,6 +41,8 @@ _TARGETS: dict[str, str] = {
     "simulate": "fedsd.server.simulation:simulate",
     "FederationResult": "fedsd.server.simulation:FederationResult",
     "Server": "fedsd.server.service:Server",
+    "ServerError": "fedsd.server.service:ServerError",
+    "ServerSummary": "fedsd.server.service:ServerSummary",
     "Device": "fedsd.clients.service:Device",
 }
 

@@ -280,6 +280,17 @@ def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None =
         raise ConfigError(_format_validation_error(e, str(path))) from None
 
 
+def override_config(cfg: ExperimentConfig, overrides: dict[str, Any]) -> ExperimentConfig:
+    """A copy of ``cfg`` with dotted ``overrides`` applied and validated like a loaded file."""
+    raw = cfg.model_dump(mode="json")
+    for key, value in overrides.items():
+        _set_dotted(raw, key, value)
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, f"config {cfg.name!r} with overrides")) from None
+
+
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     """Command-line ``KEY=VALUE`` items (``train.epochs=2``) → dotted overrides, values read as YAML."""
     out: dict[str, Any] = {}

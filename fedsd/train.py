@@ -456,3 +456,25 @@ def train(
     }
     atomic_write_json(run_dir / "results.json", summary)
     return TrainResult(run_dir, best_dir, last_dir, best_epoch, valid_reports, test_reports)
+
+
+def train_experiment(
+    config: ExperimentConfig | str | Path,
+    run_dir: str | Path | None = None,
+    *,
+    overrides: dict[str, Any] | None = None,
+    progress: Any | None = None,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """What `fedsd train` does, as one call (``fedsd.api.train``): load the config (a YAML path with
+    dotted ``overrides``, or an ``ExperimentConfig``), generate the demo's synthetic corpus on first use,
+    and train every exit into ``run_dir`` (default ``runs/<config name>``)."""
+    from fedsd.config import load_config, override_config
+    from fedsd.data.prepare import ensure_corpus
+
+    if isinstance(config, ExperimentConfig):
+        cfg = override_config(config, overrides) if overrides else config
+    else:
+        cfg = load_config(config, overrides)
+    ensure_corpus(cfg.data, log=log)
+    return train(cfg, Path(run_dir) if run_dir is not None else Path("runs") / cfg.name, progress=progress, log=log)

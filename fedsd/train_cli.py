@@ -62,10 +62,9 @@ def train_command(
 
     Example: [bold]fedsd train --config configs/demo.yaml --out runs/demo-central[/]
     """
-    from fedsd.config import ConfigError, load_config
-    from fedsd.data.prepare import ensure_corpus
+    from fedsd.config import ConfigError
     from fedsd.report import exit_table
-    from fedsd.train import train
+    from fedsd.train import train_experiment
 
     overrides = _parse_overrides(set_)
     for key, value in {
@@ -84,11 +83,8 @@ def train_command(
     if scratch:
         overrides["model.pretrained"] = False
     try:
-        cfg = load_config(config, overrides)
-        ensure_corpus(cfg.data, log=console.print)
-        run_dir = out or Path("runs") / cfg.name
         with progress_bar() as progress:
-            result = train(cfg, run_dir, progress=progress, log=console.print)
+            result = train_experiment(config, out, overrides=overrides, progress=progress, log=console.print)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
     if result.test:
