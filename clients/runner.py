@@ -14,6 +14,12 @@ three of its steps replaced — the bundle is never installed or unpacked, no de
 and the ClientApp is always ``fedsd.clients.app:app`` from this environment. If Flower's module no
 longer has the names replaced here, the runner refuses to run at all (fail closed), rather than fall
 back to loading the bundle.
+
+With ``FEDSD_WARM_WORKER=1`` (``fedsd client run --warm-worker``, inherited from the SuperNode's
+environment) the ClientApp this runner loads is a light forwarder: it relays the message and context to
+the device's warm worker (clients/worker.py), which imported ``fedsd.clients.app`` once, so this
+process never imports torch. If the worker cannot be used the message is handled here, as without the
+flag: a device never loses a round to the optimisation.
 """
 
 from __future__ import annotations
@@ -26,12 +32,43 @@ from typing import Any
 
 COMMAND = "flwr-clientapp"
 _REPLACED = ("install_from_fab", "get_load_client_app_fn", "run_clientapp")
+_PARENT: list[int] = []
+"""The pid a warm worker serves (the SuperNode's executor), set by :func:`main`."""
 
 
 def _fedsd_client_app() -> Any:
     from fedsd.clients.app import app
 
     return app
+
+
+def forwarding_app(parent: int) -> Any:
+    """A ClientApp stand-in (Flower calls it as ``app(message=..., context=...)``) that has the
+    device's warm worker handle the message, and handles it in this process if the worker fails."""
+    from fedsd.clients import worker
+
+    def app(message: Any, context: Any) -> Any:
+        try:
+            reply, state = worker.call(message, context, parent=parent)
+        except worker.WorkerUnavailable as e:
+            from logging import WARNING
+
+            from flwr.common.logger import log
+
+            log(WARNING, "fedsd warm worker unavailable (%s): handling this message in this process", e)
+            return _fedsd_client_app()(message=message, context=context)
+        context.state = state  # what the handler left in it, as if it had run here
+        return reply
+
+    return app
+
+
+def _loaded_app() -> Any:
+    from fedsd.clients.worker import enabled
+
+    if enabled():
+        return forwarding_app(_PARENT[0] if _PARENT else os.getppid())
+    return _fedsd_client_app()
 
 
 def install_guard_rails() -> Any:
@@ -49,7 +86,7 @@ def install_guard_rails() -> Any:
         return None  # the bundle's files never reach this device's disk or sys.path
 
     def fedsd_loader(*_args: Any, **_kwargs: Any) -> Any:
-        app = _fedsd_client_app()
+        app = _loaded_app()
         return lambda *_a, **_k: app  # whatever component the bundle names
 
     rc.install_from_fab = no_install
@@ -68,6 +105,7 @@ def main() -> None:
     cli = importlib.import_module("flwr.supernode.cli.flwr_clientapp")  # the module, not the function
 
     args = cli._parse_args_run_flwr_clientapp().parse_args()
+    _PARENT[:] = [args.parent_pid or os.getppid()]
     token = cli.try_obtain_flwr_app_token(args)
     rc.run_clientapp(
         runtime_api_address=args.runtime_api_address,
