@@ -7,10 +7,32 @@ second long and generated on the fly.
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
+
+HAS_ESPEAK = shutil.which("espeak-ng") is not None
+# `make test` installs espeak-ng and sets this: there a missing espeak-ng is an error, never other audio.
+REQUIRE_ESPEAK = os.environ.get("FEDSD_REQUIRE_ESPEAK") == "1"
+
+
+def corpus_backend() -> str:
+    """The voice of generated test corpora: espeak-ng where it is installed or required (a missing one
+    then fails generation), the numpy voice elsewhere; never a silent switch under `make test`."""
+    return "espeak" if HAS_ESPEAK or REQUIRE_ESPEAK else "numpy"
+
+
+def espeak_backend() -> str:
+    """``"espeak"`` for tests whose numbers (learning thresholds, clip bounds) were calibrated on
+    espeak-ng speech. Without espeak-ng such a test is skipped with a reason, and under `make test`
+    (FEDSD_REQUIRE_ESPEAK=1) it fails: it never measures other audio against those numbers."""
+    if not (HAS_ESPEAK or REQUIRE_ESPEAK):
+        pytest.skip("calibrated on espeak-ng speech: install espeak-ng (`make test` does)")
+    return "espeak"
 
 _FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS")}
 

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from audio_fixtures import corpus_backend, espeak_backend
 from harness import LABELS, Procs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,8 +23,16 @@ def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from fedsd.data.synthetic import generate_corpus
 
     out = tmp_path_factory.mktemp("corpus")
-    generate_corpus(out, speakers=6, sentences=3, seed=0, progress=False)
+    generate_corpus(out, speakers=6, sentences=3, seed=0, backend=corpus_backend(), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def espeak_corpus(small_corpus: Path) -> Path:
+    """``small_corpus`` for tests whose numbers depend on its audio: pinned to espeak-ng speech (skipped
+    with a reason where espeak-ng is missing, an error under `make test`)."""
+    assert espeak_backend() == corpus_backend()
+    return small_corpus
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +53,18 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("model") / "base"
     model.save_pretrained(out)
     return out
+
+
+@pytest.fixture()
+def task_identity() -> Iterator[None]:
+    """Flower's task identity as inside a ClientApp process (task 1, run 7, node 1), restored after: for
+    tests that call the ClientApp directly."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 @pytest.fixture()

@@ -16,32 +16,15 @@ import json
 import os
 import socket
 import subprocess
-import sys
-import time
 import tomllib
 
 import pytest
+from harness import Procs, events, write_config
 
 from fedsd import launch
 from fedsd.clients.runner import install_guard_rails, write_shim
-from fedsd.launch import ManagedProcess, free_port, port_open
 from fedsd.proxy import allowed
 from fedsd.server import deploy
-
-FEDSD = [sys.executable, "-m", "fedsd.cli"]
-CONFIG = """name: controlplane
-data: {{corpus: synth, root: {root}, labels: [neutral, happy, angry, sad], crop: {{max_seconds: 2.0, mode: tile}}}}
-model: {{backbone: tiny, pretrained: false, exits: [1, 2, 3, 4]}}
-federated: {{num_clients: 2, test_speakers: 1, server_speakers: 0, rounds: 1, local_epochs: 1,
-            batch_size: 8, min_clients: 1, exits_mix: [1], label_fraction: 0.5}}
-"""
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", COLUMNS="200", PYTHONUNBUFFERED="1")  # fmt: skip
-    return env
 
 
 def _outside_address() -> str | None:
@@ -102,16 +85,6 @@ def test_runner_never_installs_or_loads_a_bundle(tmp_path) -> None:
 
 
 # ============================================================================ real processes
-def _wait(what: str, cond, timeout: float, procs: list[ManagedProcess]) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"timed out waiting for {what}\n" + "\n".join(f"--- {p.name}\n{p.tail(60)}" for p in procs)
-            )
-        time.sleep(0.5)
-
-
 def _http(host: str, port: int, request: bytes, source: str | None = None) -> bytes:
     with socket.create_connection(
         (host, port), timeout=10, source_address=(source, 0) if source else None
@@ -134,70 +107,53 @@ def _post(path: str, body: bytes = b"") -> bytes:
 
 @pytest.mark.slow
 def test_control_routes_refused_from_outside_and_a_device_runs_through_the_proxy(
-    tmp_path, small_corpus, tiny_model_dir
+    procs: Procs, tmp_path, small_corpus, tiny_model_dir
 ) -> None:
     outside = _outside_address()
     if outside is None:
         pytest.skip("this machine has no non-loopback address")
-    config = tmp_path / "cp.yaml"
-    config.write_text(CONFIG.format(root=small_corpus), encoding="utf-8")
-    port, run = free_port(), tmp_path / "run"
-    procs: list[ManagedProcess] = []
-    try:
-        server = ManagedProcess(
-            "server",
-            [*FEDSD, "server", "start", "--config", str(config), "--insecure", "--host", "0.0.0.0",
-             "--port", str(port), "--out", str(run), "--base-model", str(tiny_model_dir), "--device-wait", "300"],
-            env=_env(), log_path=tmp_path / "server.log", cwd=tmp_path,
-        )  # fmt: skip
-        procs.append(server)
-
-        def up() -> bool:
-            assert server.alive(), server.tail(60)
-            return port_open(outside, port, 0.5) and (run / ".flwr/config.toml").is_file()
-
-        _wait("the fleet proxy", up, 300, procs)
-        conn = tomllib.loads((run / ".flwr" / "config.toml").read_text())["superlink"]["fedsd"]
-        internal = launch.parse_address(conn["address"])[1]
-        assert internal != port
-        # the SuperLink itself is not reachable from another address
-        with pytest.raises(OSError):
-            socket.create_connection((outside, internal), timeout=3).close()
-        # from outside: control and runtime refused by the proxy, fleet forwarded
-        for path in (
-            "/v1/control/list-runs",
-            "/v1/control/register-supernode",
-            "/v1/control/stop-run",
-            "/v1/runtime/pull-messages",
-            "/v1/fleet/../control/list-runs",
-            "/v1/fleet%2F..%2Fcontrol/x",
-        ):
-            reply = _http(outside, port, _post(path), source=outside)
-            assert reply.startswith(b"HTTP/1.1 403") or reply.startswith(b"HTTP/1.1 404"), (path, reply[:200])
-        fleet = _http(outside, port, _post("/v1/fleet/get-run"), source=outside)
-        assert fleet.startswith(b"HTTP/1.1") and b"only the Fleet API" not in fleet, fleet[:300]
-        # from this machine the operator's tools still reach the control API through the same port
-        local = _http("127.0.0.1", port, _post("/v1/control/list-runs"))
-        assert b"only the Fleet API" not in local, local[:300]
-        # a device dialling the outside address trains through the proxy, and the run completes
-        manifest = sorted((run / "devices").glob("*.csv"))[0]
-        device = ManagedProcess(
-            "device",
-            [*FEDSD, "client", "run", "--server", f"{outside}:{port}", "--insecure", "--exit", "1",
-             "--data", str(manifest), "--root", str(small_corpus), "--model", str(tiny_model_dir),
-             "--cache", str(tmp_path / "cache"), "--server-timeout", "120"],
-            env=_env(), log_path=tmp_path / "device.log", cwd=tmp_path,
-        )  # fmt: skip
-        procs.append(device)
-        _wait("the run to end", lambda: not server.alive() and not device.alive(), 600, procs)
-        text = " ".join(server.tail(200).split())
-        assert server.returncode == 0 and "finished: completed" in text, text[-3000:]
-        assert device.returncode == 0, device.tail(60)
-        proxy_log = (run / ".flwr" / "proxy.log").read_text()
-        assert "refused POST /v1/control/list-runs from " + outside in proxy_log
-    finally:
-        for p in procs:
-            p.stop(timeout=10)
+    config = write_config(
+        tmp_path / "cp.yaml", small_corpus, name="controlplane", rounds=1, exits_mix=[1], lr=None
+    )
+    port, run = procs.port(), tmp_path / "run"
+    server = procs.fedsd(
+        "server", "server", "start", "--config", config, "--insecure", "--host", "0.0.0.0", "--port", port,
+        "--out", run, "--base-model", tiny_model_dir, "--device-wait", "300",
+    )  # fmt: skip
+    server.wait_for("SuperLink listening on", 300)  # printed once the fleet proxy is up
+    conn = tomllib.loads((run / ".flwr" / "config.toml").read_text())["superlink"]["fedsd"]
+    internal = launch.parse_address(conn["address"])[1]
+    assert internal != port
+    # the SuperLink itself is not reachable from another address
+    with pytest.raises(OSError):
+        socket.create_connection((outside, internal), timeout=3).close()
+    # from outside: control and runtime refused by the proxy, fleet forwarded
+    for path in (
+        "/v1/control/list-runs",
+        "/v1/control/register-supernode",
+        "/v1/control/stop-run",
+        "/v1/runtime/pull-messages",
+        "/v1/fleet/../control/list-runs",
+        "/v1/fleet%2F..%2Fcontrol/x",
+    ):
+        reply = _http(outside, port, _post(path), source=outside)
+        assert reply.startswith(b"HTTP/1.1 403") or reply.startswith(b"HTTP/1.1 404"), (path, reply[:200])
+    fleet = _http(outside, port, _post("/v1/fleet/get-run"), source=outside)
+    assert fleet.startswith(b"HTTP/1.1") and b"only the Fleet API" not in fleet, fleet[:300]
+    # from this machine the operator's tools still reach the control API through the same port
+    local = _http("127.0.0.1", port, _post("/v1/control/list-runs"))
+    assert b"only the Fleet API" not in local, local[:300]
+    # a device dialling the outside address trains through the proxy, and the run completes
+    manifest = sorted((run / "devices").glob("*.csv"))[0]
+    procs.fedsd(
+        "device", "client", "run", "--server", f"{outside}:{port}", "--insecure", "--exit", "1",
+        "--data", manifest, "--root", small_corpus, "--model", tiny_model_dir, "--cache", tmp_path / "cache",
+        "--server-timeout", "120",
+    )  # fmt: skip
+    assert procs.wait_all_exit(600) == {"server": 0, "device": 0}, procs.report()
+    assert "finished: completed" in server.out(), server.out()[-3000:]
+    proxy_log = (run / ".flwr" / "proxy.log").read_text()
+    assert "refused POST /v1/control/list-runs from " + outside in proxy_log
 
 
 EVIL_PYPROJECT = """[project]
@@ -244,7 +200,7 @@ def main(grid, context):
 
 @pytest.mark.slow
 def test_a_bundle_with_its_own_clientapp_never_runs_it_on_a_device(
-    tmp_path, small_corpus, tiny_model_dir
+    procs: Procs, tmp_path, small_corpus, tiny_model_dir
 ) -> None:
     marker, summary = tmp_path / "PWNED", tmp_path / "summary.json"
     fp = json.loads((tiny_model_dir / "fedsd.json").read_text())["fingerprint"]
@@ -254,37 +210,24 @@ def test_a_bundle_with_its_own_clientapp_never_runs_it_on_a_device(
     (evil / "evil_client.py").write_text(EVIL_CLIENT.format(marker=str(marker)))
     (evil / "evil_server.py").write_text(EVIL_SERVER.format(fp=fp, summary=str(summary)))
     home = tmp_path / "flwr"
-    port = free_port()
+    port = procs.port()
     deploy.write_flwr_home(home, f"127.0.0.1:{port}", insecure=True)
-    procs: list[ManagedProcess] = []
-    try:
-        superlink = deploy.start_superlink(home, "127.0.0.1", port, log_path=tmp_path / "superlink.log")
-        procs.append(superlink)
-        launch.wait_for_port("127.0.0.1", port, timeout=120, process=superlink)
-        device = ManagedProcess(
-            "device",
-            [*FEDSD, "client", "run", "--server", f"127.0.0.1:{port}", "--insecure", "--exit", "1",
-             "--data", str(small_corpus / "manifest.csv"), "--root", str(small_corpus),
-             "--model", str(tiny_model_dir), "--cache", str(tmp_path / "cache"), "--server-timeout", "300"],
-            env=_env(), log_path=tmp_path / "device.log", cwd=tmp_path,
-        )  # fmt: skip
-        procs.append(device)
-        res = subprocess.run(
-            [launch.flower_bin("flwr"), "run", str(evil), deploy.CONNECTION, "--stream"],
-            env=launch.flower_env(home), cwd=tmp_path, capture_output=True, text=True, timeout=540,
-        )  # fmt: skip
-        _wait("the bundle's ServerApp to finish", summary.is_file, 120, procs)
-        replies = json.loads(summary.read_text())
-        events = [
-            json.loads(x)
-            for f in (tmp_path / "cache" / "sessions").glob("*/events.jsonl")
-            for x in f.read_text().splitlines()
-            if x.strip()
-        ]
-    finally:
-        for p in procs:
-            p.stop(timeout=10)
+    superlink = procs.adopt(
+        deploy.start_superlink(home, "127.0.0.1", port, log_path=tmp_path / "superlink.log")
+    )
+    launch.wait_for_port("127.0.0.1", port, timeout=120, process=superlink.managed)
+    procs.fedsd(
+        "device", "client", "run", "--server", f"127.0.0.1:{port}", "--insecure", "--exit", "1",
+        "--data", small_corpus / "manifest.csv", "--root", small_corpus, "--model", tiny_model_dir,
+        "--cache", tmp_path / "cache", "--server-timeout", "300",
+    )  # fmt: skip
+    res = subprocess.run(
+        [launch.flower_bin("flwr"), "run", str(evil), deploy.CONNECTION, "--stream"],
+        env=launch.flower_env(home), cwd=tmp_path, capture_output=True, text=True, timeout=540,
+    )  # fmt: skip
+    procs.wait_until("the bundle's ServerApp to finish", summary.is_file, 120)
+    replies = json.loads(summary.read_text())
     assert not marker.exists(), "the bundle's ClientApp code ran on the device"
     assert len(replies) == 1 and not replies[0]["error"], (replies, res.stdout[-2000:], res.stderr[-2000:])
     assert replies[0]["info"]["exit"] == 1 and len(replies[0]["info"]["device-id"]) == 32  # fedsd's handler
-    assert [e["kind"] for e in events] == ["info"]
+    assert [e["kind"] for e in events(tmp_path / "cache")] == ["info"]

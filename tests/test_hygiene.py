@@ -12,47 +12,30 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from harness import Procs, running, write_config
 from typer.testing import CliRunner
 
-from fedsd.launch import ManagedProcess, descendants, free_port, port_free, port_open
+from fedsd.launch import free_port, port_free
 from fedsd.server.strategy import PartialFedAvg
-
-FEDSD = [sys.executable, "-m", "fedsd.cli"]
-CONFIG = """name: hygiene
-data: {{corpus: synth, root: {root}, labels: [neutral, happy, angry, sad], crop: {{max_seconds: 2.0, mode: tile}}}}
-model: {{backbone: tiny, pretrained: false, exits: [1, 2, 3, 4]}}
-federated: {{num_clients: 2, test_speakers: 1, server_speakers: 0, rounds: 1, local_epochs: 1,
-            batch_size: 8, min_clients: 2, exits_mix: [1, 4], label_fraction: 0.5}}
-"""
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        COLUMNS="200",
-        PYTHONUNBUFFERED="1",
-    )
-    return env
 
 
 @pytest.fixture()
 def config(tmp_path: Path, small_corpus: Path) -> Path:
-    path = tmp_path / "hygiene.yaml"
-    path.write_text(CONFIG.format(root=small_corpus), encoding="utf-8")
-    return path
+    return write_config(
+        tmp_path / "hygiene.yaml",
+        small_corpus,
+        name="hygiene",
+        rounds=1,
+        exits_mix=[1, 4],
+        min_clients=2,
+        lr=None,
+    )
 
 
 # ============================================================================ fast
@@ -116,46 +99,6 @@ def test_wait_for_nodes_returns_once_enough_connect() -> None:
 
 
 # ============================================================================ real processes
-def _popen(args: list[str], log: Path, cwd: Path) -> subprocess.Popen:
-    """A `fedsd` command as a plain child (its own session, no guard): its pid is the supervisor's."""
-    return subprocess.Popen(
-        [*FEDSD, *args], env=_env(), cwd=cwd, stdin=subprocess.DEVNULL, stdout=open(log, "wb"),  # noqa: SIM115
-        stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-
-
-def _wait(what: str, cond, timeout: float, logs: list[Path]) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"timed out waiting for {what}\n"
-                + "\n".join(f"--- {p}\n{p.read_text()[-4000:]}" for p in logs)
-            )
-        time.sleep(0.3)
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie is dead)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] not in "ZX"
-    except (OSError, IndexError):
-        return False
-
-
-def _cmd(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _reap_all(pids: list[int]) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-
-
 def _server_args(config: Path, run: Path, port: int, *extra: str) -> list[str]:
     return ["server", "start", "--config", str(config), "--insecure", "--out", str(run), "--port", str(port),
             "--base-model", str(run.parent / "base"), *extra]  # fmt: skip
@@ -169,107 +112,79 @@ def base(tmp_path: Path, tiny_model_dir: Path) -> Path:
     return tmp_path / "base"
 
 
+def _family(procs: Procs, *tops: int) -> dict[int, str]:
+    """Every descendant of the started processes seen so far (pid -> command line), ``tops`` excluded."""
+    return {pid: cmd for pid, (_, cmd) in procs.seen.items() if pid not in tops}
+
+
+def _gone(procs: Procs, family: dict[int, str], port: int) -> bool:
+    return not any(running(pid, procs.seen[pid][0]) for pid in family) and port_free("127.0.0.1", port)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
-def test_sigkill_of_the_supervisors_leaves_nothing_running(tmp_path, config, base, small_corpus) -> None:
+def test_sigkill_of_the_supervisors_leaves_nothing_running(procs: Procs, config, base, small_corpus) -> None:
     """SIGKILL `fedsd server start` and `fedsd client run` themselves: within seconds their SuperLink,
     superexec, serverapp, SuperNode (and any clientapp) are gone and the port is free again."""
-    port = free_port()
-    run = tmp_path / "run"
-    logs = [tmp_path / "server.log", tmp_path / "device.log"]
-    server = _popen(_server_args(config, run, port, "--device-wait", "300"), logs[0], tmp_path)
-    device = None
-    family: dict[int, str] = {}
+    tmp, port = procs.root, procs.port()
+    run = tmp / "run"
+    # guard=False: the pids are the supervisors' own, not a guard's
+    server = procs.fedsd("server", *_server_args(config, run, port, "--device-wait", "300"), guard=False)
+    server.wait_for("SuperLink listening on", 300)
+    device = procs.fedsd(
+        "device", "client", "run", "--server", f"127.0.0.1:{port}", "--insecure", "--exit", "1",
+        "--data", small_corpus / "manifest.csv", "--root", small_corpus, "--model", base,
+        "--cache", tmp / "cache", "--server-timeout", "300", guard=False,
+    )  # fmt: skip
+
+    def grown() -> bool:
+        cmds = " ".join(_family(procs).values())
+        return "flower-supernode" in cmds and "flwr-serverapp" in cmds and "flower-superexec" in cmds
+
+    procs.wait_until("the SuperNode and the ServerApp", grown, 300)
+    family = _family(procs, server.pid, device.pid)
+    assert server.alive() and device.alive()
+    server.send(signal.SIGKILL)  # no handler, no clean-up: only the parent-death signal
+    device.send(signal.SIGKILL)
+    server.wait_exit(10)
+    device.wait_exit(10)
     try:
-        _wait("the SuperLink", lambda: port_open("127.0.0.1", port, timeout=0.5), 300, logs)
-        device = _popen(
-            ["client", "run", "--server", f"127.0.0.1:{port}", "--insecure", "--exit", "1",
-             "--data", str(small_corpus / "manifest.csv"), "--root", str(small_corpus), "--model", str(base),
-             "--cache", str(tmp_path / "cache"), "--server-timeout", "300"],
-            logs[1], tmp_path,
-        )  # fmt: skip
-
-        def grown() -> bool:
-            for sup in (server, device):
-                for pid in descendants(sup.pid):
-                    family.setdefault(pid, _cmd(pid))
-            cmds = " ".join(family.values())
-            return "flower-supernode" in cmds and "flwr-serverapp" in cmds and "flower-superexec" in cmds
-
-        _wait("the SuperNode and the ServerApp", grown, 300, logs)
-        time.sleep(1.0)
-        grown()
-        assert all(alive(p) for p in (server.pid, device.pid))
-        os.kill(server.pid, signal.SIGKILL)  # no handler, no clean-up: only the parent-death signal
-        os.kill(device.pid, signal.SIGKILL)
-        server.wait(10)
-        device.wait(10)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and (
-            any(alive(p) for p in family) or not port_free("127.0.0.1", port)
-        ):
-            time.sleep(0.2)
-        left = {p: c[:160] for p, c in family.items() if alive(p)}
-        assert not left, f"still running after SIGKILL of the supervisors: {left}"
-        assert port_free("127.0.0.1", port)
-    finally:
-        _reap_all([p for p in family if alive(p)])
-        for sup in (server, device):
-            if sup is not None and sup.poll() is None:
-                sup.kill()
+        procs.wait_until("the supervisors' processes to go", lambda: _gone(procs, family, port), 30)
+    except AssertionError:
+        left = {p: c[:160] for p, c in family.items() if running(p, procs.seen[p][0])}
+        raise AssertionError(f"still running after SIGKILL of the supervisors: {left}") from None
 
 
 @pytest.mark.slow
-def test_server_without_enough_devices_exits_3_within_the_wait(tmp_path, config, base) -> None:
-    port = free_port()
-    run = tmp_path / "run"
-    log = tmp_path / "server.log"
-    proc = ManagedProcess("server", [*FEDSD, *_server_args(config, run, port, "--device-wait", "5")],
-                          env=_env(), log_path=log, cwd=tmp_path)  # fmt: skip
-    try:
-        _wait("the server to give up", lambda: not proc.alive(), 300, [log])
-        text = " ".join(log.read_text(errors="replace").split())
-        assert proc.returncode == 3, text[-4000:]
-        assert "not enough devices" in text and "only 0 device(s) connected" in text, text[-4000:]
-        assert "--device-wait" in text
-        assert "Traceback" not in text.split("SuperLink listening")[-1].split("not enough devices")[-1]
-    finally:
-        proc.stop(timeout=10)
+def test_server_without_enough_devices_exits_3_within_the_wait(procs: Procs, config, base) -> None:
+    port = procs.port()
+    server = procs.fedsd("server", *_server_args(config, procs.root / "run", port, "--device-wait", "5"))
+    code = server.wait_exit(300)
+    text = server.out()
+    assert code == 3, text[-4000:]
+    assert "not enough devices" in text and "only 0 device(s) connected" in text, text[-4000:]
+    assert "--device-wait" in text
+    assert "Traceback" not in text.split("SuperLink listening")[-1].split("not enough devices")[-1]
+    server.managed.stop(timeout=10)
     assert port_free("127.0.0.1", port)
 
 
 @pytest.mark.slow
-def test_second_ctrl_c_does_not_interrupt_the_clean_up(tmp_path, config, base) -> None:
-    port = free_port()
-    run = tmp_path / "run"
-    log = tmp_path / "server.log"
-    server = _popen(_server_args(config, run, port, "--device-wait", "300"), log, tmp_path)
-    family: dict[int, str] = {}
-    try:
-
-        def started() -> bool:
-            for pid in descendants(server.pid):
-                family.setdefault(pid, _cmd(pid))
-            return "flwr-serverapp" in " ".join(family.values())
-
-        _wait("the ServerApp", started, 300, [log])
-        os.kill(server.pid, signal.SIGINT)
-        for _ in range(6):  # an impatient operator
-            time.sleep(0.4)
-            if server.poll() is not None:
-                break
-            os.kill(server.pid, signal.SIGINT)
-        code = server.wait(60)
-        text = log.read_text(errors="replace")
-        assert code == 130, text[-4000:]
-        assert "Traceback" not in text, text[-4000:]
-        assert "SuperLink stopped" in text, text[-4000:]
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and any(alive(p) for p in family):
-            time.sleep(0.2)
-        assert not [c for p, c in family.items() if alive(p)]
-        assert port_free("127.0.0.1", port)
-    finally:
-        _reap_all([p for p in family if alive(p)])
-        if server.poll() is None:
-            server.kill()
+def test_second_ctrl_c_does_not_interrupt_the_clean_up(procs: Procs, config, base) -> None:
+    port = procs.port()
+    server = procs.fedsd("server", *_server_args(config, procs.root / "run", port, "--device-wait", "300"),
+                         guard=False)  # fmt: skip
+    procs.wait_until("the ServerApp", lambda: "flwr-serverapp" in " ".join(_family(procs).values()), 300)
+    family = _family(procs, server.pid)
+    server.send(signal.SIGINT)
+    for _ in range(6):  # an impatient operator
+        time.sleep(0.4)
+        if not server.alive():
+            break
+        server.send(signal.SIGINT)
+    code = server.wait_exit(60)
+    text = server.text()
+    assert code == 130, text[-4000:]
+    assert "Traceback" not in text, text[-4000:]
+    assert "SuperLink stopped" in text, text[-4000:]
+    procs.wait_until("the server's processes to go", lambda: _gone(procs, family, port), 20)
