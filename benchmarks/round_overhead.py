@@ -9,6 +9,11 @@ times, in one run, interleaved in a freshly shuffled order per repetition:
 * ``fedsd``  — a fresh process that imports ``fedsd.clients.app`` (the installed ClientApp object, as
                Flower loads it) and handles a train message on a real device's node config (its own
                manifest, ``--model``, feature cache) whose features are all cached already.
+* ``warm``   — a fresh process on the path Flower's ClientApp process takes with ``fedsd client run
+               --warm-worker`` (``FEDSD_WARM_WORKER=1``): the runner's loader (clients/runner.py) gives a
+               forwarder that relays the message and context to the device's warm worker
+               (clients/worker.py), which imported ``fedsd.clients.app`` at an untimed first message.
+               This process must not import torch (checked: the run fails if it does).
 * ``fedsd@before`` (with ``--before DIR``) — the same with the code of another checkout (e.g. the
                previous commit: ``git worktree add /tmp/before HEAD~1``), with its own warm cache.
 
@@ -42,7 +47,8 @@ import common  # noqa: E402  (benchmarks/common/; scripts are not a package)
 LABELS = common.EMOTIONS
 TARGET = 1.5
 
-# Runs in the fresh process. argv[1]: JSON {"kind", "code", "node", "heads", "config"}; prints one JSON line.
+# Runs in the fresh process. argv[1]: JSON {"kind", "code", "node", "heads", "config"[, "parent"]}; prints one
+# JSON line.
 CHILD = r"""
 import time
 T0 = time.perf_counter()
@@ -70,6 +76,14 @@ if spec["kind"] == "bare":
         return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1})}),
                        reply_to=msg)
     where = None
+elif spec["kind"] == "warm":  # the runner's loader, as `flwr-clientapp` calls it, in warm-worker mode
+    import os
+    os.environ["FEDSD_WARM_WORKER"] = "1"
+    from fedsd.clients import runner
+    runner._PARENT[:] = [spec["parent"]]
+    app = runner.install_guard_rails().get_load_client_app_fn(default_app_ref="", app_path=None,
+                                                               multi_app=True)("", "", "")
+    where = runner.__file__
 else:
     from fedsd.clients.app import app
     import fedsd.clients.app as mod
@@ -81,7 +95,7 @@ heads = ArrayRecord({k: Array(v) for k, v in load_file(spec["heads"]).items()})
 msg = Message(RecordDict({"arrays": heads, "config": ConfigRecord(spec["config"])}), dst_node_id=5,
               message_type="train")
 ctx = Context(run_id=7, node_id=5, node_config=spec["node"], state=RecordDict(), run_config={})
-reply = app(msg, ctx)
+reply = app(message=msg, context=ctx)
 assert not reply.has_error(), reply.error
 T2 = time.perf_counter()
 metrics = dict(reply.content.metric_records["metrics"])
@@ -164,9 +178,31 @@ def run(args: argparse.Namespace, work: Path, log: Any) -> dict[str, Any]:
         cache = work / f"cache-{name.replace('@', '-')}"
         specs[name] = {"kind": "fedsd", "code": code, "node": node | {"cache": str(cache)},
                        "heads": str(heads), "config": config}  # fmt: skip
-        log(f"{name}: first message fills its feature cache")
+    warm_cache = work / "cache-warm"
+    if args.warm:  # the worker serves this process's "executor": it ends with this benchmark at the latest
+        specs["warm"] = {"kind": "warm", "code": "", "node": node | {"cache": str(warm_cache)}, "heads": str(heads),
+                         "config": config, "parent": os.getpid()}  # fmt: skip
+    for name in [n for n in specs if n != "bare"]:
+        log(f"{name}: first message fills its feature cache" + (" and starts the worker" if name == "warm" else ""))
         first = run_child(specs[name])
         log(f"  {first['wall_s']:.1f} s, {first['metrics'].get('cache-misses')} misses ({first['file']})")
+    try:
+        return timed(args, specs, log) | {"fingerprint": fp, "settings": settings(args, node, codes)}
+    finally:
+        if args.warm:
+            from fedsd.clients import worker
+
+            worker.stop(warm_cache, os.getpid())
+
+
+def settings(args: argparse.Namespace, node: dict[str, Any], codes: dict[str, str]) -> dict[str, Any]:
+    return {"backbone": args.backbone, "utterances": args.utterances, "seconds": args.seconds,
+            "epochs": args.epochs, "repeats": args.repeats, "device_exit": int(node["exit"]),
+            "before": codes.get("fedsd@before"), "warm": args.warm}  # fmt: skip
+
+
+def timed(args: argparse.Namespace, specs: dict[str, Any], log: Any) -> dict[str, Any]:
+    """Every variant's message, interleaved; the times, ratios to the floor, target and machine."""
     load_before = os.getloadavg()
     samples: dict[str, list[dict[str, Any]]] = {name: [] for name in specs}
 
@@ -179,17 +215,16 @@ def run(args: argparse.Namespace, work: Path, log: Any) -> dict[str, Any]:
     # each child reports its own wall time, from spawn to exit: that is what is kept
     common.interleaved({name: message(name) for name in specs}, args.repeats, seed=args.seed, on_repeat=progress)
     times = {name: summary(s) for name, s in samples.items()}
+    if "warm" in times and times["warm"]["heavy_modules"]:
+        raise RuntimeError(f"the warm-worker path imported {times['warm']['heavy_modules']} (a fallback?)")
     ratios = common.over({name: t["median_s"] for name, t in times.items()}, "bare")
     return {
-        "settings": {"backbone": args.backbone, "utterances": args.utterances, "seconds": args.seconds,
-                     "epochs": args.epochs, "repeats": args.repeats, "device_exit": int(node["exit"]),
-                     "before": codes.get("fedsd@before")},  # fmt: skip
         "times": times,
         "over_floor": ratios,
-        "target": {"max_over_floor": TARGET, "met": ratios["fedsd"] <= TARGET},
+        "target": {"max_over_floor": TARGET, "met": ratios["fedsd"] <= TARGET}
+        | ({"met_warm": ratios["warm"] <= TARGET} if "warm" in ratios else {}),
         "machine": {"cpu_count": os.cpu_count(), "loadavg_before": list(load_before),
                     "loadavg_after": list(os.getloadavg())},  # fmt: skip
-        "fingerprint": fp,
     }
 
 
@@ -212,7 +247,9 @@ def table(res: dict[str, Any]) -> str:
         )
     tg = res["target"]
     lines += ["", f"Target ≤ {tg['max_over_floor']}× the bare ClientApp: "
-              f"{'met' if tg['met'] else 'NOT met'} ({res['over_floor']['fedsd']:.2f}×)."]  # fmt: skip
+              f"{'met' if tg['met'] else 'NOT met'} by a fresh process ({res['over_floor']['fedsd']:.2f}×)"
+              + (f", {'met' if tg['met_warm'] else 'NOT met'} with the warm worker ({res['over_floor']['warm']:.2f}×)."
+                 if "met_warm" in tg else ".")]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -221,6 +258,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              helps={"utterances": "utterances on the device (all cached)",
                                    "epochs": "local epochs of the message"})  # fmt: skip
     p.add_argument("--before", type=Path, default=None, help="another checkout to time as fedsd@before")
+    p.add_argument("--no-warm", dest="warm", action="store_false", help="leave out the warm-worker variant")
     common.add_timing_args(p, "round_overhead", repeats=5)
     args = p.parse_args(argv)
     common.check_sizes(p, args)

@@ -32,6 +32,7 @@ import fcntl
 import hashlib
 import json
 import os
+import signal
 import socket
 import stat
 import struct
@@ -200,6 +201,18 @@ def connect(
         raise WorkerUnavailable(f"{type(e).__name__}: {e}") from None
 
 
+def stop(cache: Path, parent: int) -> int | None:
+    """Ends the worker of this device and executor, if one listens; returns its pid."""
+    try:
+        with _connect(socket_path(cache, parent)) as sock:
+            pid = peer_creds(sock)[0]
+    except (OSError, WorkerUnavailable):
+        return None
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    return pid
+
+
 def _remote_error(err: dict[str, str]) -> Exception:
     """The handler's exception as the same type name and text (what Flower's error reply shows)."""
     cls = type(err["qualname"].rsplit(".", 1)[-1], (Exception,),
@@ -355,6 +368,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--parent", type=int, required=True, help="exit when this process is gone")
     p.add_argument("--idle", type=float, default=IDLE_S, help="exit after this many idle seconds")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # leave through serve()'s clean-up
     why = Worker(args.socket, args.parent, args.idle).serve()
     print(f"fedsd warm worker {os.getpid()}: exits ({why})", file=sys.stderr, flush=True)
 
