@@ -176,7 +176,10 @@ def connect(
     cache: Path, parent: int, *, idle_s: float = IDLE_S, start_timeout_s: float = START_TIMEOUT_S
 ) -> socket.socket:
     """A connection to this device's worker; starts it (once, under a lock) when none listens."""
-    path = socket_path(cache, parent)
+    try:
+        path = socket_path(cache, parent)
+    except OSError as e:
+        raise WorkerUnavailable(f"{type(e).__name__}: {e}") from None
     with contextlib.suppress(OSError):
         return _connect(path)
     try:

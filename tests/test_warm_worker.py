@@ -158,6 +158,23 @@ def test_the_forwarding_runner_never_imports_torch(device: dict[str, Any]) -> No
     assert result["metrics"]["cache-misses"] == 0
 
 
+def test_a_worker_that_cannot_be_used_costs_no_round(
+    device: dict[str, Any], tmp_path: Path, task_identity: None
+) -> None:
+    """The forwarder handles the message in its own process when the worker's directory is unusable."""
+    from fedsd.clients import runner
+
+    node = device["node"] | {"cache": str(tmp_path / "cache")}
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / worker.DIR_NAME).write_text("not a directory")
+    with pytest.raises(worker.WorkerUnavailable):
+        worker.connect(tmp_path / "cache", device["parent"])
+    msg, ctx = message_and_context(node, TRAIN)
+    reply = runner.forwarding_app(device["parent"])(message=msg, context=ctx)
+    assert not reply.has_error() and reply.content.metric_records["metrics"]["cache-misses"] > 0
+    assert LOCAL_METRICS_KEY not in ctx.state and "kept" in ctx.state  # the handler ran here
+
+
 def test_one_worker_per_device_stale_sockets_replaced_other_users_refused(tmp_path: Path) -> None:
     parent = sleeper()
     try:
