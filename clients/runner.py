@@ -133,10 +133,15 @@ def write_shim(directory: Path) -> Path:
     return path
 
 
-def shim_env(env: dict[str, str], directory: Path) -> dict[str, str]:
-    """``env`` with the shim directory first on PATH (so `flower-superexec` finds our runner)."""
+def shim_env(env: dict[str, str], directory: Path, *, warm_worker: bool = False) -> dict[str, str]:
+    """``env`` with the shim directory first on PATH (so `flower-superexec` finds our runner);
+    ``warm_worker``: with ``FEDSD_WARM_WORKER=1``, which every runner the SuperNode starts inherits."""
     write_shim(directory)
     out = dict(env)
+    if warm_worker:
+        from fedsd.clients.worker import ENV
+
+        out[ENV] = "1"
     out["PATH"] = os.pathsep.join([str(directory), env.get("PATH", "")])
     return out
 

@@ -211,6 +211,13 @@ def test_one_worker_per_device_stale_sockets_replaced_other_users_refused(tmp_pa
     assert (worker.secure_dir(loose).stat().st_mode & 0o777) == 0o700
 
 
+def test_the_supernode_environment_turns_it_on(tmp_path: Path) -> None:
+    from fedsd.clients.runner import shim_env
+
+    assert not worker.enabled(shim_env({"PATH": "/bin"}, tmp_path))  # off by default
+    assert worker.enabled(shim_env({"PATH": "/bin"}, tmp_path, warm_worker=True))
+
+
 def test_a_worker_exits_when_idle_or_orphaned(tmp_path: Path) -> None:
     parent = sleeper()
     try:
