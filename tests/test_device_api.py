@@ -1,6 +1,6 @@
 """`fedsd.api.Device`, the object behind `fedsd client run`: its checks (before anything starts), its
-non-blocking use (start/stop), and a real loopback round against `fedsd server start` that leaves the
-device's deployable model in ``out``.
+non-blocking use (start/stop). Its real loopback round (with ``out`` and personalisation) runs beside
+``api.Server`` in tests/test_server_api.py.
 """
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import Procs, flat, write_config
+from harness import Procs, flat
 
 from fedsd import api
 from fedsd.clients.service import DeviceEvent, DeviceOptionError
-from fedsd.clients.supervisor import EXIT_DONE, EXIT_INTERRUPTED
-from fedsd.launch import port_open
+from fedsd.clients.supervisor import EXIT_INTERRUPTED
 
 START_TIMEOUT = 180.0
 RUN_TIMEOUT = 300.0
@@ -147,46 +146,3 @@ def test_start_then_stop_ends_the_supernode(small_corpus: Path, tmp_path: Path, 
     assert dev.session_dir is not None and (dev.session_dir / "supernode.log").is_file()
     with pytest.raises(RuntimeError, match="already been started"):
         dev.start()
-
-
-# ----------------------------------------------------------------------------- a real loopback round
-@pytest.mark.slow
-def test_one_device_runs_a_round_and_keeps_its_deployable_model(
-    small_corpus: Path, tiny_model_dir: Path, tmp_path: Path, procs: Procs
-) -> None:
-    """`fedsd server start` (a subprocess) and one in-process device with --out: exit code 0, the run's
-    events, and a deployable model (the slice for its exit, + its personal copy) that loads."""
-    from fedsd.model.multiexit import MultiExitSER
-
-    run, port = tmp_path / "run", procs.port()
-    config = write_config(tmp_path / "device-api.yaml", small_corpus, name="device-api-test", num_clients=1,
-                          server_speakers=1, rounds=1, exits_mix=[2], round_timeout=120)  # fmt: skip
-    t0 = time.monotonic()
-    server = procs.fedsd("server", "server", "start", "--config", config, "--insecure", "--out", run,
-                         "--port", port, "--base-model", tiny_model_dir, "--device-wait", "120")  # fmt: skip
-    procs.wait_until("the SuperLink", lambda: port_open("127.0.0.1", port, 0.5), START_TIMEOUT, watch=server)
-    (manifest,) = sorted((run / "devices").glob("*.csv"))
-    events: list[DeviceEvent] = []
-    dev = api.Device(
-        f"127.0.0.1:{port}", exit=2, data=manifest, root=small_corpus, model=tiny_model_dir,
-        cache=tmp_path / "cache", insecure=True, out=tmp_path / "mine", personalize_epochs=1,
-        server_timeout=60, on_event=events.append,
-    ).start()  # fmt: skip
-    try:
-        code = dev.wait(RUN_TIMEOUT)
-        texts = "\n".join(e.text for e in events)
-        assert code == EXIT_DONE, f"{code}\n{texts}\n{procs.report()}"
-        assert server.wait_exit(180) == 0, procs.report()  # its report and plots come after the run
-    finally:
-        dev.stop(timeout=20)
-    print(f"device API loopback round: {time.monotonic() - t0:.0f} s")
-
-    assert [e["kind"] for e in dev.events] == ["info", "train", "done"], dev.events
-    assert dev.rounds_trained == 1
-    assert [e.kind for e in events if e.source == "device"] == ["info", "train", "done"]
-    assert events[-2].text == "done: 1 round(s) trained on this device" and events[-2].level == "success"
-    assert events[-1].text.startswith(f"deployable model: {tmp_path / 'mine'}")
-    # --- the deployable model: the slice for this device's exit (heads <= 2), loadable; its personal copy
-    assert dev.deployable_model == (tmp_path / "mine").resolve()
-    assert MultiExitSER.from_pretrained(dev.deployable_model).exits == [1, 2]
-    assert MultiExitSER.from_pretrained(dev.deployable_model / "personal").exits == [1, 2]

@@ -3,40 +3,31 @@
 - options are checked before anything starts (ServerError with the command's exit code);
 - prepare() writes the run spec (an ExperimentConfig object is written to OUT/config.yaml) and lists
   the devices with ready-to-paste commands; resume reuses it, a fresh start sets an earlier run aside;
-- for real on loopback: start → a real device (`fedsd client run`) → submit → wait → a completed
-  ServerSummary and a run directory with metrics and report; leaving the ``with`` block stops every
-  process the server started (by pid) and frees its ports; stop() again is a no-op.
+- for real on loopback, with ``api.Device`` as the device: start → submit → wait → a completed
+  ServerSummary and a run directory with metrics and report, the device's deployable model; leaving the
+  ``with`` block stops every process the server started (by pid) and frees its ports; stop() again is a
+  no-op. (The one loopback round of both API objects: tests/test_device_api.py keeps the device's checks.)
 """
 
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from fedsd import api
-from fedsd.launch import ManagedProcess, free_port, port_free, port_open
+from fedsd.launch import free_port, port_free, port_open
 from fedsd.processes import alive
 from fedsd.server.service import EXIT_USAGE, Server, ServerError
 
-FEDSD = [sys.executable, "-m", "fedsd.cli"]
 CONFIG = """name: serverapi
 data: {{corpus: synth, root: {root}, labels: [neutral, happy, angry, sad], crop: {{max_seconds: 2.0, mode: tile}}}}
 model: {{backbone: tiny, pretrained: false, exits: [1, 2, 3, 4]}}
 federated: {{num_clients: 2, test_speakers: 1, server_speakers: 0, rounds: 1, local_epochs: 1,
             batch_size: 8, min_clients: 1, exits_mix: [1], label_fraction: 0.5}}
 """
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", COLUMNS="200", PYTHONUNBUFFERED="1")  # fmt: skip
-    return env
 
 
 @pytest.fixture()
@@ -107,10 +98,19 @@ def test_prepare_writes_the_spec_and_resume_reuses_it(tmp_path, config, tiny_mod
 
 
 @pytest.mark.slow
-def test_start_a_device_submit_wait_and_stop(tmp_path, config, small_corpus, tiny_model_dir) -> None:
+def test_a_server_and_a_device_from_python(tmp_path, config, small_corpus, tiny_model_dir) -> None:
+    """Both API objects for real on loopback, in this process: ``api.Server`` (start → submit → wait →
+    stop) and ``api.Device`` in a background thread with ``out`` and personalisation (issue 10's
+    deployable model): a completed summary, the device's events and exit code, its deployable slice
+    and personal copy loadable, and no process or port left behind."""
+    from fedsd.clients.service import DeviceEvent
+    from fedsd.clients.supervisor import EXIT_DONE
+    from fedsd.model.multiexit import MultiExitSER
+
     run, port, log, lines = tmp_path / "run", free_port(), _Log(), []
+    events: list[DeviceEvent] = []
     t0 = time.monotonic()
-    device = None
+    dev = None
     family: set[int] = set()
     with Server(config, out=run, port=port, insecure=True, base_model=tiny_model_dir, device_wait=120,
                 log=log, on_output=lines.append) as server:  # fmt: skip
@@ -121,24 +121,21 @@ def test_start_a_device_submit_wait_and_stop(tmp_path, config, small_corpus, tin
             internal = server.internal_port
             assert internal is not None and internal != port
             family.update(server.pids())
-            device = ManagedProcess(
-                "device",
-                [*FEDSD, "client", "run", "--server", server.address, "--insecure", "--exit", "1",
-                 "--data", str(devices[0].manifest), "--root", str(small_corpus), "--model", str(tiny_model_dir),
-                 "--cache", str(tmp_path / "cache"), "--server-timeout", "120"],
-                env=_env(), log_path=tmp_path / "device.log", cwd=tmp_path,
-            )  # fmt: skip
+            dev = api.Device(
+                server.address, exit=1, data=devices[0].manifest, root=small_corpus, model=tiny_model_dir,
+                cache=tmp_path / "cache", insecure=True, out=tmp_path / "mine", personalize_epochs=1,
+                server_timeout=120, on_event=events.append,
+            ).start()  # fmt: skip
             run_id = server.submit()
             assert server.submit() == run_id  # submitted once
             family.update(server.pids())
             summary = server.wait(timeout=300)
-            deadline = time.monotonic() + 60  # the device ends by itself once the run is over
-            while device.alive() and time.monotonic() < deadline:
-                time.sleep(0.5)
-            assert device.returncode == 0, device.tail(60)
+            code = dev.wait(120)  # the device ends by itself once the run is over
+            texts = "\n".join(e.text for e in events)
+            assert code == EXIT_DONE, texts
         finally:
-            if device is not None:
-                device.stop(timeout=10)
+            if dev is not None:
+                dev.stop(timeout=20)
     assert summary.completed and summary.exit_code == 0 and summary.run_id == run_id, (summary, log.text())
     assert "finished: completed" in summary.message and summary.hint is None
     assert server.wait() is summary
@@ -146,6 +143,14 @@ def test_start_a_device_submit_wait_and_stop(tmp_path, config, small_corpus, tin
     assert (run / "report.md").is_file() and (run / "final" / "fedsd.json").is_file()
     assert json.loads((run / "state.json").read_text())["completed_round"] == 1
     assert any("Successfully started run" in x for x in lines)  # the stream reached on_output
+    # the device: its events, one round trained, the deployable slice (heads <= 1) and its personal copy
+    assert [e["kind"] for e in dev.events] == ["info", "train", "done"], dev.events
+    assert dev.rounds_trained == 1
+    assert events[-2].text == "done: 1 round(s) trained on this device" and events[-2].level == "success"
+    assert events[-1].text.startswith(f"deployable model: {tmp_path / 'mine'}")
+    assert dev.deployable_model == (tmp_path / "mine").resolve()
+    assert MultiExitSER.from_pretrained(dev.deployable_model).exits == [1]
+    assert MultiExitSER.from_pretrained(dev.deployable_model / "personal").exits == [1]
     # leaving the block stopped everything, by pid; the ports are free again
     assert not server.running and server.pids() == []
     deadline = time.monotonic() + 20
@@ -155,4 +160,4 @@ def test_start_a_device_submit_wait_and_stop(tmp_path, config, small_corpus, tin
     assert port_free("127.0.0.1", port) and port_free("127.0.0.1", internal)
     server.stop()  # idempotent
     assert [m for _, m in log].count("SuperLink stopped") == 1
-    print(f"server api test: {time.monotonic() - t0:.0f} s")
+    print(f"server + device API loopback round: {time.monotonic() - t0:.0f} s")
