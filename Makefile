@@ -33,7 +33,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: system-deps $(STAMP) lint
-	FEDSD_REQUIRE_ESPEAK=1 $(BIN)/python -m pytest -q
+	FEDSD_REQUIRE_ESPEAK=1 $(BIN)/python -m pytest -q --durations=15
 
 # the edit loop: everything not marked slow (`make test` still runs the whole suite)
 test-fast: $(STAMP)
