@@ -278,7 +278,7 @@ def test_round_overhead_smoke(tmp_path):
             "--quiet", "--json", str(tmp_path / "ro.json")]  # fmt: skip
     data = read(tmp_path / "ro.json", bench.main(argv))
     check_provenance(data, "round_overhead")
-    assert set(data["times"]) == {"bare", "fedsd", "warm"}
+    assert set(data["times"]) == {"bare", "bare-runtime", "fedsd", "warm"}
     assert data["times"]["fedsd"]["cache_misses"] == [0] == data["times"]["warm"]["cache_misses"]  # every timed message found its features cached
     assert "opacus" not in data["times"]["fedsd"]["heavy_modules"]
     assert all(t["median_s"] > 0 for t in data["times"].values()) and data["over_floor"]["fedsd"] > 0
