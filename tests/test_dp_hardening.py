@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from harness import federation, write_config
 from opacus.optimizers import DPOptimizer
 
 from fedsd.clients.app import make_client_app
-from fedsd.clients.device import DeviceError, simulated_device_config
+from fedsd.clients.device import DeviceError
 from fedsd.clients.dp_training import train_heads_private
 from fedsd.clients.training import LocalTrainConfig, plan_exits
 from fedsd.config import load_config
@@ -32,19 +33,12 @@ from fedsd.features import CachedFeatures
 from fedsd.model.multiexit import MultiExitSER
 from fedsd.privacy import central_epsilon, epsilon
 from fedsd.server.central_dp import CentralDP
-from fedsd.server.federation import FederationSpec, run_federation, train_config_record
+from fedsd.server.federation import run_federation, train_config_record
 from fedsd.server.inprocess import InProcessGrid
-from fedsd.server.prepare import prepare_run
 from fedsd.server.validation import ValidUpdate
 from fedsd.wire import QUERY_INFO, heads_to_record
 
-CONFIG = """
-name: dphard
-data: {{corpus: synth, root: {root}, labels: [neutral, happy, angry, sad], crop: {{max_seconds: 2.0, mode: tile}}}}
-model: {{backbone: tiny, pretrained: false, exits: [1, 2, 3, 4]}}
-federated: {{num_clients: 2, test_speakers: 1, server_speakers: 0, rounds: 2, local_epochs: 1,
-            batch_size: 8, lr: 0.01, exits_mix: [1, 2], label_fraction: 0.5, min_clients: 1}}
-"""
+pytestmark = pytest.mark.usefixtures("task_identity")  # the ClientApp is called directly (conftest)
 
 
 # ============================================================================ DP-SGD is applied
@@ -136,9 +130,7 @@ def test_dp_noise_has_the_configured_scale(tiny_model_dir, monkeypatch) -> None:
 # ============================================================================ a deployed device
 @pytest.fixture()
 def device(tmp_path: Path, small_corpus: Path, tiny_model_dir: Path):
-    cfg_path = tmp_path / "fed.yaml"
-    cfg_path.write_text(CONFIG.format(root=small_corpus))
-    cfg = load_config(cfg_path)
+    cfg = load_config(write_config(tmp_path / "fed.yaml", small_corpus, name="dphard"))
     fp = json.loads((tiny_model_dir / "fedsd.json").read_text())["fingerprint"]
     node = {
         "exit": 1, "data": str(small_corpus / "manifest.csv"), "root": str(small_corpus),
@@ -164,16 +156,6 @@ def _train(device: dict, fid: str, node: dict | None = None) -> Message | Device
     config = train_config_record(device["cfg"], device["fp"], 0, num_rounds=1, federation_id=fid)
     config["server-round"] = 1
     return _send(node or device["node"], "train", {"arrays": device["heads"], "config": config})
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 def test_dp_reply_carries_only_what_dp_covers(device) -> None:
@@ -250,20 +232,15 @@ def test_central_dp_counts_per_device_identity_and_never_replays_noise() -> None
 
 
 def test_central_dp_keeps_counting_across_resume(tmp_path, small_corpus, tiny_model_dir) -> None:
-    cfg_path = tmp_path / "fed.yaml"
-    cfg_path.write_text(CONFIG.format(root=small_corpus))
-    cfg = load_config(cfg_path)
-    run_dir = tmp_path / "run"
-    prepared = prepare_run(cfg, run_dir, base_model=tiny_model_dir, log=lambda _: None)
-    rc = simulated_device_config(cfg, prepared.partition, prepared.base_model, run_dir)
-    spec = FederationSpec(
-        config=str(cfg_path), run_dir=str(run_dir), base_model=str(prepared.base_model),
-        partition=str(prepared.partition), rounds=1,
-        overrides={"federated.central_dp": {"clip_norm": 0.5, "noise_multiplier": 1.0, "seed": 0}},
+    central = {"clip_norm": 0.5, "noise_multiplier": 1.0, "seed": 0}
+    fed = federation(
+        tmp_path, small_corpus, tiny_model_dir, name="dphard",
+        spec={"rounds": 1, "overrides": {"federated.central_dp": central}},
     )  # fmt: skip
+    spec, run_dir = fed.spec, fed.run_dir
 
     def grid(first_node: int) -> InProcessGrid:
-        g = InProcessGrid(make_client_app(rc), [{"partition-id": i, "num-partitions": 2} for i in range(2)])
+        g = fed.grid(2)
         contexts = {}  # a restarted SuperLink gives the devices new node ids
         for i, ctx in enumerate(g.contexts.values()):
             ctx.node_id = first_node + i

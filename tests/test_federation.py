@@ -9,48 +9,25 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from harness import federation, inprocess_grid, uar_from_confusion
 
 from fedsd.checkpoint import load_tensors
 from fedsd.clients.app import make_client_app
-from fedsd.clients.device import simulated_device_config
-from fedsd.config import load_config
 from fedsd.model.multiexit import MultiExitSER
-from fedsd.server.federation import FederationSpec, run_federation, train_config_record
+from fedsd.server.federation import run_federation, train_config_record
 from fedsd.server.inprocess import InProcessGrid
-from fedsd.server.prepare import prepare_run
 from fedsd.wire import heads_to_record
-
-CONFIG = """
-name: fedtest
-data: {{corpus: synth, root: {root}, labels: [neutral, happy, angry, sad], crop: {{max_seconds: 2.0, mode: tile}}}}
-model: {{backbone: tiny, pretrained: false, exits: [1, 2, 3, 4]}}
-federated: {{num_clients: 2, test_speakers: 1, server_speakers: 0, rounds: 2, local_epochs: 2,
-            batch_size: 8, lr: 0.01, exits_mix: [1, 2], label_fraction: 0.5, min_clients: 2}}
-"""
 
 
 @pytest.fixture()
 def setup(tmp_path: Path, small_corpus: Path, tiny_model_dir: Path):
-    cfg_path = tmp_path / "fed.yaml"
-    cfg_path.write_text(CONFIG.format(root=small_corpus))
-    cfg = load_config(cfg_path)
-    run_dir = tmp_path / "run"
-    prepared = prepare_run(cfg, run_dir, base_model=tiny_model_dir, log=lambda _: None)
-    rc = simulated_device_config(cfg, prepared.partition, prepared.base_model, run_dir)
-    spec = FederationSpec(
-        config=str(cfg_path), run_dir=str(run_dir), base_model=str(prepared.base_model),
-        partition=str(prepared.partition),
-    )  # fmt: skip
-    return cfg, prepared, rc, spec
-
-
-def _grid(rc: dict, n: int = 2) -> InProcessGrid:
-    return InProcessGrid(make_client_app(rc), [{"partition-id": i, "num-partitions": n} for i in range(n)])
+    fed = federation(tmp_path, small_corpus, tiny_model_dir, name="fedtest", local_epochs=2, min_clients=2)
+    return fed.cfg, fed.prepared, fed.rc, fed.spec
 
 
 def test_two_rounds_partial_average_is_exact(setup) -> None:
     cfg, prepared, rc, spec = setup
-    result = run_federation(_grid(rc), spec, log=lambda _: None)
+    result = run_federation(inprocess_grid(rc), spec, log=lambda _: None)
     run_dir = Path(spec.run_dir)
     base = MultiExitSER.from_pretrained(prepared.base_model)
     r0 = load_tensors(run_dir / "rounds" / "round_000.safetensors")
@@ -65,7 +42,7 @@ def test_two_rounds_partial_average_is_exact(setup) -> None:
     assert any(not torch.equal(r1[k], r0[k]) for k in r0 if k.startswith("heads.1."))
 
     # Recompute round 1 independently: call each device's ClientApp with the round-0 heads.
-    grid = _grid(rc)
+    grid = inprocess_grid(rc)
     app = make_client_app(rc)
     config = train_config_record(cfg, base.backbone_fingerprint(), 0)
     config["server-round"] = 1
@@ -89,7 +66,12 @@ def test_two_rounds_partial_average_is_exact(setup) -> None:
 
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in lines] == [0, 1, 2]
-    assert all(f"exit{k}/uar" in lines[-1] for k in (1, 2, 3, 4))
+    # every round's UAR is its confusion matrix's; heads 3 and 4 never train, so their UAR is round 0's
+    for line in lines:
+        for k in (1, 2, 3, 4):
+            assert line[f"exit{k}/uar"] == pytest.approx(uar_from_confusion(line["eval"][str(k)]["confusion"]))
+    for k in (3, 4):
+        assert lines[2]["eval"][str(k)] == lines[0]["eval"][str(k)]
     assert lines[1]["train"]["num_clients"] == 2 and lines[1]["train"]["num_rejected"] == 0
     assert (run_dir / "report.md").exists() and (run_dir / "uar_per_round.png").exists()
     final = MultiExitSER.from_pretrained(result.final_dir)
@@ -100,13 +82,13 @@ def test_two_rounds_partial_average_is_exact(setup) -> None:
 def test_resume_continues_after_last_completed_round(setup) -> None:
     _cfg, _prepared, rc, spec = setup
     spec.rounds = 1
-    run_federation(_grid(rc), spec, log=lambda _: None)
+    run_federation(inprocess_grid(rc), spec, log=lambda _: None)
     run_dir = Path(spec.run_dir)
     r1 = load_tensors(run_dir / "rounds" / "round_001.safetensors")
     assert json.loads((run_dir / "state.json").read_text())["completed_round"] == 1
     spec.rounds, spec.resume = 2, True
     logs: list[str] = []
-    run_federation(_grid(rc), spec, log=logs.append)
+    run_federation(inprocess_grid(rc), spec, log=logs.append)
     assert any("resuming after round 1" in line for line in logs)
     assert json.loads((run_dir / "state.json").read_text())["completed_round"] == 2
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -163,16 +145,27 @@ def test_ray_simulation_two_rounds(setup) -> None:
 
 
 def test_federated_evaluation_on_devices(setup) -> None:
-    _cfg, _prepared, rc, spec = setup
+    cfg, _prepared, rc, spec = setup
     spec.rounds = 1
     spec.overrides = {"federated.federated_evaluation": True}
-    run_federation(_grid(rc), spec, log=lambda _: None)
+    grid = inprocess_grid(rc)
+    run_federation(grid, spec, log=lambda _: None)
     lines = [json.loads(x) for x in (Path(spec.run_dir) / "metrics.jsonl").read_text().splitlines()]
     fed = lines[1]["federated_eval"]
     assert fed["num_clients"] == 2 and fed["num_rejected"] == 0
+    # reference: each device's ClientApp asked directly to evaluate round 1's heads gives the same numbers
+    heads = load_tensors(Path(spec.run_dir) / "rounds" / "round_001.safetensors")
+    config = train_config_record(cfg, MultiExitSER.from_pretrained(spec.base_model).backbone_fingerprint(), 0)
+    config["server-round"] = 1
+    content = RecordDict({"arrays": heads_to_record(heads), "config": ConfigRecord(dict(config))})
+    app = make_client_app(rc)
     for client in fed["clients"]:
+        ctx = grid.contexts[client["node_id"]]
+        reply = app(Message(content, ctx.node_id, "evaluate"), ctx)
+        expected = dict(reply.content.metric_records["metrics"])
         assert {"exit1/uar", "exit2/uar"} <= set(client["metrics"])
-        assert 0.0 <= client["metrics"]["exit1/uar"] <= 1.0
+        for key in ("exit1/uar", "exit2/uar"):
+            assert client["metrics"][key] == pytest.approx(expected[key], abs=1e-9), (client["node_id"], key)
 
 
 def test_device_that_connects_mid_run_is_greeted_and_trains_next_round(setup) -> None:

@@ -15,30 +15,21 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from harness import federation, inprocess_grid, write_config
 from test_partition import CLASSES, corpus
 from typer.testing import CliRunner
 
 from fedsd.checkpoint import load_tensors
 from fedsd.clients.app import _features, make_client_app
-from fedsd.clients.device import DeviceSettings, simulated_device_config
+from fedsd.clients.device import DeviceSettings
 from fedsd.clients.training import LocalTrainConfig, plan_exits
-from fedsd.config import load_config
 from fedsd.data.manifest import read_manifest
 from fedsd.data.partition import PERSONAL_TEST, Partition, make_partition, write_device_manifests
 from fedsd.model.multiexit import MultiExitSER
-from fedsd.server.federation import FederationSpec, run_federation, train_config_record
-from fedsd.server.inprocess import InProcessGrid
-from fedsd.server.prepare import prepare_run
+from fedsd.server.federation import run_federation, train_config_record
 from fedsd.wire import heads_to_record
 
-CONFIG = """
-name: personal
-data: {{corpus: synth, root: {root}, labels: [neutral, happy, angry, sad], crop: {{max_seconds: 2.0, mode: tile}}}}
-model: {{backbone: tiny, pretrained: false, exits: [1, 2, 3, 4]}}
-federated: {{num_clients: 2, test_speakers: 1, server_speakers: 0, rounds: 2, local_epochs: 2,
-            batch_size: 8, lr: 0.01, exits_mix: [1, 2], label_fraction: 0.5, min_clients: 2,
-            personal_test_fraction: 0.25, personalize_epochs: 3}}
-"""
+PERSONAL = {"local_epochs": 2, "min_clients": 2, "personal_test_fraction": 0.25, "personalize_epochs": 3}
 
 
 # ------------------------------------------------------------------------------------ the partition
@@ -100,30 +91,22 @@ def test_device_manifests_mark_personal_rows_and_devices_never_train_on_them(tmp
 # ------------------------------------------------------------------------------------ a federated run
 @pytest.fixture()
 def run(tmp_path: Path, small_corpus: Path, tiny_model_dir: Path):
-    cfg_path = tmp_path / "fed.yaml"
-    cfg_path.write_text(CONFIG.format(root=small_corpus))
-    cfg = load_config(cfg_path)
-    run_dir = tmp_path / "run"
-    prepared = prepare_run(cfg, run_dir, base_model=tiny_model_dir, log=lambda _: None)
-    rc = simulated_device_config(
-        cfg, prepared.partition, prepared.base_model, run_dir, device_models=tmp_path / "device-models"
+    fed = federation(
+        tmp_path,
+        small_corpus,
+        tiny_model_dir,
+        name="personal",
+        device_models=tmp_path / "device-models",
+        **PERSONAL,
     )
-    spec = FederationSpec(
-        config=str(cfg_path), run_dir=str(run_dir), base_model=str(prepared.base_model),
-        partition=str(prepared.partition),
-    )  # fmt: skip
-    return cfg, prepared, rc, spec
-
-
-def _grid(rc: dict, n: int = 2) -> InProcessGrid:
-    return InProcessGrid(make_client_app(rc), [{"partition-id": i, "num-partitions": n} for i in range(n)])
+    return fed.cfg, fed.prepared, fed.rc, fed.spec
 
 
 def test_devices_train_only_on_their_training_utterances(run) -> None:
     _cfg, prepared, rc, _spec = run
     part = Partition.load(prepared.partition)
     model = MultiExitSER.from_pretrained(prepared.base_model)
-    grid = _grid(rc)
+    grid = inprocess_grid(rc)
     for pid, ctx in enumerate(grid.contexts.values()):
         settings = DeviceSettings.from_context(ctx, rc)
         plan = plan_exits(model.exits, settings.exit, LocalTrainConfig(exit=settings.exit))
@@ -138,7 +121,7 @@ def test_devices_train_only_on_their_training_utterances(run) -> None:
 def test_personal_metrics_personal_heads_and_device_models(run, small_corpus: Path) -> None:
     cfg, prepared, rc, spec = run
     logs: list[str] = []
-    result = run_federation(_grid(rc), spec, log=logs.append)
+    result = run_federation(inprocess_grid(rc), spec, log=logs.append)
     run_dir = Path(spec.run_dir)
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in lines] == [0, 1, 2]
@@ -197,7 +180,7 @@ def test_done_reply_carries_metrics_only_and_the_device_model_loads_in_the_cli(
     cfg, prepared, rc, _spec = run
     base = MultiExitSER.from_pretrained(prepared.base_model)
     app = make_client_app(rc)
-    grid = _grid(rc)
+    grid = inprocess_grid(rc)
     node, ctx = next(iter(grid.contexts.items()))
     config = dict(train_config_record(cfg, base.backbone_fingerprint(), 0, num_rounds=2))
     config |= {"rounds": 2, "status": "completed", "personalize-epochs": 4}
@@ -236,7 +219,7 @@ def test_done_reply_carries_metrics_only_and_the_device_model_loads_in_the_cli(
 def test_an_interrupted_device_keeps_the_last_completed_round(run) -> None:
     _cfg, _prepared, rc, spec = run
     spec.rounds = 2
-    grid = _grid(rc)
+    grid = inprocess_grid(rc)
     app = grid.client_app
     calls: list[str] = []
 
@@ -262,7 +245,9 @@ def test_a_deployed_device_reads_out_personalize_epochs_and_its_name(tmp_path: P
     ctx = Context(run_id=1, node_id=9, node_config=nc, state=RecordDict(), run_config={})
     s = DeviceSettings.from_context(ctx)
     assert s.out == tmp_path / "model" and s.personalize_epochs == 5 and s.name == "client-007"
-    bare = DeviceSettings.from_context(Context(1, 9, {**nc, "name": "kitchen"} | {"out": ""}, RecordDict(), {}))
+    bare = DeviceSettings.from_context(
+        Context(1, 9, {**nc, "name": "kitchen"} | {"out": ""}, RecordDict(), {})
+    )
     assert bare.out is None and bare.name == "kitchen"
     del nc["personalize-epochs"]
     assert DeviceSettings.from_context(Context(1, 9, nc, RecordDict(), {})).personalize_epochs is None
@@ -295,8 +280,9 @@ def test_simulate_cli_device_models_and_personalize_epochs(
 ) -> None:
     from fedsd.cli import app as cli
 
-    cfg_path = tmp_path / "fed.yaml"
-    cfg_path.write_text(CONFIG.format(root=small_corpus).replace("personalize_epochs: 3", "personalize_epochs: 0"))
+    cfg_path = write_config(
+        tmp_path / "fed.yaml", small_corpus, name="personal", **(PERSONAL | {"personalize_epochs": 0})
+    )
     out = tmp_path / "sim"
     res = CliRunner().invoke(
         cli,

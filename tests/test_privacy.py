@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from harness import federation, inprocess_grid
 from opacus.accountants import RDPAccountant
 
 from fedsd.checkpoint import load_tensors
-from fedsd.clients.app import make_client_app
-from fedsd.clients.device import simulated_device_config
 from fedsd.clients.dp_training import dp_compatible, plain_state_dict, train_heads_private
 from fedsd.clients.training import LocalTrainConfig, plan_exits
 from fedsd.config import ConfigError, load_config
@@ -24,36 +23,13 @@ from fedsd.model.heads import GRUHead, HeadOutput
 from fedsd.privacy import DPSettings, PrivacyError, PrivacyLedger, central_epsilon, epsilon
 from fedsd.server.central_dp import CentralDP
 from fedsd.server.federation import FederationSpec, run_federation
-from fedsd.server.inprocess import InProcessGrid
-from fedsd.server.prepare import prepare_run
 from fedsd.server.validation import ValidUpdate
-
-CONFIG = """
-name: dptest
-data: {{corpus: synth, root: {root}, labels: [neutral, happy, angry, sad], crop: {{max_seconds: 2.0, mode: tile}}}}
-model: {{backbone: tiny, pretrained: false, exits: [1, 2, 3, 4]}}
-federated: {{num_clients: 2, test_speakers: 1, server_speakers: 0, rounds: 3, local_epochs: 2,
-            batch_size: 8, lr: 0.01, exits_mix: [1, 2], label_fraction: 0.5, min_clients: 1}}
-"""
 
 
 @pytest.fixture()
 def setup(tmp_path: Path, small_corpus: Path, tiny_model_dir: Path):
-    cfg_path = tmp_path / "fed.yaml"
-    cfg_path.write_text(CONFIG.format(root=small_corpus))
-    cfg = load_config(cfg_path)
-    run_dir = tmp_path / "run"
-    prepared = prepare_run(cfg, run_dir, base_model=tiny_model_dir, log=lambda _: None)
-    rc = simulated_device_config(cfg, prepared.partition, prepared.base_model, run_dir)
-    spec = FederationSpec(
-        config=str(cfg_path), run_dir=str(run_dir), base_model=str(prepared.base_model),
-        partition=str(prepared.partition),
-    )  # fmt: skip
-    return cfg, rc, spec
-
-
-def _grid(rc: dict, n: int = 2) -> InProcessGrid:
-    return InProcessGrid(make_client_app(rc), [{"partition-id": i, "num-partitions": n} for i in range(n)])
+    fed = federation(tmp_path, small_corpus, tiny_model_dir, name="dptest", rounds=3, local_epochs=2)
+    return fed.cfg, fed.rc, fed.spec
 
 
 def _lines(spec: FederationSpec) -> list[dict]:
@@ -156,7 +132,7 @@ def test_reported_epsilon_is_cumulative_and_equals_opacus_rdp_accountant(setup) 
     _cfg, rc, spec = setup
     noise, delta = 1.1, 1e-3
     spec.overrides = {"federated.dp": {"noise_multiplier": noise, "max_grad_norm": 1.0, "delta": delta}}
-    run_federation(_grid(rc), spec, log=lambda _: None)
+    run_federation(inprocess_grid(rc), spec, log=lambda _: None)
     lines = _lines(spec)
     assert [r["round"] for r in lines] == [0, 1, 2, 3]
     for rnd in (1, 2, 3):
@@ -181,7 +157,7 @@ def test_dp_round_changes_only_the_trained_heads(setup) -> None:
     _cfg, rc, spec = setup
     spec.rounds = 1
     spec.overrides = {"federated.dp": {"noise_multiplier": 1.0}}
-    run_federation(_grid(rc), spec, log=lambda _: None)
+    run_federation(inprocess_grid(rc), spec, log=lambda _: None)
     r0 = load_tensors(Path(spec.run_dir) / "rounds" / "round_000.safetensors")
     r1 = load_tensors(Path(spec.run_dir) / "rounds" / "round_001.safetensors")
     for key in r0:
@@ -194,7 +170,7 @@ def test_target_epsilon_is_met_and_the_budget_stops_training(setup) -> None:
     _cfg, rc, spec = setup
     spec.overrides = {"federated.dp": {"target_epsilon": 4.0, "rounds": 2, "delta": 1e-3}}
     logs: list[str] = []
-    run_federation(_grid(rc), spec, log=logs.append)
+    run_federation(inprocess_grid(rc), spec, log=logs.append)
     lines = _lines(spec)
     eps2 = [c["metrics"]["dp-epsilon"] for c in lines[2]["train"]["clients"]]
     assert len(eps2) == 2 and all(3.9 <= e <= 4.0 for e in eps2)  # σ calibrated for exactly 2 rounds
@@ -254,7 +230,7 @@ def test_central_dp_run_reports_epsilon_per_round(setup) -> None:
     _cfg, rc, spec = setup
     spec.rounds = 2
     spec.overrides = {"federated.central_dp": {"clip_norm": 0.5, "noise_multiplier": 1.0, "seed": 0}}
-    run_federation(_grid(rc), spec, log=lambda _: None)
+    run_federation(inprocess_grid(rc), spec, log=lambda _: None)
     lines = _lines(spec)
     eps = [lines[r]["privacy"]["central"]["epsilon"] for r in (1, 2)]
     # The exit-2 device sends heads 1 and 2: two mechanisms per round.
