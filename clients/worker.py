@@ -19,7 +19,8 @@ context to this worker, which imported ``fedsd.clients.app`` once. The runner ne
   messages never start two) and imports the ClientApp for that message; it exits when idle for ``--idle`` seconds (600), when the process it serves (the
   SuperNode's executor) is gone, when its socket is replaced, or when the installation changes.
 - **Never costs a round**: any failure to start or reach it raises :class:`WorkerUnavailable`, and the
-  runner then handles the message in its own process.
+  runner then handles the message in its own process. A worker that dies mid-message may have written
+  to disk first (the device-wide DP ledger): handled again, such a round is counted twice, never missed.
 
 This module imports neither torch nor the ClientApp unless it runs as the worker (``python -m``).
 """
