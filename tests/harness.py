@@ -226,7 +226,7 @@ class Procs:
         for proc in self.procs:
             for pid in [proc.pid, *descendants(proc.pid)]:
                 st = _stat(pid)
-                if st is not None and pid not in self.seen:
+                if st is not None and self.seen.get(pid, ("",))[0] != st[1]:  # new, or a reused pid
                     self.seen[pid] = (st[1], cmdline(pid))
 
     def report(self, lines: int = 60) -> str:

@@ -6,9 +6,10 @@ import json
 
 import pytest
 import torch
+from harness import FAMILY_CASES, tiny_net
 from typer.testing import CliRunner
 
-from fedsd.model import ConfigError, MultiExitSER, build_backbone, builtin_config
+from fedsd.model import ConfigError, MultiExitSER
 from fedsd.model.export import export_exit, parameter_count, parent_fingerprint
 
 pytestmark = pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
@@ -16,11 +17,7 @@ LABELS = ["angry", "happy", "neutral", "sad"]
 
 
 def make(family: str = "wav2vec2", preln: bool = False, exits=(1, 2, 4), **overrides) -> MultiExitSER:
-    config = builtin_config("tiny-preln" if preln else "tiny", family)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    torch.manual_seed(0)
-    return MultiExitSER(build_backbone(config), exits, LABELS, meta={"crop": 48000}).eval()
+    return tiny_net(family, preln, exits=exits, labels=LABELS, meta={"crop": 48000}, **overrides)
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,16 +43,7 @@ def assert_same_outputs(full: MultiExitSER, small: MultiExitSER) -> None:
         assert torch.equal(got_h[k][0], ref_h[k][0]) and torch.equal(got_h[k][1], ref_h[k][1]), k
 
 
-CASES = [
-    ("wav2vec2", False, {}),
-    ("wav2vec2", True, {}),
-    ("hubert", False, {}),
-    ("hubert", True, {}),
-    ("wavlm", False, {}),
-    ("wavlm", True, {}),
-    # A pre-LN parent whose last hidden state includes the final LayerNorm: exit 2 < 4 must stay raw.
-    ("wav2vec2", True, {"tie_last_hidden_states": True}),
-]
+CASES = FAMILY_CASES
 
 
 @pytest.mark.parametrize(("family", "preln", "overrides"), CASES)

@@ -18,9 +18,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from audio_fixtures import espeak_backend
+from harness import FAMILY_CASES, tiny_net
 from typer.testing import CliRunner
 
-from fedsd.model import MultiExitSER, build_backbone, builtin_config
+from fedsd.model import MultiExitSER
 from fedsd.onnx_export import export_onnx
 from fedsd.onnx_runtime import OnnxExitModel, evaluate_clips, read_metadata, resample, sidecar_path
 
@@ -44,11 +46,7 @@ def load(path: Path) -> OnnxExitModel:
 
 
 def make(family: str = "wav2vec2", preln: bool = False, **overrides) -> MultiExitSER:
-    config = builtin_config("tiny-preln" if preln else "tiny", family)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    torch.manual_seed(0)
-    return MultiExitSER(build_backbone(config), [1, 2, 3, 4], LABELS, meta=META).eval()
+    return tiny_net(family, preln, labels=LABELS, meta=META, **overrides)
 
 
 def clips(lengths=LENGTHS, seed: int = 0) -> list[np.ndarray]:
@@ -67,16 +65,7 @@ def torch_logits(net: MultiExitSER, wavs: list[np.ndarray], k: int) -> np.ndarra
         return np.concatenate([net(torch.from_numpy(w)[None], exits=[k])[k].logits.numpy() for w in wavs])
 
 
-CASES = [
-    ("wav2vec2", False, {}),
-    ("wav2vec2", True, {}),
-    ("hubert", False, {}),
-    ("hubert", True, {}),
-    ("wavlm", False, {}),
-    ("wavlm", True, {}),
-    # pre-LN whose deepest exit sees the encoder's final LayerNorm
-    ("wav2vec2", True, {"tie_last_hidden_states": True}),
-]
+CASES = FAMILY_CASES
 
 
 def _check_parity(net: MultiExitSER, graph: OnnxExitModel, exits: list[int]) -> None:
@@ -269,8 +258,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[MultiExitSER, lis
     from fedsd.data.synthetic import generate_corpus
     from fedsd.onnx_runtime import load_clip
 
-    out = tmp_path_factory.mktemp("int8-corpus")
-    generate_corpus(out, speakers=8, sentences=3, seed=0, progress=False)
+    out = tmp_path_factory.mktemp("int8-corpus")  # the agreement and UAR bounds: espeak-ng speech, pinned
+    generate_corpus(out, speakers=8, sentences=3, seed=0, backend=espeak_backend(), progress=False)
     rows = read_manifest(out / "manifest.csv")
     pre = {"sample_rate": 16000, "crop": {"max_seconds": 1.0, "mode": "center"}, "normalize": "utterance"}
     wavs = [load_clip(out / r.path, pre) for r in rows]

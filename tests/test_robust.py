@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from audio_fixtures import espeak_backend
 from flwr.app import Array, Context, Message, MetricRecord
 
 from fedsd.clients.app import make_client_app
@@ -54,7 +55,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("robust")
     corpus = tmp / "corpus"
     generate_corpus(  # 2 test + 5 device speakers; the bounds below are in clips of this corpus: pinned
-        corpus, speakers=7, sentences=6, seed=1, backend="espeak", progress=False
+        corpus, speakers=7, sentences=6, seed=1, backend=espeak_backend(), progress=False
     )
     torch.manual_seed(0)
     base = tmp / "base"
