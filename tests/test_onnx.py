@@ -303,3 +303,34 @@ def test_int8_agrees_with_fp32(trained, tmp_path):
         u8 = classification_report(y, int8[k], LABELS).uar
         assert u32 > 0.5, (k, u32)  # the model is trained (chance 0.25)
         assert agree >= 0.98 and abs(u32 - u8) <= 0.01, (k, agree, u32, u8)
+
+
+def test_static_cnn_quantises_every_conv_but_the_first(trained, tmp_path):
+    """`--quant-mode static-cnn`: the waveform-reading first convolution (and the heads) stay fp32, every
+    other convolution and the MatMuls compute in int8; the trained model keeps most answers and its UAR
+    (README: 92-95 % agreement on the demo model, close calls in both directions)."""
+    import onnx
+
+    from fedsd.metrics import classification_report
+
+    net, wavs, y = trained
+    export_onnx(net, net.exits, tmp_path / "fp32.onnx")
+    info = export_onnx(net, net.exits, tmp_path / "cnn.onnx", quantize="int8", calibration=wavs[::2],
+                       quant_mode="static-cnn")  # fmt: skip
+    assert info["quantization"] == "int8-static-cnn"
+    graph = onnx.load(str(tmp_path / "cnn.onnx")).graph
+    producer = {out: n for n in graph.node for out in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    fed_by_dq = [producer.get(n.input[0]) is not None and producer[n.input[0]].op_type == "DequantizeLinear"
+                 for n in convs]  # fmt: skip
+    assert len(convs) >= 3 and not fed_by_dq[0] and all(fed_by_dq[1:]), fed_by_dq
+    matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+    assert any(producer.get(n.input[0]) is not None and producer[n.input[0]].op_type == "DequantizeLinear"
+               for n in matmuls)  # fmt: skip
+    fp32 = evaluate_clips(load(tmp_path / "fp32.onnx"), wavs)
+    int8 = evaluate_clips(load(tmp_path / "cnn.onnx"), wavs)
+    for k in net.exits:
+        agree = float((fp32[k] == int8[k]).mean())
+        u32 = classification_report(y, fp32[k], LABELS).uar
+        u8 = classification_report(y, int8[k], LABELS).uar
+        assert agree >= 0.85 and abs(u32 - u8) <= 0.05, (k, agree, u32, u8)
