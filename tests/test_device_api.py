@@ -5,14 +5,11 @@ non-blocking use (start/stop). Its real loopback round (with ``out`` and persona
 
 from __future__ import annotations
 
-import socket
-import ssl
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from harness import Procs, flat
+from harness import Procs, TlsEcho, flat
 
 from fedsd import api
 from fedsd.clients.service import DeviceEvent, DeviceOptionError
@@ -76,42 +73,10 @@ def test_contradictory_or_missing_options_raise_before_anything_starts(
     assert not cache.exists()  # no session, no SuperNode
 
 
-class _Listener:
-    """A loopback server that completes TLS handshakes (``cert``) or answers plain HTTP 400."""
-
-    def __init__(self, tls_dir: Path | None) -> None:
-        self.ctx = None
-        if tls_dir is not None:
-            self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            self.ctx.load_cert_chain(tls_dir / "server.pem", tls_dir / "server.key")
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            try:
-                conn.settimeout(5)
-                if self.ctx is not None:
-                    with self.ctx.wrap_socket(conn, server_side=True) as s:
-                        s.recv(1)
-                else:
-                    conn.recv(1024)
-                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
-            except (OSError, ssl.SSLError):
-                pass
-            finally:
-                conn.close()
-
-
 def test_a_server_on_the_other_transport_is_refused_before_a_supernode_starts(
     small_corpus: Path, tls: Path, tmp_path: Path
 ) -> None:
-    plain, tls_server = _Listener(None), _Listener(tls)
+    plain, tls_server = TlsEcho(None, None), TlsEcho(tls / "server.pem", tls / "server.key")
     try:
         dev = _device(small_corpus, tmp_path / "c1", superlink=f"127.0.0.1:{tls_server.port}")
         with pytest.raises(DeviceOptionError, match="serves TLS: start this device with --root-cert"):

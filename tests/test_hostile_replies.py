@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -68,13 +67,7 @@ def quiet_flower():
     logger.setLevel(level)
 
 
-@pytest.fixture(autouse=True)
-def server_task_identity():
-    """flwr 1.42 stamps Messages with the process's TaskIdentity; the ServerApp runtime sets it."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")  # Flower's task identity, as in a ClientApp/ServerApp process (conftest)
 
 
 def make_global(seed: int = 0) -> ArrayRecord:

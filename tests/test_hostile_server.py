@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -116,12 +115,7 @@ def test_valid_values_pass() -> None:
 # --------------------------------------------------------------------------------------------- a device at HOME
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")  # Flower's task identity, as in a ClientApp/ServerApp process (conftest)
 
 
 @pytest.fixture(scope="module")
