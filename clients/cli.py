@@ -137,6 +137,12 @@ def print_device_event(ev: DeviceEvent) -> None:
     text = escape(ev.text)
     target.print(f"[{style}]{text}[/]" if style else text, highlight=False, soft_wrap=True)
 
+WARM_WORKER = typer.Option(
+    False, "--warm-worker",
+    help="Handle this device's messages in one long-lived worker that imports torch and loads the model "
+    "once, instead of a fresh process per message (falls back to that if the worker fails).",
+)  # fmt: skip
+
 
 @app.command("run")
 def run_command(
@@ -160,6 +166,7 @@ def run_command(
     out: Path | None = OUT,
     personalize_epochs: int | None = PERSONALIZE,
     server_timeout: float = SERVER_TIMEOUT,
+    warm_worker: bool = WARM_WORKER,
 ) -> None:
     """Join a federated run as one device; stops by itself when the run ends or the server is gone.
 
@@ -175,7 +182,7 @@ def run_command(
             personalize_epochs=personalize_epochs, dp_noise_multiplier=dp_noise_multiplier,
             dp_target_epsilon=dp_target_epsilon, dp_max_grad_norm=dp_max_grad_norm, dp_delta=dp_delta,
             dp_rounds=dp_rounds, dp_epsilon_budget=dp_epsilon_budget, dp_device_budget=dp_device_budget,
-            server_timeout=server_timeout, on_event=print_device_event,
+            server_timeout=server_timeout, warm_worker=warm_worker, on_event=print_device_event,
         ).run()  # fmt: skip
     except DeviceOptionError as e:
         _fail(str(e), e.code)

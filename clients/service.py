@@ -130,8 +130,8 @@ class Device:
     deepest), ``model`` (a base checkpoint; None: the server delivers one), ``device`` (torch device),
     ``cache`` (feature cache, delivered models, session logs), ``root_cert`` (TLS: the server's CA) or
     ``insecure=True`` (plain HTTP), ``auth_key`` (node key for a server with --auth), ``out`` (keep the
-    deployable model for its exit here), ``personalize_epochs``, the ``dp_*`` options and
-    ``server_timeout``. ``session_dir`` overrides ``<cache>/sessions/<time>-<pid>``.
+    deployable model for its exit here), ``personalize_epochs``, the ``dp_*`` options,
+    ``server_timeout`` and ``warm_worker`` (one long-lived process handles its messages: clients/worker.py). ``session_dir`` overrides ``<cache>/sessions/<time>-<pid>``.
 
     ``on_event`` receives a :class:`DeviceEvent` per line of progress, from the thread that supervises
     (the caller's for :meth:`run`, a worker's after :meth:`start`).
@@ -160,6 +160,7 @@ class Device:
         dp_epsilon_budget: float | None = None,
         dp_device_budget: float | None = None,
         server_timeout: float = 300.0,
+        warm_worker: bool = False,
         session_dir: str | Path | None = None,
         on_event: EventCallback | None = None,
     ) -> None:
@@ -207,6 +208,7 @@ class Device:
         self.out = Path(out).expanduser().resolve() if out is not None else None
         self.personalize_epochs = personalize_epochs
         self.server_timeout = float(server_timeout)
+        self.warm_worker = bool(warm_worker)
         self._session_dir = Path(session_dir).expanduser().resolve() if session_dir is not None else None
         self.on_event = on_event
         self.returncode: int | None = None
@@ -351,6 +353,7 @@ class Device:
                     server_timeout=self.server_timeout,
                     root_certificates=self.root_cert,
                     auth_key=self.auth_key,
+                    warm_worker=self.warm_worker,
                 ),
                 on_event=self._on_client_event,
                 on_status=self._on_status,

@@ -82,6 +82,7 @@ def start_supernode(
     root_certificates: Path | None = None,
     auth_key: Path | None = None,
     runner_dir: Path | None = None,
+    warm_worker: bool = False,
 ) -> ManagedProcess:
     """`flower-supernode` connected to ``superlink`` (HOST:PORT), with its own Runtime API port
     (several SuperNodes on one host each need one).
@@ -112,7 +113,7 @@ def start_supernode(
         "--port",
         str(local_port),
     ]
-    env = shim_env(flower_env(flwr_home), runner_dir or flwr_home / "bin")
+    env = shim_env(flower_env(flwr_home), runner_dir or flwr_home / "bin", warm_worker=warm_worker)
     return ManagedProcess("flower-supernode", cmd, env=env, log_path=log_path, cwd=cwd)
 
 
@@ -253,6 +254,8 @@ class SupervisorSettings:
     """OpenSSH EC private key for node authentication (needs ``root_certificates``)."""
     refused_retry_s: float = 5.0
     """Pause before trying again when the server does not know this device's key (yet)."""
+    warm_worker: bool = False
+    """Handle the SuperNode's messages in one long-lived worker (``FEDSD_WARM_WORKER=1``, clients/worker.py)."""
 
 
 class Supervisor:
@@ -298,6 +301,7 @@ class Supervisor:
             log_path=self.log_path,
             root_certificates=self.settings.root_certificates,
             auth_key=self.settings.auth_key,
+            warm_worker=self.settings.warm_worker,
         )
         self.on_status(
             "info",

@@ -218,6 +218,30 @@ def test_the_supernode_environment_turns_it_on(tmp_path: Path) -> None:
     assert worker.enabled(shim_env({"PATH": "/bin"}, tmp_path, warm_worker=True))
 
 
+def test_client_run_warm_worker_reaches_the_supernodes_environment(tmp_path: Path) -> None:
+    """`fedsd client run --warm-worker` → Device(warm_worker=True) → the SuperNode's own environment."""
+    from typer.testing import CliRunner
+
+    from fedsd.cli import app
+    from fedsd.clients.supervisor import Supervisor, SupervisorSettings
+
+    shown = CliRunner().invoke(app, ["client", "run", "--help"], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0 and "--warm-worker" in shown.output
+    for warm in (False, True):
+        settings = SupervisorSettings(server="127.0.0.1:9", node_config={"exit": 1},
+                                      session_dir=tmp_path / str(warm), warm_worker=warm)  # fmt: skip
+        sup = Supervisor(settings)
+        node = sup.start()
+        try:
+            deadline, environ = time.monotonic() + 20, []
+            while b"PATH" not in b"".join(environ) and time.monotonic() < deadline:  # until it has exec'd
+                environ = Path(f"/proc/{node.pid}/environ").read_bytes().split(b"\0")
+                time.sleep(0.05)
+        finally:
+            sup.stop()
+        assert (f"{worker.ENV}=1".encode() in environ) is warm
+
+
 def test_a_worker_exits_when_idle_or_orphaned(tmp_path: Path) -> None:
     parent = sleeper()
     try:
