@@ -354,12 +354,17 @@ class Worker:
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = header["task"]
         answer: dict[str, Any] = {"ok": True}
         reply_bytes = b""
+        t0 = time.monotonic()
         try:
             reply = self.app(message=message, context=context)
             reply_bytes = message_to_proto(reply).SerializeToString()
         except Exception as e:  # the handler's error travels back; the runner raises it as Flower expects
             answer = {"ok": False, "error": {"module": type(e).__module__, "qualname": type(e).__qualname__,
                                              "text": str(e)}}  # fmt: skip
+        # one line per message in the worker's log (<cache>/warm/*.log): what it served, how fast
+        print(f"fedsd warm worker {os.getpid()}: {message.metadata.message_type} "
+              f"{'answered' if answer['ok'] else 'failed'} in {time.monotonic() - t0:.2f} s",
+              file=sys.stderr, flush=True)  # fmt: skip
         conn.settimeout(IO_TIMEOUT_S)
         with contextlib.suppress(OSError):
             _send(conn, json.dumps(answer).encode(), reply_bytes,

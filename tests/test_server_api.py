@@ -100,9 +100,10 @@ def test_prepare_writes_the_spec_and_resume_reuses_it(tmp_path, config, tiny_mod
 @pytest.mark.slow
 def test_a_server_and_a_device_from_python(tmp_path, config, small_corpus, tiny_model_dir) -> None:
     """Both API objects for real on loopback, in this process: ``api.Server`` (start → submit → wait →
-    stop) and ``api.Device`` in a background thread with ``out`` and personalisation (issue 10's
-    deployable model): a completed summary, the device's events and exit code, its deployable slice
-    and personal copy loadable, and no process or port left behind."""
+    stop) and ``api.Device`` in a background thread with ``out``, personalisation (issue 10's deployable
+    model) and the warm worker (every message answered by one long-lived process; the CLI tests cover
+    the default fresh process per message): a completed summary, the device's events and exit code, its
+    deployable slice and personal copy loadable, and no process or port left behind."""
     from fedsd.clients.service import DeviceEvent
     from fedsd.clients.supervisor import EXIT_DONE
     from fedsd.model.multiexit import MultiExitSER
@@ -124,7 +125,7 @@ def test_a_server_and_a_device_from_python(tmp_path, config, small_corpus, tiny_
             dev = api.Device(
                 server.address, exit=1, data=devices[0].manifest, root=small_corpus, model=tiny_model_dir,
                 cache=tmp_path / "cache", insecure=True, out=tmp_path / "mine", personalize_epochs=1,
-                server_timeout=120, on_event=events.append,
+                server_timeout=120, on_event=events.append, warm_worker=True,
             ).start()  # fmt: skip
             run_id = server.submit()
             assert server.submit() == run_id  # submitted once
@@ -151,6 +152,11 @@ def test_a_server_and_a_device_from_python(tmp_path, config, small_corpus, tiny_
     assert dev.deployable_model == (tmp_path / "mine").resolve()
     assert MultiExitSER.from_pretrained(dev.deployable_model).exits == [1]
     assert MultiExitSER.from_pretrained(dev.deployable_model / "personal").exits == [1]
+    # --warm-worker: the device's messages were answered by one long-lived worker, not by fresh processes
+    (worker_log,) = (tmp_path / "cache" / "warm").glob("*.log")
+    served = [line for line in worker_log.read_text().splitlines() if " answered in " in line]
+    assert any(" train answered" in line for line in served), worker_log.read_text()
+    assert len({line.split(":")[0] for line in served}) == 1  # one worker pid
     # leaving the block stopped everything, by pid; the ports are free again
     assert not server.running and server.pids() == []
     deadline = time.monotonic() + 20
