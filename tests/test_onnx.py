@@ -285,8 +285,17 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[MultiExitSER, lis
     return net.eval(), wavs, y
 
 
-def test_int8_agrees_with_fp32(trained, tmp_path):
+def _agreement(net, wavs, y, fp32_path: Path, int8_path: Path) -> list[tuple[int, float, float, float]]:
+    """Per exit: (exit, share of clips where int8 and fp32 pick the same class, UAR fp32, UAR int8)."""
     from fedsd.metrics import classification_report
+
+    fp32 = evaluate_clips(load(fp32_path), wavs)
+    int8 = evaluate_clips(load(int8_path), wavs)
+    return [(k, float((fp32[k] == int8[k]).mean()), classification_report(y, fp32[k], LABELS).uar,
+             classification_report(y, int8[k], LABELS).uar) for k in net.exits]  # fmt: skip
+
+
+def test_int8_agrees_with_fp32(trained, tmp_path):
 
     net, wavs, y = trained
     calib = wavs[::2]  # half the clips calibrate, every clip is tested
@@ -295,12 +304,7 @@ def test_int8_agrees_with_fp32(trained, tmp_path):
     assert info["quantization"] == "int8-static"
     # int8 MatMul and conv weights; the four fp32 heads are a third of this tiny graph (base shape: README)
     assert (tmp_path / "int8.onnx").stat().st_size < 0.7 * (tmp_path / "fp32.onnx").stat().st_size
-    fp32 = evaluate_clips(load(tmp_path / "fp32.onnx"), wavs)
-    int8 = evaluate_clips(load(tmp_path / "int8.onnx"), wavs)
-    for k in net.exits:
-        agree = float((fp32[k] == int8[k]).mean())
-        u32 = classification_report(y, fp32[k], LABELS).uar
-        u8 = classification_report(y, int8[k], LABELS).uar
+    for k, agree, u32, u8 in _agreement(net, wavs, y, tmp_path / "fp32.onnx", tmp_path / "int8.onnx"):
         assert u32 > 0.5, (k, u32)  # the model is trained (chance 0.25)
         assert agree >= 0.98 and abs(u32 - u8) <= 0.01, (k, agree, u32, u8)
 
@@ -311,7 +315,6 @@ def test_static_cnn_quantises_every_conv_but_the_first(trained, tmp_path):
     (README: 92-95 % agreement on the demo model, close calls in both directions)."""
     import onnx
 
-    from fedsd.metrics import classification_report
 
     net, wavs, y = trained
     export_onnx(net, net.exits, tmp_path / "fp32.onnx")
@@ -327,10 +330,5 @@ def test_static_cnn_quantises_every_conv_but_the_first(trained, tmp_path):
     matmuls = [n for n in graph.node if n.op_type == "MatMul"]
     assert any(producer.get(n.input[0]) is not None and producer[n.input[0]].op_type == "DequantizeLinear"
                for n in matmuls)  # fmt: skip
-    fp32 = evaluate_clips(load(tmp_path / "fp32.onnx"), wavs)
-    int8 = evaluate_clips(load(tmp_path / "cnn.onnx"), wavs)
-    for k in net.exits:
-        agree = float((fp32[k] == int8[k]).mean())
-        u32 = classification_report(y, fp32[k], LABELS).uar
-        u8 = classification_report(y, int8[k], LABELS).uar
+    for k, agree, u32, u8 in _agreement(net, wavs, y, tmp_path / "fp32.onnx", tmp_path / "cnn.onnx"):
         assert agree >= 0.85 and abs(u32 - u8) <= 0.05, (k, agree, u32, u8)
