@@ -61,7 +61,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (benchmarks/common/; scripts are not a package)
-from common import cell, mean_std  # noqa: E402
+from common import cell, mean_std, personal_results  # noqa: E402
 
 METHOD_NAMES = {"before": "before (base model)", "ce": "CE only", "sd": "self-distillation"}
 
@@ -137,48 +137,6 @@ def premise(quality: dict[str, Any]) -> dict[str, Any]:
     )
     return {"teacher_exit": int(teacher), "uar": uar, "gap": gaps, "holds": holds,
             "holds_all": all(holds.values()), "text": text}  # fmt: skip
-
-
-NAN = float("nan")
-
-
-def personal_results(run_dir: Path, exits: Sequence[int]) -> dict[str, Any]:
-    """Personal-test UAR (mean over the devices that run the exit) from a run's ``metrics.jsonl``.
-
-    ``base``: the base model's heads (round 1, what each device received, measured before training);
-    ``global``: the final global heads and ``personal``: the personal heads (the ``final`` record the
-    server writes after the devices' end-of-run replies); ``devices``: each device's values.
-    """
-    import json
-
-    hist = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    r1 = next((rec for rec in hist if rec.get("round") == 1), {})
-    final = hist[-1].get("final", {}) if hist else {}
-    summary = final.get("personal", {})
-
-    def mean(tag: str, k: int) -> float:
-        return float(summary.get(tag, {}).get(str(k), {}).get("uar", {}).get("mean", NAN))
-
-    def count(tag: str, k: int) -> int:
-        return int(summary.get(tag, {}).get(str(k), {}).get("uar", {}).get("n", 0))
-
-    devices = {
-        d.get("name", node): {
-            "exit": d["metrics"].get("exit"),
-            "n_personal_test": d["metrics"].get("n-personal-test"),
-            "global": {str(k): d["metrics"].get(f"exit{k}/personal-uar-global") for k in exits},
-            "personal": {str(k): d["metrics"].get(f"exit{k}/personal-uar-personal") for k in exits},
-        }
-        for node, d in final.get("devices", {}).items()
-    }
-    return {
-        "base": {str(k): float(r1.get(f"exit{k}/personal-uar-before", NAN)) for k in exits},
-        "global": {str(k): mean("global", k) for k in exits},
-        "personal": {str(k): mean("personal", k) for k in exits},
-        "n_devices": {str(k): count("global", k) for k in exits},
-        "devices": devices,
-        "has_final": bool(final),
-    }
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -277,8 +235,12 @@ def differences(
     rows: list[dict[str, Any]] = []
     for f in fractions:
         for label, ka, ma, kb, mb in comparisons:
-            cis = {str(k): common.paired(values(runs, f, ka, ma, k), values(runs, f, kb, mb, k)) for k in exits}
-            lines.append(f"| {f:.0%} | {label} | " + " | ".join(common.ci_cell(cis[str(k)]) for k in exits) + " |")
+            cis = {
+                str(k): common.paired(values(runs, f, ka, ma, k), values(runs, f, kb, mb, k)) for k in exits
+            }
+            lines.append(
+                f"| {f:.0%} | {label} | " + " | ".join(common.ci_cell(cis[str(k)]) for k in exits) + " |"
+            )
             rows.append({"labels": f"{f:.0%}", "fraction": f, "comparison": label, "a": [ka, ma], "b": [kb, mb],
                          "t95": cis})  # fmt: skip
     return "\n".join(lines), rows

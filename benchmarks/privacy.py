@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (benchmarks/common/; scripts are not a package)
-from common import cell, mean_std  # noqa: E402
+from common import cell, mean_std, personal_results  # noqa: E402
 
 from fedsd.report import markdown_table  # noqa: E402
 
@@ -88,30 +88,40 @@ def overhead(
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    with common.figure(path, figsize=(5.5, 3.6)) as (_, ax):
-        dp_rows = [r for r in rows if r["target_epsilon"] is not None]
-        xs = [r["target_epsilon"] for r in dp_rows]
-        for k in EXITS:
-            means = [mean_std(r["uar"][str(k)])[0] for r in dp_rows]
-            stds = [mean_std(r["uar"][str(k)])[1] for r in dp_rows]
-            line = ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=f"exit {k}")
-            nodp = [r for r in rows if r["target_epsilon"] is None][0]
-            ax.axhline(mean_std(nodp["uar"][str(k)])[0], ls="--", lw=1, color=line[0].get_color())
-        ax.axhline(0.25, color="grey", lw=0.8, ls=":", label="chance")
-        ax.set_xscale("log")
-        ax.minorticks_off()
-        ax.set_xticks(xs, [f"{x:g}" for x in xs])
-        ax.set_xlabel("target ε per device over the run (δ = 1e-4)")
-        ax.set_ylabel("UAR, unseen speakers")
-        ax.set_title("Device DP-SGD: UAR vs ε (dashed: no DP)", fontsize=9)
-        ax.legend(fontsize=7)
+    """Left: unseen speakers (global heads); right: personal test speech, global (solid) and personal
+    (dashed) heads; dotted horizontal lines: no DP."""
+    dp_rows = [r for r in rows if r["target_epsilon"] is not None]
+    nodp = next(r for r in rows if r["target_epsilon"] is None)
+    xs = [r["target_epsilon"] for r in dp_rows]
+    panels = (("unseen test speakers", (("uar", "-"),)),
+              ("personal test (solid: global, dashed: personal heads)",
+               (("personal_global", "-"), ("personal_personal", "--"))))  # fmt: skip
+    with common.figure(path, figsize=(9.5, 3.6), ncols=2, sharey=True) as (_, axes):
+        for ax, (title, keys) in zip(axes, panels, strict=True):
+            for i, k in enumerate(EXITS):
+                color = f"C{i}"
+                for key, style in keys:
+                    stats = [mean_std(r[key][str(k)]) for r in dp_rows]
+                    ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3,
+                                ls=style, color=color, label=f"exit {k}" if style == "-" else None)  # fmt: skip
+                    ax.axhline(mean_std(nodp[key][str(k)])[0], ls=":", lw=1, color=color)
+            ax.axhline(0.25, color="grey", lw=0.8, ls=":")
+            ax.set_xscale("log")
+            ax.minorticks_off()
+            ax.set_xticks(xs, [f"{x:g}" for x in xs])
+            ax.set_xlabel("target ε per device over the run (δ = 1e-4)")
+            ax.set_title(title, fontsize=9)
+        axes[0].set_ylabel("UAR (dotted: no DP)")
+        axes[0].legend(fontsize=7)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_federation_args(ap, "privacy")
     ap.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
-    ap.add_argument("--fraction", type=float, default=0.2)
+    ap.add_argument(
+        "--fraction", type=float, default=0.1, help="device label fraction (0.1: 8 labelled clips)"
+    )
     ap.add_argument("--delta", type=float, default=1e-4)
     ap.add_argument("--repeats", type=int, default=7, help="timing repeats (overhead)")
     return ap.parse_args(argv)
@@ -128,51 +138,22 @@ def _main(args: argparse.Namespace, bench: common.FedBench) -> dict[str, Any]:
     settings: list[float | None] = [None, *sorted(args.epsilons, reverse=True)]
     rows: list[dict[str, Any]] = []
     for eps in settings:
-        row: dict[str, Any] = {"target_epsilon": eps, "uar": {str(k): [] for k in EXITS}, "epsilon": [], "sigma": [],
-                               "device_seconds": []}  # fmt: skip
-        dp = {} if eps is None else {
-            "federated.dp": {"target_epsilon": eps, "delta": args.delta, "max_grad_norm": 1.0, "rounds": fed.rounds},
-        }  # fmt: skip
-        name = "nodp" if eps is None else f"eps{eps:g}"
-        for seed in args.seeds:
-            res = bench.run_seed(split, base, seed, args.fraction, f"privacy/{name}-s{seed}", extra=dp)
-            for k in EXITS:
-                row["uar"][str(k)].append(res["after"][str(k)])
-            reports = res["train_reports"]
-            dev = [c["metrics"] for rep in reports for c in rep.get("clients", [])]
-            row["device_seconds"] += [m["seconds"] for m in dev if "seconds" in m]
-            if eps is not None:
-                last = [c["metrics"] for c in reports[-1].get("clients", [])]
-                row["epsilon"].append(max(m["dp-epsilon"] for m in last))
-                row["sigma"] += sorted({round(m["dp-noise-multiplier"], 4) for m in last})
-            log(
-                f"{name} seed {seed}: UAR "
-                + ", ".join(f"exit {k} {res['after'][str(k)]:.3f}" for k in EXITS)
-                + (f"; max ε {row['epsilon'][-1]:.3f}" if eps is not None else "")
-                + common.took(res)
-            )
-        rows.append(row)
-    before = res["before"]
+        rows.append(run_setting(args, bench, split, base, eps))
+    before, personal_base = rows[0]["before"], rows[0]["personal_base"]
 
     log("timing local training with and without DP (device 0, exit 3, interleaved)")
     part0 = bench.partition(split, args.seeds[0], args.fraction)
     ov = overhead(base, part0, bench.corpus, bench.cache, args.repeats, args.delta, fed.local_epochs)
 
-    header = ["device DP", "σ (calibrated)", f"max ε after {fed.rounds} rounds"] + [
-        f"exit {k} UAR" for k in EXITS
-    ]
-    table_rows = [["base model (before federation)", "–", "–"] + [f"{before[str(k)]:.3f}" for k in EXITS]]
-    for r in rows:
-        label = "none" if r["target_epsilon"] is None else f"target ε = {r['target_epsilon']:g}"
-        sig = "–" if not r["sigma"] else f"{min(r['sigma']):.2f}–{max(r['sigma']):.2f}"
-        eps_txt = "∞" if not r["epsilon"] else f"{max(r['epsilon']):.2f}"
-        table_rows.append([label, sig, eps_txt, *(cell(r["uar"][str(k)]) for k in EXITS)])
     print()
     print(
         f"### Shallow-exit UAR under device DP (mean ± std over seeds {args.seeds}, {args.fraction:.0%} labels)"
     )
     print()
-    print(markdown_table(header, table_rows))
+    print(markdown_table(*uar_table(rows, before, personal_base, fed.rounds)))
+    print()
+    print(markdown_table(*difference_table(rows)))
+    print()
     print(
         markdown_table(
             ["local training, 1 round", "median s", "ratio"],
@@ -188,14 +169,131 @@ def _main(args: argparse.Namespace, bench: common.FedBench) -> dict[str, Any]:
         f"{run.seconds:.0f} s"
     )
     payload = {
-        "setting": bench.setting(split, base, args, delta=args.delta, exits_mix=fed.exits_mix),
+        "setting": bench.setting(
+            split,
+            base,
+            args,
+            delta=args.delta,
+            exits_mix=fed.exits_mix,
+            personalize_epochs=fed.personalize_epochs,
+            personal_test_fraction=fed.personal_test_fraction,
+        ),  # fmt: skip
         "exits": list(EXITS),
         "before": before,
+        "personal_base": personal_base,
         "rows": rows,
+        "differences": differences(rows),
         "overhead": ov,
     }
     png = args.out.with_suffix(".png")
     return bench.publish(args.out.with_suffix(".json"), png, payload, args, lambda path: plot(rows, path))
+
+
+def run_setting(
+    args: argparse.Namespace, bench: common.FedBench, split: Any, base: Path, eps: float | None
+) -> dict[str, Any]:
+    """Every seed of one DP setting (``eps`` None: no DP): unseen-speaker UAR of the final global heads,
+    personal-test UAR of the global and the personal heads, ε spent and σ, per seed."""
+    fed = bench.config().federated
+    row: dict[str, Any] = {"target_epsilon": eps, "uar": {str(k): [] for k in EXITS}, "epsilon": [], "sigma": [],
+                           "device_seconds": [], "seeds": list(args.seeds),
+                           "personal_global": {str(k): [] for k in EXITS},
+                           "personal_personal": {str(k): [] for k in EXITS}}  # fmt: skip
+    dp = {} if eps is None else {
+        "federated.dp": {"target_epsilon": eps, "delta": args.delta, "max_grad_norm": 1.0, "rounds": fed.rounds},
+    }  # fmt: skip
+    name = "nodp" if eps is None else f"eps{eps:g}"
+    for seed in args.seeds:
+        res = bench.run_seed(split, base, seed, args.fraction, f"privacy/{name}-s{seed}", extra=dp)
+        personal = personal_results(Path(res["run_dir"]), EXITS)
+        for k in EXITS:
+            row["uar"][str(k)].append(res["after"][str(k)])
+            row["personal_global"][str(k)].append(personal["global"][str(k)])
+            row["personal_personal"][str(k)].append(personal["personal"][str(k)])
+        row["before"] = res["before"]
+        row.setdefault("personal_base_seeds", []).append(personal["base"])
+        reports = res["train_reports"]
+        dev = [c["metrics"] for rep in reports for c in rep.get("clients", [])]
+        row["device_seconds"] += [m["seconds"] for m in dev if "seconds" in m]
+        if eps is not None:
+            last = [c["metrics"] for c in reports[-1].get("clients", [])]
+            row["epsilon"].append(max(m["dp-epsilon"] for m in last))
+            row["sigma"] += sorted({round(m["dp-noise-multiplier"], 4) for m in last})
+        bench.run.log(
+            f"{name} seed {seed}: unseen "
+            + "/".join(f"{res['after'][str(k)]:.3f}" for k in EXITS)
+            + "; personal test, global heads "
+            + "/".join(f"{personal['global'][str(k)]:.3f}" for k in EXITS)
+            + ", personal heads "
+            + "/".join(f"{personal['personal'][str(k)]:.3f}" for k in EXITS)
+            + (f"; max ε {row['epsilon'][-1]:.3f}" if eps is not None else "")
+            + common.took(res)
+        )
+    row["personal_base"] = {
+        str(k): [p[str(k)] for p in row["personal_base_seeds"]] for k in EXITS
+    }  # the base model's heads on each seed's personal test speech
+    return row
+
+
+def _label(r: dict[str, Any]) -> str:
+    return "no DP" if r["target_epsilon"] is None else f"ε = {r['target_epsilon']:g}"
+
+
+def uar_table(
+    rows: list[dict[str, Any]], before: dict[str, float], personal_base: dict[str, list[float]], rounds: int
+) -> tuple[list[str], list[list[str]]]:
+    """One row per (setting, what is measured): UAR per exit, mean ± std over seeds."""
+    header = ["device DP", "σ (calibrated)", f"max ε after {rounds} rounds", "measured on"] + [
+        f"exit {k}" for k in EXITS
+    ]
+    out = [
+        ["base model", "–", "–", "unseen test speakers"] + [f"{before[str(k)]:.3f}" for k in EXITS],
+        ["base model", "–", "–", "personal test"] + [cell(personal_base[str(k)]) for k in EXITS],
+    ]
+    for r in rows:
+        sig = "–" if not r["sigma"] else f"{min(r['sigma']):.2f}–{max(r['sigma']):.2f}"
+        eps_txt = "∞" if not r["epsilon"] else f"{max(r['epsilon']):.2f}"
+        for measure, key in (("unseen test speakers", "uar"), ("personal test, global heads", "personal_global"),
+                             ("personal test, personal heads", "personal_personal")):  # fmt: skip
+            out.append([_label(r), sig, eps_txt, measure, *(cell(r[key][str(k)]) for k in EXITS)])
+    return header, out
+
+
+def differences(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Paired over seeds, per setting: personal − global heads and personal heads − base model (personal
+    test); DP − no DP (unseen speakers and personal heads)."""
+    nodp = rows[0]
+    out: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        for k in map(str, EXITS):
+            pp, pg, pb = (
+                _by_seed(r, key, k) for key in ("personal_personal", "personal_global", "personal_base")
+            )
+            out.setdefault(f"{_label(r)}: personal − global heads, personal test", {})[k] = common.paired(
+                pp, pg
+            )
+            out.setdefault(f"{_label(r)}: personal heads − base model, personal test", {})[k] = common.paired(
+                pp, pb
+            )
+            if r is not nodp:
+                for measure, key in (
+                    ("unseen test speakers", "uar"),
+                    ("personal test, personal heads", "personal_personal"),
+                ):
+                    a, b = _by_seed(r, key, k), _by_seed(nodp, key, k)
+                    out.setdefault(f"{_label(r)} − no DP, {measure}", {})[k] = common.paired(a, b)
+    return out
+
+
+def _by_seed(row: dict[str, Any], key: str, k: str) -> dict[int, float]:
+    return dict(zip(row["seeds"], row[key][k], strict=True))
+
+
+def difference_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    header = ["paired difference (95 % t over seeds)"] + [f"exit {k}" for k in EXITS]
+    return header, [
+        [name, *(common.ci_cell(d[str(k)]) for k in EXITS)] for name, d in differences(rows).items()
+    ]
 
 
 if __name__ == "__main__":

@@ -374,8 +374,15 @@ def test_privacy_smoke(tmp_path, tiny_corpus, adaptation_run):
         for values in r["uar"].values():
             assert len(values) == 1
             assert_uar(values[0])
+        for key in ("personal_global", "personal_personal", "personal_base"):
+            assert set(r[key]) == {"1", "2", "3"} and all(len(v) == 1 for v in r[key].values())
     dp = data["rows"][1]
     assert 0 < dp["epsilon"][0] <= 8.0 + 1e-6 and dp["sigma"]
+    diffs = data["differences"]
+    assert "ε = 8: personal − global heads, personal test" in diffs and "ε = 8 − no DP, unseen test speakers" in diffs
+    for k in ("1", "2", "3"):  # the difference is the two arms' values subtracted, seed by seed
+        d = diffs["ε = 8 − no DP, unseen test speakers"][k]
+        assert d["values"] == [dp["uar"][k][0] - data["rows"][0]["uar"][k][0]]
     assert data["overhead"]["ratio"] > 0
     assert_png(tmp_path / "privacy.png")
 

@@ -33,7 +33,7 @@ from .corpus import (
     prepare_corpus,
     work_dir,
 )
-from .federation import FedBench, add_federation_args, took
+from .federation import NAN, FedBench, add_federation_args, personal_results, took
 from .paths import BENCH, CODE_PATHS, DEMO, EMOTIONS, ENV, FEDERATED_WORK, RESULTS, ROOT, WORK_STAMP, quiet
 from .plots import figure
 from .provenance import (
@@ -68,10 +68,10 @@ from .timing import (
 
 __all__ = [
     "BENCH", "CLOCKS", "CODE_PATHS", "DEMO", "EMOTIONS", "ENV", "FEDERATED_WORK", "RESULTS", "ROOT", "WORK_STAMP",
-    "FedBench", "Run", "add_config_args", "add_corpus_args", "add_federation_args", "add_timing_args", "args_config", "base_overrides",
+    "FedBench", "NAN", "Run", "add_config_args", "add_corpus_args", "add_federation_args", "add_timing_args", "args_config", "base_overrides",
     "cell", "check_sizes", "checkpoint_fingerprint", "checkpoint_id", "ci_cell", "code_tag", "code_version",
     "corpus_info", "corpus_overrides", "default_exits", "device_parser", "digest", "ensure_corpus", "figure", "fit_score",
     "int_list", "interleaved", "jsonable", "library_versions", "load_recipe", "machine", "mean_std", "mfcc_features",
-    "mfcc_stats", "over", "paired", "prepare_corpus", "quartiles_ms", "quiet", "run_main", "scratch",
+    "mfcc_stats", "over", "paired", "personal_results", "prepare_corpus", "quartiles_ms", "quiet", "run_main", "scratch",
     "set_threads", "spread_s", "t_interval", "timed_main", "took", "work_dir",
 ]  # fmt: skip

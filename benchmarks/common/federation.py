@@ -354,3 +354,45 @@ class FedBench:
 def took(res: dict[str, Any]) -> str:
     """`` (cached)`` or `` (42 s)``: how a federated run's log line ends."""
     return " (cached)" if res.get("cached") else f" ({res['seconds']:.0f} s)"
+
+
+NAN = float("nan")
+
+
+def personal_results(run_dir: Path, exits: Sequence[int]) -> dict[str, Any]:
+    """Personal-test UAR (mean over the devices that run the exit) from a run's ``metrics.jsonl``.
+
+    ``base``: the base model's heads (round 1, what each device received, measured before training);
+    ``global``: the final global heads and ``personal``: the personal heads (the ``final`` record the
+    server writes after the devices' end-of-run replies); ``devices``: each device's values.
+    """
+    import json
+
+    hist = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    r1 = next((rec for rec in hist if rec.get("round") == 1), {})
+    final = hist[-1].get("final", {}) if hist else {}
+    summary = final.get("personal", {})
+
+    def mean(tag: str, k: int) -> float:
+        return float(summary.get(tag, {}).get(str(k), {}).get("uar", {}).get("mean", NAN))
+
+    def count(tag: str, k: int) -> int:
+        return int(summary.get(tag, {}).get(str(k), {}).get("uar", {}).get("n", 0))
+
+    devices = {
+        d.get("name", node): {
+            "exit": d["metrics"].get("exit"),
+            "n_personal_test": d["metrics"].get("n-personal-test"),
+            "global": {str(k): d["metrics"].get(f"exit{k}/personal-uar-global") for k in exits},
+            "personal": {str(k): d["metrics"].get(f"exit{k}/personal-uar-personal") for k in exits},
+        }
+        for node, d in final.get("devices", {}).items()
+    }
+    return {
+        "base": {str(k): float(r1.get(f"exit{k}/personal-uar-before", NAN)) for k in exits},
+        "global": {str(k): mean("global", k) for k in exits},
+        "personal": {str(k): mean("personal", k) for k in exits},
+        "n_devices": {str(k): count("global", k) for k in exits},
+        "devices": devices,
+        "has_final": bool(final),
+    }
