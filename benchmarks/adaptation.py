@@ -61,7 +61,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (benchmarks/common/; scripts are not a package)
-from common import cell, mean_std, personal_results  # noqa: E402
+from common import NAN, cell, mean_std, personal_results  # noqa: E402
 
 METHOD_NAMES = {"before": "before (base model)", "ce": "CE only", "sd": "self-distillation"}
 
@@ -85,6 +85,11 @@ ABLATIONS: dict[str, Variant] = {
     "sd-lr3e-4": ("SD, lr 3e-4", "sd", {"federated.lr": 3e-4}, None),
     "ce-lr3e-4": ("CE only, lr 3e-4", "ce", {"federated.lr": 3e-4}, None),
     "sd-1ep": ("SD, 1 local epoch", "sd", {"federated.local_epochs": 1}, None),
+    "sd-prox0.1": ("SD, proximal μ = 0.1", "sd", {"federated.proximal_mu": 0.1}, None),
+    "sd-prox1": ("SD, proximal μ = 1", "sd", {"federated.proximal_mu": 1.0}, None),
+    "sd-slr0.5": ("SD, server lr 0.5", "sd", {"federated.server_lr": 0.5}, None),
+    "ce-prox1": ("CE only, proximal μ = 1", "ce", {"federated.proximal_mu": 1.0}, None),
+    "ce-slr0.5": ("CE only, server lr 0.5", "ce", {"federated.server_lr": 0.5}, None),
     "ce-1ep": ("CE only, 1 local epoch", "ce", {"federated.local_epochs": 1}, None),
     "ce-oracle": ("CE only, 100 % labels (oracle)", "ce", {}, 1.0),
 }
@@ -142,9 +147,16 @@ def premise(quality: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------- report
 MEASURES = {
     "unseen": "unseen test speakers",
+    "valid": "validation speakers (server pool)",
     "pglobal": "personal test, global heads",
     "ppersonal": "personal test, personal heads",
 }
+
+
+def measures(runs: list[dict[str, Any]]) -> dict[str, str]:
+    """:data:`MEASURES`, without validation speakers where no run has them (no server pool to hold them)."""
+    has_valid = any(r.get("valid_after") for r in runs)
+    return {m: where for m, where in MEASURES.items() if m != "valid" or has_valid}
 
 
 def values(runs: list[dict[str, Any]], f: float, key: str, measure: str, k: int) -> dict[int, float]:
@@ -153,7 +165,9 @@ def values(runs: list[dict[str, Any]], f: float, key: str, measure: str, k: int)
     for r in runs:
         if r["fraction"] != f or (key != "base" and r["key"] != key):
             continue
-        if key == "base":
+        if measure == "valid":  # where settings may be chosen (runs from before it was logged: NaN)
+            v = r.get("valid_before" if key == "base" else "valid_after", {}).get(str(k), NAN)
+        elif key == "base":
             v = r["before"][str(k)] if measure == "unseen" else r["personal"]["base"][str(k)]
         elif measure == "unseen":
             v = r["after"][str(k)]
@@ -183,11 +197,11 @@ def results_table(
     methods = [("base", METHOD_NAMES["before"])] + [(k, v[0]) for k, v in variants.items()]
     for f in fractions:
         for key, name in methods:
-            for measure, where in MEASURES.items():
+            for measure, where in measures(runs).items():
                 if key == "base" and measure == "ppersonal":
                     continue
                 per = {str(k): list(values(runs, f, key, measure, k).values()) for k in cols}
-                if measure != "unseen":  # devices run exits 1..3: the teacher is not measured there
+                if measure not in ("unseen", "valid"):  # devices run exits 1..3: no teacher measured there
                     per[str(exits[-1])] = []
                 lines.append(
                     f"| {f:.0%} | {name} | {where} | "
@@ -208,7 +222,7 @@ def differences(
     comparisons: list[tuple[str, str, str, str, str]] = []  # (label, key a, measure a, key b, measure b)
     for key in variants:
         if key != "ce":
-            for measure, where in MEASURES.items():
+            for measure, where in measures(runs).items():
                 comparisons.append((f"{names[key]} − CE only, {where}", key, measure, "ce", measure))
     for key in variants:
         comparisons.append(
@@ -465,6 +479,7 @@ def _main(args: argparse.Namespace, bench: common.FedBench) -> dict[str, Any]:
                         "partition": res["partition"],
                     }
                     | {k: res[k] for k in ("before", "after", "curve", "seconds", "cached")}
+                    | {k: res.get(k, {}) for k in ("valid_before", "valid_after", "valid_curve")}
                     | {"personal": personal, "overrides": extra, "run_key": res["key"]}
                 )
                 shallow = exits_here[:-1]

@@ -156,6 +156,7 @@ def _local_config(cfg: dict[str, Any], exit_k: int, device: str = "") -> LocalTr
             epochs=config_int(cfg, "local-epochs", 5, 1, 10_000),
             batch_size=config_int(cfg, "batch-size", 16, 1, 65_536),
             lr=config_float(cfg, "lr", 1e-3, 0.0, 100.0, lo_open=True),
+            proximal_mu=config_float(cfg, "proximal-mu", 0.0, 0.0, 1e6),
             seed=mix_seed(
                 config_int(cfg, "seed", 0, -(2**63), 2**63 - 1),
                 config_int(cfg, "server-round", 0, 0, MAX_ROUND),

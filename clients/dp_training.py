@@ -38,6 +38,7 @@ from fedsd.checkpoint import atomic_write_json
 from fedsd.clients.training import (
     ExitPlan,
     LocalTrainConfig,
+    add_proximal_grad,
     rng_devices,
     set_train_modes,
 )
@@ -146,6 +147,7 @@ def _train(
         p.requires_grad_(True)
     gsm = GradSampleModule(container, loss_reduction="sum")
     params = [p for p in container.parameters() if p.requires_grad]
+    anchors = [p.detach().clone() for p in params]  # the received heads (proximal term)
     device = params[0].device
     # Opacus draws the noise on the parameters' device, so its generator must live there too.
     noise_g = g
@@ -186,7 +188,9 @@ def _train(
             else:  # an empty Poisson batch: still a noisy step (the accountant counts it)
                 for p in params:
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-            optimizer.step()
+            if optimizer.pre_step():  # clip per utterance, add noise: the gradient is private from here
+                add_proximal_grad(params, anchors, cfg.proximal_mu)  # data-independent: costs no privacy
+                optimizer.original_optimizer.step()
     finally:
         gsm._close()
     for k, head in trained.items():
@@ -329,9 +333,7 @@ pushes it to the local SuperNode only) until the device's own event log has reco
 def keep_local(context: Any, metrics: Mapping[str, Any]) -> None:
     from flwr.app import MetricRecord
 
-    numeric = {
-        k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
-    }
+    numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     context.state[LOCAL_METRICS_KEY] = MetricRecord(numeric)
 
 

@@ -32,6 +32,8 @@ class LocalTrainConfig:
     epochs: int = 5
     batch_size: int = 16
     lr: float = 1e-3
+    proximal_mu: float = 0.0
+    """FedProx μ: gradient of μ/2·‖w − w_received‖² added to every trained head's (0: off)."""
     seed: int = 0
     distill: DistillConfig = field(default_factory=DistillConfig)
 
@@ -78,6 +80,23 @@ def mix_seed(*parts: int | str) -> int:
     """
     digest = hashlib.sha256("|".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
+
+
+def add_proximal_grad(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor], mu: float) -> None:
+    """FedProx (Li et al., 2020): add μ·(w − w_received), the gradient of μ/2·‖w − w_received‖², to each
+    trained parameter's gradient.
+
+    Added to the gradient (not the loss) so that DP-SGD can add it *after* clipping and noise: the term
+    does not depend on the device's data, so it costs no privacy and is never clipped away.
+    """
+    if mu <= 0:
+        return
+    with torch.no_grad():
+        for p, a in zip(params, anchors, strict=True):
+            if p.grad is None:
+                p.grad = mu * (p.detach() - a)
+            else:
+                p.grad.add_(p.detach() - a, alpha=mu)
 
 
 def set_train_modes(model: MultiExitSER, train: Sequence[int]) -> None:
@@ -134,6 +153,7 @@ def _train_heads(
             p.requires_grad_(True)
             params.append(p)
     opt = optimizer_factory(params) if optimizer_factory else torch.optim.Adam(params, lr=cfg.lr)
+    anchors = [p.detach().clone() for p in params]  # the received (global) heads, for the proximal term
     n = len(feats.utt_ids)
     sums: dict[str, float] = {}
     steps = 0
@@ -152,6 +172,7 @@ def _train_heads(
             opt.zero_grad()
             if loss.requires_grad:
                 loss.backward()
+                add_proximal_grad(params, anchors, cfg.proximal_mu)
                 opt.step()
             for key, v in comps.items():
                 sums[key] = sums.get(key, 0.0) + float(v)

@@ -180,6 +180,12 @@ class FederatedConfig(_Strict):
     local_epochs: int = Field(5, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-3, gt=0)
+    proximal_mu: float = Field(0.0, ge=0)
+    """FedProx's proximal term μ/2·‖w − w_global‖² on every trained head (0: off): keeps a device's heads
+    near the global heads it received, against drift towards its own speakers."""
+    server_lr: float = Field(1.0, gt=0, le=10)
+    """Server learning rate η: global ← global + η·(aggregate − global) (1: plain FedAvg; < 1 moves the
+    global heads only part of the way towards the devices' average each round)."""
     exits_mix: list[int] | None = None
     """Exit per simulated device, dealt round-robin (None: every device at the teacher's exit)."""
     train_exits: Literal["upto", "only"] = "upto"

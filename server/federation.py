@@ -149,6 +149,7 @@ def train_config_record(
             "local-epochs": fc.local_epochs,
             "batch-size": fc.batch_size,
             "lr": fc.lr,
+            "proximal-mu": fc.proximal_mu,
             "mode": fc.mode,
             "train-exits": fc.train_exits,
             "teacher": fc.teacher,
@@ -159,6 +160,25 @@ def train_config_record(
             "seed": fc.seed,
         }
     )
+
+
+def _valid_rows(spec: FederationSpec, cfg: ExperimentConfig) -> tuple[list[ManifestRow], Path]:
+    """The server pool's validation speakers (the ones that picked the base model's epoch, never trained
+    on): where federated settings may be chosen, unlike the unseen test speakers. Empty without a
+    partition or a server pool."""
+    manifest = Path(spec.eval_manifest) if spec.eval_manifest else cfg.data.manifest_path
+    root = Path(spec.eval_root) if spec.eval_root else cfg.data.root
+    if not spec.partition or not manifest.exists():
+        return [], root
+    from fedsd.data.partition import Partition
+    from fedsd.server.prepare import server_pool_splits
+
+    part = Partition.load(spec.partition)
+    if not part.server_utt_ids:
+        return [], root
+    rows = read_manifest(manifest)
+    n_valid = cfg.federated.server_valid_speakers
+    return server_pool_splits(part, rows, cfg.train.seed, n_valid)["valid"], root
 
 
 class Federation:
@@ -177,6 +197,7 @@ class Federation:
         self.history: list[dict[str, Any]] = []
         self._greeted: set[int] = set()
         self._eval_feats: CachedFeatures | None = None
+        self._valid_feats: CachedFeatures | None = None
         self.strategy = PartialFedAvg(
             fraction_train=fc.fraction_train,
             fraction_evaluate=1.0 if fc.federated_evaluation else 0.0,
@@ -191,6 +212,7 @@ class Federation:
             central_dp=CentralDP(**fc.central_dp.model_dump()) if fc.central_dp else None,
             required_metrics=("dp-epsilon",) if fc.dp else (),
             node_wait_s=self.spec.node_wait_s,
+            server_lr=fc.server_lr,
         )
         self.federation_id = uuid.uuid4().hex[:16]
         self.device_epsilon: dict[int, float] = {}
@@ -300,14 +322,21 @@ class Federation:
     def evaluate(self) -> dict[int, ClassificationReport]:
         """Per-exit metrics of the current global heads on the server's unseen speakers."""
         if self._eval_feats is None:
-            rows, root = _eval_rows(self.spec, self.cfg)
-            if not rows:
-                return {}
+            self._eval_feats = self._features(*_eval_rows(self.spec, self.cfg))
+        return evaluate_cached(self.model, self._eval_feats, self.model.exits) if self._eval_feats else {}
 
-            cache_dir = Path(self.spec.cache_dir) if self.spec.cache_dir else self.run_dir / "cache"
-            cache = FeatureCache(cache_dir, self.model, model_crop(self.model))
-            self._eval_feats = cache.get(rows, root, self.model.exits, label_names=self.model.label_names)
-        return evaluate_cached(self.model, self._eval_feats, self.model.exits)
+    def evaluate_valid(self) -> dict[int, ClassificationReport]:
+        """Per-exit metrics of the current global heads on the server pool's validation speakers."""
+        if self._valid_feats is None:
+            self._valid_feats = self._features(*_valid_rows(self.spec, self.cfg))
+        return evaluate_cached(self.model, self._valid_feats, self.model.exits) if self._valid_feats else {}
+
+    def _features(self, rows: list[ManifestRow], root: Path) -> CachedFeatures | None:
+        if not rows:
+            return None
+        cache_dir = Path(self.spec.cache_dir) if self.spec.cache_dir else self.run_dir / "cache"
+        cache = FeatureCache(cache_dir, self.model, model_crop(self.model))
+        return cache.get(rows, root, self.model.exits, label_names=self.model.label_names)
 
     @staticmethod
     def _personal_record(device_metrics: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -326,6 +355,8 @@ class Federation:
             rec[f"exit{k}/wa"] = r.wa
             rec[f"exit{k}/f1"] = r.macro_f1
         rec["eval"] = {str(k): r.to_dict() for k, r in reports.items()}
+        for k, r in self.evaluate_valid().items():
+            rec[f"exit{k}/valid-uar"] = r.uar
         return rec
 
     # ----------------------------------------------------------------- handshake
@@ -501,8 +532,11 @@ class Federation:
                 uars += f"; central DP: ε {privacy['central']['epsilon']:.2f}"
             self.log(f"round {rnd}/{self.rounds}: UAR on unseen speakers — {uars}")
             return MetricRecord(
-                {k: v for k, v in rec.items()
-                 if k.startswith("exit") and "/personal-" not in k and isinstance(v, float)}  # fmt: skip
+                {
+                    k: v
+                    for k, v in rec.items()
+                    if k.startswith("exit") and "/personal-" not in k and isinstance(v, float)
+                }  # fmt: skip
             )
 
         tracker = ReplyTracker(grid)  # names the devices that did not reply (see evaluate_fn)

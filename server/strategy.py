@@ -222,6 +222,24 @@ def merge_updates(
     return merged, updated
 
 
+def server_step(
+    global_arrays: dict[str, np.ndarray], merged: ArrayRecord, keys: Sequence[str], server_lr: float
+) -> ArrayRecord:
+    """``global + server_lr·(merged − global)`` for ``keys`` (float64 arithmetic, cast back to the global
+    dtype); every other key of ``merged`` is kept as it is. Applied after clipping and noise, so with
+    central DP it is post-processing and costs no privacy."""
+    out = ArrayRecord()
+    todo = set(keys)
+    for key, array in merged.items():
+        if key not in todo:
+            out[key] = _copy_array(array)
+            continue
+        g = global_arrays[key].astype(np.float64)
+        value = g + server_lr * (array.numpy().astype(np.float64) - g)
+        out[key] = Array(_cast_like(value, global_arrays[key]))
+    return out
+
+
 def aggregate_metrics(
     entries: Sequence[tuple[float, dict[str, Any]]],
     *,
@@ -317,6 +335,10 @@ class PartialFedAvg(FedAvg):
     required_metrics : sequence of str
         Metrics every train reply must carry (e.g. ``dp-epsilon`` when devices must train with DP).
 
+    server_lr : float
+        Server learning rate η (FedOpt's, without momentum): the new global of an aggregated key is
+        ``global + η·(aggregate − global)``; 1 is plain FedAvg (and leaves every value bit-identical).
+
     node_wait_s : float or None
         Before each train and evaluate round, wait at most this long for ``min_available_nodes``
         devices, then raise :class:`NotEnoughDevices` (Flower's ``sample_nodes`` waits forever).
@@ -356,6 +378,7 @@ class PartialFedAvg(FedAvg):
         required_metrics: Sequence[str] = (),
         max_weight_ratio: float | None = DEFAULT_MAX_WEIGHT_RATIO,
         node_wait_s: float | None = None,
+        server_lr: float = 1.0,
     ) -> None:
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
@@ -369,6 +392,8 @@ class PartialFedAvg(FedAvg):
             raise ValueError(f"max_update_norm_ratio must be > 1 or None, got {max_update_norm_ratio}")
         if max_weight_ratio is not None and not max_weight_ratio >= 1:
             raise ValueError(f"max_weight_ratio must be >= 1 or None, got {max_weight_ratio}")
+        if not (math.isfinite(server_lr) and server_lr > 0):
+            raise ValueError(f"server_lr must be a positive finite number, got {server_lr}")
         if central_dp is not None and aggregation != "mean":
             raise ValueError("central_dp needs aggregation='mean' (it averages clipped updates)")
         if central_dp is not None and max_update_norm_ratio is not None:
@@ -397,6 +422,7 @@ class PartialFedAvg(FedAvg):
         self.central_dp = central_dp
         self.required_metrics = tuple(required_metrics)
         self.node_wait_s = node_wait_s
+        self.server_lr = float(server_lr)
         self.declared_examples: dict[int, float] | None = None
         self.declared_exits: dict[int, int] | None = None
         self._custom_train_metrics_fn = train_metrics_aggr_fn
@@ -540,6 +566,8 @@ class PartialFedAvg(FedAvg):
                 max_num_examples=cap,
                 global_arrays=self._current_arrays,
             )
+        if self.server_lr != 1.0:
+            merged = server_step(self._current_arrays, merged, updated, self.server_lr)
         report.aggregated = True
         report.updated_keys = updated
         untouched = len(self._current_record) - len(updated)

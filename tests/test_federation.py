@@ -69,7 +69,9 @@ def test_two_rounds_partial_average_is_exact(setup) -> None:
     # every round's UAR is its confusion matrix's; heads 3 and 4 never train, so their UAR is round 0's
     for line in lines:
         for k in (1, 2, 3, 4):
-            assert line[f"exit{k}/uar"] == pytest.approx(uar_from_confusion(line["eval"][str(k)]["confusion"]))
+            assert line[f"exit{k}/uar"] == pytest.approx(
+                uar_from_confusion(line["eval"][str(k)]["confusion"])
+            )
     for k in (3, 4):
         assert lines[2]["eval"][str(k)] == lines[0]["eval"][str(k)]
     assert lines[1]["train"]["num_clients"] == 2 and lines[1]["train"]["num_rejected"] == 0
@@ -190,3 +192,41 @@ def test_device_that_connects_mid_run_is_greeted_and_trains_next_round(setup) ->
     assert lines[2]["train"]["num_clients"] == 3 and lines[2]["train"]["num_rejected"] == 0
     assert late in {c["node_id"] for c in lines[2]["train"]["clients"]}
     assert any("joined during the run" in line for line in logs)
+
+
+def test_server_scores_every_round_on_its_validation_speakers(
+    tmp_path: Path, small_corpus: Path, tiny_model_dir: Path
+) -> None:
+    """``exit<k>/valid-uar``: the round's global heads on the server pool's validation speakers (the ones
+    that chose the base model's epoch), recomputed here from the saved round heads; the server learning
+    rate and the proximal μ reach the strategy and the devices."""
+    from fedsd.cached import evaluate_cached, model_crop
+    from fedsd.data.manifest import read_manifest
+    from fedsd.data.partition import Partition
+    from fedsd.features import FeatureCache
+    from fedsd.server.federation import Federation as ServerFederation
+    from fedsd.server.prepare import server_pool_splits
+
+    fed = federation(tmp_path, small_corpus, tiny_model_dir, name="valid", server_speakers=3,
+                     server_valid_speakers=1, server_lr=0.5, proximal_mu=0.01)  # fmt: skip
+    assert ServerFederation(fed.spec, log=lambda _: None).strategy.server_lr == 0.5
+    assert train_config_record(fed.cfg, "fp", 0)["proximal-mu"] == pytest.approx(0.01)
+    run_federation(fed.grid(), fed.spec, log=lambda _: None)
+    part = Partition.load(fed.prepared.partition)
+    valid = server_pool_splits(part, read_manifest(small_corpus / "manifest.csv"), fed.cfg.train.seed, 1)[
+        "valid"
+    ]
+    assert len({r.speaker for r in valid}) == 1 and not {r.speaker for r in valid} & set(part.test_speakers)
+    model = MultiExitSER.from_pretrained(fed.prepared.base_model)
+    feats = FeatureCache(tmp_path / "check-cache", model, model_crop(model)).get(
+        valid, small_corpus, model.exits, label_names=model.label_names
+    )
+    lines = fed.records()
+    assert [r["round"] for r in lines] == [0, 1, 2]
+    for line in lines:
+        model.load_head_state_dict(
+            load_tensors(fed.run_dir / "rounds" / f"round_{line['round']:03d}.safetensors")
+        )
+        reports = evaluate_cached(model, feats, model.exits)
+        for k in (1, 2, 3, 4):
+            assert line[f"exit{k}/valid-uar"] == pytest.approx(reports[k].uar)

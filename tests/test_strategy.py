@@ -455,3 +455,30 @@ def test_norm_ratio_rejects_the_outlier_per_head_and_keeps_the_rest():
     kept, rejected = reject_norm_outliers(ups, g, ratio=5.0)
     assert [u.node_id for u in kept] == [0, 1, 2, 3, 10]  # head 2 has one sender: not judged
     assert [r.node_id for r in rejected] == [9] and "exit 1 head" in rejected[0].reason
+
+
+# --------------------------------------------------------------------------------------------- server learning rate
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "median"])
+def test_server_learning_rate_moves_the_global_part_of_the_way(aggregation):
+    """η = 0.5: every aggregated key lands half way between the old global and what η = 1 gives; keys no
+    device sent stay bit-identical; η = 1 is plain FedAvg."""
+    record, _, full = _robust_round(aggregation)
+    _, _, half = _robust_round(aggregation, server_lr=0.5)
+    g = np_arrays(record)
+    moved = 0
+    for key in SHAPES:
+        if key in EXIT3 or key in EXIT6:
+            expected = g[key].astype(np.float64) + 0.5 * (full[key].numpy().astype(np.float64) - g[key])
+            np.testing.assert_allclose(half[key].numpy(), expected, rtol=1e-6, atol=1e-7, err_msg=key)
+            moved += not np.array_equal(half[key].numpy(), full[key].numpy())
+        else:
+            assert_bit_identical(half[key], record[key])
+    assert moved  # the step really is smaller than plain aggregation's
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_server_learning_rate_must_be_positive_and_finite(bad):
+    with pytest.raises(ValueError, match="server_lr"):
+        PartialFedAvg(server_lr=bad)

@@ -259,6 +259,12 @@ class FedBench:
         )
         t0 = time.perf_counter()
         hist = run_federation(grid, spec, log=quiet).history
+        broken = [rec["round"] for rec in hist[1:] if not rec.get("train", {}).get("num_clients")]
+        if broken:  # a run where no device trained is not a result: never cache or tabulate it
+            why = next((d for rec in hist for d in rec.get("missing_detail", {}).values()), {})
+            raise RuntimeError(
+                f"{name}: no device trained in round(s) {broken} ({why.get('reason', 'no replies')})"
+            )
         exits = sorted(int(k[4:-4]) for k in hist[0] if k.startswith("exit") and k.endswith("/uar"))
         out = {
             "key": key,
@@ -267,6 +273,13 @@ class FedBench:
             "after": {str(k): hist[-1][f"exit{k}/uar"] for k in exits},
             "curve": {str(k): [rec[f"exit{k}/uar"] for rec in hist] for k in exits},
             "rounds": len(hist) - 1,
+            "valid_before": {
+                str(k): hist[0][f"exit{k}/valid-uar"] for k in exits if f"exit{k}/valid-uar" in hist[0]
+            },
+            "valid_after": {
+                str(k): hist[-1][f"exit{k}/valid-uar"] for k in exits if f"exit{k}/valid-uar" in hist[-1]
+            },
+            "valid_curve": {str(k): [rec.get(f"exit{k}/valid-uar", NAN) for rec in hist] for k in exits},
             "train_reports": [rec.get("train", {}) for rec in hist[1:]],
         }
         from fedsd.checkpoint import atomic_write_json
