@@ -13,10 +13,12 @@ from it; only virtual devices of a local simulation do. Server-sent identifiers 
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import Context
 
@@ -25,6 +27,9 @@ from fedsd.data.manifest import ManifestRow, read_manifest
 from fedsd.data.partition import PERSONAL_TEST
 from fedsd.untrusted import UntrustedValueError
 from fedsd.untrusted import fingerprint as check_fingerprint
+
+if TYPE_CHECKING:
+    from fedsd.data.partition import ClientPartition
 
 DEFAULT_CACHE = Path(os.environ.get("FEDSD_CACHE", Path.home() / ".cache" / "fedsd"))
 
@@ -80,6 +85,47 @@ class HostileMessage(DeviceError):
     """The server sent something this device refuses to act on (a bad id, path, config or file)."""
 
 
+def _identity(path: Path) -> tuple[str, int, int, int, int]:
+    """What a parsed file is keyed by: its path and inode, size and modification time — a rewritten
+    file is a new key, so a cached parse never goes stale."""
+    st = path.stat()
+    return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _parsed_partition(identity: tuple[str, int, int, int, int]) -> Any:
+    from fedsd.data.partition import Partition
+
+    return Partition.load(identity[0])
+
+
+@functools.lru_cache(maxsize=4)
+def _manifest_index(identity: tuple[str, int, int, int, int]) -> dict[str, ManifestRow]:
+    return {r.utt_id: r for r in read_manifest(identity[0])}
+
+
+def simulated_client(partition: Path, partition_id: int) -> ClientPartition:
+    """One virtual device's share of a simulation's partition, parsed once per process and file version.
+
+    Why: a simulation's partition and manifest list every device's utterances, and a Ray actor serves
+    thousands of virtual devices; parsing both files for every message made a round O(devices²).
+    """
+    return _parsed_partition(_identity(partition)).client(partition_id)
+
+
+def simulated_rows(manifest: Path, utt_ids: list[str]) -> list[ManifestRow]:
+    """Manifest rows of ``utt_ids`` in their order (copies: callers may change them), from the
+    per-process parse of ``manifest``; an id the manifest lacks is a :class:`ManifestError`."""
+    from fedsd.data.manifest import ManifestError
+
+    index = _manifest_index(_identity(manifest))
+    missing = [u for u in utt_ids if u not in index]
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise ManifestError(f"{manifest}: {len(missing)} utterance id(s) of the partition not in it: {shown}")
+    return [copy.copy(index[u]) for u in utt_ids]
+
+
 def refuse(err: Exception) -> HostileMessage:
     """The error a handler raises for a malformed server message (its reply to the server says why)."""
     return HostileMessage(f"refused the server's message: {err}")
@@ -111,9 +157,7 @@ class DeviceSettings:
         if "partition-id" in nc and SIM_PARTITION in rc:  # a simulated device
             pid = int(nc["partition-id"])
             mix = [int(x) for x in str(rc.get(SIM_EXITS_MIX, "")).split(",") if x.strip()]
-            from fedsd.data.partition import Partition
-
-            name = Partition.load(Path(str(rc[SIM_PARTITION]))).client(pid).client_id
+            name = simulated_client(Path(str(rc[SIM_PARTITION])), pid).client_id
             return cls(
                 exit=mix[pid % len(mix)] if mix else None,
                 device=str(rc.get(SIM_DEVICE, "cpu")),
@@ -168,12 +212,9 @@ class DeviceSettings:
         """This device's utterances and which of them carry a label it may use — never its personal test
         rows (``split=personal_test`` in a manifest, ``personal_test_utt_ids`` in a partition)."""
         if self.partition is not None:
-            from fedsd.data.dataset import rows_by_ids
-            from fedsd.data.partition import Partition
-
-            part = Partition.load(self.partition).client(self.partition_id)
-            rows = rows_by_ids(read_manifest(self.manifest), part.utt_ids)
-            return rows, list(part.labelled)
+            assert self.manifest is not None and self.partition_id is not None
+            part = simulated_client(self.partition, self.partition_id)
+            return simulated_rows(self.manifest, list(part.utt_ids)), list(part.labelled)
         assert self.manifest is not None
         rows = [r for r in read_manifest(self.manifest) if r.split != PERSONAL_TEST]
         return rows, [bool(r.label) for r in rows]
@@ -181,10 +222,8 @@ class DeviceSettings:
     def personal_test_data(self) -> list[ManifestRow]:
         """This device's personal test utterances (labelled, held out from its training); may be empty."""
         if self.partition is not None:
-            from fedsd.data.dataset import rows_by_ids
-            from fedsd.data.partition import Partition
-
-            part = Partition.load(self.partition).client(self.partition_id)
-            return rows_by_ids(read_manifest(self.manifest), part.personal_test_utt_ids)
+            assert self.manifest is not None and self.partition_id is not None
+            part = simulated_client(self.partition, self.partition_id)
+            return simulated_rows(self.manifest, list(part.personal_test_utt_ids))
         assert self.manifest is not None
         return [r for r in read_manifest(self.manifest) if r.split == PERSONAL_TEST and r.label]

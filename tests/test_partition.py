@@ -203,3 +203,37 @@ def test_model_rejects_overlap_and_leaks():
         Partition(config={}, seed=0, label_names=["h"], test_utt_ids=[], test_speakers=["x:s"], clients=[c])
     with pytest.raises(ValidationError, match="labelled mask"):
         ClientPartition(client_id="a", utt_ids=["u1"], labelled=[], speakers=[], class_histogram={})
+
+
+def test_virtual_devices_parse_the_partition_and_manifest_once_per_file_version(tmp_path, monkeypatch):
+    """Simulation serves thousands of virtual devices per process: their shares come from one parse per
+    file version (not one per message), and a rewritten file is parsed again, never served stale."""
+    import os
+
+    from fedsd.clients import device
+    from fedsd.data.manifest import ManifestError, write_manifest
+
+    rows = corpus(n_speakers=6)
+    write_manifest(rows, tmp_path / "m.csv")
+    part = make_partition(rows, num_clients=3, by="speaker", label_fraction=0.5, seed=0)
+    part.save(tmp_path / "p.json")
+    loads = []
+    real = Partition.load
+    monkeypatch.setattr(Partition, "load", classmethod(lambda cls, p: loads.append(p) or real.__func__(cls, p)))
+    device._parsed_partition.cache_clear()
+    device._manifest_index.cache_clear()
+    for pid in (0, 1, 2, 0, 1, 2):
+        c = device.simulated_client(tmp_path / "p.json", pid)
+        assert c == part.client(pid)
+        got = device.simulated_rows(tmp_path / "m.csv", list(c.utt_ids))
+        assert [r.utt_id for r in got] == list(c.utt_ids) and got[0] == next(r for r in rows if r.utt_id == c.utt_ids[0])
+    assert len(loads) == 1 and device._manifest_index.cache_info().misses == 1
+
+    other = make_partition(rows, num_clients=2, by="speaker", label_fraction=0.5, seed=1)
+    other.save(tmp_path / "p.json")
+    st = (tmp_path / "p.json").stat()
+    os.utime(tmp_path / "p.json", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert device.simulated_client(tmp_path / "p.json", 1) == other.client(1)  # re-read, not stale
+    assert len(loads) == 2
+    with pytest.raises(ManifestError, match="m.csv: 1 utterance id"):
+        device.simulated_rows(tmp_path / "m.csv", ["nope"])
