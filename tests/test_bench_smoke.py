@@ -235,7 +235,9 @@ def test_onnx_latency_smoke(tmp_path, tiny_corpus, capsys):
     assert [r["exit"] for r in data["rows"]] == [1, 3] and data["setup"]["samples"] == 8000
     for r in data["rows"]:
         assert r["fp32_parity_max_abs_dlogit"] < 1e-4
-        assert set(r["ms"]) == {"torch", "ort_fp32", "static", "dynamic"} and all(v > 0 for v in r["ms"].values())
+        assert set(r["ms"]) == {"torch", "ort_fp32", "static", "dynamic"} and all(
+            v > 0 for v in r["ms"].values()
+        )
         assert set(r["bytes"]) == {"torch", "ort_fp32", "static", "dynamic"} and all(r["bytes"].values())
         assert all(0 <= a["agree"] <= 1 and a["clips"] == 4 for a in r["agreement"].values())
     assert all(len(v) == 2 for v in data["samples_s"]["cpu"].values())
@@ -279,7 +281,9 @@ def test_round_overhead_smoke(tmp_path):
     data = read(tmp_path / "ro.json", bench.main(argv))
     check_provenance(data, "round_overhead")
     assert set(data["times"]) == {"bare", "bare-runtime", "fedsd", "warm"}
-    assert data["times"]["fedsd"]["cache_misses"] == [0] == data["times"]["warm"]["cache_misses"]  # every timed message found its features cached
+    assert (
+        data["times"]["fedsd"]["cache_misses"] == [0] == data["times"]["warm"]["cache_misses"]
+    )  # every timed message found its features cached
     assert "opacus" not in data["times"]["fedsd"]["heavy_modules"]
     assert all(t["median_s"] > 0 for t in data["times"].values()) and data["over_floor"]["fedsd"] > 0
 
@@ -365,7 +369,9 @@ def test_privacy_smoke(tmp_path, tiny_corpus, adaptation_run):
     _, _, base = adaptation_run
     bench = load_script("privacy")
     argv = ["--corpus", str(tiny_corpus), "--work", str(tmp_path / "work"), "--base-model", str(base),
-            "--epsilons", "8", "--repeats", "1", "--out", str(tmp_path / "privacy"), *FED]  # fmt: skip
+            "--epsilons", "8", "--repeats", "1", "--out", str(tmp_path / "privacy"), *FED,
+            "--clients", "1", "--set", "federated.min_clients=1", "--set", "federated.personalize_epochs=1"]  # fmt: skip
+    # (one device with both device speakers: it has personal test speech, as in adaptation_run)
     data = read(tmp_path / "privacy.json", bench.main(argv))
     check_provenance(data, "privacy")
     assert [r["target_epsilon"] for r in data["rows"]] == [None, 8.0]
@@ -378,8 +384,15 @@ def test_privacy_smoke(tmp_path, tiny_corpus, adaptation_run):
             assert set(r[key]) == {"1", "2", "3"} and all(len(v) == 1 for v in r[key].values())
     dp = data["rows"][1]
     assert 0 < dp["epsilon"][0] <= 8.0 + 1e-6 and dp["sigma"]
+    # under DP a device keeps its personal-test metrics (not noised) to itself: read from its own log
+    assert all(
+        math.isfinite(dp[key][k][0]) for key in ("personal_global", "personal_personal") for k in ("1",)
+    )
     diffs = data["differences"]
-    assert "ε = 8: personal − global heads, personal test" in diffs and "ε = 8 − no DP, unseen test speakers" in diffs
+    assert (
+        "ε = 8: personal − global heads, personal test" in diffs
+        and "ε = 8 − no DP, unseen test speakers" in diffs
+    )
     for k in ("1", "2", "3"):  # the difference is the two arms' values subtracted, seed by seed
         d = diffs["ε = 8 − no DP, unseen test speakers"][k]
         assert d["values"] == [dp["uar"][k][0] - data["rows"][0]["uar"][k][0]]

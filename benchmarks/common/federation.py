@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -253,10 +255,10 @@ class FedBench:
             simulated_device_config(cfg, partition, base, run_dir) | {SIM_CACHE: str(self.cache)}
         )
         n = len(Partition.load(partition).clients)
-        grid = InProcessGrid(
-            wrap(app) if wrap is not None else app,
-            [{"partition-id": i, "num-partitions": n} for i in range(n)],
-        )
+        events = run_dir / "device-events"  # each device's own log (DP keeps personal metrics there)
+        nodes = [{"partition-id": i, "num-partitions": n, "events": str(events / f"device-{i:03d}.jsonl")}
+                 for i in range(n)]  # fmt: skip
+        grid = InProcessGrid(wrap(app) if wrap is not None else app, nodes)
         t0 = time.perf_counter()
         hist = run_federation(grid, spec, log=quiet).history
         broken = [rec["round"] for rec in hist[1:] if not rec.get("train", {}).get("num_clients")]
@@ -379,8 +381,6 @@ def personal_results(run_dir: Path, exits: Sequence[int]) -> dict[str, Any]:
     ``global``: the final global heads and ``personal``: the personal heads (the ``final`` record the
     server writes after the devices' end-of-run replies); ``devices``: each device's values.
     """
-    import json
-
     hist = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     r1 = next((rec for rec in hist if rec.get("round") == 1), {})
     final = hist[-1].get("final", {}) if hist else {}
@@ -401,11 +401,44 @@ def personal_results(run_dir: Path, exits: Sequence[int]) -> dict[str, Any]:
         }
         for node, d in final.get("devices", {}).items()
     }
-    return {
+    out = {
         "base": {str(k): float(r1.get(f"exit{k}/personal-uar-before", NAN)) for k in exits},
         "global": {str(k): mean("global", k) for k in exits},
         "personal": {str(k): mean("personal", k) for k in exits},
         "n_devices": {str(k): count("global", k) for k in exits},
         "devices": devices,
         "has_final": bool(final),
+        "source": "server",
+    }
+    if not summary and (run_dir / "device-events").is_dir():  # DP: the devices kept them to themselves
+        out |= device_log_personal(run_dir / "device-events", exits)
+    return out
+
+
+def device_log_personal(events_dir: Path, exits: Sequence[int]) -> dict[str, Any]:
+    """Personal-test UAR from the devices' own event logs (mean over devices per exit): what a device
+    withholds from the server under DP (it is not noised) but measures and logs for its owner.
+
+    ``base``: the received heads of round 1 (``personal_uar_before``), ``global`` and ``personal``: the
+    end-of-run ``done`` event (final global heads, personal heads)."""
+    per: dict[str, dict[str, list[float]]] = {
+        t: {str(k): [] for k in exits} for t in ("base", "global", "personal")
+    }
+    devices: dict[str, Any] = {}
+    for path in sorted(events_dir.glob("*.jsonl")):
+        evs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        first = next((e for e in evs if e.get("kind") == "train" and e.get("round") == 1), {})
+        last = next((e for e in reversed(evs) if e.get("kind") == "done"), {})
+        found = {"base": first.get("personal_uar_before", {}), "global": last.get("personal_uar_global", {}),
+                 "personal": last.get("personal_uar_personal", {})}  # fmt: skip
+        devices[path.stem] = found
+        for tag, values in found.items():
+            for k, v in values.items():
+                if k in per[tag] and isinstance(v, int | float) and math.isfinite(v):
+                    per[tag][k].append(float(v))
+    return {tag: {k: statistics.mean(v) if v else NAN for k, v in d.items()} for tag, d in per.items()} | {
+        "n_devices": {k: len(v) for k, v in per["global"].items()},
+        "devices": devices,
+        "has_final": any(per["global"][str(k)] for k in exits),
+        "source": "device event logs",
     }
