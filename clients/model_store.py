@@ -17,7 +17,8 @@ size backbone, for weights that never change.
   and the ClientApp then handles the message again with the full model.
 - **Reuse within a process** (a Ray actor in simulation handles many messages): a loaded backbone is
   kept, keyed by the resolved directory and the identity of its files, and reused only while its
-  tensors are the ones loaded and unmodified; every message still gets fresh heads from disk.
+  tensors are the ones loaded and unmodified; every message still gets fresh heads from disk. The
+  heads-only skeleton is kept the same way (building it cost more than the rest of a cached message).
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ from fedsd.model.multiexit import META_FILE, MultiExitSER
 
 STAMP_DIR = "model-stamps"
 STAMP_FORMAT = 1
-MAX_KEPT = 2
-"""Backbones kept per process (a simulation federates one model; a device rarely holds two)."""
+MAX_KEPT = 4
+"""Backbones kept per process, skeletons included (a simulation federates one model; a device rarely
+holds two)."""
 
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 
@@ -124,7 +126,13 @@ def load_model(model_dir: Path, cache_dir: Path, *, weights: bool = True) -> Mul
         return MultiExitSER.from_pretrained(root, fingerprint=kept[0], backbone=kept[1])
     fp = read_stamp(cache_dir, root, identity)
     if fp is not None and not weights:
-        return MultiExitSER.from_pretrained(root, fingerprint=fp, backbone="meta")
+        skeleton_key = (*key, "meta")
+        kept = _KEPT.get(skeleton_key)
+        reuse = kept[1] if kept is not None and kept[0] == fp else "meta"
+        model = MultiExitSER.from_pretrained(root, fingerprint=fp, backbone=reuse)
+        if reuse == "meta":
+            _KEPT.put(skeleton_key, fp, model.backbone)
+        return model
     model = MultiExitSER.from_pretrained(root, fingerprint=fp)  # no stamp: hashes the weights once
     if fp is None:
         fp = str(json.loads((root / META_FILE).read_text(encoding="utf-8"))["fingerprint"])

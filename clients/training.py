@@ -105,9 +105,10 @@ def set_train_modes(model: MultiExitSER, train: Sequence[int]) -> None:
     So a frozen deep teacher gives targets without dropout noise, and a ``teacher="local"`` head, which
     is trained (CE) as well as teaching, trains with dropout like every trained head.
     """
-    model.eval()
-    for k in train:
-        model.heads[str(k)].train()
+    if model.training or model.backbone.training:  # the whole tree only when something is in train mode
+        model.eval()
+    for key, head in model.heads.items():
+        head.train(int(key) in train)
 
 
 def train_heads(

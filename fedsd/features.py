@@ -75,8 +75,12 @@ def _content_sha256(path: Path, st: os.stat_result) -> str:
 
 
 def _file_identity(path: Path) -> str:
-    """Path, size, mtime and content hash: a rewrite with a preserved size and mtime is still noticed."""
-    resolved = path.resolve()
+    """Path, size, mtime and content hash: a rewrite with a preserved size and mtime is still noticed.
+
+    The path is made absolute lexically (``os.path.abspath``, no file-system walk: ``resolve()`` cost more
+    than the rest of a cached lookup); the stat follows links, and the content hash is of the bytes.
+    """
+    resolved = Path(os.path.abspath(path))
     st = resolved.stat()
     return f"{resolved}|{st.st_size}|{st.st_mtime_ns}|{_content_sha256(resolved, st)}"
 

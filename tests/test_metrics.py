@@ -50,3 +50,36 @@ def test_nanmean_skips_undefined_uars() -> None:
 def test_shape_mismatch_is_an_error() -> None:
     with pytest.raises(ValueError, match="shape"):
         classification_report([0, 1], [0], LABELS)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_numpy_metrics_equal_sklearns(seed: int) -> None:
+    """The confusion-matrix implementation gives sklearn's macro recall and macro F1 over the present
+    classes (zero_division=0), its accuracy and its confusion matrix, absent classes included."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score
+
+    rng = np.random.default_rng(seed)
+    n_cls = int(rng.integers(2, 7))
+    n = int(rng.integers(1, 60))
+    classes = rng.choice(n_cls, size=int(rng.integers(1, n_cls + 1)), replace=False)  # some absent
+    y_true = rng.choice(classes, size=n)
+    y_pred = rng.integers(0, n_cls, size=n)
+    right = rng.random(n) < 0.5  # about half of them correct
+    y_pred[right] = y_true[right]
+    rep = classification_report(y_true, y_pred, [f"c{i}" for i in range(n_cls)])
+    present = sorted(set(y_true.tolist()))
+    assert rep.uar == pytest.approx(
+        recall_score(y_true, y_pred, labels=present, average="macro", zero_division=0)
+    )
+    assert rep.macro_f1 == pytest.approx(
+        f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)
+    )
+    assert rep.wa == pytest.approx(accuracy_score(y_true, y_pred))
+    assert rep.confusion == confusion_matrix(y_true, y_pred, labels=list(range(n_cls))).tolist()
+
+
+def test_labels_outside_the_names_are_an_error() -> None:
+    with pytest.raises(ValueError, match="label 4 is outside range"):
+        classification_report([0, 4], [0, 1], ["a", "b", "c", "d"])
+    with pytest.raises(ValueError, match="label -1 is outside range"):
+        classification_report([0, 1], [0, -1], ["a", "b"])

@@ -105,7 +105,9 @@ def test_the_light_dp_gate_names_the_keys_of_the_dp_modules() -> None:
     assert dp_gate.LEDGER_STATE_KEY == PrivacyLedger.STATE_KEY
     assert dp_gate.LOCAL_METRICS_KEY == LOCAL_METRICS_KEY
     for device, server in (({}, {}), ({"dp-delta": ""}, {"x": 1}), ({}, {"dp-noise-multiplier": 0.5})):
-        assert dp_gate.dp_keys_present(device, server) == (DPSettings.from_records(device, server) is not None)
+        assert dp_gate.dp_keys_present(device, server) == (
+            DPSettings.from_records(device, server) is not None
+        )
 
 
 def test_a_train_message_without_dp_never_imports_opacus(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -147,9 +149,11 @@ def test_the_fingerprint_is_verified_once_per_file_identity(
     train_message(node)
     assert hashes.calls == 1  # from_pretrained verifies fedsd.json's fingerprint; nothing hashes again
     stamps = list((tmp_path / "cache" / model_store.STAMP_DIR).glob("*.json"))
-    assert len(stamps) == 1 and json.loads(stamps[0].read_text())["fingerprint"] == json.loads(
-        (Path(node["model"]) / "fedsd.json").read_text()
-    )["fingerprint"]
+    assert (
+        len(stamps) == 1
+        and json.loads(stamps[0].read_text())["fingerprint"]
+        == json.loads((Path(node["model"]) / "fedsd.json").read_text())["fingerprint"]
+    )
     model_store._KEPT.entries.clear()  # the next message: a fresh process
     train_message(node)
     assert hashes.calls == 1  # the stamp vouches for the unchanged files
@@ -205,7 +209,9 @@ def test_a_missing_feature_falls_back_to_the_backbone(tmp_path: Path, tiny_model
     assert reply.content.metric_records["metrics"]["cache-misses"] > 0
 
 
-def test_a_process_reuses_a_loaded_backbone_until_its_files_change(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_a_process_reuses_a_loaded_backbone_until_its_files_change(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
     cache = tmp_path / "cache"
@@ -221,3 +227,29 @@ def test_a_process_reuses_a_loaded_backbone_until_its_files_change(tmp_path: Pat
     d = model_store.load_model(model, cache)
     assert d.backbone is not a.backbone
     assert d.backbone_fingerprint() == a.backbone_fingerprint()
+
+
+def test_a_process_reuses_the_heads_only_skeleton_until_the_files_change(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """A heads-only model (a stamp vouches for the files) reuses one skeleton per process: building it was
+    the costliest step of a cached message in simulation. Heads are fresh every time; new files, new one."""
+    import torch
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    cache = tmp_path / "cache"
+    model_store._KEPT.entries.clear()
+    model_store.load_model(model, cache)  # verifies the files and writes the stamp
+    model_store._KEPT.entries.clear()  # a fresh process
+    a = model_store.load_model(model, cache, weights=False)
+    b = model_store.load_model(model, cache, weights=False)
+    assert not a.has_backbone_weights and a.backbone is b.backbone and a.heads is not b.heads
+    with torch.no_grad():
+        next(a.heads.parameters()).add_(1.0)
+    c = model_store.load_model(model, cache, weights=False)
+    assert all(torch.equal(p, q) for p, q in zip(c.heads.parameters(), b.heads.parameters(), strict=True))
+    meta = model / "fedsd.json"
+    meta.write_text(meta.read_text())  # a new identity: no stamp for it, so a full, verified load
+    d = model_store.load_model(model, cache, weights=False)
+    assert d.backbone is not a.backbone and d.has_backbone_weights
