@@ -122,6 +122,15 @@ def write_report(
             rounds, {k: [_uar(h, k) for h in history] for k in exits}, run_dir / "uar_per_round.png"
         )
         lines.append("![UAR per round](uar_per_round.png)\n")
+        if any(f"exit{k}/valid-uar" in h for h in history for k in exits):
+            lines.append("## UAR on the server's validation speakers per round\n")
+            lines.append(
+                "The server pool's held-out speakers (they chose the base model's epoch; never trained on): "
+                "the speech to choose federated settings on, unlike the unseen test speakers above.\n"
+            )
+            valid = [[r] + [float(h.get(f"exit{k}/valid-uar", math.nan)) for k in exits]
+                     for r, h in zip(rounds, history, strict=True)]  # fmt: skip
+            lines.append(markdown_table(["round"] + [f"exit {k}" for k in exits], valid))
         crop = (model.meta.get("crop") or {}).get("max_seconds") or 4.0
         lat = exit_latency_s(model, float(crop))
         first, last = history[0], history[-1]
@@ -285,7 +294,12 @@ def personal_section(
     ]  # fmt: skip
     rows = []
     for k in exits:
-        cells = [_pm(first, "before", k), _pm(final, "global", k), _pm(last, "after", k), _pm(final, "personal", k)]
+        cells = [
+            _pm(first, "before", k),
+            _pm(final, "global", k),
+            _pm(last, "after", k),
+            _pm(final, "personal", k),
+        ]
         if all(c == "–" for c in cells):
             continue
         rows.append([k, f"{_uar(history[0], k):.3f} → {_uar(history[-1], k):.3f}", *cells])
@@ -305,8 +319,7 @@ def personal_section(
         ticks = [f"{d}\nexit {int(v['exit'])}" for d, v in per_device.items()]
         plot_personal_per_device(ticks, series, run_dir / "personal_uar_per_device.png")
         lines.append(
-            "![Personal-test UAR per device](personal_uar_per_device.png)\n\n"
-            "Per device at its own exit.\n"
+            "![Personal-test UAR per device](personal_uar_per_device.png)\n\nPer device at its own exit.\n"
         )
     return lines
 

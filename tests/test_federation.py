@@ -230,3 +230,6 @@ def test_server_scores_every_round_on_its_validation_speakers(
         reports = evaluate_cached(model, feats, model.exits)
         for k in (1, 2, 3, 4):
             assert line[f"exit{k}/valid-uar"] == pytest.approx(reports[k].uar)
+    report = (fed.run_dir / "report.md").read_text()
+    section = report.split("## UAR on the server's validation speakers per round")[1].split("##")[0]
+    assert f"| 2 | {lines[2]['exit1/valid-uar']:.3f} |" in section  # the last round's exit-1 value
