@@ -96,15 +96,16 @@ class FeatureCache:
         self.head_kind = model.head_kind
 
     def entry_key(self, audio_path: Path, exit_k: int) -> str:
+        return self.entry_keys(audio_path, [exit_k])[exit_k]
+
+    def entry_keys(self, audio_path: Path, exits: Sequence[int]) -> dict[int, str]:
+        """:meth:`entry_key` of every exit, the audio file's identity (stat + content hash) taken once."""
+        identity, crop = _file_identity(audio_path), self.crop.key()
+        return {k: self._key(identity, crop, k) for k in exits}
+
+    def _key(self, file_identity: str, crop: str, exit_k: int) -> str:
         ident = "|".join(
-            [
-                f"v{CACHE_FORMAT}",
-                self.fingerprint,
-                _file_identity(audio_path),
-                self.crop.key(),
-                f"exit{exit_k}",
-                self.head_kind,
-            ]
+            [f"v{CACHE_FORMAT}", self.fingerprint, file_identity, crop, f"exit{exit_k}", self.head_kind]
         )
         return hashlib.sha256(ident.encode()).hexdigest()
 
@@ -150,7 +151,7 @@ class FeatureCache:
         """Head inputs at ``exits`` for ``rows``; the backbone runs only for utterances not cached."""
         root = Path(root)
         exits = sorted(set(exits))
-        keys = [{k: self.entry_key(root / r.path, k) for k in exits} for r in rows]
+        keys = [self.entry_keys(root / r.path, exits) for r in rows]
         inputs: dict[int, list[torch.Tensor | None]] = {k: [None] * len(rows) for k in exits}
         todo: list[int] = []
         for i, kk in enumerate(keys):
