@@ -525,6 +525,9 @@ class Federation:
             uars = ", ".join(
                 f"exit {k}: {rec.get(f'exit{k}/uar', float('nan')):.3f}" for k in self.model.exits
             )
+            valid = [rec[f"exit{k}/valid-uar"] for k in self.model.exits if f"exit{k}/valid-uar" in rec]
+            if valid:
+                uars += "; validation speakers: " + "/".join(f"{v:.3f}" for v in valid)
             privacy = rec.get("privacy", {})
             if "max_epsilon" in privacy:
                 uars += f"; device DP: max ε {privacy['max_epsilon']:.2f} (δ = {privacy['delta']:g})"

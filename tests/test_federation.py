@@ -211,7 +211,8 @@ def test_server_scores_every_round_on_its_validation_speakers(
                      server_valid_speakers=1, server_lr=0.5, proximal_mu=0.01)  # fmt: skip
     assert ServerFederation(fed.spec, log=lambda _: None).strategy.server_lr == 0.5
     assert train_config_record(fed.cfg, "fp", 0)["proximal-mu"] == pytest.approx(0.01)
-    run_federation(fed.grid(), fed.spec, log=lambda _: None)
+    logs: list[str] = []
+    run_federation(fed.grid(), fed.spec, log=logs.append)
     part = Partition.load(fed.prepared.partition)
     valid = server_pool_splits(part, read_manifest(small_corpus / "manifest.csv"), fed.cfg.train.seed, 1)[
         "valid"
@@ -230,6 +231,8 @@ def test_server_scores_every_round_on_its_validation_speakers(
         reports = evaluate_cached(model, feats, model.exits)
         for k in (1, 2, 3, 4):
             assert line[f"exit{k}/valid-uar"] == pytest.approx(reports[k].uar)
+    last = "/".join(f"{lines[2][f'exit{k}/valid-uar']:.3f}" for k in (1, 2, 3, 4))
+    assert any(line.startswith("round 2/2") and f"validation speakers: {last}" in line for line in logs)
     report = (fed.run_dir / "report.md").read_text()
     section = report.split("## UAR on the server's validation speakers per round")[1].split("##")[0]
     assert f"| 2 | {lines[2]['exit1/valid-uar']:.3f} |" in section  # the last round's exit-1 value
