@@ -484,12 +484,8 @@ def _main(args: argparse.Namespace, bench: common.FedBench) -> dict[str, Any]:
                 )
                 shallow = exits_here[:-1]
                 log(
-                    f"{f:.0%} seed {seed} {name}: unseen "
-                    + "/".join(f"{res['after'][str(k)]:.3f}" for k in exits_here)
-                    + "; personal test, global heads "
-                    + "/".join(f"{personal['global'][str(k)]:.3f}" for k in shallow)
-                    + ", personal heads "
-                    + "/".join(f"{personal['personal'][str(k)]:.3f}" for k in shallow)
+                    f"{f:.0%} seed {seed} {name}: "
+                    + common.personal_line(res, personal, exits_here, shallow)
                     + f" (exits {exits_here})"
                     + common.took(res)
                 )

@@ -220,12 +220,8 @@ def run_setting(
             row["epsilon"].append(max(m["dp-epsilon"] for m in last))
             row["sigma"] += sorted({round(m["dp-noise-multiplier"], 4) for m in last})
         bench.run.log(
-            f"{name} seed {seed}: unseen "
-            + "/".join(f"{res['after'][str(k)]:.3f}" for k in EXITS)
-            + "; personal test, global heads "
-            + "/".join(f"{personal['global'][str(k)]:.3f}" for k in EXITS)
-            + ", personal heads "
-            + "/".join(f"{personal['personal'][str(k)]:.3f}" for k in EXITS)
+            f"{name} seed {seed}: "
+            + common.personal_line(res, personal, EXITS, EXITS)
             + (f"; max ε {row['epsilon'][-1]:.3f}" if eps is not None else "")
             + common.took(res)
         )

@@ -88,8 +88,8 @@ class HostileMessage(DeviceError):
 def _identity(path: Path) -> tuple[str, int, int, int, int]:
     """What a parsed file is keyed by: its path and inode, size and modification time — a rewritten
     file is a new key, so a cached parse never goes stale."""
-    st = path.stat()
-    return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    st = path.stat()  # follows links; the path is made absolute lexically (resolve() walks the tree)
+    return (os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=4)

@@ -48,10 +48,10 @@ def classification_report(
         return ClassificationReport(
             nan, nan, nan, {n: None for n in label_names}, [[0] * n_cls for _ in range(n_cls)], 0
         )
-    outside = (y_true < 0) | (y_true >= n_cls) | (y_pred < 0) | (y_pred >= n_cls)
-    if outside.any():
-        bad = int(y_true[outside][0]) if ((y_true < 0) | (y_true >= n_cls)).any() else int(y_pred[outside][0])
-        raise ValueError(f"label {bad} is outside range({n_cls}) of the {n_cls} label names")
+    every = np.concatenate([y_true, y_pred])  # true labels first: the first bad one named is a true one
+    bad = every[(every < 0) | (every >= n_cls)]
+    if bad.size:
+        raise ValueError(f"label {int(bad[0])} is outside range({n_cls}) of the {n_cls} label names")
     # From the confusion matrix, in numpy: sklearn's metric functions validate their input on every call,
     # which made them the most expensive step of a simulated device's message (tests check equality).
     cm = np.bincount(y_true * n_cls + y_pred, minlength=n_cls * n_cls).reshape(n_cls, n_cls)
@@ -60,10 +60,9 @@ def classification_report(
     uar = float(np.mean(tp[present] / support[present]))
     f1 = float(np.mean(2 * tp[present] / (support[present] + predicted[present])))  # 2tp / (2tp + fp + fn)
     wa = float((y_true == y_pred).mean())
-    per_class: dict[str, float | None] = {}
-    for i, name in enumerate(label_names):
-        support = cm[i].sum()
-        per_class[name] = float(cm[i, i] / support) if support else None
+    per_class = {
+        name: float(tp[i] / support[i]) if present[i] else None for i, name in enumerate(label_names)
+    }
     return ClassificationReport(uar, wa, f1, per_class, cm.tolist(), int(y_true.size))
 
 

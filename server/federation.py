@@ -108,10 +108,15 @@ def _round_path(run_dir: Path, rnd: int) -> Path:
     return run_dir / "rounds" / f"round_{rnd:03d}.safetensors"
 
 
+def _server_data(spec: FederationSpec, cfg: ExperimentConfig) -> tuple[Path, Path]:
+    """The manifest and audio root of the speech the server holds (the spec's, else the config's)."""
+    manifest = Path(spec.eval_manifest) if spec.eval_manifest else cfg.data.manifest_path
+    return manifest, Path(spec.eval_root) if spec.eval_root else cfg.data.root
+
+
 def _eval_rows(spec: FederationSpec, cfg: ExperimentConfig) -> tuple[list[ManifestRow], Path]:
     """Server-held utterances of unseen speakers: the partition's test set, else split=test rows."""
-    manifest = Path(spec.eval_manifest) if spec.eval_manifest else cfg.data.manifest_path
-    root = Path(spec.eval_root) if spec.eval_root else cfg.data.root
+    manifest, root = _server_data(spec, cfg)
     if not manifest.exists():
         return [], root
     rows = read_manifest(manifest)
@@ -166,8 +171,7 @@ def _valid_rows(spec: FederationSpec, cfg: ExperimentConfig) -> tuple[list[Manif
     """The server pool's validation speakers (the ones that picked the base model's epoch, never trained
     on): where federated settings may be chosen, unlike the unseen test speakers. Empty without a
     partition or a server pool."""
-    manifest = Path(spec.eval_manifest) if spec.eval_manifest else cfg.data.manifest_path
-    root = Path(spec.eval_root) if spec.eval_root else cfg.data.root
+    manifest, root = _server_data(spec, cfg)
     if not spec.partition or not manifest.exists():
         return [], root
     from fedsd.data.partition import Partition

@@ -33,7 +33,7 @@ from .corpus import (
     prepare_corpus,
     work_dir,
 )
-from .federation import NAN, FedBench, add_federation_args, personal_results, took
+from .federation import NAN, FedBench, add_federation_args, personal_line, personal_results, took
 from .paths import BENCH, CODE_PATHS, DEMO, EMOTIONS, ENV, FEDERATED_WORK, RESULTS, ROOT, WORK_STAMP, quiet
 from .plots import figure
 from .provenance import (
@@ -72,6 +72,6 @@ __all__ = [
     "cell", "check_sizes", "checkpoint_fingerprint", "checkpoint_id", "ci_cell", "code_tag", "code_version",
     "corpus_info", "corpus_overrides", "default_exits", "device_parser", "digest", "ensure_corpus", "figure", "fit_score",
     "int_list", "interleaved", "jsonable", "library_versions", "load_recipe", "machine", "mean_std", "mfcc_features",
-    "mfcc_stats", "over", "paired", "personal_results", "prepare_corpus", "quartiles_ms", "quiet", "run_main", "scratch",
+    "mfcc_stats", "over", "paired", "personal_line", "personal_results", "prepare_corpus", "quartiles_ms", "quiet", "run_main", "scratch",
     "set_threads", "spread_s", "t_interval", "timed_main", "took", "work_dir",
 ]  # fmt: skip
