@@ -178,6 +178,63 @@ def child_simulate(work: Path, clients: int, args: argparse.Namespace) -> dict[s
     }
 
 
+def child_floor(work: Path, clients: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Flower's own floor for the same federation shape (runs in a child process).
+
+    A bare ClientApp that imports flwr only and answers a train message with the arrays it received;
+    Flower's FedAvg sends every device the base model's real head tensors once per round (no evaluate
+    messages), with the same Ray engine and resources as the fedsd run. What is left of a fedsd round
+    above this is fedsd's own cost per message (plus the features it computes in round 1).
+    """
+    from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.simulation import run_simulation
+    from safetensors.numpy import load_file
+
+    heads = load_file(str(work / "base" / "heads.safetensors"))
+    client = ClientApp()
+
+    @client.train()
+    def _train(msg: Message, context: Context) -> Message:
+        content = RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord({"num-examples": 1})})
+        return Message(content, reply_to=msg)
+
+    server = ServerApp()
+    stamps: list[float] = []
+
+    def _round_done(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        stamps.append(time.time())  # round 0 (before training), then after each round's aggregation
+        return MetricRecord({})
+
+    @server.main()
+    def _main(grid: Grid, context: Context) -> None:
+        strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=clients,
+                          min_available_nodes=clients)  # fmt: skip
+        strategy.start(grid=grid, initial_arrays=ArrayRecord({k: Array(v) for k, v in heads.items()}), num_rounds=args.rounds,
+                       evaluate_fn=_round_done)  # fmt: skip
+
+    start = time.time()
+    t0 = time.perf_counter()
+    run_simulation(server_app=server, client_app=client, num_supernodes=clients,
+                   backend_config={"client_resources": {"num_cpus": 1.0, "num_gpus": 0.0}})  # fmt: skip
+    sim_s = time.perf_counter() - t0
+    return {
+        "clients": clients,
+        "rounds_done": max(len(stamps) - 1, 0),
+        "prepare_seconds": 0.0,
+        "simulation_seconds": sim_s,
+        "start_time": start,
+        "end_time": time.time(),
+        "head_floats": int(sum(v.size for v in heads.values())),
+        "records": [
+            {"round": i, "time": t, "train": {"num_clients": clients} if i else None, "uar": {}}
+            for i, t in enumerate(stamps)
+        ],
+    }
+
+
 # ----------------------------------------------------------------------------------------- parent
 def role(p: psutil.Process) -> str:
     """A readable name: Ray's process title (``ray::ClientAppActor``), a Python script, or the binary."""
@@ -441,6 +498,46 @@ def table(res: dict[str, Any]) -> str:
         ]
     else:
         lines += ["", f"Targets at {TARGET_CLIENTS} devices: not measured in this run."]
+    floors = [r for r in res["runs"] if r.get("floor")]
+    if floors:
+        lines += [
+            "",
+            "Flower's floor, side by side: a bare ClientApp (flwr only) that echoes the heads it receives, "
+            "same Ray engine, devices and rounds (one train message per device and round, no evaluate):",
+            "",
+            "| devices | fedsd total s | floor total s | fedsd start → round 0 s | floor start → round 0 s | "
+            "fedsd later rounds s | floor later rounds s | fedsd s / device-message | floor s / device-message "
+            "| × floor | floor peak RSS GB |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in floors:
+            f = r["floor"]
+            if "round_seconds" not in f or "round_seconds" not in r:
+                lines.append(f"| {r['clients']} | failed | | | | | | | | | |")
+                continue
+
+            def later(x: dict[str, Any]) -> str:
+                return ", ".join(f"{v:.1f}" for v in x["round_seconds"][1:]) or "–"
+
+            pm, fpm = r.get("per_message_seconds"), r.get("floor_per_message_seconds")
+            lines.append(
+                f"| {r['clients']} | {r['total_seconds']:.1f} | {f['total_seconds']:.1f} "
+                f"| {r['startup_to_round0_seconds']:.1f} | {f['startup_to_round0_seconds']:.1f} "
+                f"| {later(r)} | {later(f)} | {pm if pm is None else f'{pm:.3f}'} "
+                f"| {fpm if fpm is None else f'{fpm:.3f}'} "
+                f"| {r['steady_round_vs_floor']:.2f} | {gb(f['peak_rss_sum_bytes'])} |"
+                if pm and fpm
+                else f"| {r['clients']} | {r['total_seconds']:.1f} | {f['total_seconds']:.1f} | | | | | | | | |"
+            )
+        proj = res["targets"].get("projection_10000")
+        if proj:
+            lines += [
+                "",
+                f"The {proj['messages']:,} train messages of 10,000 devices × {st['rounds']} rounds at the warm "
+                f"per-message cost of the {proj['from_clients']}-device run: Flower's floor alone "
+                f"{proj['floor_seconds']:.0f} s, fedsd {proj['fedsd_seconds']:.0f} s (target for the whole run "
+                f"{proj['target_seconds']:.0f} s; start-up and round 1's feature computation come on top).",
+            ]
     done = [r for r in res["runs"] if r.get("peak_rss_by_role_bytes")]
     if done:
         big = max(done, key=lambda r: r["clients"])
@@ -484,6 +581,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the results")
     p.add_argument("--child-setup", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child-clients", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-floor", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="after each device count, run Flower's floor: a bare ClientApp (flwr only) that echoes the "
+        "heads, same engine, devices and rounds; reports fedsd's warm round against it",
+    )
     p.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if min(args.clients) < 1 or args.rounds < 1:
@@ -513,6 +617,16 @@ def parent(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             f"{n} devices: {'ok' if r['ok'] else 'FAILED'}, {r.get('total_seconds', float('nan')):.1f} s, "
             f"peak RSS sum {gb(r['peak_rss_sum_bytes'])} GB"
         )
+        if args.floor:
+            log(f"{n} devices: Flower's floor (bare ClientApp, same engine and rounds)")
+            child, proc = run_child(["--child-floor", str(n)], work, args, f"floor{n}", log)
+            r["floor"] = summarise(n, child, proc)
+            f = r["floor"]
+            log(f"{n} devices: floor {'ok' if f['ok'] else 'FAILED'}, {f.get('total_seconds', float('nan')):.1f} s")
+            if f["ok"] and r["ok"] and f.get("steady_round_seconds") and r.get("steady_round_seconds"):
+                r["per_message_seconds"] = r["steady_round_seconds"] / n
+                r["floor_per_message_seconds"] = f["steady_round_seconds"] / n
+                r["steady_round_vs_floor"] = r["steady_round_seconds"] / f["steady_round_seconds"]
     at_target = [r for r in runs if r["clients"] == TARGET_CLIENTS and "total_seconds" in r]
     targets: dict[str, Any] = {"measured": bool(at_target)}
     if at_target:
@@ -525,6 +639,19 @@ def parent(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "peak_rss_sum_bytes": r["peak_rss_sum_bytes"],
             "memory_max_bytes": MEMORY_TARGET_B,
             "memory_met": r["peak_rss_sum_bytes"] <= MEMORY_TARGET_B,
+        }
+    measured = [r for r in runs if r.get("floor_per_message_seconds")]
+    if measured:  # the per-message costs are flat in the device count: project the largest run
+        r = max(measured, key=lambda x: x["clients"])
+        messages = args.rounds * 10_000
+        targets["projection_10000"] = {
+            "from_clients": r["clients"],
+            "messages": messages,
+            "floor_seconds": messages * r["floor_per_message_seconds"],
+            "fedsd_seconds": messages * r["per_message_seconds"],
+            "target_seconds": 1800.0,
+            "note": "rounds × 10,000 train messages at the warm per-message seconds measured here; start-up "
+            "and round 1's feature computation come on top",
         }
     return {
         "settings": {
@@ -554,10 +681,12 @@ def parent(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.child_setup or args.child_clients is not None:  # inside a child process
+    if args.child_setup or args.child_clients is not None or args.child_floor is not None:  # a child
         assert args.workdir is not None and args.child_out is not None
         if args.child_setup:
             out = child_setup(args.workdir, args.speakers, args.sentences, args.seconds)
+        elif args.child_floor is not None:
+            out = child_floor(args.workdir, args.child_floor, args)
         else:
             out = child_simulate(args.workdir, args.child_clients, args)
         args.child_out.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")

@@ -422,13 +422,26 @@ def test_robustness_smoke(tmp_path, tiny_corpus, adaptation_run):
 
 @pytest.mark.slow
 def test_simulation_scale_smoke(tmp_path):
-    """Ray starts in a child process per device count: about a minute and a half on 2 cores."""
+    """Ray starts in a child process per device count, and again for Flower's floor: ~2.5 min on 2 cores."""
     bench = load_script("simulation_scale")
-    argv = ["--clients", "2", "--speakers", "6", "--sentences", "1", "--rounds", "1", "--test-speakers", "2",
-            "--server-speakers", "2", "--grace", "10", "--json", str(tmp_path / "sim.json")]  # fmt: skip
+    argv = ["--clients", "2", "--speakers", "6", "--sentences", "1", "--rounds", "2", "--test-speakers", "2",
+            "--server-speakers", "2", "--grace", "10", "--floor", "--json", str(tmp_path / "sim.json")]  # fmt: skip
     data = read(tmp_path / "sim.json", bench.main(argv))
     check_provenance(data, "simulation_scale")
     [r] = data["runs"]
     assert r["clients"] == 2 and r["ok"], r
     assert r["total_seconds"] > 0 and r["peak_rss_sum_bytes"] > 0
+    assert len(r["round_seconds"]) == 2
+    # the floor: the same devices and rounds through a bare ClientApp, every round with every device
+    f = r["floor"]
+    assert f["ok"] and f["rounds_done"] == 2 and f["clients_per_round"] == [2, 2], f
+    assert f["peak_rss_sum_bytes"] > 0 and f["leftover_processes_killed"] == 0
+    assert r["per_message_seconds"] == pytest.approx(r["steady_round_seconds"] / 2)
+    assert r["steady_round_vs_floor"] == pytest.approx(r["steady_round_seconds"] / f["steady_round_seconds"])
+    proj = data["targets"]["projection_10000"]
+    assert proj["from_clients"] == 2
+    assert proj["messages"] == 20_000
+    assert proj["floor_seconds"] == pytest.approx(20_000 * r["floor_per_message_seconds"])
+    assert proj["fedsd_seconds"] == pytest.approx(20_000 * r["per_message_seconds"])
+    assert "Flower's floor" in bench.table(data)
     assert data["leftover_processes_total"] == 0
