@@ -24,6 +24,13 @@ of that run survives and kills any that do (by pid). The total data is the same 
 devices: ≤ 5 minutes in all, ≤ 8 GB.
 
     .venv/bin/python benchmarks/simulation_scale.py                          # 10, 25, 50 devices
+    .venv/bin/python benchmarks/simulation_scale.py --clients 1000 --rounds 3 --speakers 1006 --sentences 1 \
+        --timeout 1800 --floor     # 1,000 devices, and Flower's own floor beside them
+
+``--floor``: after each device count, the same Ray engine, devices and rounds run a bare ClientApp that
+imports flwr only and echoes the heads it receives (Flower's FedAvg sends it the base model's real head
+tensors); fedsd's warm round is reported against it, and both are projected to the 30,000 messages of
+10,000 devices × 3 rounds.
     .venv/bin/python benchmarks/simulation_scale.py --clients 4 --speakers 10 --rounds 2   # smoke run
 
 Writes ``benchmarks/results/simulation_scale.json`` (``--json``) with provenance (benchmarks/common/).
