@@ -26,12 +26,12 @@ devices: ≤ 5 minutes in all, ≤ 8 GB.
     .venv/bin/python benchmarks/simulation_scale.py                          # 10, 25, 50 devices
     .venv/bin/python benchmarks/simulation_scale.py --clients 1000 --rounds 3 --speakers 1006 --sentences 1 \
         --timeout 1800 --floor     # 1,000 devices, and Flower's own floor beside them
+    .venv/bin/python benchmarks/simulation_scale.py --clients 4 --speakers 10 --rounds 2   # smoke run
 
 ``--floor``: after each device count, the same Ray engine, devices and rounds run a bare ClientApp that
 imports flwr only and echoes the heads it receives (Flower's FedAvg sends it the base model's real head
 tensors); fedsd's warm round is reported against it, and both are projected to the 30,000 messages of
 10,000 devices × 3 rounds.
-    .venv/bin/python benchmarks/simulation_scale.py --clients 4 --speakers 10 --rounds 2   # smoke run
 
 Writes ``benchmarks/results/simulation_scale.json`` (``--json``) with provenance (benchmarks/common/).
 """
@@ -201,6 +201,7 @@ def child_floor(work: Path, clients: int, args: argparse.Namespace) -> dict[str,
     from safetensors.numpy import load_file
 
     heads = load_file(str(work / "base" / "heads.safetensors"))
+    initial = ArrayRecord({k: Array(v) for k, v in heads.items()})
     client = ClientApp()
 
     @client.train()
@@ -219,8 +220,7 @@ def child_floor(work: Path, clients: int, args: argparse.Namespace) -> dict[str,
     def _main(grid: Grid, context: Context) -> None:
         strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=clients,
                           min_available_nodes=clients)  # fmt: skip
-        strategy.start(grid=grid, initial_arrays=ArrayRecord({k: Array(v) for k, v in heads.items()}), num_rounds=args.rounds,
-                       evaluate_fn=_round_done)  # fmt: skip
+        strategy.start(grid=grid, initial_arrays=initial, num_rounds=args.rounds, evaluate_fn=_round_done)
 
     start = time.time()
     t0 = time.perf_counter()
@@ -517,24 +517,20 @@ def table(res: dict[str, Any]) -> str:
             "| × floor | floor peak RSS GB |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
+
+        def later(x: dict[str, Any]) -> str:
+            return ", ".join(f"{v:.1f}" for v in x["round_seconds"][1:]) or "–"
+
         for r in floors:
             f = r["floor"]
-            if "round_seconds" not in f or "round_seconds" not in r:
-                lines.append(f"| {r['clients']} | failed | | | | | | | | | |")
+            if "steady_round_vs_floor" not in r:  # either run failed, or too few rounds for a warm one
+                lines.append(f"| {r['clients']} | {'failed' if not (r['ok'] and f['ok']) else '–'} |" + " |" * 9)
                 continue
-
-            def later(x: dict[str, Any]) -> str:
-                return ", ".join(f"{v:.1f}" for v in x["round_seconds"][1:]) or "–"
-
-            pm, fpm = r.get("per_message_seconds"), r.get("floor_per_message_seconds")
             lines.append(
                 f"| {r['clients']} | {r['total_seconds']:.1f} | {f['total_seconds']:.1f} "
                 f"| {r['startup_to_round0_seconds']:.1f} | {f['startup_to_round0_seconds']:.1f} "
-                f"| {later(r)} | {later(f)} | {pm if pm is None else f'{pm:.3f}'} "
-                f"| {fpm if fpm is None else f'{fpm:.3f}'} "
+                f"| {later(r)} | {later(f)} | {r['per_message_seconds']:.3f} | {r['floor_per_message_seconds']:.3f} "
                 f"| {r['steady_round_vs_floor']:.2f} | {gb(f['peak_rss_sum_bytes'])} |"
-                if pm and fpm
-                else f"| {r['clients']} | {r['total_seconds']:.1f} | {f['total_seconds']:.1f} | | | | | | | | |"
             )
         proj = res["targets"].get("projection_10000")
         if proj:

@@ -422,7 +422,7 @@ def test_robustness_smoke(tmp_path, tiny_corpus, adaptation_run):
 
 @pytest.mark.slow
 def test_simulation_scale_smoke(tmp_path):
-    """Ray starts in a child process per device count, and again for Flower's floor: ~2.5 min on 2 cores."""
+    """Ray starts in a child process per device count, and again for Flower's floor: about a minute."""
     bench = load_script("simulation_scale")
     argv = ["--clients", "2", "--speakers", "6", "--sentences", "1", "--rounds", "2", "--test-speakers", "2",
             "--server-speakers", "2", "--grace", "10", "--floor", "--json", str(tmp_path / "sim.json")]  # fmt: skip
