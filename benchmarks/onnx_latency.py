@@ -8,8 +8,9 @@ repetition visiting every (exit, variant) once in a fresh random order, and repo
 ONNX Runtime both get ``--threads`` threads (default 1, for fairness and because one thread's CPU time
 barely moves when other processes share the cores); the default clock is process CPU time.
 
-Agreement: each int8 graph's top class is compared with the fp32 graph's on held-out clips of a corpus
-(``--corpus``, default the demo corpus if present, else a small generated one); with a trained
+Agreement: each int8 graph's top class is compared with the fp32 graph's on the test clips of a corpus
+(``--corpus``, default the demo corpus if present, else a small generated one); ``--modes auto`` chooses
+per exit on its validation clips (as ``fedsd export`` does on the calibration manifest's); with a trained
 checkpoint (``--model``) the UARs are reported too. Random weights (the base shape) give a check of
 the numerics, not of a trained model's accuracy.
 
@@ -36,7 +37,7 @@ import common  # noqa: E402  (benchmarks/common/; scripts are not a package)
 from fedsd.model import MultiExitSER, load_backbone  # noqa: E402
 from fedsd.model.backbone import SAMPLE_RATE  # noqa: E402
 from fedsd.model.export import export_exit  # noqa: E402
-from fedsd.onnx_export import QUANT_DETAIL, export_onnx, graph_info  # noqa: E402
+from fedsd.onnx_export import QUANT_DETAIL, QUANT_MODES, export_onnx, graph_info  # noqa: E402
 from fedsd.onnx_runtime import OnnxExitModel, load_clip  # noqa: E402
 
 LABELS = common.EMOTIONS
@@ -51,8 +52,9 @@ def _dir_bytes(path: Path) -> int:
 
 def corpus_clips(
     corpus: Path | None, pre: dict[str, Any], n_cal: int, n_eval: int, seconds: float, work: Path, log: Callable
-) -> tuple[list[np.ndarray], list[np.ndarray], list[str], Path]:
-    """Calibration clips (train split) and held-out clips with labels, preprocessed as the graph says.
+) -> tuple[list[np.ndarray], list[np.ndarray], list[str], Path, list[np.ndarray]]:
+    """Calibration clips (train split), test clips with labels, and validation clips (what ``auto``
+    chooses on), preprocessed as the graph says.
 
     Models without a crop of their own (the built-in base) see clips cut or tiled to ``seconds``.
     """
@@ -73,13 +75,16 @@ def corpus_clips(
     if not (pre.get("crop") or {}).get("max_seconds"):
         pre["crop"] = {"max_seconds": seconds, "mode": "tile"}
     train = [r for r in rows if r.split == "train"] or rows
-    held = [r for r in rows if r.split in ("test", "valid")] or rows
+    held = [r for r in rows if r.split == "test"] or [r for r in rows if r.split == "valid"] or rows
+    valid = [r for r in rows if r.split == "valid"] or held
     rng = random.Random(0)
     cal_rows = rng.sample(train, min(n_cal, len(train)))
     eval_rows = rng.sample(held, min(n_eval, len(held)))
+    check_rows = rng.sample(valid, min(n_eval, len(valid)))
     cal = [load_clip(corpus / r.path, pre) for r in cal_rows]
     ev = [load_clip(corpus / r.path, pre) for r in eval_rows]
-    return cal, ev, [r.label for r in eval_rows], corpus
+    check = [load_clip(corpus / r.path, pre) for r in check_rows]
+    return cal, ev, [r.label for r in eval_rows], corpus, check
 
 
 def uar(y: Sequence[int], p: Sequence[int], n: int) -> float:
@@ -98,7 +103,8 @@ def render(rows: list[dict[str, Any]], modes: list[str], header: str) -> str:
         cells += [f"{t[m]:.1f} ({r['speedup'][m]:.2f}×)" for m in modes]
         b = r["bytes"]
         cells.append(" / ".join(f"{b[k] / 1e6:.1f}" for k in ["torch", "ort_fp32", *modes]))
-        cells += [f"{r['agreement'][m]['agree']:.3f}" for m in modes]
+        cells += [f"{r['agreement'][m]['agree']:.3f}" + (f" ({r['auto']['chosen']})" if m == "auto" else "")
+                  for m in modes]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -115,10 +121,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clock", choices=sorted(CLOCKS), default="cpu", help="clock of the table (both kept)")
-    p.add_argument("--modes", nargs="+", default=list(QUANT_DETAIL), choices=list(QUANT_DETAIL))
+    p.add_argument("--modes", nargs="+", default=list(QUANT_DETAIL), choices=list(QUANT_MODES),
+                   help="int8 modes timed; auto chooses per exit on the validation clips (default: every fixed mode)")
     p.add_argument("--corpus", type=Path, default=None, help="calibration/agreement speech (manifest.csv)")
     p.add_argument("--calibration-clips", type=int, default=16)
-    p.add_argument("--eval-clips", type=int, default=64, help="held-out clips for int8 agreement")
+    p.add_argument("--eval-clips", type=int, default=64,
+                   help="test clips for int8 agreement (and as many validation clips for auto's choice)")
     p.add_argument("--work", type=Path, default=None, help="where the graphs go (default: a temp dir)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument(
@@ -149,7 +157,7 @@ def _run(args: argparse.Namespace, bench: common.Run, work: Path) -> dict[str, A
     exits = args.exits or net.exits
     samples = int(round(args.seconds * SAMPLE_RATE))
     pre = graph_info(net, [exits[0]], None)["preprocessing"]
-    cal, ev, ev_labels, corpus = corpus_clips(
+    cal, ev, ev_labels, corpus, check = corpus_clips(
         args.corpus, pre, args.calibration_clips, args.eval_clips, args.seconds, work, bench.log
     )
     names = list(net.label_names)
@@ -169,9 +177,12 @@ def _run(args: argparse.Namespace, bench: common.Run, work: Path) -> dict[str, A
         small.save_pretrained(work / f"torch{k}")
         files = {"ort_fp32": work / f"exit{k}.onnx"}
         export_onnx(net, [k], files["ort_fp32"])
+        chosen: dict[str, Any] = {}
         for m in args.modes:
             files[m] = work / f"exit{k}-{m}.onnx"
-            export_onnx(net, [k], files[m], quantize="int8", calibration=cal, quant_mode=m)
+            info = export_onnx(net, [k], files[m], quantize="int8", calibration=cal, quant_mode=m, check=check)
+            if m == "auto":
+                chosen = info["quantization_choice"]
         graphs = {v: OnnxExitModel.load(f, threads=args.threads) for v, f in files.items()}
         variants[f"{k}|torch"] = lambda k=k: net(x_t, exits=[k])
         for v, gm in graphs.items():
@@ -198,6 +209,7 @@ def _run(args: argparse.Namespace, bench: common.Run, work: Path) -> dict[str, A
                 "bytes": {"torch": _dir_bytes(work / f"torch{k}")} | {v: f.stat().st_size for v, f in files.items()},
                 "agreement": agreement,
             }
+            | ({"auto": chosen} if chosen else {})
         )
     bench.log(f"timing {len(variants)} variants x {args.repeats} interleaved repeats")
     with torch.inference_mode():
@@ -232,7 +244,9 @@ def _run(args: argparse.Namespace, bench: common.Run, work: Path) -> dict[str, A
         "corpus": str(corpus),
         "calibration_clips": len(cal),
         "eval_clips": len(ev),
-        "modes": {m: QUANT_DETAIL[m] for m in args.modes},
+        "modes": {m: QUANT_DETAIL.get(m, "auto: the fastest of static-cnn, static keeping 98 % of the fp32 answers "
+                                         "on the validation clips") for m in args.modes},
+        "check_clips": len(check),
     }
     header = (
         f"ONNX latency: {source} ({net.family}, {setup['num_layers']} layers, width {setup['hidden_size']}), "

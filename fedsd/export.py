@@ -46,6 +46,7 @@ class ExportResult:
     parent_fingerprint: str | None = None
     quantization: str | None = None  # e.g. "int8 (static QDQ ...)"; None: fp32 (onnx) or not applicable
     calibration: str | None = None  # where the int8 calibration clips came from
+    quant_choice: dict | None = None  # quant_mode "auto": the mode chosen and every agreement measured
 
 
 def dir_bytes(path: Path) -> int:
@@ -86,11 +87,13 @@ def export(
     exit: int,
     format: str = "pytorch",
     quantize: str | None = None,
-    quant_mode: str = "static",
+    quant_mode: str = "auto",
     exits: str | Sequence[int] | None = None,
     calibration: str | os.PathLike[str] | None = None,
     root: str | os.PathLike[str] | None = None,
     calibration_clips: int = 300,
+    check_clips: int = 100,
+    min_agreement: float = 0.98,
     force: bool = False,
     warn: Callable[[str], None] | None = None,
 ) -> ExportResult:
@@ -100,16 +103,24 @@ def export(
     ``format="onnx"``: one graph, ``out`` a ``.onnx`` file or a directory (``exitK[-int8].onnx`` in it);
     ``exits`` puts several exits in one graph; ``quantize="int8"`` with ``quant_mode`` (static modes
     calibrate on up to ``calibration_clips`` clips of the ``calibration`` manifest, default the demo
-    corpus). ``warn`` hears about calibration clips that were skipped. Raises ``ExportError``.
+    corpus). ``quant_mode="auto"`` (the default) keeps the fastest static mode whose answers agree with
+    fp32 on ``min_agreement`` of up to ``check_clips`` held-out clips at every exit (the manifest's
+    ``valid`` rows; without any, every fifth calibration row is held out). ``warn`` hears about clips
+    that were skipped and about an auto choice below ``min_agreement``. Raises ``ExportError``.
     """
     model, out = Path(model), Path(out)
     if format not in FORMATS:
         raise ExportError(f"--format {format!r}: valid values: {', '.join(FORMATS)}")
     if format == "onnx":
         cal = Path(calibration) if calibration is not None else None
+        if not 0.0 <= min_agreement <= 1.0:
+            raise ExportError(f"--min-agreement {min_agreement}: give a share between 0 and 1, e.g. 0.98")
+        if check_clips < 1:
+            raise ExportError(f"--check-clips {check_clips}: give at least 1")
         return _export_onnx(
-            model, out, exit, force, quantize, quant_mode, exits, cal, root, calibration_clips, warn
-        )
+            model, out, exit, force, quantize, quant_mode, exits, cal, root, calibration_clips, warn,
+            (check_clips, min_agreement),
+        )  # fmt: skip
     if quantize or exits or calibration:
         raise ExportError("--quantize, --exits and --calibration need --format onnx")
     return _export_pytorch(model, out, exit, force)
@@ -157,8 +168,11 @@ def calibration_clips(
     root: str | os.PathLike[str] | None,
     limit: int,
     warn: Callable[[str], None] | None = None,
-) -> tuple[list, str]:
-    """Up to ``limit`` normalised clips (as the graph sees them, training split first) and their source."""
+    held_out: int = 0,
+) -> tuple[list, str, list]:
+    """Up to ``limit`` normalised clips (as the graph sees them, training split first), their source, and
+    up to ``held_out`` clips never used for calibration: the manifest's ``valid`` rows, or (without any)
+    every fifth of the calibration rows."""
     from fedsd.audio import AudioError
     from fedsd.data.manifest import read_manifest
     from fedsd.onnx_runtime import load_clip
@@ -176,20 +190,38 @@ def calibration_clips(
         rows = read_manifest(manifest)
     except (ValueError, FileNotFoundError) as e:
         raise ExportError(str(e)) from e
+    valid = [r for r in rows if r.split == "valid"]
     rows = [r for r in rows if r.split == "train"] or rows
     if not rows:
         raise ExportError(f"--calibration {manifest}: no rows")
+    check_rows: list = []
+    if held_out and valid:
+        check_rows = valid[:: max(1, len(valid) // held_out)][:held_out]
+    elif held_out:  # no validation rows: hold out every fifth row from calibration
+        check_rows = rows[4::5][::max(1, len(rows) // 5 // held_out)][:held_out]
+        kept = {id(r) for r in check_rows}
+        rows = [r for r in rows if id(r) not in kept]
+        if not rows or not check_rows:
+            raise ExportError(f"--calibration {manifest}: too few rows to hold some out for the agreement check")
+
+    def read(chosen: list, what: str) -> list:
+        clips = []
+        for r in chosen:
+            try:
+                clips.append(load_clip(root / r.path, preprocessing))
+            except AudioError as e:
+                if warn is not None:
+                    warn(f"{what}: skipping {e}")
+        if not clips:
+            raise ExportError(f"--calibration {manifest}: none of the {what} clips could be read under {root}")
+        return clips
+
     step = max(1, len(rows) // max(1, limit))
-    clips = []
-    for r in rows[::step][:limit]:
-        try:
-            clips.append(load_clip(root / r.path, preprocessing))
-        except AudioError as e:
-            if warn is not None:
-                warn(f"calibration: skipping {e}")
-    if not clips:
-        raise ExportError(f"--calibration {manifest}: none of the chosen clips could be read under {root}")
-    return clips, f"{manifest} ({len(clips)} clips)"
+    clips = read(rows[::step][:limit], "calibration")
+    check = read(check_rows, "agreement check") if check_rows else []
+    source = f"{manifest} ({len(clips)} clips"
+    source += f"; agreement checked on {len(check)} held-out clips)" if check else ")"
+    return clips, source, check
 
 
 def _export_onnx(
@@ -204,9 +236,10 @@ def _export_onnx(
     root: str | os.PathLike[str] | None,
     limit: int,
     warn: Callable[[str], None] | None,
+    auto: tuple[int, float] = (100, 0.98),
 ) -> ExportResult:
     from fedsd.model.backbone import ConfigError
-    from fedsd.onnx_export import QUANT_DETAIL, QUANT_MODES, export_onnx, graph_info
+    from fedsd.onnx_export import QUANT_MODES, export_onnx, graph_info
 
     if quantize not in (None, "int8"):
         raise ExportError(f"--quantize {quantize!r}: valid values: int8")
@@ -225,14 +258,24 @@ def _export_onnx(
     bad = [k for k in wanted if k not in net.exits]
     if bad:
         raise ExportError(f"--exit/--exits {bad}: not exits of {model}; valid exits: {net.exits}")
-    clips, source = None, None
-    if quantize and quant_mode.startswith("static"):
+    clips, source, check = None, None, None
+    if quantize and (quant_mode.startswith("static") or quant_mode == "auto"):
         pre = graph_info(net, wanted, None)["preprocessing"]
-        clips, source = calibration_clips(pre, calibration, root, limit, warn)
+        held = auto[0] if quant_mode == "auto" else 0
+        clips, source, check = calibration_clips(pre, calibration, root, limit, warn, held_out=held)
     try:
-        info = export_onnx(net, wanted, out, quantize=quantize, calibration=clips, quant_mode=quant_mode)
+        info = export_onnx(net, wanted, out, quantize=quantize, calibration=clips, quant_mode=quant_mode,
+                           check=check, min_agreement=auto[1])  # fmt: skip
     except ConfigError as e:
         raise ExportError(str(e)) from e
+    choice = info.get("quantization_choice")
+    if choice and choice["below_min_agreement"] and warn is not None:
+        worst = {m: min(a.values()) for m, a in choice["agreement"].items()}
+        warn(
+            f"int8: no mode kept {choice['min_agreement']:.0%} of the fp32 answers on "
+            f"{choice['check_clips']} held-out clips ({', '.join(f'{m} {v:.1%}' for m, v in worst.items())}); "
+            f"wrote {choice['chosen']}, the closest — check it with `fedsd evaluate --model {out}`"
+        )
     return ExportResult(
         model=model,
         path=out,
@@ -244,6 +287,7 @@ def _export_onnx(
         source_layers=net.encoder.num_layers,
         source_exits=list(net.exits),
         source_bytes=dir_bytes(model),
-        quantization=f"int8 ({QUANT_DETAIL[quant_mode]})" if quantize else None,
+        quantization=f"{info['quantization']} ({info['quantization_detail']})" if quantize else None,
         calibration=source,
+        quant_choice=choice,
     )

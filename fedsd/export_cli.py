@@ -46,10 +46,17 @@ def export_command(
     root: Path | None = typer.Option(None, "--root", help="Corpus root --calibration's paths are relative to."),
     calibration_clips: int = typer.Option(300, help="int8: at most this many clips calibrate the ranges."),
     quant_mode: str = typer.Option(
-        "static",
-        help="int8 method: static (calibrated QDQ of the transformer MatMuls; default, see README), "
+        "auto",
+        help="int8 method: auto (default: static-cnn if it keeps --min-agreement of the fp32 answers on "
+        "held-out clips at every exit, else static), static (calibrated QDQ of the transformer MatMuls), "
         "static-cnn (MatMuls and every conv but the first: ~2x faster at the base shape, changes some "
-        "close calls), static-all (every op), dynamic (MatMul weights), dynamic-all.",
+        "close calls), static-all (every op), dynamic (MatMul weights), dynamic-all. See README.",
+    ),
+    min_agreement: float = typer.Option(
+        0.98, help="int8 auto: share of held-out clips whose answer must not change, at every exit."
+    ),
+    check_clips: int = typer.Option(
+        100, help="int8 auto: held-out clips it checks on (--calibration's valid rows, else every 5th row)."
     ),
 ) -> None:
     """Export the model a device at one exit needs: front end, layers 1..K and heads <= K.
@@ -65,7 +72,8 @@ def export_command(
     try:
         result = export(
             model, out, exit=exit_, format=format_, quantize=quantize, quant_mode=quant_mode, exits=exits,
-            calibration=calibration, root=root, calibration_clips=calibration_clips, force=force, warn=_warn,
+            calibration=calibration, root=root, calibration_clips=calibration_clips, check_clips=check_clips,
+            min_agreement=min_agreement, force=force, warn=_warn,
         )  # fmt: skip
     except ExportError as e:
         _fail(str(e), e.code)
@@ -102,6 +110,16 @@ def _print_onnx(r: ExportResult) -> None:
     )
     if r.calibration:
         console.print(f"calibrated on {r.calibration}", highlight=False)
+    if r.quant_choice:
+        c = r.quant_choice
+        agree = "; ".join(
+            f"{m}: " + " / ".join(f"exit {k} {v:.1%}" for k, v in a.items()) for m, a in c["agreement"].items()
+        )
+        console.print(
+            f"int8 auto chose {c['chosen']} (answers unchanged vs fp32 on {c['check_clips']} held-out clips: "
+            f"{agree}; needed {c['min_agreement']:.0%})",
+            highlight=False,
+        )
     console.print(f"run it without torch: fedsd predict --model {r.path} a.wav", highlight=False)
 
 

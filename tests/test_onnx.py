@@ -332,3 +332,71 @@ def test_static_cnn_quantises_every_conv_but_the_first(trained, tmp_path):
                for n in matmuls)  # fmt: skip
     for k, agree, u32, u8 in _agreement(net, wavs, y, tmp_path / "fp32.onnx", tmp_path / "cnn.onnx"):
         assert agree >= 0.85 and abs(u32 - u8) <= 0.05, (k, agree, u32, u8)
+
+
+def test_auto_keeps_the_fastest_mode_that_agrees_on_held_out_clips(trained, tmp_path):
+    """`--quant-mode auto`: static-cnn when it keeps the required share of fp32 answers on the check clips
+    at every exit, else static; the choice, and every agreement it measured, travel with the graph."""
+    from fedsd.onnx_export import AUTO_ORDER, top_classes
+
+    net, wavs, _ = trained
+    calib, check = wavs[::2], wavs[1::2]
+    fp32 = tmp_path / "fp32.onnx"
+    export_onnx(net, net.exits, fp32)
+    reference = top_classes(fp32, net.exits, check)
+
+    lenient = export_onnx(net, net.exits, tmp_path / "a.onnx", quantize="int8", calibration=calib,
+                          quant_mode="auto", check=check, min_agreement=0.0)  # fmt: skip
+    choice = lenient["quantization_choice"]
+    assert choice["chosen"] == AUTO_ORDER[0] == "static-cnn" and list(choice["agreement"]) == ["static-cnn"]
+    assert lenient["quantization"] == "int8-static-cnn" and not choice["below_min_agreement"]
+    assert read_metadata(tmp_path / "a.onnx")["quantization_choice"] == choice
+
+    strict = export_onnx(net, net.exits, tmp_path / "s.onnx", quantize="int8", calibration=iter(calib),
+                         quant_mode="auto", check=check, min_agreement=1.0)  # fmt: skip
+    choice = strict["quantization_choice"]
+    measured = choice["agreement"]
+    if min(measured["static-cnn"].values()) < 1.0:  # static-cnn fell short: static was measured too
+        assert list(measured) == ["static-cnn", "static"]
+        passed = [m for m in measured if min(measured[m].values()) >= 1.0]
+        best = max(measured, key=lambda m: (min(measured[m].values()), -AUTO_ORDER.index(m)))
+        assert choice["chosen"] == (passed[0] if passed else best)
+        assert choice["below_min_agreement"] == (not passed)
+    # what it recorded is what the written graph does on those clips
+    tops = top_classes(tmp_path / "s.onnx", net.exits, check)
+    for k in net.exits:
+        assert measured[choice["chosen"]][str(k)] == pytest.approx(float(np.mean(tops[k] == reference[k])))
+    assert read_metadata(tmp_path / "s.onnx")["quantization"] == f"int8-{choice['chosen']}"
+
+    with pytest.raises(ValueError, match="held-out clips"):
+        export_onnx(net, net.exits, tmp_path / "x.onnx", quantize="int8", calibration=calib, quant_mode="auto")
+
+
+def test_auto_checks_on_clips_calibration_never_saw(tmp_path):
+    """The check clips are the manifest's valid rows, or (without any) every fifth row held out of
+    calibration; either way no clip both calibrates and judges."""
+    from fedsd.export import calibration_clips
+
+    head = "utt_id,path,label,orig_label,speaker,dataset,duration,sample_rate,split"
+    pre = {"sample_rate": 16000, "crop": {"max_seconds": 1.0, "mode": "center"}, "normalize": "utterance"}
+    lines = []
+    for i in range(20):
+        w = np.random.default_rng(i).standard_normal(8000).astype(np.float32) * 0.1
+        sf.write(tmp_path / f"c{i}.wav", w, 16000)
+        split = "valid" if i >= 16 else "train"
+        lines.append(f"u{i},c{i}.wav,{LABELS[i % 4]},{LABELS[i % 4]},s{i % 3},x,0.5,16000,{split}")
+    with_valid = tmp_path / "v.csv"
+    with_valid.write_text("\n".join([head, *lines]) + "\n")
+    only_train = tmp_path / "t.csv"
+    only_train.write_text("\n".join([head, *(ln.replace(",valid", ",train") for ln in lines)]) + "\n")
+
+    def same(a: np.ndarray, b: np.ndarray) -> bool:
+        return a.shape == b.shape and bool(np.array_equal(a, b))
+
+    for manifest, n_cal, n_check in ((with_valid, 16, 4), (only_train, 17, 3)):  # 3 of the 4 fifth rows
+        cal, source, check = calibration_clips(pre, manifest, tmp_path, 300, held_out=3 if n_check == 3 else 10)
+        assert (len(cal), len(check)) == (n_cal, n_check), (manifest.name, len(cal), len(check))
+        assert not any(same(a, b) for a in cal for b in check)
+        assert f"agreement checked on {n_check} held-out clips" in source
+    cal, _, check = calibration_clips(pre, only_train, tmp_path, 300)
+    assert len(cal) == 20 and check == []  # a fixed mode calibrates on every row
