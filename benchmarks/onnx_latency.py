@@ -38,7 +38,7 @@ from fedsd.model import MultiExitSER, load_backbone  # noqa: E402
 from fedsd.model.backbone import SAMPLE_RATE  # noqa: E402
 from fedsd.model.export import export_exit  # noqa: E402
 from fedsd.onnx_export import QUANT_DETAIL, QUANT_MODES, export_onnx, graph_info  # noqa: E402
-from fedsd.onnx_runtime import OnnxExitModel, load_clip  # noqa: E402
+from fedsd.onnx_runtime import INPUT_MASK, INPUT_WAVE, OnnxExitModel, load_clip  # noqa: E402
 
 LABELS = common.EMOTIONS
 CLOCKS = common.CLOCKS
@@ -93,6 +93,42 @@ def uar(y: Sequence[int], p: Sequence[int], n: int) -> float:
     return classification_report(y, p, [str(i) for i in range(n)]).uar
 
 
+def op_profile(path: Path, feeds: dict[str, np.ndarray], runs: int, threads: int, work: Path) -> dict[str, float]:
+    """ONNX Runtime's own kernel time per op type, ms per run (``runs`` runs after one
+    warm-up), which says where an int8 graph still spends fp32 time."""
+    import json
+    from collections import Counter
+
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    session.run(None, feeds)
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(work / f"profile-{path.stem}")
+    session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        session.run(None, feeds)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    per_op: Counter[str] = Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            per_op[e["args"]["op_name"]] += e["dur"] / 1000.0 / runs
+    return dict(per_op.most_common())
+
+
+def render_profile(profiles: dict[str, dict[str, dict[str, float]]], top: int = 8) -> str:
+    lines = ["", "ONNX Runtime kernel time per op type (ms per run):"]
+    for name, by_variant in profiles.items():
+        for variant, ops in by_variant.items():
+            total = sum(ops.values())
+            shown = ", ".join(f"{op} {ms:.1f}" for op, ms in list(ops.items())[:top])
+            lines.append(f"  exit {name} {variant}: total {total:.1f} = {shown}")
+    return "\n".join(lines)
+
+
 def render(rows: list[dict[str, Any]], modes: list[str], header: str) -> str:
     cols = ["exit", "eager fp32 ms", "ORT fp32 ms", *[f"ORT int8 {m} ms" for m in modes]]
     cols += ["MB: torch / fp32 / " + " / ".join(f"int8 {m}" for m in modes), *[f"agree {m}" for m in modes]]
@@ -128,6 +164,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-clips", type=int, default=64,
                    help="test clips for int8 agreement (and as many validation clips for auto's choice)")
     p.add_argument("--work", type=Path, default=None, help="where the graphs go (default: a temp dir)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also profile every ONNX variant with ONNX Runtime's profiler over N runs: time per op type")
     p.add_argument("--quiet", action="store_true")
     p.add_argument(
         "--json", type=Path, default=common.RESULTS / "onnx_latency.json", help="default: %(default)s"
@@ -211,6 +249,16 @@ def _run(args: argparse.Namespace, bench: common.Run, work: Path) -> dict[str, A
             }
             | ({"auto": chosen} if chosen else {})
         )
+    profiles: dict[str, dict[str, dict[str, float]]] = {}
+    if args.profile:
+        feeds = {INPUT_WAVE: x_np[None], INPUT_MASK: ones}
+        for k in exits:
+            bench.log(f"exit {k}: profiling {', '.join(['ort_fp32', *args.modes])} ({args.profile} runs each)")
+            profiles[str(k)] = {
+                v: op_profile(work / (f"exit{k}.onnx" if v == "ort_fp32" else f"exit{k}-{v}.onnx"), feeds,
+                              args.profile, args.threads, work)
+                for v in ["ort_fp32", *args.modes]
+            }  # fmt: skip
     bench.log(f"timing {len(variants)} variants x {args.repeats} interleaved repeats")
     with torch.inference_mode():
         times = common.interleaved(variants, args.repeats, seed=args.seed, warmup=args.warmup, clocks=list(CLOCKS))
@@ -254,6 +302,8 @@ def _run(args: argparse.Namespace, bench: common.Run, work: Path) -> dict[str, A
         f"{args.clock} time of {args.repeats} interleaved repeats"
     )
     print(render(rows, list(args.modes), header))
+    if profiles:
+        print(render_profile(profiles))
     print(f"targets: {targets}")
     from importlib import metadata
 
@@ -262,7 +312,9 @@ def _run(args: argparse.Namespace, bench: common.Run, work: Path) -> dict[str, A
         "onnxruntime": metadata.version("onnxruntime"),
         "onnx": metadata.version("onnx"),
     }
-    out = {"setup": setup, "rows": rows, "targets": targets, "samples_s": times}
+    out = {"setup": setup, "rows": rows, "targets": targets, "samples_s": times} | (
+        {"op_profile_ms": profiles} if profiles else {}
+    )
     return bench.write(args.json, out, config=config, fingerprint=net.backbone_fingerprint(), args=args)
 
 

@@ -226,22 +226,30 @@ def test_exit_latency_smoke(tmp_path, capsys):
 def test_onnx_latency_smoke(tmp_path, tiny_corpus, capsys):
     bench = load_script("onnx_latency")
     argv = ["--backbone", "tiny", "--exits", "1", "3", "--seconds", "0.5", "--repeats", "2", "--modes", "static",
-            "dynamic", "--corpus", str(tiny_corpus), "--calibration-clips", "4", "--eval-clips", "4", "--quiet",
-            "--json", str(tmp_path / "o.json")]  # fmt: skip
+            "dynamic", "auto", "--corpus", str(tiny_corpus), "--calibration-clips", "4", "--eval-clips", "4",
+            "--profile", "2", "--quiet", "--json", str(tmp_path / "o.json")]  # fmt: skip
     data = read(tmp_path / "o.json", bench.main(argv))
-    assert "| exit | eager fp32 ms | ORT fp32 ms |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| exit | eager fp32 ms | ORT fp32 ms |" in out and "kernel time per op type" in out
     p = check_provenance(data, "onnx_latency")
     assert p["config"]["threads"] == 1 and p["config"]["onnxruntime"]
     assert [r["exit"] for r in data["rows"]] == [1, 3] and data["setup"]["samples"] == 8000
     for r in data["rows"]:
         assert r["fp32_parity_max_abs_dlogit"] < 1e-4
-        assert set(r["ms"]) == {"torch", "ort_fp32", "static", "dynamic"} and all(
+        assert set(r["ms"]) == {"torch", "ort_fp32", "static", "dynamic", "auto"} and all(
             v > 0 for v in r["ms"].values()
         )
-        assert set(r["bytes"]) == {"torch", "ort_fp32", "static", "dynamic"} and all(r["bytes"].values())
+        assert set(r["bytes"]) == {"torch", "ort_fp32", "static", "dynamic", "auto"} and all(r["bytes"].values())
         assert all(0 <= a["agree"] <= 1 and a["clips"] == 4 for a in r["agreement"].values())
+        # auto chose on the validation clips, one of its candidates, and says what each agreed
+        assert r["auto"]["chosen"] in ("static-cnn", "static") and r["auto"]["check_clips"] == 4
+        assert r["auto"]["chosen"] in r["auto"]["agreement"]
+        ops = data["op_profile_ms"][str(r["exit"])]
+        assert set(ops) == {"ort_fp32", "static", "dynamic", "auto"} and ops["ort_fp32"]["MatMul"] > 0
+        assert any(op.startswith("QLinear") or op.endswith("Integer") or op == "DequantizeLinear"
+                   for op in ops["static"])  # fmt: skip
     assert all(len(v) == 2 for v in data["samples_s"]["cpu"].values())
-    assert set(data["targets"]) == {"static", "dynamic", "ort_fp32_not_slower_than_eager"}
+    assert set(data["targets"]) == {"static", "dynamic", "auto", "ort_fp32_not_slower_than_eager"}
 
 
 def test_synthetic_baseline_smoke(tmp_path, tiny_corpus):
