@@ -202,7 +202,11 @@ def calibration_clips(
         kept = {id(r) for r in check_rows}
         rows = [r for r in rows if id(r) not in kept]
         if not rows or not check_rows:
-            raise ExportError(f"--calibration {manifest}: too few rows to hold some out for the agreement check")
+            raise ExportError(
+                f"--calibration {manifest}: {len(rows) + len(check_rows)} rows are too few to hold some out for "
+                "--quant-mode auto's agreement check; add rows (or rows with split=valid), or pass a fixed "
+                "--quant-mode such as static"
+            )
 
     def read(chosen: list, what: str) -> list:
         clips = []

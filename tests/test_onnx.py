@@ -400,3 +400,19 @@ def test_auto_checks_on_clips_calibration_never_saw(tmp_path):
         assert f"agreement checked on {n_check} held-out clips" in source
     cal, _, check = calibration_clips(pre, only_train, tmp_path, 300)
     assert len(cal) == 20 and check == []  # a fixed mode calibrates on every row
+
+
+def test_auto_with_too_few_calibration_rows_says_what_to_do(tmp_path):
+    from fedsd.export import ExportError, calibration_clips
+
+    head = "utt_id,path,label,orig_label,speaker,dataset,duration,sample_rate,split"
+    lines = []
+    for i in range(3):
+        sf.write(tmp_path / f"c{i}.wav", np.full(4000, 0.01 * (i + 1), np.float32), 16000)
+        lines.append(f"u{i},c{i}.wav,neutral,neutral,s0,x,0.25,16000,train")
+    (tmp_path / "m.csv").write_text("\n".join([head, *lines]) + "\n")
+    pre = {"sample_rate": 16000, "crop": {"max_seconds": 1.0, "mode": "center"}, "normalize": "utterance"}
+    with pytest.raises(ExportError, match=r"3 rows are too few.*--quant-mode"):
+        calibration_clips(pre, tmp_path / "m.csv", tmp_path, 300, held_out=100)
+    cal, _, check = calibration_clips(pre, tmp_path / "m.csv", tmp_path, 300)  # a fixed mode needs none held out
+    assert len(cal) == 3 and check == []
