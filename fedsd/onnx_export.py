@@ -294,7 +294,7 @@ QUANT_DETAIL = {
 }
 QUANT_MODES = (*QUANT_DETAIL, "auto")
 AUTO_ORDER = ("static-cnn", "static")
-"""What ``auto`` tries, fastest first (README, ONNX Runtime per exit: ~2x and ~1.4x eager at the base shape)."""
+"""What ``auto`` tries, fastest first (README, ONNX Runtime per exit: 1.7-1.9x and 1.1-1.3x eager at the base shape)."""
 
 
 def top_classes(path: Path, exits: Sequence[int], clips: Sequence[np.ndarray]) -> dict[int, np.ndarray]:
@@ -322,8 +322,8 @@ def _quantize_auto(
     """Quantise with each mode of ``AUTO_ORDER`` until one keeps the fp32 graph's answers on ``check``.
 
     Why measure per model: how many answers int8 changes depends on the model, not only on the mode
-    (on the tiny demo model ``static-cnn`` keeps 92-97 % of them, below what a default should change;
-    a wide front end quantises more finely). The clips must be held out from calibration.
+    (on the tiny demo model ``static-cnn`` keeps 96-98 % of them, below what a default should change; a
+    wider front end may quantise more finely). The clips must be held out from calibration.
     """
     if calibration is None:
         raise ConfigError("calibration", "static int8 needs calibration speech")
