@@ -96,6 +96,7 @@ def export(
     min_agreement: float = 0.98,
     force: bool = False,
     warn: Callable[[str], None] | None = None,
+    step: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Write what a device at ``exit`` needs from the checkpoint ``model`` to ``out``.
 
@@ -106,7 +107,8 @@ def export(
     corpus). ``quant_mode="auto"`` (the default) keeps the fastest static mode whose answers agree with
     fp32 on ``min_agreement`` of up to ``check_clips`` held-out clips at every exit (the manifest's
     ``valid`` rows; without any, every fifth calibration row is held out). ``warn`` hears about clips
-    that were skipped and about an auto choice below ``min_agreement``. Raises ``ExportError``.
+    that were skipped and about an auto choice below ``min_agreement``; ``step`` hears what an ONNX
+    export is doing (a base-size int8 export takes minutes). Raises ``ExportError``.
     """
     model, out = Path(model), Path(out)
     if format not in FORMATS:
@@ -119,7 +121,7 @@ def export(
             raise ExportError(f"--check-clips {check_clips}: give at least 1")
         return _export_onnx(
             model, out, exit, force, quantize, quant_mode, exits, cal, root, calibration_clips, warn,
-            (check_clips, min_agreement),
+            (check_clips, min_agreement), step,
         )  # fmt: skip
     if quantize or exits or calibration:
         raise ExportError("--quantize, --exits and --calibration need --format onnx")
@@ -241,6 +243,7 @@ def _export_onnx(
     limit: int,
     warn: Callable[[str], None] | None,
     auto: tuple[int, float] = (100, 0.98),
+    step: Callable[[str], None] | None = None,
 ) -> ExportResult:
     from fedsd.model.backbone import ConfigError
     from fedsd.onnx_export import QUANT_MODES, export_onnx, graph_info
@@ -266,10 +269,12 @@ def _export_onnx(
     if quantize and (quant_mode.startswith("static") or quant_mode == "auto"):
         pre = graph_info(net, wanted, None)["preprocessing"]
         held = auto[0] if quant_mode == "auto" else 0
+        if step is not None:
+            step("reading calibration speech")
         clips, source, check = calibration_clips(pre, calibration, root, limit, warn, held_out=held)
     try:
         info = export_onnx(net, wanted, out, quantize=quantize, calibration=clips, quant_mode=quant_mode,
-                           check=check, min_agreement=auto[1])  # fmt: skip
+                           check=check, min_agreement=auto[1], step=step)  # fmt: skip
     except ConfigError as e:
         raise ExportError(str(e)) from e
     choice = info.get("quantization_choice")

@@ -70,11 +70,12 @@ def export_command(
     from fedsd.export import ExportError, export
 
     try:
-        result = export(
-            model, out, exit=exit_, format=format_, quantize=quantize, quant_mode=quant_mode, exits=exits,
-            calibration=calibration, root=root, calibration_clips=calibration_clips, check_clips=check_clips,
-            min_agreement=min_agreement, force=force, warn=_warn,
-        )  # fmt: skip
+        with err_console.status("exporting", spinner="dots") as status:
+            result = export(
+                model, out, exit=exit_, format=format_, quantize=quantize, quant_mode=quant_mode, exits=exits,
+                calibration=calibration, root=root, calibration_clips=calibration_clips, check_clips=check_clips,
+                min_agreement=min_agreement, force=force, warn=_warn, step=status.update,
+            )  # fmt: skip
     except ExportError as e:
         _fail(str(e), e.code)
     (_print_onnx if result.format == "onnx" else _print_pytorch)(result)

@@ -240,6 +240,7 @@ def export_onnx(
     quant_mode: str = "static",
     check: Sequence[np.ndarray] | None = None,
     min_agreement: float = AUTO_MIN_AGREEMENT,
+    step: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Write ``out`` (``.onnx``) and its JSON sidecar; returns the metadata written.
 
@@ -248,8 +249,10 @@ def export_onnx(
     MatMul/Gemm weights only and needs no calibration. ``"auto"`` tries the static modes fastest first
     and keeps the first whose top class agrees with the fp32 graph's on at least ``min_agreement`` of the
     held-out ``check`` clips at every exit (else the best-agreeing one); the metadata's
-    ``quantization_choice`` records every measured agreement.
+    ``quantization_choice`` records every measured agreement. ``step`` hears what it is doing (each
+    step of a base-size int8 export takes a minute or more).
     """
+    say = step or (lambda _msg: None)
     out = Path(out)
     if quantize not in (None, "int8"):
         raise ConfigError("quantize", f"unknown value {quantize!r}; valid: int8")
@@ -261,15 +264,19 @@ def export_onnx(
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".onnx-") as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
+        say(f"exporting the fp32 graph (layers 1..{info['exits'][-1]})")
         export_graph(graph, fp32)
         final = fp32
         if quantize == "int8" and quant_mode == "auto":
-            final, choice = _quantize_auto(fp32, Path(tmp), info["exits"], calibration, check or [], min_agreement)
+            final, choice = _quantize_auto(
+                fp32, Path(tmp), info["exits"], calibration, check or [], min_agreement, say
+            )
             info["quantization"] = f"int8-{choice['chosen']}"
             info["quantization_detail"] = QUANT_DETAIL[choice["chosen"]]
             info["quantization_choice"] = choice
         elif quantize == "int8":
             final = Path(tmp) / "int8.onnx"
+            say(f"quantising to int8 ({quant_mode})")
             quantize_int8(fp32, final, mode=quant_mode, calibration=calibration)
             info["quantization_detail"] = QUANT_DETAIL[quant_mode]
         _set_metadata(final, info)
@@ -318,6 +325,7 @@ def _quantize_auto(
     calibration: Iterator[np.ndarray] | Callable[[], Iterator[np.ndarray]] | None,
     check: Sequence[np.ndarray],
     min_agreement: float,
+    say: Callable[[str], None],
 ) -> tuple[Path, dict[str, Any]]:
     """Quantise with each mode of ``AUTO_ORDER`` until one keeps the fp32 graph's answers on ``check``.
 
@@ -328,12 +336,15 @@ def _quantize_auto(
     if calibration is None:
         raise ConfigError("calibration", "static int8 needs calibration speech")
     clips = list(calibration() if callable(calibration) else calibration)  # every candidate calibrates on it
+    say(f"fp32 answers on {len(check)} held-out clips")
     reference = top_classes(fp32, exits, check)
     agreement: dict[str, dict[str, float]] = {}
     chosen = None
     for mode in AUTO_ORDER:
         path = tmp / f"int8-{mode}.onnx"
+        say(f"quantising to int8 ({mode}) on {len(clips)} calibration clips")
         quantize_int8(fp32, path, mode=mode, calibration=iter(clips))
+        say(f"int8 ({mode}) answers on {len(check)} held-out clips")
         tops = top_classes(path, exits, check)
         agreement[mode] = {str(k): float(np.mean(tops[k] == reference[k])) for k in reference}
         if min(agreement[mode].values()) >= min_agreement:

@@ -345,8 +345,13 @@ def test_auto_keeps_the_fastest_mode_that_agrees_on_held_out_clips(trained, tmp_
     export_onnx(net, net.exits, fp32)
     reference = top_classes(fp32, net.exits, check)
 
+    steps: list[str] = []
     lenient = export_onnx(net, net.exits, tmp_path / "a.onnx", quantize="int8", calibration=calib,
-                          quant_mode="auto", check=check, min_agreement=0.0)  # fmt: skip
+                          quant_mode="auto", check=check, min_agreement=0.0, step=steps.append)  # fmt: skip
+    n = len(check)
+    assert steps == ["exporting the fp32 graph (layers 1..4)", f"fp32 answers on {n} held-out clips",
+                     f"quantising to int8 (static-cnn) on {len(calib)} calibration clips",
+                     f"int8 (static-cnn) answers on {n} held-out clips"]  # fmt: skip
     choice = lenient["quantization_choice"]
     assert choice["chosen"] == AUTO_ORDER[0] == "static-cnn" and list(choice["agreement"]) == ["static-cnn"]
     assert lenient["quantization"] == "int8-static-cnn" and not choice["below_min_agreement"]
