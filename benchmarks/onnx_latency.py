@@ -37,7 +37,14 @@ import common  # noqa: E402  (benchmarks/common/; scripts are not a package)
 from fedsd.model import MultiExitSER, load_backbone  # noqa: E402
 from fedsd.model.backbone import SAMPLE_RATE  # noqa: E402
 from fedsd.model.export import export_exit  # noqa: E402
-from fedsd.onnx_export import QUANT_DETAIL, QUANT_MODES, export_onnx, graph_info  # noqa: E402
+from fedsd.onnx_export import (  # noqa: E402
+    AUTO_MIN_AGREEMENT,
+    AUTO_ORDER,
+    QUANT_DETAIL,
+    QUANT_MODES,
+    export_onnx,
+    graph_info,
+)
 from fedsd.onnx_runtime import INPUT_MASK, INPUT_WAVE, OnnxExitModel, load_clip  # noqa: E402
 
 LABELS = common.EMOTIONS
@@ -94,8 +101,9 @@ def uar(y: Sequence[int], p: Sequence[int], n: int) -> float:
 
 
 def op_profile(path: Path, feeds: dict[str, np.ndarray], runs: int, threads: int, work: Path) -> dict[str, float]:
-    """ONNX Runtime's own kernel time per op type, ms per run (``runs`` runs after one
-    warm-up), which says where an int8 graph still spends fp32 time."""
+    """ONNX Runtime's own kernel time per op type, ms per run over ``runs`` runs of a profiling session
+    (after one run of an unprofiled session of the same file), which says where an int8 graph still spends
+    fp32 time."""
     import json
     from collections import Counter
 
@@ -292,8 +300,9 @@ def _run(args: argparse.Namespace, bench: common.Run, work: Path) -> dict[str, A
         "corpus": str(corpus),
         "calibration_clips": len(cal),
         "eval_clips": len(ev),
-        "modes": {m: QUANT_DETAIL.get(m, "auto: the fastest of static-cnn, static keeping 98 % of the fp32 answers "
-                                         "on the validation clips") for m in args.modes},
+        "modes": {m: QUANT_DETAIL.get(m, f"auto: the first of {', '.join(AUTO_ORDER)} keeping "
+                                         f"{AUTO_MIN_AGREEMENT:.0%} of the fp32 answers on the validation clips")
+                  for m in args.modes},  # fmt: skip
         "check_clips": len(check),
     }
     header = (

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedsd.onnx_runtime import AUTO_MIN_AGREEMENT
+
 FORMATS = ("pytorch", "onnx")
 DEMO_CALIBRATION = Path("data/synth/manifest.csv")
 
@@ -44,7 +46,7 @@ class ExportResult:
     parameters: int | None = None  # pytorch only
     source_parameters: int | None = None
     parent_fingerprint: str | None = None
-    quantization: str | None = None  # e.g. "int8 (static QDQ ...)"; None: fp32 (onnx) or not applicable
+    quantization: str | None = None  # e.g. "int8-static (static QDQ ...)"; None: fp32 (onnx) or not applicable
     calibration: str | None = None  # where the int8 calibration clips came from
     quant_choice: dict | None = None  # quant_mode "auto": the mode chosen and every agreement measured
 
@@ -93,7 +95,7 @@ def export(
     root: str | os.PathLike[str] | None = None,
     calibration_clips: int = 300,
     check_clips: int = 100,
-    min_agreement: float = 0.98,
+    min_agreement: float = AUTO_MIN_AGREEMENT,
     force: bool = False,
     warn: Callable[[str], None] | None = None,
     step: Callable[[str], None] | None = None,
@@ -242,8 +244,8 @@ def _export_onnx(
     root: str | os.PathLike[str] | None,
     limit: int,
     warn: Callable[[str], None] | None,
-    auto: tuple[int, float] = (100, 0.98),
-    step: Callable[[str], None] | None = None,
+    auto: tuple[int, float],
+    step: Callable[[str], None] | None,
 ) -> ExportResult:
     from fedsd.model.backbone import ConfigError
     from fedsd.onnx_export import QUANT_MODES, export_onnx, graph_info

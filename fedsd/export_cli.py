@@ -14,6 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedsd.onnx_runtime import AUTO_MIN_AGREEMENT
+
 console = Console()
 err_console = Console(stderr=True)
 
@@ -49,11 +51,11 @@ def export_command(
         "auto",
         help="int8 method: auto (default: static-cnn if it keeps --min-agreement of the fp32 answers on "
         "held-out clips at every exit, else static), static (calibrated QDQ of the transformer MatMuls), "
-        "static-cnn (MatMuls and every conv but the first: ~2x faster at the base shape, changes some "
+        "static-cnn (MatMuls and every conv but the first: 1.7-1.9x eager at the base shape, changes some "
         "close calls), static-all (every op), dynamic (MatMul weights), dynamic-all. See README.",
     ),
     min_agreement: float = typer.Option(
-        0.98, help="int8 auto: share of held-out clips whose answer must not change, at every exit."
+        AUTO_MIN_AGREEMENT, help="int8 auto: share of held-out clips whose answer must not change, at every exit."
     ),
     check_clips: int = typer.Option(
         100, help="int8 auto: held-out clips it checks on (--calibration's valid rows, else every 5th row)."

@@ -35,6 +35,7 @@ from fedsd.model.backbone import ConfigError, EncoderState
 from fedsd.model.export import export_exit, parent_fingerprint
 from fedsd.model.multiexit import MultiExitSER
 from fedsd.onnx_runtime import (
+    AUTO_MIN_AGREEMENT,
     FORMAT,
     INPUT_MASK,
     INPUT_WAVE,
@@ -44,8 +45,6 @@ from fedsd.onnx_runtime import (
     sidecar_path,
 )
 
-AUTO_MIN_AGREEMENT = 0.98
-"""``quant_mode="auto"`` keeps a mode only if it agrees with fp32 on this share of held-out clips."""
 OPSET = 20  # 20: GELU is one ONNX op (17 spelled it as five: Div, Erf, Add, Mul, Mul)
 
 
