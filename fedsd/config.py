@@ -64,8 +64,9 @@ class DataConfig(_Strict):
 
 class ModelConfig(_Strict):
     backbone: str = "tiny"
-    """Built-in name (`tiny`, `base`), a local directory, or a Hugging Face hub id."""
-    family: Literal["wav2vec2", "hubert", "wavlm"] | None = None
+    """Built-in name (`tiny`, `base`; `whisper-tiny.en`: pretrained, offline, `fedsd[pretrained]`), a local
+    directory, or a Hugging Face hub id (e.g. `openai/whisper-tiny`)."""
+    family: Literal["wav2vec2", "hubert", "wavlm", "whisper"] | None = None
     pretrained: bool = True
     """Load pretrained weights (directory / hub id). False trains the same architecture from scratch."""
     exits: list[int] = [1, 2, 3, 4]

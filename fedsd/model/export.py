@@ -62,9 +62,10 @@ def _truncated_backbone(backbone: PreTrainedModel, k: int, pre_ln: bool) -> PreT
 
 
 def _layers_prefix(backbone: PreTrainedModel) -> str:
-    """State-dict prefix of the transformer layers (``encoder.layers``)."""
+    """State-dict prefix of the transformer layers (``encoder.layers``; a WhisperEncoder's own ``layers``)."""
+    encoder = getattr(backbone, "encoder", backbone)
     for name, module in backbone.named_modules():
-        if module is backbone.encoder.layers:
+        if module is encoder.layers:
             return name
     raise ValueError("backbone has no encoder.layers")  # pragma: no cover - every supported family has
 

@@ -246,8 +246,14 @@ class MultiExitSER(nn.Module):
     # -- freezing -----------------------------------------------------------------------------------
 
     def freeze_backbone(self, freeze_feature_encoder_only: bool = False) -> None:
-        """Stop gradients into the backbone (devices) or only its CNN front end (common fine-tuning)."""
-        if freeze_feature_encoder_only:
+        """Stop gradients into the backbone (devices) or only its CNN front end (common fine-tuning).
+
+        Whisper's front end is its two convolutions and the position table (the log-mel has no weights).
+        """
+        if freeze_feature_encoder_only and self.family == "whisper":
+            for module in (self.backbone.conv1, self.backbone.conv2, self.backbone.embed_positions):
+                module.requires_grad_(False)  # the conv front end and the position table
+        elif freeze_feature_encoder_only:
             fe = self.backbone.feature_extractor
             if hasattr(fe, "_freeze_parameters"):
                 fe._freeze_parameters()  # also stops HF forcing requires_grad on the input
