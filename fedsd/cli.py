@@ -51,6 +51,10 @@ def _mount() -> None:
         from fedsd.export_cli import register as register_export
 
         register_export(app)
+    if _exists("fedsd.model_cli"):
+        from fedsd.model_cli import register as register_model
+
+        register_model(app)
     if _exists("fedsd.server.simulate_cli"):
         from fedsd.server.simulate_cli import register as register_simulate
 
