@@ -68,8 +68,8 @@ class ExitGraph(nn.Module):
         self.net = model.eval()
         self.exits = sorted(exits)
         config = model.backbone.config
-        self.kernels = [int(k) for k in config.conv_kernel]
-        self.strides = [int(s) for s in config.conv_stride]
+        self.kernels = [int(k) for k in getattr(config, "conv_kernel", ())]
+        self.strides = [int(s) for s in getattr(config, "conv_stride", ())]
 
     def _front_end(self, x: Tensor, num_samples: Tensor) -> tuple[Tensor, Tensor]:
         """Frame features ``[B, F, C]`` and valid frame counts, per clip as if each ran alone."""
@@ -102,6 +102,9 @@ class ExitGraph(nn.Module):
 
     def forward(self, input_values: Tensor, attention_mask: Tensor) -> tuple[Tensor, ...]:
         enc = self.net.encoder
+        if enc.family == "whisper":
+            # Its start() is traceable as is: per-clip log-mel, masked convs, an additive key mask.
+            return self._exits(enc.start(input_values, attention_mask))
         model = enc.model
         num_samples = attention_mask.to(torch.long).sum(-1)
         features, lengths = self._front_end(input_values, num_samples)
@@ -119,11 +122,15 @@ class ExitGraph(nn.Module):
         hidden = hidden + encoder.pos_conv_embed(hidden)
         if not enc.pre_ln:
             hidden = encoder.layer_norm(hidden)
-        state = EncoderState(hidden, frame_mask, 0, None, layer_mask, lengths)
+        return self._exits(EncoderState(hidden, frame_mask, 0, None, layer_mask, lengths))
+
+    def _exits(self, state: EncoderState) -> tuple[Tensor, ...]:
+        """Logits and probabilities of each exit, advancing layer by layer from ``state``."""
+        enc = self.net.encoder
         outs: list[Tensor] = []
         for k in self.exits:
             state = enc.advance(state, k)
-            logits = self.net.head(k)(enc.exit_hidden(state), frame_mask).logits
+            logits = self.net.head(k)(enc.exit_hidden(state), state.frame_mask).logits
             outs += [logits, torch.softmax(logits, dim=-1)]
         return tuple(outs)
 
@@ -364,12 +371,25 @@ def _quantize_auto(
     return tmp / f"int8-{chosen}.onnx", choice
 
 
+# Whisper's log-mel (fedsd.model.whisper.LogMel): its DFT convolution and mel MatMul see a power spectrum
+# spanning 8 decades, which no int8 range keeps; every mode leaves it in fp32, weights included.
+FP32_SCOPE = "log_mel"
+
+
 def _head_nodes(path: Path) -> list[str]:
-    """Node names of the exit heads (pooling statistics and two small Gemms): kept in fp32."""
+    """Nodes kept in fp32: the exit heads (pooling statistics, two small Gemms) and any log-mel front end."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    return [n.name for n in graph.node if "heads" in n.name or n.op_type == "Gemm"]
+    return [n.name for n in graph.node if "heads" in n.name or FP32_SCOPE in n.name or n.op_type == "Gemm"]
+
+
+def _log_mel_nodes(path: Path) -> list[str]:
+    """Nodes of a log-mel front end (Whisper): fp32 even in the quantise-everything modes."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [n.name for n in graph.node if FP32_SCOPE in n.name]
 
 
 def _first_conv(path: Path) -> list[str]:
@@ -431,7 +451,7 @@ def _quantize(
     cnn = mode == "static-cnn"
     if mode.startswith("dynamic"):
         kw: dict[str, Any] = {"op_types_to_quantize": ["MatMul"]} if matmul_only else {}
-        exclude = _head_nodes(fp32) if matmul_only else []
+        exclude = _head_nodes(fp32) if matmul_only else _log_mel_nodes(fp32)
         quantize_dynamic(fp32, out, weight_type=QuantType.QInt8, nodes_to_exclude=exclude, **kw)
         if matmul_only:
             int8_conv_weights(out)
@@ -445,7 +465,7 @@ def _quantize(
     except Exception:  # noqa: BLE001 - pre-processing is an optimisation; quantise the raw graph
         pre = fp32
     kw = {"op_types_to_quantize": ["MatMul"]} if matmul_only else {}
-    exclude = _head_nodes(pre) if matmul_only else []
+    exclude = _head_nodes(pre) if matmul_only else _log_mel_nodes(pre)
     if cnn:
         # The first convolution reads the raw waveform: int8 activations there cost accuracy (|Δlogit| 0.14
         # vs 0.007 with it in fp32, base shape) and time (one input channel: no int8 kernel pays off).
@@ -488,7 +508,11 @@ def int8_conv_weights(path: Path) -> int:
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     names = sorted(
-        {n.input[1] for n in graph.node if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in inits}
+        {
+            n.input[1]
+            for n in graph.node
+            if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in inits and FP32_SCOPE not in n.name
+        }
     )
     done = 0
     for name in names:
