@@ -379,7 +379,7 @@ def import_ct2(
         "spec": model.spec,
         "spec_revision": model.revision,
         "variables": len(model.variables),
-        "source_dtypes": sorted({model.dtypes[n] for n in model.variables if model.variables[n].dim() > 0}),
+        "source_dtypes": sorted({d for d in model.dtypes.values() if d in FLOAT_DTYPES}),  # weights' dtypes
         "content": "WhisperEncoder" if encoder_only else "WhisperForConditionalGeneration",
         "dtype": "float32",
         "checked": ["shapes", "float dtypes", "zero k bias", "every variable used", "every parameter set"],
