@@ -33,11 +33,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: system-deps $(STAMP) lint
-	FEDSD_REQUIRE_ESPEAK=1 $(BIN)/python -m pytest -q --durations=15
+	FEDSD_REQUIRE_ESPEAK=1 $(BIN)/python -m pytest -q -n auto --dist worksteal --durations=15
 
 # the edit loop: everything not marked slow (`make test` still runs the whole suite)
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n auto --dist worksteal -m "not slow"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

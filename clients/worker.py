@@ -39,6 +39,7 @@ import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -104,8 +105,20 @@ def secure_dir(path: Path) -> Path:
 
 
 def socket_path(cache: Path, parent: int, stamp: str | None = None) -> Path:
-    """``<cache>/warm/<installation stamp>-<parent pid>.sock`` (the directory is made private here)."""
-    path = secure_dir(Path(cache).resolve() / DIR_NAME) / f"{stamp or install_stamp()}-{parent}.sock"
+    """``<cache>/warm/<installation stamp>-<parent pid>.sock`` (the directory is made private here).
+
+    A cache deep enough to exceed the Unix socket path limit (~107 bytes) puts the socket in a private
+    ``<tmp>/fedsd-<uid>/warm`` instead, named by a hash of the cache path too, so a device with a long
+    cache path still gets its warm worker and two caches never share one.
+    """
+    cache = Path(cache).resolve()
+    name = f"{stamp or install_stamp()}-{parent}.sock"
+    path = secure_dir(cache / DIR_NAME) / name
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        short = Path(tempfile.gettempdir()) / f"fedsd-{os.getuid()}"
+        tag = hashlib.sha256(os.fsencode(cache)).hexdigest()[:16]
+        secure_dir(short)
+        path = secure_dir(short / DIR_NAME) / f"{tag}-{name}"
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
         raise WorkerUnavailable(f"{path}: too long for a Unix socket path")
     return path
@@ -161,8 +174,14 @@ def _connect(path: Path) -> socket.socket:
     return sock
 
 
-def _start(path: Path, parent: int, idle_s: float) -> None:
-    log = open(path.with_suffix(".log"), "ab")  # noqa: SIM115  (handed to the child)
+def log_path(cache: Path, parent: int, stamp: str | None = None) -> Path:
+    """``<cache>/warm/<installation stamp>-<parent pid>.log``: the worker's log stays with the device's
+    cache even when its socket had to move to a shorter path."""
+    return secure_dir(Path(cache).resolve() / DIR_NAME) / f"{stamp or install_stamp()}-{parent}.log"
+
+
+def _start(path: Path, log_file: Path, parent: int, idle_s: float) -> None:
+    log = open(log_file, "ab")  # noqa: SIM115  (handed to the child)
     try:
         subprocess.Popen(
             [sys.executable, "-m", "fedsd.clients.worker", "--socket", str(path), "--parent", str(parent),
@@ -190,7 +209,7 @@ def connect(
                 return _connect(path)  # started meanwhile
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()  # a stale socket: nobody listens on it
-            _start(path, parent, idle_s)
+            _start(path, log_path(cache, parent), parent, idle_s)
             deadline = time.monotonic() + start_timeout_s
             while True:
                 try:

@@ -53,6 +53,8 @@ def env(**extra: str) -> dict[str, str]:
         TRANSFORMERS_OFFLINE="1",
         COLUMNS="200",
         PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS="1",  # a test runs a server, a ServerApp and devices at once on 2 cores
+        MKL_NUM_THREADS="1",
     )
     out.update(extra)
     return out

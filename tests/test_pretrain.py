@@ -31,7 +31,7 @@ def pretrained(small_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
     rows = read_manifest(small_corpus / "manifest.csv")
     out = tmp_path_factory.mktemp("ssl") / "tiny-ssl"
-    settings = PretrainSettings(clusters=16, epochs=4, batch_size=4, crop_seconds=1.0, lr=2e-3, threads=2)
+    settings = PretrainSettings(clusters=16, epochs=4, batch_size=4, crop_seconds=1.0, lr=2e-3, threads=1)
     res = pretrain(rows, small_corpus, out, settings, log=lambda _: None)
     return out, res
 

@@ -211,6 +211,18 @@ def test_one_worker_per_device_stale_sockets_replaced_other_users_refused(tmp_pa
     assert (worker.secure_dir(loose).stat().st_mode & 0o777) == 0o700
 
 
+def test_a_deep_cache_gets_a_short_private_socket(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    path = worker.socket_path(deep, 4242, stamp="s")
+    assert len(os.fsencode(path)) <= worker.MAX_SOCKET_PATH
+    assert not str(path).startswith(str(tmp_path)) and path.name.endswith("-s-4242.sock")
+    assert (path.parent.stat().st_mode & 0o777) == 0o700
+    other = worker.socket_path(tmp_path / ("d" * 60) / ("f" * 60), 4242, stamp="s")
+    assert other != path and other.parent == path.parent  # another cache: another worker
+    assert worker.socket_path(tmp_path / "c", 4242, stamp="s") == tmp_path / "c" / worker.DIR_NAME / "s-4242.sock"
+    assert worker.log_path(deep, 4242, stamp="s") == deep / worker.DIR_NAME / "s-4242.log"  # log stays in the cache
+
+
 def test_the_supernode_environment_turns_it_on(tmp_path: Path) -> None:
     from fedsd.clients.runner import shim_env
 
