@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedsd.clients import supernode_main
 from fedsd.clients.device import DEFAULT_CACHE, DeviceError
 from fedsd.clients.supervisor import (
     EXIT_DONE,
@@ -131,7 +132,9 @@ class Device:
     ``cache`` (feature cache, delivered models, session logs), ``root_cert`` (TLS: the server's CA) or
     ``insecure=True`` (plain HTTP), ``auth_key`` (node key for a server with --auth), ``out`` (keep the
     deployable model for its exit here), ``personalize_epochs``, the ``dp_*`` options,
-    ``server_timeout`` and ``warm_worker`` (one long-lived process handles its messages: clients/worker.py). ``session_dir`` overrides ``<cache>/sessions/<time>-<pid>``.
+    ``server_timeout``, ``warm_worker`` (one long-lived process handles its messages: clients/worker.py)
+    and ``heartbeat_s`` (how soon the server notices this device is gone: twice this; None: Flower's
+    30 s). ``session_dir`` overrides ``<cache>/sessions/<time>-<pid>``.
 
     ``on_event`` receives a :class:`DeviceEvent` per line of progress, from the thread that supervises
     (the caller's for :meth:`run`, a worker's after :meth:`start`).
@@ -161,6 +164,7 @@ class Device:
         dp_device_budget: float | None = None,
         server_timeout: float = 300.0,
         warm_worker: bool = False,
+        heartbeat_s: float | None = None,
         session_dir: str | Path | None = None,
         on_event: EventCallback | None = None,
     ) -> None:
@@ -209,6 +213,12 @@ class Device:
         self.personalize_epochs = personalize_epochs
         self.server_timeout = float(server_timeout)
         self.warm_worker = bool(warm_worker)
+        if heartbeat_s is not None:
+            try:
+                heartbeat_s = supernode_main.check_interval(heartbeat_s)
+            except ValueError as e:
+                raise DeviceOptionError(str(e)) from None
+        self.heartbeat_s = heartbeat_s
         self._session_dir = Path(session_dir).expanduser().resolve() if session_dir is not None else None
         self.on_event = on_event
         self.returncode: int | None = None
@@ -354,6 +364,7 @@ class Device:
                     root_certificates=self.root_cert,
                     auth_key=self.auth_key,
                     warm_worker=self.warm_worker,
+                    heartbeat_s=self.heartbeat_s,
                 ),
                 on_event=self._on_client_event,
                 on_status=self._on_status,

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedsd.clients import supernode_main
 from fedsd.clients.runner import shim_env
 from fedsd.launch import (
     ManagedProcess,
@@ -83,6 +84,7 @@ def start_supernode(
     auth_key: Path | None = None,
     runner_dir: Path | None = None,
     warm_worker: bool = False,
+    heartbeat_s: float | None = None,
 ) -> ManagedProcess:
     """`flower-supernode` connected to ``superlink`` (HOST:PORT), with its own Runtime API port
     (several SuperNodes on one host each need one).
@@ -93,6 +95,8 @@ def start_supernode(
 
     TLS verified against ``root_certificates`` (a CA PEM) when given, else plain HTTP (`--insecure`);
     ``auth_key`` (OpenSSH EC private key, needs TLS) signs every request for node authentication.
+    ``heartbeat_s``: the heartbeat interval the SuperNode announces (None: Flower's 30 s); the SuperLink
+    gives up on a silent node after twice this (clients/supernode_main.py).
     """
     if auth_key is not None and root_certificates is None:
         raise ValueError("node authentication (auth_key) needs TLS (root_certificates)")
@@ -101,8 +105,7 @@ def start_supernode(
     )
     if auth_key is not None:
         security += ["--auth-supernode-private-key", str(auth_key)]
-    cmd = [
-        flower_bin("flower-supernode"),
+    args = [
         "--superlink",
         superlink,
         *security,
@@ -113,6 +116,10 @@ def start_supernode(
         "--port",
         str(local_port),
     ]
+    if heartbeat_s is None or heartbeat_s == supernode_main.DEFAULT_S:
+        cmd = [flower_bin("flower-supernode"), *args]
+    else:
+        cmd = supernode_main.command(supernode_main.check_interval(heartbeat_s), args)
     env = shim_env(flower_env(flwr_home), runner_dir or flwr_home / "bin", warm_worker=warm_worker)
     return ManagedProcess("flower-supernode", cmd, env=env, log_path=log_path, cwd=cwd)
 
@@ -256,6 +263,8 @@ class SupervisorSettings:
     """Pause before trying again when the server does not know this device's key (yet)."""
     warm_worker: bool = False
     """Handle the SuperNode's messages in one long-lived worker (``FEDSD_WARM_WORKER=1``, clients/worker.py)."""
+    heartbeat_s: float | None = None
+    """Heartbeat interval the SuperNode announces (None: Flower's 30 s; 10 s at least)."""
 
 
 class Supervisor:
@@ -302,6 +311,7 @@ class Supervisor:
             root_certificates=self.settings.root_certificates,
             auth_key=self.settings.auth_key,
             warm_worker=self.settings.warm_worker,
+            heartbeat_s=self.settings.heartbeat_s,
         )
         self.on_status(
             "info",

@@ -155,15 +155,18 @@ def test_killed_between_metrics_and_state_resumes_without_duplicates(inproc, mon
 # ============================================================================ loopback processes
 START_TIMEOUT = 600.0  # failure bounds, not performance checks (each Flower message step ~6-20 s)
 RUN_TIMEOUT = 900.0
+HEARTBEAT_S = 10  # the shortest interval the SuperLink accepts
+ROUND_TIMEOUT = 50
 
 
 @pytest.fixture(scope="module")
 def loop_config(tmp_path_factory, small_corpus: Path) -> Path:
-    # round_timeout 90 s > the SuperLink's heartbeat patience (2 x 30 s): a killed device's message is
-    # answered by the SuperLink with NODE_UNAVAILABLE within ~60 s instead of running into the timeout.
+    # The devices beat every HEARTBEAT_S (`--heartbeat`), so the SuperLink answers a killed device's
+    # message with NODE_UNAVAILABLE within ~2 x HEARTBEAT_S. round_timeout sits above that and below
+    # Flower's default patience (2 x 30 s): the device-kill test fails if the shorter heartbeat is lost.
     return write_config(
         tmp_path_factory.mktemp("crash") / "crash.yaml", small_corpus, name="crash-loopback", num_clients=3,
-        exits_mix=[1, 2, 4], min_clients=2, round_timeout=90, lr=None,
+        exits_mix=[1, 2, 4], min_clients=2, round_timeout=ROUND_TIMEOUT, lr=None,
     )  # fmt: skip
 
 
@@ -190,7 +193,7 @@ class Loop:
         return self.procs.fedsd(
             name, "client", "run", "--server", f"127.0.0.1:{self.port}", "--insecure", "--root", self.corpus,
             "--exit", exit_k, "--data", manifest, "--model", self.base, "--cache", self.tmp / f"cache-{name}",
-            "--server-timeout", "240",
+            "--server-timeout", "240", "--heartbeat", HEARTBEAT_S, "--warm-worker",
         )  # fmt: skip
 
     def supernode_log(self, name: str) -> Path | None:
