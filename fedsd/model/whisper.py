@@ -7,8 +7,9 @@ so the spectrogram is computed inside the model: an STFT written as a strided co
 DFT basis (traceable, ONNX-exportable, never quantised) and Slaney mel filters, numerically what
 ``transformers.WhisperFeatureExtractor`` computes for the same samples. Then conv1+GELU, conv2+GELU, the
 first T rows of the position table and layers 1..k only, at the clip's true length: no 30 s padding
-(about 12x cheaper for a 4 s clip). True-length features differ from 30 s padded ones more with depth,
-which is why every path (training, cache, inference, export) goes through this one forward.
+(tiny.en, 4 s clip, 1 thread: 39 ms for all 4 layers vs 360 ms padded). True-length features differ
+from 30 s padded ones more with depth, which is why every path (training, cache, inference, export)
+goes through this one forward.
 
 Batch-mates never change a clip's outputs: the STFT reflects each clip at its own end, the log-mel
 maximum is over the clip's own frames, the mel and the conv1 output are zeroed beyond the clip's
