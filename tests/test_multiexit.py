@@ -208,7 +208,7 @@ def test_bad_settings_name_the_field():
     with pytest.raises(ConfigError, match=r"^label_names: "):
         MultiExitSER(bb, [2, 4], ["only"])
     with pytest.raises(ConfigError, match=r"^family: "):
-        load_backbone("tiny", family="whisper")
+        load_backbone("tiny", family="conformer")  # not a family fedsd knows
     with pytest.raises(ConfigError, match=r"^exits: "):
         MultiExitSER(bb, [2, 4], LABELS)(torch.zeros(1, 4000), exits=[3])
 
