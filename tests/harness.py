@@ -23,9 +23,11 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
+import subprocess
 import sys
 import threading
 import time
@@ -524,3 +526,49 @@ def tiny_net(
         setattr(config, key, value)
     torch.manual_seed(0)
     return MultiExitSER(build_backbone(config), list(exits), labels or LABELS, meta=meta).eval()
+
+
+# ----------------------------------------------------------------------------- another host
+class NetNamespace:
+    """A network namespace of the test's own, joined to this machine by a veth pair: a peer with another
+    address for tests of what a remote device may reach. Traffic stays on the pair (never this machine's
+    own interface address); ``close()`` deletes both. Needs root and iproute2 (``available()``)."""
+
+    def __init__(self, tag: str) -> None:
+        n = os.getpid() % 200 + 20  # one /30 per pytest process: xdist workers never collide
+        self.name = f"fedsd-{tag}-{os.getpid()}"
+        self.host_if, self.peer_if = f"fh{os.getpid()}"[:15], f"fp{os.getpid()}"[:15]
+        self.host_ip, self.peer_ip = f"10.231.{n}.1", f"10.231.{n}.2"
+        steps = [
+            ["ip", "netns", "add", self.name],
+            ["ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.peer_if],
+            ["ip", "link", "set", self.peer_if, "netns", self.name],
+            ["ip", "addr", "add", f"{self.host_ip}/30", "dev", self.host_if],
+            ["ip", "link", "set", self.host_if, "up"],
+            [*self.exec(), "ip", "addr", "add", f"{self.peer_ip}/30", "dev", self.peer_if],
+            [*self.exec(), "ip", "link", "set", self.peer_if, "up"],
+            [*self.exec(), "ip", "link", "set", "lo", "up"],
+        ]
+        try:
+            for cmd in steps:
+                subprocess.run(cmd, check=True, capture_output=True, timeout=20)
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def available() -> str | None:
+        """None when namespaces can be made here, else why not."""
+        if os.geteuid() != 0:
+            return "network namespaces need root"
+        if shutil.which("ip") is None:
+            return "iproute2's `ip` is not installed"
+        return None
+
+    def exec(self) -> list[str]:
+        """The prefix that runs a command inside the namespace."""
+        return ["ip", "netns", "exec", self.name]
+
+    def close(self) -> None:
+        for cmd in (["ip", "link", "del", self.host_if], ["ip", "netns", "del", self.name]):
+            subprocess.run(cmd, capture_output=True, timeout=20)
