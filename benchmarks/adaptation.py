@@ -1,6 +1,6 @@
 """Federated on-device adaptation: does self-distillation on unlabelled speech lift the shallow exits?
 
-The recipe of ``configs/demo.yaml`` (synthetic corpus, tiny backbone, its central base model trained on
+The recipe of ``configs/scratch.yaml`` (synthetic corpus, tiny backbone, its central base model trained on
 the server pool; 8 simulated devices with exits 1/2/3 round-robin, the deep exit 4 the frozen teacher;
 its rounds × local epochs), Flower's Message API over the in-process grid (no Ray). Per label fraction
 and seed it measures, per exit, SD against CE only:
@@ -31,7 +31,7 @@ personal test speech (the same at every fraction) and the local training seed (`
 Every run of a seed sees the same devices, labels and personal test speech, every run sees the same
 test speakers and base model, and the feature cache (same backbone, same files) is shared by all runs.
 
-Reproduce (the recipe is configs/demo.yaml; every size defaults to its value. The first run generates
+Reproduce (the recipe is configs/scratch.yaml; every size defaults to its value. The first run generates
 the corpus and trains the base model; the federated runs reuse cached features):
 
     .venv/bin/python benchmarks/adaptation.py --seeds 0 1 2 --fractions 0.1 --threads 1

@@ -12,7 +12,7 @@ speakers and base model are fixed. UAR is on the 4 unseen test speakers.
 Overhead: the same device's local training (cached features, one round of 5 epochs) with and without
 DP, interleaved, median of repeats; reported as a ratio (the machine is shared, absolute times drift).
 
-Reproduce (the recipe is configs/demo.yaml; every size defaults to its value; the corpus and base model
+Reproduce (the recipe is configs/scratch.yaml; every size defaults to its value; the corpus and base model
 are made in the work directory on first use):
 
     .venv/bin/python benchmarks/privacy.py                   # ε 1, 3, 8 and no DP, seeds 0 1 2

@@ -10,7 +10,7 @@ Defences compared (config ``federated.*``): plain weighted mean; ``max_update_no
 ``aggregation: trimmed_mean`` (trim 0.2 → one device cut at each end of 8 per coordinate);
 ``aggregation: median``. Each is also run without an attacker (the price of the defence).
 
-Every size defaults to the recipe's (configs/demo.yaml) value; corpus, base model and feature cache are
+Every size defaults to the recipe's (configs/scratch.yaml) value; corpus, base model and feature cache are
 made in the work directory on first use.
 
     .venv/bin/python benchmarks/robustness.py        # ~20 min on 2 loaded cores (cached features)

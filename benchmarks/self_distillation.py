@@ -1,6 +1,6 @@
 """Does self-distillation lift the shallow exits? SD vs CE-only at 10 %, 20 % and 100 % labels.
 
-Centralized training with the recipe of ``configs/demo.yaml`` (its data, model and train sections: the
+Centralized training with the recipe of ``configs/scratch.yaml`` (its data, model and train sections: the
 tiny backbone from scratch on the synthetic corpus); only the loss (``train.mode``: ``sd`` or ``ce``),
 the label fraction and the seed change. Speaker-independent split drawn by the seed: ``--test-speakers``
 unseen test speakers and ``--valid-speakers`` validation speakers (model selection by the recipe's

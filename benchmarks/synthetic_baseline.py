@@ -13,7 +13,7 @@ Writes ``benchmarks/results/synthetic_baseline.json`` (``--json``) with provenan
 The features and the classifier live in benchmarks/common/baseline.py (``mfcc_features``, ``fit_score``), shared
 with benchmarks/self_distillation.py, which reports this baseline beside the trained model.
 
-Sizes default to the recipe's ``data.synth`` (configs/demo.yaml; ``--config``, ``--set``).
+Sizes default to the recipe's ``data.synth`` (configs/scratch.yaml; ``--config``, ``--set``).
 
 Reported per seed: accuracy and UAR (macro recall) on the manifest's test-split speakers (model trained on
 the train split), and the mean over leave-speakers-out folds (GroupKFold on all speakers; less noisy).

@@ -34,7 +34,19 @@ from .corpus import (
     work_dir,
 )
 from .federation import NAN, FedBench, add_federation_args, personal_line, personal_results, took
-from .paths import BENCH, CODE_PATHS, DEMO, EMOTIONS, ENV, FEDERATED_WORK, RESULTS, ROOT, WORK_STAMP, quiet
+from .paths import (
+    BENCH,
+    CODE_PATHS,
+    DEMO,
+    EMOTIONS,
+    ENV,
+    FEDERATED_WORK,
+    RECIPE,
+    RESULTS,
+    ROOT,
+    WORK_STAMP,
+    quiet,
+)
 from .plots import figure
 from .provenance import (
     Run,
@@ -67,7 +79,7 @@ from .timing import (
 )
 
 __all__ = [
-    "BENCH", "CLOCKS", "CODE_PATHS", "DEMO", "EMOTIONS", "ENV", "FEDERATED_WORK", "RESULTS", "ROOT", "WORK_STAMP",
+    "BENCH", "CLOCKS", "CODE_PATHS", "DEMO", "EMOTIONS", "ENV", "FEDERATED_WORK", "RECIPE", "RESULTS", "ROOT", "WORK_STAMP",
     "FedBench", "NAN", "Run", "add_config_args", "add_corpus_args", "add_federation_args", "add_timing_args", "args_config", "base_overrides",
     "cell", "check_sizes", "checkpoint_fingerprint", "checkpoint_id", "ci_cell", "code_tag", "code_version",
     "corpus_info", "corpus_overrides", "default_exits", "device_parser", "digest", "ensure_corpus", "figure", "fit_score",

@@ -14,13 +14,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .paths import DEMO, ROOT, WORK_STAMP
+from .paths import RECIPE, ROOT, WORK_STAMP
 from .provenance import code_tag, code_version, digest
 
 
 def add_config_args(ap: argparse.ArgumentParser) -> None:
-    """``--config`` (default configs/demo.yaml) and ``--set KEY=VALUE`` overrides of it."""
-    ap.add_argument("--config", type=Path, default=DEMO, help="the recipe (default: configs/demo.yaml)")
+    """``--config`` (default configs/scratch.yaml) and ``--set KEY=VALUE`` overrides of it."""
+    ap.add_argument(
+        "--config",
+        type=Path,
+        default=RECIPE,
+        help="the recipe (default: configs/scratch.yaml, the from-scratch tiny model; configs/demo.yaml: "
+        "Whisper tiny.en)",
+    )
     ap.add_argument(
         "--set",
         dest="overrides",

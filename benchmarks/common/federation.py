@@ -26,7 +26,7 @@ from .provenance import Run, checkpoint_fingerprint, checkpoint_id, code_tag, di
 def add_federation_args(ap: argparse.ArgumentParser, name: str, *, seeds: Sequence[int] = (0, 1, 2)) -> None:
     """Corpus, split, base model and federation sizes shared by adaptation, privacy and robustness.
 
-    Every size defaults to the recipe's (configs/demo.yaml) value.
+    Every size defaults to the recipe's (configs/scratch.yaml) value.
     """
     add_corpus_args(
         ap,
