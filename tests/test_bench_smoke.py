@@ -24,6 +24,7 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 SMOKED = {
+    "whisper_recipe",
     "adaptation",
     "exit_latency",
     "onnx_latency",
@@ -453,3 +454,26 @@ def test_simulation_scale_smoke(tmp_path):
     assert proj["fedsd_seconds"] == pytest.approx(20_000 * r["per_message_seconds"])
     assert "Flower's floor" in bench.table(data)
     assert data["leftover_processes_total"] == 0
+
+
+def test_whisper_recipe_smoke(tmp_path, tiny_corpus):
+    """The recipe comparison at its smallest (the scratch recipe on 6 speakers, 1 epoch, two variants):
+    validation and test UAR per exit per variant, and the MFCC baseline on the same split."""
+    bench = load_script("whisper_recipe")
+    sets = [f"data.root={tiny_corpus}", "data.split=speaker", "train.epochs=1", "federated.num_clients=1",
+            "federated.test_speakers=1", "federated.server_speakers=4", "federated.server_valid_speakers=1"]
+    argv = ["--config", str(Path(__file__).resolve().parents[1] / "configs" / "scratch.yaml"), "--work", str(tmp_path / "work"),
+            "--variant", "base:", "--variant", "ce:train.mode=ce", "--out", str(tmp_path / "w.json")]
+    for item in sets:
+        argv += ["--set", item]
+    out = bench.main(argv)
+    data = json.loads((tmp_path / "w.json").read_text())
+    assert [v["variant"] for v in data["variants"]] == [v["variant"] for v in out["variants"]] == ["base", "ce"]
+    assert "whisper_recipe" in json.dumps(data["provenance"])
+    assert data["setup"]["speakers"]["test"] and not set(data["setup"]["speakers"]["test"]) & set(
+        data["setup"]["speakers"]["train"] + data["setup"]["speakers"]["valid"]
+    )
+    for v in data["variants"]:
+        assert set(v["test_uar"]) == {"1", "2", "3", "4"} and all(0 <= x <= 1 for x in v["test_uar"].values())
+    assert 0 <= data["mfcc_baseline"]["test"]["uar"] <= 1
+
