@@ -433,18 +433,7 @@ class TruncatedEncoder(nn.Module):
 
         One clip may come as 1-D ``input_values`` (and then a 1-D ``attention_mask``).
         """
-        if input_values.dim() == 1:
-            input_values = input_values.unsqueeze(0)
-        if input_values.dim() != 2:
-            raise ValueError(f"input_values must be [batch, samples], got shape {tuple(input_values.shape)}")
-        if attention_mask is not None:
-            if attention_mask.dim() == 1:
-                attention_mask = attention_mask.unsqueeze(0)
-            if attention_mask.shape != input_values.shape:
-                raise ValueError(
-                    f"attention_mask shape {tuple(attention_mask.shape)} does not match input_values "
-                    f"{tuple(input_values.shape)}"
-                )
+        input_values, attention_mask = batched_inputs(input_values, attention_mask)
         model = self.model
         num_samples = (
             attention_mask.to(torch.long).sum(-1)
@@ -518,6 +507,23 @@ def _bidirectional_mask(config: PretrainedConfig, hidden: Tensor, frame_mask: Te
     from transformers.masking_utils import create_bidirectional_mask
 
     return create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=frame_mask)
+
+
+def batched_inputs(input_values: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """``[batch, samples]`` input (a 1-D clip becomes a batch of one) and a mask of the same shape."""
+    if input_values.dim() == 1:
+        input_values = input_values.unsqueeze(0)
+    if input_values.dim() != 2:
+        raise ValueError(f"input_values must be [batch, samples], got shape {tuple(input_values.shape)}")
+    if attention_mask is not None:
+        if attention_mask.dim() == 1:
+            attention_mask = attention_mask.unsqueeze(0)
+        if attention_mask.shape != input_values.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} does not match input_values "
+                f"{tuple(input_values.shape)}"
+            )
+    return input_values, attention_mask
 
 
 from fedsd.model import whisper as _whisper  # noqa: E402,F401  (registers the whisper encoder)

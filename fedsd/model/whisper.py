@@ -38,6 +38,7 @@ from fedsd.model.backbone import (
     EncoderState,
     TruncatedEncoder,
     _bidirectional_mask,
+    batched_inputs,
 )
 
 N_FFT = 400  # 25 ms window
@@ -205,7 +206,7 @@ class WhisperTruncatedEncoder(TruncatedEncoder):
 
         One clip may come as 1-D ``input_values`` (and then a 1-D ``attention_mask``).
         """
-        input_values, attention_mask = _batched(input_values, attention_mask)
+        input_values, attention_mask = batched_inputs(input_values, attention_mask)
         num_samples = (
             attention_mask.to(torch.long).sum(-1)
             if attention_mask is not None
@@ -262,20 +263,6 @@ class WhisperTruncatedEncoder(TruncatedEncoder):
         return state.hidden
 
 
-def _batched(input_values: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    if input_values.dim() == 1:
-        input_values = input_values.unsqueeze(0)
-    if input_values.dim() != 2:
-        raise ValueError(f"input_values must be [batch, samples], got shape {tuple(input_values.shape)}")
-    if attention_mask is not None:
-        if attention_mask.dim() == 1:
-            attention_mask = attention_mask.unsqueeze(0)
-        if attention_mask.shape != input_values.shape:
-            raise ValueError(
-                f"attention_mask shape {tuple(attention_mask.shape)} does not match input_values "
-                f"{tuple(input_values.shape)}"
-            )
-    return input_values, attention_mask
 
 
 ENCODERS["whisper"] = WhisperTruncatedEncoder
