@@ -263,8 +263,6 @@ class WhisperTruncatedEncoder(TruncatedEncoder):
         return state.hidden
 
 
-
-
 ENCODERS["whisper"] = WhisperTruncatedEncoder
 
 
@@ -303,4 +301,3 @@ def load_encoder(source: str, config: PretrainedConfig, spec: str) -> WhisperEnc
             "expected a WhisperEncoder, WhisperModel or WhisperForConditionalGeneration checkpoint"
         )
     return model.eval()
-
