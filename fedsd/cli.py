@@ -71,6 +71,10 @@ def _mount() -> None:
         from fedsd.clients.cli import app as client_app
 
         app.add_typer(client_app, name="client", help="Run a device (Flower SuperNode) at a chosen exit.")
+    if _exists("fedsd.config_cli"):
+        from fedsd.config_cli import register as register_config
+
+        register_config(app)
     if _exists("fedsd.demo"):
         from fedsd.demo import register as register_demo
 

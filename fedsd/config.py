@@ -177,7 +177,9 @@ class FederatedConfig(_Strict):
     server_speakers: int = Field(8, ge=0)
     server_valid_speakers: int = Field(2, ge=1)
     """Speakers of the server pool held out to select the central model's epoch (never trained on)."""
-    rounds: int = Field(5, ge=1)
+    rounds: int = Field(5, ge=0)
+    """Federated rounds. 0: no federation at all: each device only fine-tunes its personal heads from the
+    base model's (``personalize_epochs``), the local-only baseline, through the same device code."""
     local_epochs: int = Field(5, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -265,14 +267,55 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def shipped_configs_dir() -> Path:
+    """The folder of the configs that come with fedsd.
+
+    A wheel carries ``configs/`` as package data (``fedsd/configs``); a checkout or an editable install
+    reads the repository's ``configs/`` beside ``fedsd/``.
+    """
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "configs", here.parent / "configs"):
+        if candidate.is_dir():
+            return candidate
+    return here / "configs"
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Shipped config name (``demo``) → its YAML file, sorted by name."""
+    folder = shipped_configs_dir()
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+
+
+def resolve_config_path(path: str | os.PathLike[str]) -> Path:
+    """The YAML file ``path`` names: an existing file as given, else a shipped config.
+
+    Why: after ``pip install fedsd`` there is no ``configs/`` folder in the working directory, yet
+    ``--config demo`` and the documented ``--config configs/demo.yaml`` must still work. A bare name
+    (``demo``, ``demo.yaml``) or a missing ``configs/NAME.yaml`` falls back to the shipped config of that
+    name; any other missing path is an error that lists the shipped names.
+    """
+    given = Path(path).expanduser()
+    if given.is_file():
+        return given
+    bare = given.parent == Path(".") or given.parent == Path("configs")
+    name = given.name[: -len(".yaml")] if given.name.endswith(".yaml") else given.name
+    shipped = shipped_configs()
+    if bare and given.suffix in ("", ".yaml") and name in shipped:
+        return shipped[name]
+    names = ", ".join(shipped) or "none found"
+    raise ConfigError(
+        f"{path}: config file not found (shipped configs: {names}; pass a bare name such as "
+        "`--config demo`, or copy one with `fedsd config show demo > my.yaml`)"
+    )
+
+
 def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> ExperimentConfig:
     """Load a YAML config; relative paths in ``data`` stay relative to the current directory.
 
+    ``path`` is a YAML file or the name of a shipped config (``demo``; see `resolve_config_path`).
     ``overrides`` uses dotted keys (``{"train.epochs": 2}``), as given on the command line.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+    path = resolve_config_path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:

@@ -19,8 +19,10 @@ console = Console()
 
 
 def demo_command(
-    config: Path = typer.Option(Path("configs/demo.yaml"), "--config", "-c", help="Demo experiment YAML."),
-    out: Path = typer.Option(Path("runs/demo"), "--out", help="Run directory."),
+    config: Path = typer.Option(
+        Path("demo"), "--config", "-c", help="A shipped config name (`fedsd config list`) or an experiment YAML."
+    ),
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Run directory (relative: under the current one)."),
     engine: str = typer.Option("ray", help="ray (Flower's simulation engine) or inprocess."),
     fresh: bool = typer.Option(False, help="Retrain the central model even if the run directory has one."),
 ) -> None:
@@ -30,12 +32,17 @@ def demo_command(
     """
     import shutil
 
+    from fedsd.config import ConfigError, resolve_config_path
     from fedsd.server.federation import FederationError
     from fedsd.server.simulation import simulate
     from fedsd.train_cli import _fail, progress_bar
 
     t0 = time.perf_counter()
-    out = out.resolve()
+    out = out.resolve()  # data, models and the report land under the current directory, never the package's
+    try:
+        config = resolve_config_path(config)  # `demo` is the shipped configs/demo.yaml, installed or not
+    except ConfigError as e:
+        _fail(str(e), 2)
     if fresh and out.exists():
         shutil.rmtree(out)
     console.rule("[bold]1–3. data, the central multi-exit model, federated adaptation of the shallow exits")

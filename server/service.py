@@ -326,7 +326,7 @@ class Server:
         log: Log | None = None,
         on_output: Callable[[str], None] | None = None,
     ) -> None:
-        from fedsd.config import ConfigError, ExperimentConfig, load_config
+        from fedsd.config import ConfigError, ExperimentConfig, load_config, resolve_config_path
 
         self._log_fn: Log = log if log is not None else _log_to_logging
         self.on_output = on_output
@@ -345,7 +345,7 @@ class Server:
                 self.config_path: Path | None = None
                 self.cfg = _with_overrides(config, self.overrides)
             else:
-                self.config_path = Path(config).expanduser().resolve()
+                self.config_path = resolve_config_path(config).resolve()  # a shipped name (`demo`) too
                 self.cfg = load_config(config, self.overrides)
         except ConfigError as e:
             raise ServerError(str(e)) from None

@@ -28,7 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedsd.checkpoint import atomic_write_json
 from fedsd.clients.app import make_client_app
 from fedsd.clients.device import simulated_device_config
-from fedsd.config import ExperimentConfig, config_to_yaml, load_config
+from fedsd.config import ExperimentConfig, config_to_yaml, load_config, resolve_config_path
 from fedsd.data.partition import Partition
 from fedsd.server.federation import FederationResult as RunResult
 from fedsd.server.federation import FederationSpec, exits_in, run_federation
@@ -298,7 +298,7 @@ def simulate(
         cfg, run_dir, log=log, progress=progress, base_model=Path(base_model) if base_model else None
     )
     spec = FederationSpec(
-        config=str(Path(config).resolve()), run_dir=str(fed_dir), base_model=str(prepared.base_model),
+        config=str(resolve_config_path(config).resolve()), run_dir=str(fed_dir), base_model=str(prepared.base_model),
         partition=str(prepared.partition), resume=resume, overrides=over,
     )  # fmt: skip
     log(f"simulating {cfg.federated.rounds} rounds with the {engine} engine → {fed_dir}")
