@@ -126,7 +126,7 @@ def server_config(msg: Message) -> dict[str, Any]:
         config_int(cfg, "server-round", 0, 0, MAX_ROUND)
         config_int(cfg, "round-offset", 0, 0, MAX_ROUND)
         if "num-rounds" in cfg:
-            config_int(cfg, "num-rounds", 1, 1, MAX_ROUND)
+            config_int(cfg, "num-rounds", 1, 0, MAX_ROUND)  # 0: local-only (no federated round)
         if "default-exit" in cfg:
             config_int(cfg, "default-exit", 1, 1, 10**6)
     except UntrustedValueError as e:

@@ -478,7 +478,7 @@ class Federation:
     def run(self, grid: Grid) -> FederationResult:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         start = self._load_start()
-        if start >= self.rounds:
+        if start >= self.rounds and self.rounds > 0:  # 0 rounds (local-only): handshake, round 0, done
             self.log(f"all {self.rounds} rounds are already done")
             self.notify_done(grid)
             return FederationResult(self.run_dir, start, self.history, self._finish())
