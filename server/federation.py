@@ -50,7 +50,8 @@ from fedsd.server.replies import (
     pair_replies,
 )
 from fedsd.server.strategy import NotEnoughDevices, PartialFedAvg, wait_for_nodes
-from fedsd.server.validation import Rejection, validate_info_reply
+from fedsd.server.validation import Rejection, metric_cap_problem, validate_info_reply
+from fedsd.tracking import NullTracker, Tracker, finish_run, round_scalars, tracker_for
 from fedsd.untrusted import UntrustedValueError, identifier
 from fedsd.wire import (
     QUERY_DONE,
@@ -223,6 +224,7 @@ class Federation:
         """Latest cumulative ε each device reported (devices keep it between rounds they skip)."""
         self.device_names: dict[int, str] = {}
         """Node id → the name the device gave (its partition's client id): what reports show."""
+        self.tracker: Tracker = NullTracker()  # opened by run() when the config's log section asks
 
     # ----------------------------------------------------------------- state and resume
     def _state_path(self) -> Path:
@@ -273,6 +275,7 @@ class Federation:
             _round_path(self.run_dir, rnd), self.model.head_state_dict(), {"fingerprint": self.fingerprint}
         )
         append_jsonl(self.run_dir / "metrics.jsonl", record)
+        self.tracker.log_metrics(round_scalars(record), step=rnd)
         atomic_write_json(
             self._state_path(),
             {
@@ -477,6 +480,7 @@ class Federation:
     # ----------------------------------------------------------------- the run
     def run(self, grid: Grid) -> FederationResult:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.tracker = tracker_for(self.cfg, self.run_dir, "federation", log=self.log)
         start = self._load_start()
         if start >= self.rounds and self.rounds > 0:  # 0 rounds (local-only): handshake, round 0, done
             self.log(f"all {self.rounds} rounds are already done")
@@ -607,6 +611,10 @@ class Federation:
                 continue
             seen.add(node)
             metrics = dict(r.content.metric_records.get("metrics", MetricRecord()))
+            too_big = metric_cap_problem(metrics)
+            if too_big is not None:  # a device must not decide how much the last line holds
+                self.log(f"device {node}: end-of-run metrics left out: {too_big}")
+                continue
             kept = {k: float(v) for k, v in metrics.items()
                     if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}  # fmt: skip
             if kept:
@@ -636,6 +644,7 @@ class Federation:
         from fedsd.server.report import write_report
 
         write_report(self.run_dir, self.history, self.model, self.cfg, log=self.log)
+        finish_run(self.tracker, self.run_dir, self.cfg)
         return final
 
 

@@ -20,11 +20,22 @@ weighs more than ``DEFAULT_MAX_WEIGHT_RATIO`` (3) × the round's median weight (
 accepted replies), on top of ``max_num_examples`` when that is set; federated-evaluation weights get
 the same cap. One device declaring 10**9 utterances then gets at most 3 honest devices' worth of weight
 instead of ~100 % (with two senders, 3/4 at most; a lone sender is the average anyway).
+
+A robust rule only protects a head that enough devices sent (:func:`min_senders`): the median needs 3
+senders (with 2 it is their mean, with 1 the sender's value), the trimmed mean needs enough senders that
+at least one value is cut at each end (``floor(trim_fraction · n) >= 1``, and n >= 3). A head sent by
+fewer is not aggregated that round (kept bit-identical, named in the report's ``held_back``): under
+``median``/``trimmed_mean`` one device must never set a head alone.
+
+Which heads a device may send: those of exits the model has, up to the exit it declared at the
+handshake (-1 stands for the exit it then runs, see ``validation.resolve_exit``), and never the
+teacher's head when the round's train config says ``teacher=deep`` (the devices' default).
 """
 
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +43,7 @@ from logging import INFO, WARNING
 from typing import Any, Literal
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -56,6 +67,7 @@ __all__ = [
     "RoundReport",
     "aggregate_metrics",
     "merge_updates",
+    "min_senders",
     "weight_cap",
 ]
 
@@ -87,6 +99,26 @@ def weight_cap(
         ordered = sorted(float(w) for w in weights)
         caps.append(max_weight_ratio * ordered[(len(ordered) - 1) // 2])
     return min(caps) if caps else None
+
+
+def min_senders(aggregation: str, trim_fraction: float = 0.2) -> int:
+    """Fewest senders of a head for which ``aggregation`` is robust to one lying sender.
+
+    - ``mean``: 1 (no robustness claimed: every sender moves it; bound updates with ``max_update_norm``,
+      ``max_update_norm_ratio`` or central DP),
+    - ``median``: 3 (with 2 senders the median is their mean, with 1 the sender's value),
+    - ``trimmed_mean``: the smallest n >= 3 with ``floor(trim_fraction · n) >= 1`` (at least one value
+      cut at each end: 5 for the default 0.2, 3 for 0.34+); ``trim_fraction`` 0 cuts nothing — a plain
+      mean, 1 like ``mean``.
+    """
+    if aggregation == "median":
+        return 3
+    if aggregation == "trimmed_mean" and trim_fraction > 0:
+        n = 3
+        while int(trim_fraction * n) < 1:
+            n += 1
+        return n
+    return 1
 
 
 @dataclass
@@ -130,9 +162,13 @@ class RoundReport:
     """Why nothing was aggregated, when that happened."""
     central_dp: dict[str, Any] | None = None
     """Clipping, noise and ε of the server's client-level DP this round (when on)."""
+    held_back: dict[str, int] = field(default_factory=dict)
+    """Exit → senders, for heads a robust rule did not aggregate (fewer than :func:`min_senders`)."""
 
     def to_dict(self) -> dict[str, Any]:
-        extra = {"central_dp": self.central_dp} if self.central_dp is not None else {}
+        extra: dict[str, Any] = {"central_dp": self.central_dp} if self.central_dp is not None else {}
+        if self.held_back:
+            extra["held_back"] = dict(self.held_back)
         if self.weight_cap is not None:
             extra["weight_cap"] = self.weight_cap
         return extra | {
@@ -184,13 +220,15 @@ def merge_updates(
     trim_fraction: float = 0.2,
     max_num_examples: float | None = None,
     global_arrays: dict[str, np.ndarray] | None = None,
+    min_senders: int = 1,
 ) -> tuple[ArrayRecord, list[str]]:
     """Aggregate each key over the updates that carry it and merge into a copy of ``global_record``.
 
     ``mean`` weights client i by ``min(num_examples_i, max_num_examples)``; ``median`` and
     ``trimmed_mean`` are coordinate-wise and unweighted (like flwr's FedMedian/FedTrimmedAvg), over
-    the clients that sent the key. Arithmetic is float64, cast back to the global dtype (integers
-    rounded). Returns the new record (global key order) and the keys that were aggregated.
+    the clients that sent the key. A key sent by fewer than ``min_senders`` updates is kept as it is.
+    Arithmetic is float64, cast back to the global dtype (integers rounded). Returns the new record
+    (global key order) and the keys that were aggregated.
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
@@ -200,7 +238,7 @@ def merge_updates(
     updated: list[str] = []
     for key, array in global_record.items():
         senders = [u for u in updates if key in u.arrays]
-        if not senders:
+        if not senders or len(senders) < min_senders:
             merged[key] = _copy_array(array)
             continue
         stack = np.stack([u.arrays[key].astype(np.float64) for u in senders])
@@ -341,12 +379,18 @@ class PartialFedAvg(FedAvg):
 
     node_wait_s : float or None
         Before each train and evaluate round, wait at most this long for ``min_available_nodes``
-        devices, then raise :class:`NotEnoughDevices` (Flower's ``sample_nodes`` waits forever).
+        devices, then raise :class:`NotEnoughDevices` (Flower's ``sample_nodes`` waits forever). The
+        devices of the round are sampled from the node list that wait returned: nothing waits again.
+    teacher : "deep" | "local"
+        Used when the round's train config names no ``teacher`` (the devices' own default, ``deep``):
+        with ``deep`` the deepest head only teaches and a reply carrying it is rejected.
 
     ``declared_examples`` (node id → utterances it declared when it joined) may be set before a
     round: a reply whose ``num-examples`` exceeds its declaration is rejected (train and evaluate).
-    ``declared_exits`` (node id → exit it declared; -1: the server's choice) likewise: a reply that
-    carries a head above its exit is rejected. ``max_update_norm_ratio`` and ``central_dp`` exclude
+    ``declared_exits`` (node id → exit it declared; -1: the server's choice, i.e. the train config's
+    ``default-exit`` or else the deepest exit) likewise: the exit must be one of the model's, and a
+    reply that carries a head above it is rejected. Under ``median``/``trimmed_mean`` a head with fewer
+    than :func:`min_senders` senders is not aggregated. ``max_update_norm_ratio`` and ``central_dp`` exclude
     each other (a rejection that depends on other devices' updates breaks DP's sensitivity bound).
 
     A custom ``train_metrics_aggr_fn``/``evaluate_metrics_aggr_fn`` (flwr signature
@@ -379,6 +423,7 @@ class PartialFedAvg(FedAvg):
         max_weight_ratio: float | None = DEFAULT_MAX_WEIGHT_RATIO,
         node_wait_s: float | None = None,
         server_lr: float = 1.0,
+        teacher: Literal["deep", "local"] = "deep",
     ) -> None:
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
@@ -392,6 +437,8 @@ class PartialFedAvg(FedAvg):
             raise ValueError(f"max_update_norm_ratio must be > 1 or None, got {max_update_norm_ratio}")
         if max_weight_ratio is not None and not max_weight_ratio >= 1:
             raise ValueError(f"max_weight_ratio must be >= 1 or None, got {max_weight_ratio}")
+        if teacher not in ("deep", "local"):
+            raise ValueError(f"teacher must be 'deep' or 'local', got {teacher!r}")
         if not (math.isfinite(server_lr) and server_lr > 0):
             raise ValueError(f"server_lr must be a positive finite number, got {server_lr}")
         if central_dp is not None and aggregation != "mean":
@@ -425,6 +472,9 @@ class PartialFedAvg(FedAvg):
         self.server_lr = float(server_lr)
         self.declared_examples: dict[int, float] | None = None
         self.declared_exits: dict[int, int] | None = None
+        self.teacher: Literal["deep", "local"] = teacher
+        self._round_teacher: str = teacher
+        self._default_exit: int | None = None
         self._custom_train_metrics_fn = train_metrics_aggr_fn
         self._custom_evaluate_metrics_fn = evaluate_metrics_aggr_fn
         self._current_record: ArrayRecord | None = None
@@ -467,22 +517,62 @@ class PartialFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Remember the current global record, then sample and build messages like FedAvg (after a
-        wait for enough devices bounded by ``node_wait_s``)."""
+        """Remember the current global record and what the devices are told (``teacher``,
+        ``default-exit``), wait for enough devices (bounded by ``node_wait_s``), then sample this
+        round's devices from the node list that wait returned (never a second, unbounded wait)."""
         self._current_record = _copy_record(arrays)
         self._current_arrays = decode_arrays(self._current_record)
+        teacher = config.get("teacher", self.teacher)
+        self._round_teacher = teacher if teacher in ("deep", "local") else self.teacher
+        default_exit = config.get("default-exit")
+        self._default_exit = (
+            default_exit if isinstance(default_exit, int) and not isinstance(default_exit, bool) else None
+        )
+        if self.fraction_train == 0.0:
+            return []
         needed = max(self.min_available_nodes, self.min_train_nodes)
-        wait_for_nodes(grid, needed, self.node_wait_s, f"train round {server_round}")
-        return super().configure_train(server_round, arrays, config, grid)
+        nodes = wait_for_nodes(grid, needed, self.node_wait_s, f"train round {server_round}")
+        return self._messages(server_round, arrays, config, nodes, self.fraction_train,
+                              self.min_train_nodes, MessageType.TRAIN)  # fmt: skip
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """FedAvg's, after a wait for enough devices bounded by ``node_wait_s``."""
-        if self.fraction_evaluate > 0.0:
-            needed = max(self.min_available_nodes, self.min_evaluate_nodes)
-            wait_for_nodes(grid, needed, self.node_wait_s, f"evaluate round {server_round}")
-        return super().configure_evaluate(server_round, arrays, config, grid)
+        """Like :meth:`configure_train`: a bounded wait, then a sample of the nodes it returned."""
+        if self.fraction_evaluate == 0.0:
+            return []
+        needed = max(self.min_available_nodes, self.min_evaluate_nodes)
+        nodes = wait_for_nodes(grid, needed, self.node_wait_s, f"evaluate round {server_round}")
+        return self._messages(server_round, arrays, config, nodes, self.fraction_evaluate,
+                              self.min_evaluate_nodes, MessageType.EVALUATE)  # fmt: skip
+
+    def _messages(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        nodes: Sequence[int],
+        fraction: float,
+        min_nodes: int,
+        message_type: str,
+    ) -> Iterable[Message]:
+        """FedAvg's sampling (``max(fraction · n, min_nodes)`` of them) over ``nodes``, the list the
+        bounded wait returned: Flower's ``sample_nodes`` would ask the grid again and, should a device
+        drop in between, wait forever for it."""
+        size = min(len(nodes), max(int(len(nodes) * fraction), min_nodes))
+        sampled = random.sample(list(nodes), size)
+        log(INFO, "configure_%s: Sampled %s nodes (out of %s)", message_type, len(sampled), len(nodes))
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(record, sampled, message_type)
+
+    def _teacher_exit(self) -> int | None:
+        """The head no device may send this round: the deepest, when the devices were told teacher=deep."""
+        if self._round_teacher != "deep" or self._current_arrays is None:
+            return None
+        exits = [int(k.split(".")[1]) for k in self._current_arrays if k.split(".")[:1] == ["heads"]
+                 and k.split(".")[1].isdigit()]  # fmt: skip
+        return max(exits, default=None)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -507,6 +597,8 @@ class PartialFedAvg(FedAvg):
             declared_examples=self.declared_examples,
             required_metrics=self.required_metrics,
             declared_exits=self.declared_exits,
+            teacher_exit=self._teacher_exit(),
+            default_exit=self._default_exit,
         )
         if self.max_update_norm_ratio is not None:
             updates, outliers = reject_norm_outliers(
@@ -546,7 +638,9 @@ class PartialFedAvg(FedAvg):
             return _copy_record(self._current_record), None
 
         if self.central_dp is not None:
-            noised, report.central_dp = self.central_dp.aggregate(self._current_arrays, updates)
+            noised, report.central_dp = self.central_dp.aggregate(
+                self._current_arrays, updates, server_round=server_round
+            )
             merged = ArrayRecord()
             for key, array in self._current_record.items():
                 merged[key] = Array(noised[key]) if key in noised else _copy_array(array)
@@ -558,6 +652,14 @@ class PartialFedAvg(FedAvg):
                 self.central_dp.delta,
             )
         else:
+            fewest = min_senders(self.aggregation, self.trim_fraction)
+            report.held_back = self._held_back(updates, fewest)
+            for exit_k, n in report.held_back.items():
+                log(
+                    WARNING,
+                    "\t> exit %s head not aggregated: %s sender(s), %s needs %s",
+                    exit_k, n, self.aggregation, fewest,
+                )  # fmt: skip
             merged, updated = merge_updates(
                 self._current_record,
                 updates,
@@ -565,15 +667,28 @@ class PartialFedAvg(FedAvg):
                 trim_fraction=self.trim_fraction,
                 max_num_examples=cap,
                 global_arrays=self._current_arrays,
+                min_senders=fewest,
             )
+            if not updated:
+                report.note = f"no head had the {fewest} senders {self.aggregation} needs: record unchanged"
         if self.server_lr != 1.0:
             merged = server_step(self._current_arrays, merged, updated, self.server_lr)
-        report.aggregated = True
+        report.aggregated = bool(updated)
         report.updated_keys = updated
         untouched = len(self._current_record) - len(updated)
         log(INFO, "\t└──> %s: updated %s keys, %s untouched", self.aggregation, len(updated), untouched)
 
         return merged, self._train_metrics(updates, len(rejections), cap)
+
+    @staticmethod
+    def _held_back(updates: Sequence[ValidUpdate], fewest: int) -> dict[str, int]:
+        """Exit → senders, for heads sent by fewer than ``fewest`` updates (a robust rule skips them)."""
+        senders: dict[str, int] = {}
+        for u in updates:
+            for exit_k in {k.split(".")[1] for k in u.arrays if k.count(".") >= 2}:
+                senders[exit_k] = senders.get(exit_k, 0) + 1
+        return {k: n for k, n in sorted(senders.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else -1)
+                if n < fewest}  # fmt: skip
 
     @staticmethod
     def _weight(num_examples: float, cap: float | None) -> float:

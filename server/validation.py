@@ -11,14 +11,21 @@ A train reply is rejected when
 - its ArrayRecord is empty, or names a key the global record does not have,
 - it carries part of an exit head (a reply must carry every key of each head it sends: central DP
   clips a head's change as one vector, and half a head is no update anyone trained),
-- it carries a head above the exit the device declared at the handshake (an exit-1 device has no
+- its device declared an exit the model does not have (``-1``, "the server's choice", stands for the
+  exit the device then runs: the train config's ``default-exit``, else the model's deepest exit, as
+  ``fedsd.clients.app`` resolves it), or it carries a head above that exit (an exit-1 device has no
   business sending the teacher's head: as its only sender it would set it to anything),
+- it carries the teacher's head when the devices were told ``teacher=deep`` (no honest device trains
+  the deepest head then: any sender of it is lying, whatever exit it declared),
 - an array cannot be decoded, or its dtype or shape differ from the global array,
 - an array holds NaN or ±inf,
 - the weighting metric (``num-examples``) is missing, not a number, not finite, zero or negative,
   or larger than the number of utterances the device declared when it joined,
 - a required metric is missing (``dp-epsilon`` when the server requires DP), or any metric is not a
   finite number,
+- its metrics exceed a cap (:data:`MAX_METRIC_KEYS` keys, :data:`MAX_METRIC_KEY_CHARS` characters per
+  key, :data:`MAX_METRIC_LIST_LEN` entries per list, :data:`MAX_METRIC_BYTES` bytes as JSON): a device
+  must not decide how much each round writes to metrics.jsonl, memory and the report,
 - the L2 norm of the change (update − current global, over the keys the reply sent) exceeds
   ``max_update_norm`` (``None`` switches this check off),
 - the same node already sent a reply this round (the later one is rejected).
@@ -31,6 +38,7 @@ the run. Everything a device sends that ends up in a reason or a log line goes t
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -44,8 +52,14 @@ from flwr.common.constant import SType
 from fedsd.untrusted import printable, shown
 
 __all__ = [
+    "MAX_METRIC_BYTES",
+    "MAX_METRIC_KEYS",
+    "MAX_METRIC_KEY_CHARS",
+    "MAX_METRIC_LIST_LEN",
     "Rejection",
     "ValidUpdate",
+    "metric_cap_problem",
+    "resolve_exit",
     "ValidMetrics",
     "decode_arrays",
     "head_update_norms",
@@ -152,22 +166,55 @@ def _head_keys(global_arrays: Mapping[str, Any]) -> dict[int, set[str]]:
     return heads
 
 
+def resolve_exit(declared: int, model_exits: Iterable[int], default_exit: int | None = None) -> int | str:
+    """The exit a device runs, from the exit it declared at the handshake, or why it is unusable.
+
+    ``-1`` ("the server's choice") is the exit such a device then runs: ``default_exit`` (the train
+    config's ``default-exit``) when the server sent one, else the model's deepest exit — what
+    ``fedsd.clients.app`` picks. Any other value must be an exit of the model.
+    """
+    exits = sorted(set(model_exits))
+    if not exits:
+        return "the global record holds no exit head"
+    if declared == -1:
+        declared = default_exit if default_exit is not None else exits[-1]
+    if declared not in exits:
+        shown_exits = ", ".join(map(str, exits))
+        return f"declared exit {declared} is not an exit of this model (exits: {shown_exits})"
+    return declared
+
+
 def _head_problem(
-    keys: Iterable[str], heads: Mapping[int, set[str]], declared_exit: int | None
+    keys: Iterable[str],
+    heads: Mapping[int, set[str]],
+    declared_exit: int | None,
+    teacher_exit: int | None = None,
+    default_exit: int | None = None,
 ) -> str | None:
-    """Why a reply's key set is unusable: part of a head, or a head above the device's declared exit."""
+    """Why a reply's key set is unusable: its device's exit is not one of the model's, it sent a head
+    above that exit, the teacher's head (``teacher_exit``: the devices were told ``teacher=deep``), or
+    part of a head. ``declared_exit`` None: no handshake information (no exit limit)."""
     sent: dict[int, set[str]] = {}
     for key in keys:
         k = _exit_of(key)
         if k is not None:
             sent.setdefault(k, set()).add(key)
-    if declared_exit is not None and declared_exit >= 1:
-        above = sorted(k for k in sent if k > declared_exit)
+    if declared_exit is not None:
+        resolved = resolve_exit(declared_exit, heads, default_exit)
+        if isinstance(resolved, str):
+            return resolved
+        above = sorted(k for k in sent if k > resolved)
         if above:
+            how = " (it declared -1, the server's choice)" if declared_exit == -1 else ""
             return (
-                f"sent head(s) of exit {', '.join(map(str, above))} above the exit {declared_exit} "
-                "the device declared when it joined"
+                f"sent head(s) of exit {', '.join(map(str, above))} above the exit {resolved} "
+                f"the device declared when it joined{how}"
             )
+    if teacher_exit is not None and teacher_exit in sent:
+        return (
+            f"sent the teacher's head (exit {teacher_exit}): with teacher=deep no device trains it, "
+            "it only teaches"
+        )
     for k, got in sorted(sent.items()):
         missing = heads.get(k, set()) - got
         if missing:
@@ -210,14 +257,19 @@ def validate_train_reply(
     declared_examples: Mapping[int, float] | None = None,
     required_metrics: Iterable[str] = (),
     declared_exits: Mapping[int, int] | None = None,
+    teacher_exit: int | None = None,
+    default_exit: int | None = None,
 ) -> ValidUpdate | Rejection:
     """Check one train reply against the current global arrays.
 
     ``global_arrays`` may be the global ArrayRecord or its decoded form (``decode_arrays``); pass the
     decoded form when validating many replies against the same record. ``declared_examples`` maps a
     node to the number of utterances it declared when it joined: a reply may not weigh more.
-    ``declared_exits`` maps a node to the exit it declared (-1: the server's choice, no limit): a
-    reply may not carry a head above it. A node missing from either mapping is rejected.
+    ``declared_exits`` maps a node to the exit it declared: it must be an exit of the model (the
+    global record's heads), -1 standing for ``default_exit`` or else the deepest exit (see
+    :func:`resolve_exit`), and a reply may not carry a head above it. A node missing from either
+    mapping is rejected. ``teacher_exit`` (set when the devices were told ``teacher=deep``): no reply
+    may carry that head.
     """
     node_id = _node_id(reply)
     if reply.has_error():
@@ -261,7 +313,9 @@ def validate_train_reply(
         if node_id not in declared_exits:
             return Rejection(node_id, "device did not join through the handshake (no declared exit)")
         declared_exit = declared_exits[node_id]
-    problem = _head_problem(record.keys(), _head_keys(global_arrays), declared_exit)
+    problem = _head_problem(
+        record.keys(), _head_keys(global_arrays), declared_exit, teacher_exit, default_exit
+    )
     if problem is not None:
         return Rejection(node_id, problem)
     norm = math.sqrt(squared)
@@ -276,6 +330,45 @@ def validate_train_reply(
         update_norm=norm,
         content=content,
     )
+
+
+MAX_METRIC_KEYS = 256
+"""Most metric keys one reply may carry (an honest train reply of a 24-exit model sends ~200)."""
+MAX_METRIC_KEY_CHARS = 128
+"""Longest metric key (honest keys are like ``exit12/personal-uar-before``)."""
+MAX_METRIC_LIST_LEN = 256
+"""Most entries of one list-valued metric (honest devices send scalars; per-class lists stay short)."""
+MAX_METRIC_BYTES = 64 * 1024
+"""Largest serialised size (JSON, UTF-8) of one reply's metrics: what it may add to a metrics.jsonl line."""
+
+
+def metric_cap_problem(metrics: Mapping[str, Any]) -> str | None:
+    """Why a reply's metrics are too big to keep, naming the cap; None when they fit.
+
+    Checked before anything is copied or aggregated: a device must not decide how much each round
+    writes to metrics.jsonl, keeps in memory or puts in the report. Cheap checks first (count, key
+    length, list lengths), the serialised size last (bounded by then).
+    """
+    if len(metrics) > MAX_METRIC_KEYS:
+        return f"metrics: {len(metrics)} keys exceed the cap of {MAX_METRIC_KEYS} (MAX_METRIC_KEYS)"
+    for key, value in metrics.items():
+        if len(str(key)) > MAX_METRIC_KEY_CHARS:
+            return (
+                f"metric key {shown(key, 40)} has {len(str(key))} characters, over the cap of "
+                f"{MAX_METRIC_KEY_CHARS} (MAX_METRIC_KEY_CHARS)"
+            )
+        if isinstance(value, (list, tuple)) and len(value) > MAX_METRIC_LIST_LEN:
+            return (
+                f"metric {shown(key, 60)} is a list of {len(value)} entries, over the cap of "
+                f"{MAX_METRIC_LIST_LEN} (MAX_METRIC_LIST_LEN)"
+            )
+    try:
+        size = len(json.dumps(dict(metrics), default=str).encode("utf-8"))
+    except (TypeError, ValueError) as exc:  # a value json cannot write: not a metric anyway
+        return f"metrics cannot be serialised ({type(exc).__name__})"
+    if size > MAX_METRIC_BYTES:
+        return f"metrics: {size} bytes as JSON exceed the cap of {MAX_METRIC_BYTES} (MAX_METRIC_BYTES)"
+    return None
 
 
 def _bad_metrics(metrics: Mapping[str, Any], required: Iterable[str]) -> str | None:
@@ -302,7 +395,11 @@ def _metrics_and_weight(
 ) -> tuple[dict[str, Any], float] | Rejection:
     """A reply's metrics and weight, or why they are unusable: the weight must be a usable number, every
     metric finite (``required`` present), and the weight no larger than the utterances the device
-    declared when it joined (when ``declared_examples`` is given)."""
+    declared when it joined (when ``declared_examples`` is given); the metrics within the caps
+    (:func:`metric_cap_problem`)."""
+    too_big = metric_cap_problem(metric_record)
+    if too_big is not None:
+        return Rejection(node_id, too_big)
     metrics = metric_values(metric_record)
     weight = read_weight(metrics, weighted_by_key)
     if isinstance(weight, str):
@@ -332,6 +429,8 @@ def validate_train_replies(
     declared_examples: Mapping[int, float] | None = None,
     required_metrics: Iterable[str] = (),
     declared_exits: Mapping[int, int] | None = None,
+    teacher_exit: int | None = None,
+    default_exit: int | None = None,
 ) -> tuple[list[ValidUpdate], list[Rejection]]:
     """Split a round's replies into valid updates and rejections (a node's second reply is rejected)."""
     if isinstance(global_arrays, ArrayRecord):
@@ -353,6 +452,8 @@ def validate_train_replies(
             declared_examples=declared_examples,
             required_metrics=tuple(required_metrics),
             declared_exits=declared_exits,
+            teacher_exit=teacher_exit,
+            default_exit=default_exit,
         )
         (rejections if isinstance(result, Rejection) else valid).append(result)
     return valid, rejections

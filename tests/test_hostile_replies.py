@@ -121,12 +121,14 @@ def make_strategy(
     ratio: float | None = None,
     required: tuple[str, ...] = (),
     declared: bool = True,
+    teacher: str = "deep",
 ) -> PartialFedAvg:
     strategy = PartialFedAvg(
         min_train_nodes=2,
         min_evaluate_nodes=1,
         min_available_nodes=1,
         aggregation=aggregation,  # type: ignore[arg-type]
+        trim_fraction=0.25,  # 4 honest senders of exit 3 → one cut at each end (min_senders 4)
         max_update_norm_ratio=ratio,
         central_dp=CentralDP(clip_norm=0.5, noise_multiplier=0.3, seed=1) if central else None,
         required_metrics=required,
@@ -134,7 +136,7 @@ def make_strategy(
     if declared:
         strategy.declared_examples = dict(DECLARED_EXAMPLES)
         strategy.declared_exits = dict(DECLARED_EXITS)
-    strategy.configure_train(1, GLOBAL, ConfigRecord(), _NoGrid())
+    strategy.configure_train(1, GLOBAL, ConfigRecord({"teacher": teacher}), _NoGrid())
     return strategy
 
 
