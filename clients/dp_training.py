@@ -8,7 +8,15 @@ guarantee hold, and how this module keeps each condition:
   (batches vary in size and may be empty; an empty step still adds noise and is accounted);
 - **per-sample losses**: each utterance's loss depends on that utterance only
   (``self_distill_loss(reduction="none")``), summed, then clipped per sample to ``max_grad_norm``
-  and noised with ``σ · max_grad_norm`` by ``DPOptimizer``;
+  and noised with ``σ · max_grad_norm`` by ``DPOptimizer``, which divides by the expected batch size
+  (``loss_reduction="mean"``). That is the weighting plain training uses too (``fedsd.distill``: CE of a
+  labelled clip + KD, averaged over the batch), so DP − no DP measures noise and clipping only;
+- **no data-dependent skip**: with σ > 0 every step is taken and accounted, even one whose sampled
+  batch has no loss signal (CE mode and no labelled clip, or an empty batch): skipping it would release
+  whether the batch held a label, which the accountant does not cover. Its update is noise alone, the
+  price of DP; in SD mode every sampled clip has a KD term, so only CE-mode batches pay it. At σ = 0 (no
+  privacy: the same-loss reference arm of ``benchmarks/privacy.py``) such steps are skipped as in plain
+  training;
 - **secret randomness**: sampling, noise and dropout draw from OS entropy, never from the seed the
   server sends (a server that knew the noise could subtract it);
 - the ``gru`` head trains through Opacus' ``DPGRU`` (same parameters, same state-dict names as
@@ -42,7 +50,7 @@ from fedsd.clients.training import (
     rng_devices,
     set_train_modes,
 )
-from fedsd.distill import self_distill_loss
+from fedsd.distill import loss_has_signal, self_distill_loss
 from fedsd.features import CachedFeatures
 from fedsd.model.heads import ExitHead, HeadOutput
 from fedsd.model.multiexit import MultiExitSER
@@ -169,6 +177,7 @@ def _train(
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
             idx = torch.nonzero(torch.rand(n, generator=g) < sample_rate).flatten().tolist()
+            signal = bool(idx) and loss_has_signal(feats.labels[idx], plan.teacher, cfg.distill, plan.train)
             if idx:
                 out = _outputs(model, trained, feats, plan, idx)
                 losses, comps = self_distill_loss(
@@ -188,7 +197,9 @@ def _train(
             else:  # an empty Poisson batch: still a noisy step (the accountant counts it)
                 for p in params:
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-            if optimizer.pre_step():  # clip per utterance, add noise: the gradient is private from here
+            # clip per utterance, add noise: the gradient is private from here; σ = 0 skips a step
+            # without signal like plain training (no privacy to keep, see the module docstring)
+            if optimizer.pre_step() and (signal or noise_multiplier > 0):
                 add_proximal_grad(params, anchors, cfg.proximal_mu)  # data-independent: costs no privacy
                 optimizer.original_optimizer.step()
     finally:

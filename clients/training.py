@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 
 from fedsd.cached import head_outputs
-from fedsd.distill import DistillConfig, self_distill_loss
+from fedsd.distill import DistillConfig, loss_has_signal, self_distill_loss
 from fedsd.features import CachedFeatures
 from fedsd.model.multiexit import MultiExitSER
 
@@ -171,7 +171,12 @@ def _train_heads(
                 out, feats.labels[idx], plan.teacher, cfg.distill, train_exits=plan.train
             )
             opt.zero_grad()
-            if loss.requires_grad:
+            # No loss signal (CE and no labelled clip in the batch): no step at all. Adam's momentum
+            # would move the heads on a zero gradient; the proximal term alone is a regulariser of
+            # data steps, not a reason to step (fedsd.distill: one weighting, one skip rule).
+            if loss.requires_grad and loss_has_signal(
+                feats.labels[idx], plan.teacher, cfg.distill, plan.train
+            ):
                 loss.backward()
                 add_proximal_grad(params, anchors, cfg.proximal_mu)
                 opt.step()

@@ -293,3 +293,87 @@ def load_tensors(path: str | os.PathLike[str], expected_sha256: str | None = Non
         return load(raw)
     except Exception as err:  # safetensors raises its own error types for truncated/garbled files
         raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+
+
+# --- what a model was trained and selected on (speaker leakage guard) -------------------------------
+
+DATA_RECORD_KEY = "data_seen"
+"""Key in a model's ``meta`` (``fedsd.json``): the speakers and utterances it was trained and selected on."""
+
+
+def data_record(train: Any, select: Any) -> dict[str, Any]:
+    """What ``meta[DATA_RECORD_KEY]`` holds for a model trained on rows ``train`` and whose epoch was
+    selected on rows ``select`` (manifest rows: ``.speaker``, ``.utt_id``).
+
+    Why: a run that reuses a base model, and anyone evaluating it, must be able to tell whether its test
+    speakers were seen. Speakers are listed; the utterance ids are hashed (sha256 of the sorted ids), which
+    identifies the exact data without storing thousands of ids.
+    """
+    train, select = list(train), list(select)
+    return {
+        "train_speakers": sorted({r.speaker for r in train}),
+        "select_speakers": sorted({r.speaker for r in select}),
+        "train_utt_ids_sha256": sha256_json(sorted(r.utt_id for r in train)),
+        "select_utt_ids_sha256": sha256_json(sorted(r.utt_id for r in select)),
+        "n_train": len(train),
+        "n_select": len(select),
+    }
+
+
+def seen_speakers(meta: dict[str, Any] | None) -> set[str] | None:
+    """Speakers a model was trained or selected on, from its ``meta``; None when it has no record
+    (a checkpoint from before the record existed, or one made elsewhere): unknown, not "none"."""
+    record = (meta or {}).get(DATA_RECORD_KEY)
+    if not isinstance(record, dict):
+        return None
+    return {str(s) for key in ("train_speakers", "select_speakers") for s in record.get(key) or []}
+
+
+def read_model_meta(model_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The ``meta`` of a fedsd model directory's ``fedsd.json`` (None if there is none or it is unreadable)."""
+    path = Path(model_dir) / "fedsd.json"
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    meta = info.get("meta") if isinstance(info, dict) else None
+    return meta if isinstance(meta, dict) else None
+
+
+def speaker_overlap(meta: dict[str, Any] | None, speakers: Any) -> dict[str, Any]:
+    """``{"status": "none" | "overlap" | "unknown", "speakers": [...]}``: which of ``speakers`` the model
+    (by its ``meta``) was trained or selected on; "unknown" when it records nothing."""
+    seen = seen_speakers(meta)
+    if seen is None:
+        return {"status": "unknown", "speakers": []}
+    both = sorted(seen & {str(s) for s in speakers})
+    return {"status": "overlap" if both else "none", "speakers": both}
+
+
+def replace_directory_keeping(
+    new: str | os.PathLike[str], path: str | os.PathLike[str], keep_as: str
+) -> Path | None:
+    """Put the finished directory ``new`` at ``path``; the previous ``path`` (if any) is kept, renamed to
+    the sibling ``keep_as``, and returned (None if there was none).
+
+    Readers see the old or the new directory at ``path``, never none (one ``renameat2`` exchange on
+    Linux; elsewhere two renames, undone by :func:`recover_directory`); nothing is deleted.
+    """
+    new, path = Path(new), Path(path)
+    kept = path.with_name(keep_as)
+    if kept.exists():
+        raise FileExistsError(f"{kept}: already exists; move it away first")
+    _fsync_tree(new)
+    if not path.exists():
+        os.replace(new, path)
+        _fsync_dir(path.parent)
+        return None
+    if _exchange(new, path):
+        os.replace(new, kept)  # ``new`` now names the previous directory
+    else:
+        backup = _backup_path(path)
+        os.replace(path, backup)
+        os.replace(new, path)
+        os.replace(backup, kept)
+    _fsync_dir(path.parent)
+    return kept

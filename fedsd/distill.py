@@ -7,8 +7,25 @@ For every trained exit k below the teacher T:
         + w_feat·MSE(f_k, f_T)                               head embeddings, teacher detached
 
 and the teacher itself (if trained) gets plain CE. The paper's public code feeds probabilities into
-KLDivLoss, uses T = 1 and lets gradients reach the teacher; we do not (DESIGN.md §1). The KD term needs
-no label, which makes it the semi-supervised signal on a device's unlabelled speech.
+KLDivLoss, uses T = 1 and lets gradients reach the teacher; we do not. The KD term needs no label, which
+makes it the semi-supervised signal on a device's unlabelled speech.
+
+**One weighting everywhere** (central training, device training, DP-SGD and personal heads): each
+utterance i has its own loss ``ℓ_i = Σ_k w_ce·CE_k(i)·[i labelled] + w_kd·KD_k(i) + w_feat·FEAT_k(i)``
+and a batch's loss is their mean over the batch, ``Σ_i ℓ_i / B`` (DP-SGD: ``/ expected B`` under
+Poisson sampling, Opacus' ``loss_reduction="mean"``). Why this and not CE averaged over the labelled
+clips only: DP-SGD needs per-utterance losses that depend on their own utterance alone (a 1/L_batch
+normaliser lets one utterance rescale every other's gradient, so the clipping bound no longer bounds its
+influence); using the same rule without DP keeps "DP − no DP" a measure of noise and clipping, not of
+a reweighting. It is also the better estimator: every labelled clip weighs 1/B, whereas a per-batch
+labelled mean gives a clip in a batch with one label B times the weight of one in a fully labelled
+batch. At 100 % labels both rules are identical; at a label fraction f CE weighs ≈ f as much against KD
+as under the labelled mean (raise ``w_ce`` by 1/f to restore that balance). The logged ``ce/<k>`` stays
+the mean over labelled clips (what a reader expects of a CE value).
+
+A batch can carry no loss signal at all (CE mode and no labelled clip, or no student exit):
+:func:`loss_has_signal` says so, and every trainer then skips its optimiser step and its learning-rate
+scheduler's count (an Adam step on a zero gradient still moves the weights by its momentum).
 """
 
 from __future__ import annotations
@@ -42,25 +59,18 @@ class DistillConfig:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
 
 
-def labelled_ce(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy over items with a label (>= 0); 0 (still in the graph) if there are none."""
-    keep = labels >= 0
-    if not bool(keep.any()):
-        return logits.sum() * 0.0  # keeps backward() valid for a batch without labels
-    return F.cross_entropy(logits[keep], labels[keep])
-
-
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """T²·KL(softmax(z_T/T) ‖ softmax(z_k/T)) averaged over the batch; the teacher gets no gradient."""
-    t = temperature
-    teacher = F.log_softmax(teacher_logits.detach().to(student_logits) / t, dim=-1)
-    student = F.log_softmax(student_logits / t, dim=-1)
-    return (t * t) * F.kl_div(student, teacher, reduction="batchmean", log_target=True)
-
-
-def feat_loss(student_embedding: Tensor, teacher_embedding: Tensor) -> Tensor:
-    """MSE between the heads' penultimate embeddings; the teacher gets no gradient."""
-    return F.mse_loss(student_embedding, teacher_embedding.detach().to(student_embedding))
+def loss_has_signal(labels: Tensor, teacher_exit: int, cfg: DistillConfig, exits: Sequence[int]) -> bool:
+    """True when :func:`self_distill_loss` over the trained ``exits`` has at least one term with an
+    utterance in it: a labelled clip (CE, if ``w_ce`` > 0), or, in SD mode, any clip at a student exit
+    below the teacher (KD/feature terms, if weighted). False: the gradient is zero by construction and a
+    trainer must not step (see the module docstring)."""
+    n = int(labels.numel())
+    if n == 0:
+        return False
+    if cfg.w_ce > 0 and bool((labels.reshape(-1) >= 0).any()):
+        return True
+    students = cfg.mode == "sd" and any(int(k) < teacher_exit for k in exits)
+    return students and (cfg.w_kd > 0 or cfg.w_feat > 0)
 
 
 def per_sample_losses(
@@ -68,9 +78,9 @@ def per_sample_losses(
 ) -> dict[str, Tensor]:
     """The loss terms of one exit per utterance (shape ``[B]``), each depending on its own utterance only.
 
-    DP-SGD needs this: a batch-mean CE over the *labelled* items (``labelled_ce``) would let one
-    utterance's presence rescale every other utterance's gradient, which breaks the per-sample
-    sensitivity bound. Unlabelled items get CE 0.
+    DP-SGD needs this: a batch-mean CE over the *labelled* items would let one utterance's presence
+    rescale every other utterance's gradient, which breaks the per-sample sensitivity bound; every
+    trainer uses the same per-utterance losses (module docstring). Unlabelled items get CE 0.
     """
     keep = labels >= 0
     ce = F.cross_entropy(student.logits, labels.clamp_min(0), reduction="none") * keep
@@ -98,7 +108,8 @@ def self_distill_loss(
     ``outputs[teacher_exit]`` may be precomputed (cached teacher logits/embedding without grad).
     Component keys: ``ce/<k>``, ``kd/<k>``, ``feat/<k>``, ``loss/<k>`` and ``total``.
     ``reduction="none"`` returns one loss per utterance (``[B]``, see :func:`per_sample_losses`);
-    its components are batch means, except ``ce/<k>``: the mean over labelled items, as with "mean".
+    ``"mean"`` returns their mean over the batch (the one weighting of the module docstring). The
+    components are batch means, except ``ce/<k>``: the mean over labelled items (0 if none).
     """
     exits = sorted(outputs) if train_exits is None else sorted({int(k) for k in train_exits})
     if not exits:
@@ -122,33 +133,20 @@ def self_distill_loss(
         out = outputs[k]
         if out.logits.shape[0] != labels.shape[0]:
             raise ValueError(f"exit {k}: {out.logits.shape[0]} logits for {labels.shape[0]} labels")
-        if reduction == "none":
-            terms = per_sample_losses(
-                out, teacher if k in students else None, labels.to(out.logits.device), cfg
-            )
-            loss = (
-                cfg.w_ce * terms["ce"] + cfg.w_kd * terms.get("kd", 0.0) + cfg.w_feat * terms.get("feat", 0.0)
-            )
-            for name, value in terms.items():
-                parts[f"{name}/{k}"] = float(value.detach().mean()) if value.numel() else 0.0
-            # Logged CE means what it means with reduction="mean": the mean over labelled items only
-            # (unlabelled items carry a 0 in the per-item loss, which must not dilute the log).
-            keep = labels.to(terms["ce"].device) >= 0
-            parts[f"ce/{k}"] = float(terms["ce"].detach()[keep].mean()) if bool(keep.any()) else 0.0
-            parts[f"loss/{k}"] = float(loss.detach().mean()) if loss.numel() else 0.0
-            total = loss if total is None else total + loss
-            continue
-        ce = labelled_ce(out.logits, labels.to(out.logits.device))
-        loss = cfg.w_ce * ce
-        parts[f"ce/{k}"] = float(ce.detach())
-        if teacher is not None and k in students:
-            kd = kd_loss(out.logits, teacher.logits, cfg.temperature)
-            feat = feat_loss(out.embedding, teacher.embedding)
-            loss = loss + cfg.w_kd * kd + cfg.w_feat * feat
-            parts[f"kd/{k}"] = float(kd.detach())
-            parts[f"feat/{k}"] = float(feat.detach())
-        parts[f"loss/{k}"] = float(loss.detach())
+        terms = per_sample_losses(out, teacher if k in students else None, labels.to(out.logits.device), cfg)
+        loss = cfg.w_ce * terms["ce"]
+        if "kd" in terms:
+            loss = loss + cfg.w_kd * terms["kd"] + cfg.w_feat * terms["feat"]
+        for name, value in terms.items():
+            parts[f"{name}/{k}"] = float(value.detach().mean()) if value.numel() else 0.0
+        # Logged CE means the mean over labelled items only (unlabelled items carry a 0 in the
+        # per-item loss, which must not dilute the log).
+        keep = labels.to(terms["ce"].device) >= 0
+        parts[f"ce/{k}"] = float(terms["ce"].detach()[keep].mean()) if bool(keep.any()) else 0.0
+        parts[f"loss/{k}"] = float(loss.detach().mean()) if loss.numel() else 0.0
         total = loss if total is None else total + loss
     assert total is not None
     parts["total"] = float(total.detach().mean()) if total.numel() else 0.0
+    if reduction == "mean":
+        total = total.mean() if total.numel() else total.sum()
     return total, parts

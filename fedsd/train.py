@@ -5,6 +5,10 @@ every exit head sees its layer's hidden state, and ``self_distill_loss`` combine
 utterances, KD from the (detached) teacher and the feature loss. The learning rate warms up and decays
 (``train.lr_schedule``); model selection uses the mean validation UAR over all exits
 (``train.select``); the last epoch is kept too, and ``learning_curves.png`` shows every epoch.
+A batch without loss signal (CE and no labelled clip) takes no optimiser step and no scheduler count
+(``steps_skipped`` in metrics.jsonl; the schedule's horizon still counts every nominal step, so with
+skips the rate ends slightly above its floor). Checkpoints record the speakers they were trained and
+selected on (``fedsd.checkpoint.data_record``).
 """
 
 from __future__ import annotations
@@ -23,13 +27,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from fedsd.audio import CropPolicy
-from fedsd.checkpoint import append_jsonl, atomic_write_json, atomic_write_text
+from fedsd.checkpoint import DATA_RECORD_KEY, append_jsonl, atomic_write_json, atomic_write_text, data_record
 from fedsd.config import ConfigError, ExperimentConfig, config_to_yaml
 from fedsd.data.dataset import SpeechDataset, collate_batch
 from fedsd.data.manifest import ManifestRow, read_manifest
 from fedsd.data.manifest import label_names as manifest_label_names
 from fedsd.data.partition import labelled_mask
-from fedsd.distill import DistillConfig, self_distill_loss
+from fedsd.distill import DistillConfig, loss_has_signal, self_distill_loss
 from fedsd.metrics import ClassificationReport, classification_report
 from fedsd.model.backbone import load_backbone
 from fedsd.model.multiexit import MultiExitSER
@@ -351,6 +355,9 @@ def train(
     )
 
     model = build_model(cfg, label_names).to(device)
+    # best/ and last/ record the speakers they were trained and selected on (reuse and evaluation
+    # check them against their test speakers; fedsd.checkpoint.data_record)
+    model.meta[DATA_RECORD_KEY] = data_record(splits["train"], splits["valid"])
     if tc.freeze_backbone:
         model.freeze_backbone()
     elif tc.freeze_feature_encoder:
@@ -394,7 +401,8 @@ def train(
         mode = "ce" if epoch <= tc.warmup_epochs else tc.mode
         dcfg = DistillConfig(**tc.distill.model_dump(), mode=mode)
         sums: dict[str, float] = {}
-        n_batches = 0
+        n_batches = steps_taken = steps_skipped = 0
+        pending = False  # a batch since the last step carried a loss signal
         opt.zero_grad()
         for step, batch in enumerate(train_loader, start=1):
             inputs = batch["input_values"]
@@ -403,13 +411,22 @@ def train(
             with time_mask:
                 out = model(inputs.to(device), batch["attention_mask"].to(device))
             loss, comps = self_distill_loss(out, batch["labels"].to(device), model.teacher_exit, dcfg)
-            (loss / tc.grad_accum).backward()
+            if loss_has_signal(batch["labels"], model.teacher_exit, dcfg, model.exits):
+                (loss / tc.grad_accum).backward()
+                pending = True
             if step % tc.grad_accum == 0 or step == len(train_loader):
-                if tc.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
-                opt.step()
-                scheduler.step()
+                # no loss signal since the last step (CE and no labelled clip): no optimiser step and
+                # no scheduler count, else AdamW's momentum and weight decay move the weights anyway
+                if pending:
+                    if tc.max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+                    opt.step()
+                    scheduler.step()
+                    steps_taken += 1
+                else:
+                    steps_skipped += 1
                 opt.zero_grad()
+                pending = False
             for key, v in comps.items():
                 sums[key] = sums.get(key, 0.0) + float(v)
             n_batches += 1
@@ -417,7 +434,8 @@ def train(
                 progress.update(
                     task, advance=1, description=f"epoch {epoch}/{tc.epochs} loss {float(comps['total']):.3f}"
                 )
-        record: dict[str, Any] = {"epoch": epoch, "mode": mode, "lr": scheduler.get_last_lr()[-1]}
+        record: dict[str, Any] = {"epoch": epoch, "mode": mode, "lr": scheduler.get_last_lr()[-1],
+                                  "steps": steps_taken, "steps_skipped": steps_skipped}  # fmt: skip
         record.update({f"train/{k}": v / max(n_batches, 1) for k, v in sums.items()})
         if valid_loader is not None:
             valid_reports = evaluate_loader(model, valid_loader, device)

@@ -153,3 +153,118 @@ def test_proximal_mu_comes_from_the_server_and_is_bounded() -> None:
     for bad in (-1.0, float("nan"), 1e9):
         with pytest.raises(HostileMessage):
             _local_config({"proximal-mu": bad}, 2)
+
+
+# ------------------------------------------------------------------ no loss signal: no step (issue 22)
+def _unlabelled(model: MultiExitSER, n: int = 8) -> CachedFeatures:
+    f = _feats(model, n)
+    return CachedFeatures(f.utt_ids, f.inputs, torch.full((n,), -1), hits=0, misses=0)
+
+
+def _heads(model: MultiExitSER) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.head_state_dict().items()}
+
+
+def _adam_steps(opt: torch.optim.Optimizer) -> list[float]:
+    return [float(s["step"]) for s in opt.state.values()]
+
+
+def _count_adam_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Spy on torch.optim.Adam.step (the real step still runs): how many steps were taken."""
+    calls = [0]
+    real = torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):
+        calls[0] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    return calls
+
+
+def test_ce_batches_without_a_label_take_no_adam_step(model: MultiExitSER) -> None:
+    """CE mode, batches holding no labelled clip: after Adam has momentum from labelled steps, the
+    heads, Adam's moments and its step count do not move (they did: ~6.7e-4 at lr 1e-3)."""
+    from fedsd.distill import DistillConfig
+
+    cfg = LocalTrainConfig(exit=2, epochs=2, batch_size=4, lr=1e-3, distill=DistillConfig(mode="ce"))
+    plan = plan_exits(model.exits, 2, cfg)
+    params = [p for k in plan.train for p in model.heads[str(k)].parameters()]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    train_heads(model, _feats(model), plan, cfg, optimizer_factory=lambda _p: opt)  # momentum from labels
+    steps, state = _adam_steps(opt), {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+    assert steps and min(steps) > 0
+    before = _heads(model)
+    train_heads(model, _unlabelled(model), plan, cfg, optimizer_factory=lambda _p: opt)
+    assert _adam_steps(opt) == steps
+    for p, s in opt.state.items():
+        assert all(torch.equal(v, state[id(p)][k]) for k, v in s.items())
+    after = _heads(model)
+    assert all(torch.equal(before[k], after[k]) for k in before), "heads moved on a batch without signal"
+
+
+def test_personal_heads_take_no_step_without_signal(model: MultiExitSER, monkeypatch) -> None:
+    """The personal-heads fine-tuning (clients.personal.personalize) follows the same rule."""
+    from fedsd.clients.personal import personalize
+    from fedsd.distill import DistillConfig
+
+    cfg = LocalTrainConfig(exit=2, epochs=1, batch_size=4, lr=1e-3, distill=DistillConfig(mode="ce"))
+    plan = plan_exits(model.exits, 2, cfg)
+    calls = _count_adam_steps(monkeypatch)
+    personalize(model, _unlabelled(model), plan, cfg, epochs=2, device="dev-0")
+    assert calls[0] == 0
+    personalize(model, _feats(model), plan, cfg, epochs=2, device="dev-0")  # control: labels, steps
+    assert calls[0] > 0
+
+
+def test_sd_batches_without_a_label_still_train_by_distillation(model: MultiExitSER) -> None:
+    """Control: the skip is about the signal, not the labels: SD has KD on unlabelled clips."""
+    cfg = LocalTrainConfig(exit=2, epochs=1, batch_size=4, lr=1e-3)
+    plan = plan_exits(model.exits, 2, cfg)
+    before = _heads(model)
+    train_heads(model, _unlabelled(model), plan, cfg)
+    after = _heads(model)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("heads.1."))
+
+
+def test_dp_without_noise_skips_steps_without_signal_and_with_noise_takes_them(
+    model: MultiExitSER, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """σ = 0 (the same-loss reference arm) skips a CE step without a labelled clip like plain training;
+    σ > 0 takes every step (skipping would depend on private labels): its update is the noise."""
+    from fedsd.distill import DistillConfig
+
+    cfg = LocalTrainConfig(exit=2, epochs=1, batch_size=4, lr=1e-3, distill=DistillConfig(mode="ce"))
+    plan = plan_exits(model.exits, 2, cfg)
+    feats = _unlabelled(model)
+    kw = dict(max_grad_norm=1.0, sample_rate=0.5, steps=4, rng_seed=0)
+    calls = _count_adam_steps(monkeypatch)
+    before = _heads(model)
+    train_heads_private(model, feats, plan, cfg, noise_multiplier=0.0, **kw)
+    assert calls[0] == 0 and all(torch.equal(before[k], v) for k, v in _heads(model).items())
+    train_heads_private(model, feats, plan, cfg, noise_multiplier=1.0, **kw)
+    assert calls[0] == 4 and any(not torch.equal(before[k], v) for k, v in _heads(model).items())
+
+
+def test_dp_and_plain_training_weigh_the_loss_alike(model: MultiExitSER) -> None:
+    """One weighting (fedsd.distill): with σ = 0, no clipping and every clip sampled (q = 1, so the
+    expected batch is the batch), a DP-SGD step equals a plain step on the same batch at scarce labels
+    (1 in 3 unlabelled). A CE averaged over the labelled clips only would tilt the CE:KD balance and
+    with it the direction of the step."""
+    feats = _feats(model, 8)
+    for m in model.modules():  # no dropout: the two paths draw different masks
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    cfg = LocalTrainConfig(exit=2, epochs=1, batch_size=8, lr=1e-2)
+    plan = plan_exits(model.exits, 2, cfg)
+    start = _heads(model)
+    train_heads(model, feats, plan, cfg)
+    plain = _heads(model)
+    model.load_head_state_dict(start)
+    train_heads_private(model, feats, plan, cfg, noise_multiplier=0.0, max_grad_norm=1e9, sample_rate=1.0,
+                        steps=1, rng_seed=0)  # fmt: skip
+    private = _heads(model)
+    moved = [k for k in plain if not torch.equal(plain[k], start[k])]
+    assert moved
+    for k in moved:
+        torch.testing.assert_close(private[k], plain[k], rtol=1e-4, atol=1e-6)
