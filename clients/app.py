@@ -24,10 +24,12 @@ import contextlib
 import contextvars
 import functools
 import json
+import logging
 import math
 import os
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -40,10 +42,10 @@ from flwr.clientapp import ClientApp
 
 from fedsd.cached import evaluate_cached, model_crop
 from fedsd.checkpoint import CheckpointError, atomic_write_text
-from fedsd.clients.device import DeviceError, DeviceSettings, refuse
+from fedsd.clients.device import DeviceError, DeviceSettings, HostileMessage, refuse
 from fedsd.clients.dp_gate import dp_in_use, dp_keys_present, pop_local_metrics
 from fedsd.clients.identity import device_id
-from fedsd.clients.model_store import load_model
+from fedsd.clients.model_store import file_identity, load_model, write_stamp
 from fedsd.clients.personal import (
     PERSONAL_DIR,
     evaluate_personal,
@@ -62,6 +64,7 @@ from fedsd.clients.training import (
 )
 from fedsd.distill import DistillConfig
 from fedsd.features import BackboneNeeded, CachedFeatures, FeatureCache
+from fedsd.model.export import EXPORTED_FROM, parent_fingerprint
 from fedsd.model.multiexit import MultiExitSER
 from fedsd.untrusted import (
     UntrustedValueError,
@@ -69,23 +72,45 @@ from fedsd.untrusted import (
     config_float,
     config_int,
     identifier,
+    printable,
     shown,
 )
 from fedsd.untrusted import fingerprint as check_fingerprint
-from fedsd.wire import HEAD_PREFIX, QUERY_DONE, exit_of_key, heads_to_record, record_to_checkpoint
+from fedsd.wire import (
+    HEAD_PREFIX,
+    QUERY_DONE,
+    DeliveryLimits,
+    exit_of_key,
+    heads_to_record,
+    read_delivery,
+    write_delivery,
+)
 
 if TYPE_CHECKING:  # imported where used: Opacus only on the DP path
     from fedsd.privacy import DPSettings, PrivacyLedger
+
+_log = logging.getLogger(__name__)
 
 MAX_ROUND = 10**9
 """Largest round number (and round offset, number of rounds) a server may send."""
 _HEAD_KEY = re.compile(r"heads\.([0-9]{1,6})\.[A-Za-z0-9_.]{1,200}", re.ASCII)
 
+PRIVATE_ERROR = "this device could not handle the message (DP is on: the reason stays in its own log)"
+"""What a server hears of a failure under DP, unless the failure is about its own message."""
+BUDGET_STOP = "privacy budget reached: this device stops training (the figures stay in its own log)"
+"""What a server hears when the device-wide budget (ε over every federation) stops a round."""
+EVALUATION_REFUSED = "federated evaluation is refused while DP is on: its metrics are not noised"
+
+
+class RunBudgetReached(DeviceError):
+    """This run's ε budget is spent: the text holds only this run's ε, which the replies carry anyway."""
+
 
 def load_device_model(settings: DeviceSettings, fingerprint: str, *, weights: bool = True) -> MultiExitSER:
     """The device's model; refuses one whose backbone differs from the server's.
 
-    Its fingerprint is verified once per identity of its files (``fedsd.clients.model_store``);
+    Its fingerprint is verified once per identity of its files (``fedsd.clients.model_store``). The
+    ``exported_from`` fingerprint of an exported model counts only for the operator's own ``--model``;
     ``weights=False`` may give a heads-only model (for heads on cached features)."""
     path = settings.model_dir(fingerprint)
     if path is None:
@@ -94,7 +119,9 @@ def load_device_model(settings: DeviceSettings, fingerprint: str, *, weights: bo
             f"(expected backbone fingerprint {fingerprint[:12]})"
         )
     model = load_model(path, settings.cache_dir, weights=weights)
-    mine = model.meta.get("exported_from", {}).get("fingerprint") or model.backbone_fingerprint()
+    # An exported model (fewer layers) names the full backbone it came from; that claim is the
+    # operator's own only for --model. A delivered model is what its weights hash to, nothing else.
+    mine = parent_fingerprint(model) if settings.model is not None else model.backbone_fingerprint()
     if fingerprint and mine != fingerprint:
         raise DeviceError(
             f"model mismatch: this device has {path} (backbone fingerprint {mine[:12]}), "
@@ -332,7 +359,7 @@ def train(msg: Message, context: Context, defaults: dict[str, Any] | None = None
         from fedsd.clients.dp_training import dp_reply_metrics, keep_local
 
         keep_local(context, metrics)  # ... the device's own event log still shows everything
-        metrics = dp_reply_metrics(metrics)
+        metrics = dp_reply_metrics(metrics, declared=len(settings.local_data()[0]))  # as at the handshake
     state = model.head_state_dict(plan.train)
     content = RecordDict({"arrays": heads_to_record(state), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
@@ -359,6 +386,8 @@ def dp_settings(context: Context, train_config: dict[str, Any]) -> DPSettings | 
     try:
         dp = DPSettings.from_records(dict(context.node_config), train_config)
     except PrivacyError as e:
+        if not dp_keys_present(dict(context.node_config)):  # the server's settings alone: its mistake
+            raise refuse(e) from None
         raise DeviceError(str(e)) from None
     if dp is not None and dp.target_epsilon is not None and dp.rounds is None:
         if train_config.get("num-rounds") is None:
@@ -445,7 +474,7 @@ def _train_private(
     if dp.budget is not None and eps > dp.budget:
         ledger.stopped = True
         save_ledger(context, settings, train_config, ledger)
-        raise DeviceError(
+        raise RunBudgetReached(
             f"privacy budget reached: this round would raise ε from {spent:.3f} to {eps:.3f} "
             f"(budget {dp.budget:g}, δ = {dp.delta:g}, after {ledger.rounds} DP round(s)); "
             "this device stops training"
@@ -478,7 +507,7 @@ def _train_private(
 def evaluate(msg: Message, context: Context, defaults: dict[str, Any] | None = None) -> Message:
     """Per-exit UAR/WA/F1 of the received heads on the device's validation utterances."""
     if dp_in_use(context, server_config(msg)):
-        raise DeviceError("federated evaluation is refused while DP is on: its metrics are not noised")
+        raise DeviceError(EVALUATION_REFUSED)
     settings, model, _lcfg, plan = _prepare(msg, context, defaults)
     exits = [k for k in model.exits if k <= max(plan.needed)]
     feats = _features(
@@ -524,37 +553,113 @@ def info(msg: Message, context: Context, defaults: dict[str, Any] | None = None)
     return Message(RecordDict({"info": reply}), reply_to=msg)
 
 
-def receive_model(msg: Message, context: Context, defaults: dict[str, Any] | None = None) -> Message:
-    """Store the server's base model in the device cache, keyed by its backbone fingerprint.
+def delivery_limits(context: Context) -> DeliveryLimits:
+    """The caps on a model delivery; the device's own node config ``max-model-mb`` may lower the total."""
+    value = dict(context.node_config).get("max-model-mb")
+    if value in (None, ""):
+        return DeliveryLimits()
+    try:
+        mb = float(value)
+    except (TypeError, ValueError):
+        raise DeviceError(f"node config max-model-mb: expected a number of MB, got {value!r}") from None
+    if not 0 < mb < math.inf:
+        raise DeviceError(f"node config max-model-mb: must be finite and > 0, got {value!r}")
+    return DeliveryLimits(total_bytes=int(mb * 2**20))
 
-    The fingerprint must be sha256 hex, every file a fedsd model file with a matching sha256, and the
-    stored model must load with that fingerprint; otherwise nothing stays in the cache.
+
+def _verified_delivery(staged: Path, claimed: str) -> str:
+    """The fingerprint the staged model's weights hash to; refuses a model whose declared identity
+    (``exported_from``) or the server's claimed fingerprint is another one."""
+    try:
+        model = MultiExitSER.from_pretrained(staged)  # no stamp: hashes every backbone weight
+    except Exception as e:  # whatever fails to load is not kept: a later round must not pick it up
+        raise DeviceError(f"the delivered model does not load: {type(e).__name__}: {e}") from None
+    computed = model.backbone_fingerprint()
+    declared = model.meta.get(EXPORTED_FROM)
+    if declared is not None:
+        said = declared.get("fingerprint") if isinstance(declared, dict) else declared
+        if said != computed:
+            _log.warning(
+                "refused a model delivery: its fedsd.json declares it was exported from backbone %s, "
+                "its weights hash to %s", printable(said, 80), computed,
+            )  # fmt: skip
+            raise refuse(
+                UntrustedValueError(
+                    f"model delivery: fedsd.json declares meta.{EXPORTED_FROM} fingerprint "
+                    f"{shown(said, 20)}, but its weights hash to {computed[:12]}; a delivered model is "
+                    "known by its own weights only"
+                )
+            )
+    if computed != claimed:
+        _log.warning("refused a model delivery announced as %s: its weights hash to %s", claimed, computed)
+        raise refuse(
+            UntrustedValueError(
+                f"model delivery: announced as backbone {claimed[:12]}, but its weights hash to "
+                f"{computed[:12]}"
+            )
+        )
+    return computed
+
+
+def receive_model(msg: Message, context: Context, defaults: dict[str, Any] | None = None) -> Message:
+    """Store the server's base model in the device cache, keyed by the fingerprint its weights hash to.
+
+    Every file must be a fedsd model file with a matching sha256, within the delivery caps
+    (:class:`~fedsd.wire.DeliveryLimits`); the model is staged apart, loaded, and its weights hashed:
+    it is kept only when that fingerprint is the one the server announced and the one fedsd.json
+    declares (an ``exported_from`` claim is refused). A model already stored under that fingerprint
+    is kept as it is; a refused delivery leaves the cache exactly as it was.
     """
     settings = DeviceSettings.from_context(context, defaults)
     cfg = server_config(msg)
     try:
-        fingerprint = check_fingerprint(cfg.get("fingerprint"), "fingerprint")
+        claimed = check_fingerprint(cfg.get("fingerprint"), "fingerprint")
     except UntrustedValueError as e:
         raise refuse(e) from None
     files = msg.content.array_records.get("files")
     digests = msg.content.config_records.get("digests")
     if files is None or digests is None:
         raise refuse(ValueError("a model delivery needs a 'files' ArrayRecord and a 'digests' ConfigRecord"))
-    dest = settings.delivered_model_dir(fingerprint)
+    limits = delivery_limits(context)
     try:
-        record_to_checkpoint(files, digests, dest)
+        checked = read_delivery(files, digests, limits)
     except UntrustedValueError as e:
         raise refuse(e) from None
     except CheckpointError as e:
         raise DeviceError(str(e)) from None
+    models = settings.cache_dir / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=models))
     try:
-        load_device_model(DeviceSettings(**{**settings.__dict__, "model": dest}), fingerprint)
-    except Exception as e:  # whatever fails to load is not kept: a later round must not pick it up
-        shutil.rmtree(dest, ignore_errors=True)
-        if isinstance(e, DeviceError):
-            raise
-        raise DeviceError(f"the delivered model does not load: {type(e).__name__}: {e}") from None
+        staged = write_delivery(checked, staging / "model")
+        fingerprint = _verified_delivery(staged, claimed)
+        dest = settings.delivered_model_dir(fingerprint)
+        if _holds(settings, dest, fingerprint):
+            return _stored(msg, dest)  # the same backbone is here already: kept as it was
+        identity = file_identity(staged)
+        if dest.exists():  # an earlier copy that does not load: set aside, removed with the staging dir
+            os.replace(dest, staging / "broken")
+        os.replace(staged, dest)
+        if file_identity(dest) == identity:  # the files verified above, moved: no need to hash again
+            write_stamp(settings.cache_dir, dest, identity, fingerprint)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return _stored(msg, dest)
+
+
+def _stored(msg: Message, dest: Path) -> Message:
     return Message(RecordDict({"info": ConfigRecord({"stored": str(dest)})}), reply_to=msg)
+
+
+def _holds(settings: DeviceSettings, dest: Path, fingerprint: str) -> bool:
+    """Whether ``dest`` already holds a model that loads with ``fingerprint``."""
+    if not (dest / "fedsd.json").is_file():
+        return False
+    try:
+        load_device_model(replace(settings, model=None), fingerprint, weights=False)
+    except Exception:
+        return False
+    return True
 
 
 @_backbone_on_demand
@@ -668,6 +773,26 @@ def log_event(context: Context, event: dict[str, Any]) -> None:
         pass  # the event log is for the operator's eyes; it must never fail a round
 
 
+def _private(msg: Message, context: Context) -> bool:
+    """Whether DP is on for this message (never raises: it decides what an error reply may say)."""
+    try:
+        cfg = dict(msg.content.config_records.get("config", ConfigRecord())) if msg.has_content() else {}
+        return dp_in_use(context, cfg)
+    except Exception:
+        return True
+
+
+def private_reason(err: BaseException) -> str:
+    """The error text a server gets under DP: a refusal of its own message says what was refused (its
+    own values only); a reached budget says so (the server stops asking), without ε; anything else
+    is generic, as exception text may hold local paths, label counts or ε over other federations."""
+    if isinstance(err, (HostileMessage, RunBudgetReached)) or str(err) == EVALUATION_REFUSED:
+        return str(err)
+    if str(err).startswith("privacy budget reached"):  # the device-wide budget: ε over other federations
+        return BUDGET_STOP
+    return PRIVATE_ERROR
+
+
 def make_client_app(run_config_defaults: dict[str, Any] | None = None) -> ClientApp:
     """A ClientApp with our handlers. ``run_config_defaults`` complete the (read-only) run config:
     simulation runs, whose engine passes no run config to virtual nodes, carry their data paths this way."""
@@ -682,6 +807,8 @@ def make_client_app(run_config_defaults: dict[str, Any] | None = None) -> Client
             except Exception as e:
                 ev = _event(msg, None, context, time.perf_counter() - t0)
                 log_event(context, ev | {"error": f"{type(e).__name__}: {e}"})
+                if _private(msg, context):  # the server learns that it failed, the details stay here
+                    raise DeviceError(private_reason(e)) from e
                 raise
             log_event(context, _event(msg, reply, context, time.perf_counter() - t0))
             return reply

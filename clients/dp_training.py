@@ -211,18 +211,37 @@ def _train(
 
 
 # ----------------------------------------------------------------------------- what a DP reply may carry
-DP_REPLY_KEYS = frozenset({"num-examples", "exit", "n-utterances"})
-"""Non-``dp-*`` metrics a train reply keeps when DP is on. ``num-examples`` and ``n-utterances`` are
-the data-set size the device declared at the handshake (not protected by DP: the server needs it to
-weight the update); everything else data-dependent (loss, local UAR before/after, labelled counts,
-personal test metrics, cache hits, timing) is left out, as DP does not cover it."""
+DP_REPLY_KEYS = frozenset(
+    {
+        "num-examples",
+        "exit",
+        "n-utterances",
+        "dp-epsilon",
+        "dp-delta",
+        "dp-noise-multiplier",
+        "dp-max-grad-norm",
+        "dp-sample-rate",
+        "dp-steps",
+        "dp-rounds",
+        "dp-epsilon-budget",
+        "dp-ledger-from-state",
+    }
+)
+"""The only metrics a train reply carries when DP is on (an allowlist: a new metric stays home until it
+is added here). ``num-examples`` and ``n-utterances`` are the size the device declared at the handshake
+(every utterance it holds but its personal test ones, not protected by DP: the server weights the update
+by it), never the number it trained on (that would reveal how many it holds out). The ``dp-*`` keys are
+this run's accounting (ε and what it was computed from; the sample rate and steps follow from the
+batch size and ``ceil(n / batch)``, which ε reveals anyway). Left out: everything data-dependent
+(loss, local UAR, labelled counts, personal metrics, cache hits, timing) and ``dp-device-epsilon``,
+the device's ε over every federation it took part in, which is no business of this server."""
 
 
-def dp_reply_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The train-reply metrics that DP covers or that the handshake already revealed (see above)."""
-    out = {k: v for k, v in metrics.items() if k in DP_REPLY_KEYS or k.startswith("dp-")}
-    if "n-utterances" in out:
-        out["num-examples"] = out["n-utterances"]  # not the labelled count (an exact, un-noised figure)
+def dp_reply_metrics(metrics: Mapping[str, Any], declared: int) -> dict[str, Any]:
+    """The train-reply metrics that DP covers or that the handshake revealed (``DP_REPLY_KEYS``);
+    ``declared`` is the handshake's ``n-utterances``."""
+    out = {k: v for k, v in metrics.items() if k in DP_REPLY_KEYS}
+    out["n-utterances"] = out["num-examples"] = int(declared)
     return out
 
 

@@ -13,6 +13,8 @@ value with :func:`shown` (escaped, truncated), so it is safe to print and log.
 - :func:`model_file`: the only file names a model delivery may carry (what ``save_pretrained`` writes).
 - :func:`config_int` / :func:`config_float` / :func:`config_choice`: typed, finite, bounded reads of a
   ConfigRecord (a ``local-epochs`` of 10**12 would be a denial of service, a NaN ``lr`` a poisoned model).
+- :func:`model_dimensions`: every number a delivered config declares is bounded (``MAX_CONFIG_INT``,
+  ``MAX_LAYERS``, ``MAX_CONFIG_LIST``) before a model is sized from it, even on the meta device.
 - :func:`printable`: a one-line, control-character-free rendering of any text for logs and terminals
   (an ANSI escape sequence in a server's string must not reach the operator's terminal).
 """
@@ -32,6 +34,7 @@ __all__ = [
     "config_int",
     "fingerprint",
     "identifier",
+    "model_dimensions",
     "model_file",
     "printable",
     "sha256_hex",
@@ -61,6 +64,51 @@ MODEL_FILES = frozenset(
 _MODEL_SHARD = re.compile(r"backbone/model-[0-9]{5}-of-[0-9]{5}\.safetensors", re.ASCII)
 MAX_MODEL_FILES = 256
 """Most files one model delivery may carry (the fixed files plus weight shards)."""
+
+
+MAX_CONFIG_INT = 2**20
+"""Largest integer a delivered config may hold (dimensions, positions, vocabulary, token ids)."""
+MAX_LAYERS = 256
+"""Largest layer count (``*_layers``), exit and label count a delivered config may declare."""
+MAX_CONFIG_LIST = 4096
+"""Longest list in a delivered config (conv dims, exits, label names)."""
+MAX_CONFIG_DEPTH = 8
+"""Deepest nesting of a delivered config's objects and lists."""
+
+
+def model_dimensions(config: Any, what: str = "model config", depth: int = 0) -> None:
+    """Refuse a delivered config (``backbone/config.json``, ``fedsd.json``) that declares absurd sizes.
+
+    Every integer anywhere in it must lie in [-MAX_CONFIG_INT, MAX_CONFIG_INT], every ``*layers*``
+    count and the number of ``exits``/``label_names`` at most MAX_LAYERS/MAX_CONFIG_LIST, lists and
+    nesting bounded: checked on the parsed JSON, before anything (even a meta-device skeleton) is built.
+    """
+    if depth > MAX_CONFIG_DEPTH:
+        raise UntrustedValueError(f"{what}: nested deeper than MAX_CONFIG_DEPTH = {MAX_CONFIG_DEPTH}")
+    items: Iterable[tuple[str, Any]]
+    if isinstance(config, dict):
+        items = config.items()
+    elif isinstance(config, list):
+        if len(config) > MAX_CONFIG_LIST:
+            raise UntrustedValueError(
+                f"{what}: a list of {len(config)} items, over MAX_CONFIG_LIST = {MAX_CONFIG_LIST}"
+            )
+        items = ((f"{i}", v) for i, v in enumerate(config))
+    else:
+        return
+    for key, value in items:
+        name = f"{what}.{printable(key, 64)}" if isinstance(config, dict) else f"{what}[{key}]"
+        if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > MAX_CONFIG_INT:
+                raise UntrustedValueError(f"{name}: {shown(value)} is over MAX_CONFIG_INT = {MAX_CONFIG_INT}")
+            if isinstance(config, dict) and "layers" in str(key) and value > MAX_LAYERS:
+                raise UntrustedValueError(f"{name}: {value} layers, over MAX_LAYERS = {MAX_LAYERS}")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise UntrustedValueError(f"{name}: {shown(value)} is not finite")
+        elif isinstance(value, (dict, list)):
+            if key == "exits" and isinstance(value, list) and len(value) > MAX_LAYERS:
+                raise UntrustedValueError(f"{name}: {len(value)} exits, over MAX_LAYERS = {MAX_LAYERS}")
+            model_dimensions(value, name, depth + 1)
 
 
 def printable(text: Any, limit: int | None = 500) -> str:

@@ -24,9 +24,9 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from harness import federation, write_config
 from opacus.optimizers import DPOptimizer
 
-from fedsd.clients.app import make_client_app
+from fedsd.clients.app import PRIVATE_ERROR, make_client_app
 from fedsd.clients.device import DeviceError
-from fedsd.clients.dp_training import train_heads_private
+from fedsd.clients.dp_training import DP_REPLY_KEYS, train_heads_private
 from fedsd.clients.training import LocalTrainConfig, plan_exits
 from fedsd.config import load_config
 from fedsd.features import CachedFeatures
@@ -163,14 +163,19 @@ def test_dp_reply_carries_only_what_dp_covers(device) -> None:
     reply = _train(device, "run-a", device["node"] | {"events": str(events)})
     assert isinstance(reply, Message) and not reply.has_error(), reply
     metrics = dict(reply.content.metric_records["metrics"])
-    assert {k for k in metrics if not k.startswith("dp-")} <= {"num-examples", "exit", "n-utterances"}
-    assert metrics["num-examples"] == metrics["n-utterances"]
-    assert "dp-epsilon" in metrics and "dp-device-epsilon" in metrics
+    assert set(metrics) <= DP_REPLY_KEYS  # an allowlist: not every dp-* key
+    assert "dp-epsilon" in metrics and "dp-device-epsilon" not in metrics  # ε over other federations
+    info = _send(device["node"], QUERY_INFO, {"config": ConfigRecord({"fingerprint": device["fp"]})})
+    assert isinstance(info, Message)
+    declared = int(info.content.config_records["info"]["n-utterances"])
+    # the handshake's count, not the training rows (which would reveal the held-out size)
+    assert metrics["n-utterances"] == metrics["num-examples"] == declared
     for leak in ("loss", "n-labelled", "cache-hits", "seconds"):
         assert leak not in metrics
     assert not any("uar" in k or "personal" in k for k in metrics)
     logged = json.loads(events.read_text().splitlines()[-1])  # the device's own log keeps it all
     assert logged["kind"] == "train" and "loss" in logged and "n_labelled" in logged
+    assert "dp_device_epsilon" in logged and logged["n_utterances"] < declared  # held-out rows exist
     info = _send(device["node"], QUERY_INFO, {"config": ConfigRecord({"fingerprint": device["fp"]})})
     assert isinstance(info, Message)
     record = dict(info.content.config_records["info"])
@@ -186,18 +191,54 @@ def test_device_budget_spans_runs_whatever_the_federation_id(device) -> None:
     m = dict(first.content.metric_records["metrics"])
     step = (1.0, float(m["dp-sample-rate"]), int(m["dp-steps"]))
     e2, e3 = (epsilon([step] * k, float(m["dp-delta"])) for k in (2, 3))
-    assert m["dp-device-epsilon"] == pytest.approx(epsilon([step], float(m["dp-delta"])))
+    ledger_file = device["cache"] / "privacy" / "device.json"
+
+    def device_epsilon() -> float:  # the device's own ledger (never sent to a server)
+        history = [tuple(h) for h in json.loads(ledger_file.read_text())["history"]]
+        return epsilon(history, float(m["dp-delta"]))
+
+    assert device_epsilon() == pytest.approx(epsilon([step], float(m["dp-delta"])))
     node = device["node"] | {"dp-device-budget": (e2 + e3) / 2}
     second = _train(device, "run-b", node)  # a "new run": the per-run ledger starts again ...
     assert isinstance(second, Message) and not second.has_error(), second
     m2 = dict(second.content.metric_records["metrics"])
     assert m2["dp-epsilon"] == pytest.approx(m["dp-epsilon"])
-    assert m2["dp-device-epsilon"] == pytest.approx(e2)  # ... the device's own does not
+    assert device_epsilon() == pytest.approx(e2)  # ... the device's own does not
     third = _train(device, "run-c", node)
     assert isinstance(third, DeviceError) and "privacy budget reached" in str(third), third
-    ledger = json.loads((device["cache"] / "privacy" / "device.json").read_text())
+    assert f"{e2:.3f}" not in str(third)  # ε over other federations is not the server's business
+    ledger = json.loads(ledger_file.read_text())
     assert ledger["runs"] == {"run-a": 1, "run-b": 1} and len(ledger["history"]) == 2
     assert ledger["device-id"] == (device["cache"] / "device-id").read_text().strip()
+
+
+def test_dp_error_reply_is_generic_and_the_details_stay_in_the_device_log(device, tmp_path) -> None:
+    """A failure under DP (here: a manifest whose rows are all personal test ones, so nothing to
+    train on) tells the server only that it failed; the reason, with local paths, stays in the log."""
+    manifest = tmp_path / "held-out.csv"
+    text = Path(device["node"]["data"]).read_text().splitlines()
+    header = text[0].split(",")
+    split = header.index("split")
+    rows = [
+        ",".join(c if i != split else "personal_test" for i, c in enumerate(r.split(","))) for r in text[1:]
+    ]
+    manifest.write_text("\n".join([text[0], *rows]) + "\n")
+    events = tmp_path / "events.jsonl"
+    node = device["node"] | {"data": str(manifest), "events": str(events)}
+    got = _train(device, "run-a", node)
+    assert isinstance(got, DeviceError) and str(got) == PRIVATE_ERROR, got
+    assert str(tmp_path) not in str(got) and "utterances" not in str(got)
+    logged = json.loads(events.read_text().splitlines()[-1])
+    assert "no local utterances" in logged["error"]  # the device's operator still sees why
+    # without DP the same failure says why (it is the operator's own run, nothing private is claimed)
+    plain = {k: v for k, v in node.items() if not k.startswith("dp-")}
+    config = train_config_record(device["cfg"], device["fp"], 0, num_rounds=1, federation_id="run-a")
+    got = _send(plain, "train", {"arrays": device["heads"], "config": config})
+    assert isinstance(got, DeviceError) and "no local utterances" in str(got), got
+    # a refusal of the server's own message still says what was refused, even under DP
+    hostile = ConfigRecord(dict(config) | {"lr": float("nan")})
+    got = _send(node, "train", {"arrays": device["heads"], "config": hostile})
+    assert isinstance(got, DeviceError) and "'lr'" in str(got), got
 
 
 # ============================================================================ central DP and resume
