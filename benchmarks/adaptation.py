@@ -15,8 +15,16 @@ and seed it measures, per exit, SD against CE only:
                        value = its local_epochs; chosen without looking at test or personal-test speech)
 
     base model         the central model before federation (round 0)
-    CE only            federated, cross-entropy on the devices' labelled utterances
+    CE only            federated, cross-entropy on the devices' labelled utterances (its personal heads
+                       are the "FedAvg + fine-tune" baseline)
     self-dist.         federated, CE on labelled + KD from the frozen deep exit + feature loss on all
+    local-only CE/SD   no federation (``federated.rounds: 0``): each device fine-tunes the base model's
+                       heads on its own speech alone, as many epochs as a federated device trains in all
+
+Speaker folds (``--folds K``): the test speakers rotate over K disjoint groups, each fold with its own
+server pool and base model; every difference is paired over (fold, seed). A short list of comparisons is
+stated before the runs (:data:`PRESTATED`: exit 2, 10 % labels, personal held-out speech) and
+Holm-adjusted; every other difference printed is exploratory.
 
 and the paired differences over seeds with 95 % Student-t intervals (``common.paired``): SD − CE,
 personal − global heads, federated − base model. The premise of distillation (the base model's teacher
@@ -35,6 +43,7 @@ Reproduce (the recipe is configs/scratch.yaml; every size defaults to its value.
 the corpus and trains the base model; the federated runs reuse cached features):
 
     .venv/bin/python benchmarks/adaptation.py --seeds 0 1 2 --fractions 0.1 --threads 1
+    .venv/bin/python benchmarks/adaptation.py --folds 3 --seeds 0 1 2 --fractions 0.1 --threads 1  # issue 22
     .venv/bin/python benchmarks/adaptation.py                      # 5 seeds × 5 %, 10 %, 20 % (issue 10)
     .venv/bin/python benchmarks/adaptation.py --ablations          # SD loss ablations at 10 % labels
     .venv/bin/python benchmarks/adaptation.py --speakers 8 --sentences 2 --clients 2 --test-speakers 2 \
@@ -68,7 +77,27 @@ METHOD_NAMES = {"before": "before (base model)", "ce": "CE only", "sd": "self-di
 # The two methods of the main table and the ablations (``--ablations``, pick with ``--variants``):
 # key → (row name, device loss mode, config overrides, label fraction or None = the run's fraction).
 Variant = tuple[str, str, dict[str, Any], float | None]
-MAIN: dict[str, Variant] = {"ce": ("CE only", "ce", {}, None), "sd": ("self-distillation", "sd", {}, None)}
+LOCAL_ONLY = {"federated.rounds": 0}
+"""No federation (:class:`fedsd.config.FederatedConfig` ``rounds`` 0): each device fine-tunes the base model's
+heads on its own speech only, for as many epochs as a federated device trains in all (rounds × local
+epochs + personalization epochs: :func:`resolve_variant`)."""
+MAIN: dict[str, Variant] = {
+    "ce": ("CE only", "ce", {}, None),
+    "sd": ("self-distillation", "sd", {}, None),
+    "local-ce": ("local-only, CE", "ce", LOCAL_ONLY, None),
+    "local-sd": ("local-only, SD", "sd", LOCAL_ONLY, None),
+}
+PRESTATED_EXIT = 2
+PRESTATED_FRACTION = 0.1
+PRESTATED: list[tuple[str, tuple[str, str], tuple[str, str]]] = [
+    ("SD personal heads − local-only SD", ("sd", "ppersonal"), ("local-sd", "ppersonal")),
+    ("SD personal heads − local-only CE", ("sd", "ppersonal"), ("local-ce", "ppersonal")),
+    ("SD personal heads − FedAvg + fine-tune (CE personal heads)", ("sd", "ppersonal"), ("ce", "ppersonal")),
+    ("SD global heads − CE global heads", ("sd", "pglobal"), ("ce", "pglobal")),
+]
+"""The comparisons stated before the runs (issue 22): a device at exit 2 with 10 % labels, on its own
+held-out speech, paired over folds × seeds, two-sided t-tests Holm-adjusted over this list. Every other
+difference in the tables is exploratory."""
 ABLATIONS: dict[str, Variant] = {
     "ce": ("CE only", "ce", {}, None),
     "sd": ("SD (default: w_ce = w_kd = w_feat = 1, T = 2)", "sd", {}, None),
@@ -159,11 +188,25 @@ def measures(runs: list[dict[str, Any]]) -> dict[str, str]:
     return {m: where for m, where in MEASURES.items() if m != "valid" or has_valid}
 
 
-def values(runs: list[dict[str, Any]], f: float, key: str, measure: str, k: int) -> dict[int, float]:
-    """seed → one run's value (``measure`` of variant ``key`` at exit ``k``); 'base' = the base model."""
-    out: dict[int, float] = {}
+def resolve_variant(variant: Variant, fc: Any) -> Variant:
+    """A local-only variant gets the epochs a federated device trains in all (compute-matched)."""
+    name, mode, extra, frac = variant
+    if extra.get("federated.rounds") == 0 and "federated.personalize_epochs" not in extra:
+        epochs = fc.rounds * fc.local_epochs + fc.personalize_epochs
+        extra = extra | {"federated.personalize_epochs": epochs}
+    return name, mode, extra, frac
+
+
+def values(
+    runs: list[dict[str, Any]], f: float, key: str, measure: str, k: int
+) -> dict[tuple[int, int], float]:
+    """(fold, seed) → one run's value (``measure`` of variant ``key`` at exit ``k``); 'base' = the base
+    model (taken from the runs that have round 1: a local-only run has no federated round)."""
+    out: dict[tuple[int, int], float] = {}
     for r in runs:
         if r["fraction"] != f or (key != "base" and r["key"] != key):
+            continue
+        if key == "base" and r.get("local_only") and measure != "unseen":
             continue
         if measure == "valid":  # where settings may be chosen (runs from before it was logged: NaN)
             v = r.get("valid_before" if key == "base" else "valid_after", {}).get(str(k), NAN)
@@ -173,7 +216,7 @@ def values(runs: list[dict[str, Any]], f: float, key: str, measure: str, k: int)
             v = r["after"][str(k)]
         else:
             v = r["personal"]["global" if measure == "pglobal" else "personal"][str(k)]
-        out.setdefault(r["seed"], v)
+        out.setdefault((r.get("fold", 0), r["seed"]), v)
     return out
 
 
@@ -317,6 +360,35 @@ def verdicts(
     return out
 
 
+def prestated(runs: list[dict[str, Any]], variants: dict[str, Variant]) -> tuple[str, list[dict[str, Any]]]:
+    """:data:`PRESTATED` at exit :data:`PRESTATED_EXIT` and :data:`PRESTATED_FRACTION` labels: paired mean,
+    95 % interval, raw and Holm-adjusted p over the (fold, seed) pairs; the rest of the tables is exploratory."""
+    rows: list[dict[str, Any]] = []
+    k = PRESTATED_EXIT
+    for label, (ka, ma), (kb, mb) in PRESTATED:
+        if ka not in variants or kb not in variants:
+            continue
+        a = values(runs, PRESTATED_FRACTION, ka, ma, k)
+        b = values(runs, PRESTATED_FRACTION, kb, mb, k)
+        rows.append({"comparison": label, "exit": k, "fraction": PRESTATED_FRACTION, "a": [ka, ma],
+                     "b": [kb, mb], "t95": common.paired(a, b), "p": common.paired_p(a, b)})  # fmt: skip
+    for row, adj in zip(rows, common.holm([r["p"] for r in rows]), strict=True):
+        row["p_holm"] = adj
+        row["significant_holm_0.05"] = bool(adj < 0.05) if not math.isnan(adj) else None
+    lines = [
+        f"| pre-stated comparison (exit {k}, {PRESTATED_FRACTION:.0%} labels, personal held-out speech) "
+        "| paired difference [95 % CI] | p | p (Holm) |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['comparison']} | {common.ci_cell(r['t95'])} | {r['p']:.3g} | {r['p_holm']:.3g}"
+            + (" *" if r["significant_holm_0.05"] else "")
+            + " |"
+        )
+    return "\n".join(lines), rows
+
+
 def plot(
     runs: list[dict[str, Any]],
     fractions: Sequence[float],
@@ -400,10 +472,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="which checkpoint of the trained base model (best = what prepare_run federates)",
     )
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.1, 0.2])
+    ap.add_argument(
+        "--folds",
+        type=int,
+        default=1,
+        help="rotate the test speakers over this many disjoint folds (each its own base model); "
+        "1: one draw of test speakers (--speaker-seed)",
+    )
     ap.add_argument("--ablations", action="store_true", help="SD loss/optimizer ablations instead")
     ap.add_argument("--ablation-fraction", type=float, default=0.1)
     ap.add_argument("--variants", nargs="+", help=f"run these (CE only always): {', '.join(ABLATIONS)}")
     args = ap.parse_args(argv)
+    if args.folds < 1:
+        ap.error("--folds must be >= 1")
+    if args.folds > 1 and (args.base_per_seed or args.base_model):
+        ap.error("--folds trains one base model per fold: it cannot take --base-per-seed or --base-model")
     if args.base_per_seed and args.base_model:
         ap.error("--base-per-seed trains one base model per seed; it cannot take --base-model")
     if args.variants and not args.ablations:
@@ -422,15 +505,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def _main(args: argparse.Namespace, bench: common.FedBench) -> dict[str, Any]:
+    from fedsd.data.partition import Partition
+
     run, log = bench.run, bench.run.log
     corpus, cache, rows_all = bench.corpus, bench.cache, bench.rows
     setups: dict[int, dict[str, Any]] = {}
 
     def setup(spk_seed: int) -> dict[str, Any]:
-        """Speaker split, base model and its quality for one speaker seed (memoized)."""
+        """Speaker split, base model and its quality for one speaker seed or fold (memoized)."""
         if spk_seed in setups:
             return setups[spk_seed]
-        split = bench.speaker_split(spk_seed)
+        split = (
+            bench.speaker_split(args.speaker_seed, spk_seed, args.folds)
+            if args.folds > 1
+            else bench.speaker_split(spk_seed)
+        )
         best, seconds = bench.ensure_base_model(split, args.checkpoint)
         quality = teacher_quality(best, split, rows_all, corpus, cache)
         for name, per_exit in quality.items():
@@ -440,7 +529,9 @@ def _main(args: argparse.Namespace, bench: common.FedBench) -> dict[str, Any]:
             )
         prem = premise(quality)
         log(prem["text"])
-        tag = f"spk{spk_seed}-{best.parent.name}-{best.name}"
+        tag = (
+            f"fold{spk_seed}-" if args.folds > 1 else f"spk{spk_seed}-"
+        ) + f"{best.parent.name}-{best.name}"
         setups[spk_seed] = {"split": split, "base": best, "seconds": seconds, "quality": quality, "tag": tag,
                             "premise": prem}  # fmt: skip
         return setups[spk_seed]
@@ -450,45 +541,53 @@ def _main(args: argparse.Namespace, bench: common.FedBench) -> dict[str, Any]:
         variants = {k: ABLATIONS[k] for k in dict.fromkeys(["ce", *args.variants])}
     fractions = [args.ablation_fraction] if args.ablations else args.fractions
     fc = bench.config().federated
+    variants = {k: resolve_variant(v, fc) for k, v in variants.items()}
     log(
         f"personal test: {fc.personal_test_fraction:.0%} of each device's speech; personal heads: "
         f"{fc.personalize_epochs} epochs after the last round (local_epochs {fc.local_epochs})"
     )
     runs: list[dict[str, Any]] = []
-    for f in fractions:
-        for seed in args.seeds:
-            spk_seed = seed if args.base_per_seed else args.speaker_seed
-            st = setup(spk_seed)
-            split, base, base_tag = st["split"], st["base"], st["tag"]
-            for key, (name, mode, extra, frac_override) in variants.items():
-                frac = frac_override if frac_override is not None else f
-                res = bench.run_seed(split, base, seed, frac, f"{base_tag}/f{frac:g}-s{seed}-{mode}", mode=mode,
-                                     extra=extra)  # fmt: skip
-                exits_here = sorted(int(k) for k in res["after"])
-                personal = personal_results(Path(res["run_dir"]), exits_here)
-                runs.append(
-                    {
-                        "key": key,
-                        "variant": name,
-                        "mode": mode,
-                        "fraction": f,
-                        "label_fraction": frac,
-                        "seed": seed,
-                        "speaker_seed": spk_seed,
-                        "base_model": str(base),
-                        "partition": res["partition"],
-                    }
-                    | {k: res[k] for k in ("before", "after", "curve", "seconds", "cached")}
-                    | {k: res.get(k, {}) for k in ("valid_before", "valid_after", "valid_curve")}
-                    | {"personal": personal, "overrides": extra, "run_key": res["key"]}
-                )
-                shallow = exits_here[:-1]
-                log(
-                    f"{f:.0%} seed {seed} {name}: "
-                    + common.personal_line(res, personal, exits_here, shallow)
-                    + f" (exits {exits_here})"
-                    + common.took(res)
-                )
+    folds = range(args.folds) if args.folds > 1 else [None]
+    for f, fold, seed in ((f, fold, seed) for f in fractions for fold in folds for seed in args.seeds):
+        spk_seed = fold if fold is not None else seed if args.base_per_seed else args.speaker_seed
+        st = setup(spk_seed)
+        split, base, base_tag = st["split"], st["base"], st["tag"]
+        for key, (name, mode, extra, frac_override) in variants.items():
+            frac = frac_override if frac_override is not None else f
+            res = bench.run_seed(split, base, seed, frac, f"{base_tag}/f{frac:g}-s{seed}-{key}", mode=mode,
+                                 extra=extra)  # fmt: skip
+            exits_here = sorted(int(k) for k in res["after"])
+            personal = personal_results(Path(res["run_dir"]), exits_here)
+            speakers = {c.client_id: c.speakers for c in Partition.load(Path(res["partition"])).clients}
+            for name_, dev in personal["devices"].items():
+                dev["speakers"] = speakers.get(name_, [])
+            runs.append(
+                {
+                    "key": key,
+                    "variant": name,
+                    "mode": mode,
+                    "fraction": f,
+                    "label_fraction": frac,
+                    "seed": seed,
+                    "fold": fold or 0,
+                    "local_only": extra.get("federated.rounds") == 0,
+                    "speaker_seed": spk_seed,
+                    "base_model": str(base),
+                    "partition": res["partition"],
+                }
+                | {k: res[k] for k in ("before", "after", "curve", "seconds", "cached")}
+                | {k: res.get(k, {}) for k in ("valid_before", "valid_after", "valid_curve")}
+                | {"personal": personal, "overrides": extra, "run_key": res["key"]}
+            )
+            shallow = exits_here[:-1]
+            log(
+                f"{f:.0%} "
+                + (f"fold {fold} " if fold is not None else "")
+                + f"seed {seed} {name}: "
+                + common.personal_line(res, personal, exits_here, shallow)
+                + f" (exits {exits_here})"
+                + common.took(res)
+            )
     exits = sorted(int(k) for k in runs[0]["after"])
     shallow = exits[:-1]  # the teacher exit never changes
     table_md, table_rows = results_table(runs, fractions, variants, exits)
@@ -496,6 +595,7 @@ def _main(args: argparse.Namespace, bench: common.FedBench) -> dict[str, Any]:
     first = setups[next(iter(setups))]
     prem = first["premise"]
     lines = verdicts(diff_rows, fractions, variants, shallow, prem)
+    pre_md, pre_rows = prestated(runs, variants)
     base_desc = f"{first['base'].parent.name}/{first['base'].name}"
     title = (
         f"UAR per exit, mean ± std over seeds {args.seeds}: {len(first['split'].test_speakers)} unseen test "
@@ -516,6 +616,10 @@ def _main(args: argparse.Namespace, bench: common.FedBench) -> dict[str, Any]:
           "mean [95 % Student-t interval over seeds] (seeds > 0 / seeds):")  # fmt: skip
     print()
     print(diff_md)
+    print()
+    print("Pre-stated comparisons (Holm-adjusted over this list; every other difference is exploratory):")
+    print()
+    print(pre_md)
     print()
     for line in lines:
         print(f"- {line}")
@@ -545,6 +649,7 @@ def _main(args: argparse.Namespace, bench: common.FedBench) -> dict[str, Any]:
         "setup": bench.setup_record()
         | {
             "base_per_seed": args.base_per_seed,
+            "folds": args.folds,
             "splits": {
                 str(k): {
                     "test_speakers": st["split"].test_speakers,
@@ -570,6 +675,8 @@ def _main(args: argparse.Namespace, bench: common.FedBench) -> dict[str, Any]:
         "markdown": table_md,
         "differences": diff_rows,
         "differences_markdown": diff_md,
+        "prestated": pre_rows,
+        "prestated_markdown": pre_md,
         "verdicts": lines,
         "last3_rounds_unseen": _curves(runs, variants, fractions),
         "runs": runs,

@@ -123,7 +123,7 @@ def adaptation_run(
     # one device holding both device speakers: 2 clips per class, so it has personal test speech (1 per class)
     argv = ["--corpus", str(tiny_corpus), "--work", str(tmp / "work"), "--base-epochs", "1", "--fractions", "0.5",
             "--out", str(tmp / "res" / "adaptation"), *FED, "--clients", "1", "--set", "federated.min_clients=1",
-            "--set", "federated.personalize_epochs=1"]  # fmt: skip
+            "--set", "federated.personalize_epochs=1", "--folds", "2", "--test-speakers", "1"]  # fmt: skip
     out = load_script("adaptation").main(argv)
     base = Path(next(iter(out["setup"]["splits"].values()))["base_model"])
     return tmp / "res", out, base
@@ -339,9 +339,10 @@ def test_self_distillation_smoke(tmp_path, tiny_corpus, capsys):
 def test_adaptation_smoke(adaptation_run):
     res, out, base = adaptation_run
     data = read(res / "adaptation.json", out)
-    p = check_provenance(data, "adaptation")
-    assert p["backbone_fingerprint"] == {
-        str(base): json.loads((base / "fedsd.json").read_text())["fingerprint"]
+    p = check_provenance(data, "adaptation", fingerprints=2)  # one base model per speaker fold
+    bases = [Path(s["base_model"]) for s in data["setup"]["splits"].values()]
+    assert base == bases[0] and p["backbone_fingerprint"] == {
+        str(b): json.loads((b / "fedsd.json").read_text())["fingerprint"] for b in bases
     }
     assert data["exits"] == [1, 2, 3, 4]
     assert [(r["labels"], r["method"], r["measure"]) for r in data["table"]] == [
@@ -349,26 +350,45 @@ def test_adaptation_smoke(adaptation_run):
         ("50%", "CE only", "unseen"), ("50%", "CE only", "pglobal"), ("50%", "CE only", "ppersonal"),
         ("50%", "self-distillation", "unseen"), ("50%", "self-distillation", "pglobal"),
         ("50%", "self-distillation", "ppersonal"),
+        ("50%", "local-only, CE", "unseen"), ("50%", "local-only, CE", "pglobal"),
+        ("50%", "local-only, CE", "ppersonal"),
+        ("50%", "local-only, SD", "unseen"), ("50%", "local-only, SD", "pglobal"),
+        ("50%", "local-only, SD", "ppersonal"),
     ]  # fmt: skip
     for row in data["table"]:
         assert set(row["uar"]) == {"1", "2", "3", "4"}
         if row["measure"] == "unseen":
             for values in row["uar"].values():
-                assert len(values) == 1
-                assert_uar(values[0])
+                assert len(values) == 2  # one seed × two speaker folds
+                for v in values:
+                    assert_uar(v)
         else:  # the one device runs exit 1: measured there only, the teacher never on devices
-            assert len(row["uar"]["1"]) == 1 and row["uar"]["4"] == []
-            assert_uar(row["uar"]["1"][0])
+            assert len(row["uar"]["1"]) == 2 and row["uar"]["4"] == []
+            for v in row["uar"]["1"]:
+                assert_uar(v)
     assert {r["mode"] for r in data["runs"]} == {"ce", "sd"} and not any(r["cached"] for r in data["runs"])
+    assert sorted({(r["fold"], r["seed"]) for r in data["runs"]}) == [(0, 0), (1, 0)]
+    # speaker folds: disjoint test speakers, each fold with its own base model, never trained on them
+    splits = data["setup"]["splits"]
+    tests = [set(s["test_speakers"]) for s in splits.values()]
+    assert len(tests) == 2 and not tests[0] & tests[1]
+    for s in splits.values():
+        assert not set(s["test_speakers"]) & (set(s["server_speakers"]) | set(s["device_speakers"]))
     for r in data["runs"]:
         p = r["personal"]
         assert p["has_final"] and p["n_devices"]["1"] == 1
-        for tag in ("base", "global", "personal"):
+        for tag in ("global", "personal") if r["local_only"] else ("base", "global", "personal"):
             assert_uar(p[tag]["1"])
+        (dev,) = p["devices"].values()
+        assert dev["speakers"] and set(dev["speakers"]) <= set(splits[str(r["fold"])]["device_speakers"])
+        if r["local_only"]:  # no federated round: the devices fine-tuned the base model's heads alone
+            assert r["before"] == r["after"] and r["overrides"]["federated.personalize_epochs"] == 1 * 1 + 1
+    comparisons_pre = [row["comparison"] for row in data["prestated"]]
+    assert comparisons_pre and all("p_holm" in row for row in data["prestated"])
     comparisons = {d["comparison"] for d in data["differences"]}
     assert "self-distillation − CE only, personal test, personal heads" in comparisons
     assert "CE only: personal − global heads, personal test" in comparisons
-    assert all(d["t95"]["1"]["n"] == 1 for d in data["differences"])  # one seed: no interval
+    assert all(d["t95"]["1"]["n"] == 2 for d in data["differences"])  # pairs over (fold, seed)
     assert data["verdicts"][0].startswith("premise") and isinstance(data["premise"]["0"]["holds_all"], bool)
     assert data["setup"]["corpus"]["utterances"] == 24
     assert_png(res / "adaptation.png")
@@ -477,3 +497,17 @@ def test_whisper_recipe_smoke(tmp_path, tiny_corpus):
         assert set(v["test_uar"]) == {"1", "2", "3", "4"} and all(0 <= x <= 1 for x in v["test_uar"].values())
     assert 0 <= data["mfcc_baseline"]["test"]["uar"] <= 1
 
+
+
+def test_holm_and_paired_p_match_their_definitions():
+    sys.path.insert(0, str(BENCH))
+    from common import holm, paired_p
+    from scipy import stats
+
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])  # m·p, step-down, monotone
+    assert holm([0.5, float("nan")])[0] == 0.5 and math.isnan(holm([0.5, float("nan")])[1])
+    a = {(0, s): v for s, v in enumerate([0.70, 0.72, 0.69, 0.75])}
+    b = {(0, s): v for s, v in enumerate([0.65, 0.70, 0.70, 0.71])}
+    want = stats.ttest_rel([a[k] for k in sorted(a)], [b[k] for k in sorted(b)]).pvalue
+    assert paired_p(a, b) == pytest.approx(want)
+    assert math.isnan(paired_p({(0, 0): 1.0}, {(0, 0): 0.5}))  # one pair: no test

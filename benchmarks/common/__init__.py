@@ -61,7 +61,7 @@ from .provenance import (
     run_main,
     set_threads,
 )
-from .stats import cell, ci_cell, mean_std, paired, t_interval
+from .stats import cell, ci_cell, holm, mean_std, paired, paired_p, t_interval
 from .timing import (
     CLOCKS,
     add_timing_args,
@@ -81,7 +81,7 @@ from .timing import (
 __all__ = [
     "BENCH", "CLOCKS", "CODE_PATHS", "DEMO", "EMOTIONS", "ENV", "FEDERATED_WORK", "RECIPE", "RESULTS", "ROOT", "WORK_STAMP",
     "FedBench", "NAN", "Run", "add_config_args", "add_corpus_args", "add_federation_args", "add_timing_args", "args_config", "base_overrides",
-    "cell", "check_sizes", "checkpoint_fingerprint", "checkpoint_id", "ci_cell", "code_tag", "code_version",
+    "cell", "check_sizes", "holm", "paired_p", "checkpoint_fingerprint", "checkpoint_id", "ci_cell", "code_tag", "code_version",
     "corpus_info", "corpus_overrides", "default_exits", "device_parser", "digest", "ensure_corpus", "figure", "fit_score",
     "int_list", "interleaved", "jsonable", "library_versions", "load_recipe", "machine", "mean_std", "mfcc_features",
     "mfcc_stats", "over", "paired", "personal_line", "personal_results", "prepare_corpus", "quartiles_ms", "quiet", "run_main", "scratch",

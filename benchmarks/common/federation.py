@@ -101,10 +101,18 @@ class FedBench:
     def num_clients(self) -> int:
         return self.config().federated.num_clients or 8
 
-    def speaker_split(self, speaker_seed: int) -> Any:
-        """Test speakers, server pool and device speakers, fixed for the whole benchmark."""
+    def speaker_split(self, speaker_seed: int, fold: int | None = None, folds: int = 1) -> Any:
+        """Test speakers, server pool and device speakers, fixed for the whole benchmark.
+
+        With ``folds`` > 1 the test speakers of ``fold`` are its share of a shuffle (``speaker_seed``) of
+        all labelled speakers cut into ``folds`` disjoint groups of ``federated.test_speakers``: the
+        folds rotate the test speakers so that no result rests on one set of them. The server pool and
+        the devices are drawn from the other speakers (seed ``speaker_seed``, fold).
+        """
         from fedsd.data.partition import make_partition
 
+        if fold is not None:
+            return self._fold_split(speaker_seed, fold, folds)
         fc = self.config().federated
         split = make_partition(
             [r for r in self.rows if r.label],
@@ -117,6 +125,43 @@ class FedBench:
         )
         self.run.log(
             f"speakers (seed {speaker_seed}): test {', '.join(split.test_speakers)}; server pool "
+            f"{len(split.server_speakers)}; devices {sum(len(c.speakers) for c in split.clients)}"
+        )
+        return split
+
+    def _fold_split(self, speaker_seed: int, fold: int, folds: int) -> Any:
+        import random
+
+        from fedsd.data.partition import Partition, make_partition
+
+        fc = self.config().federated
+        labelled = [r for r in self.rows if r.label]
+        speakers = sorted({r.speaker for r in labelled})
+        n_test = fc.test_speakers
+        if not 0 <= fold < folds or folds * n_test > len(speakers) - fc.server_speakers - self.num_clients:
+            raise ValueError(
+                f"{folds} folds of {n_test} test speakers do not fit {len(speakers)} speakers beside "
+                f"{fc.server_speakers} server speakers and {self.num_clients} devices (fold {fold})"
+            )
+        random.Random(speaker_seed).shuffle(speakers)
+        test = sorted(speakers[fold * n_test : (fold + 1) * n_test])
+        rest = make_partition(
+            [r for r in labelled if r.speaker not in set(test)], num_clients=fc.num_clients, by="speaker",
+            label_fraction=1.0, test_speakers=0, server_speakers=fc.server_speakers,
+            seed=speaker_seed * 1000 + fold,
+        )  # fmt: skip
+        split = Partition(
+            config=rest.config | {"fold": fold, "folds": folds, "speaker_seed": speaker_seed},
+            seed=speaker_seed,
+            label_names=rest.label_names,
+            test_utt_ids=[r.utt_id for r in labelled if r.speaker in set(test)],
+            test_speakers=test,
+            server_utt_ids=rest.server_utt_ids,
+            server_speakers=rest.server_speakers,
+            clients=rest.clients,
+        )
+        self.run.log(
+            f"speakers (seed {speaker_seed}, fold {fold + 1}/{folds}): test {', '.join(test)}; server pool "
             f"{len(split.server_speakers)}; devices {sum(len(c.speakers) for c in split.clients)}"
         )
         return split

@@ -54,3 +54,25 @@ def ci_cell(ci: dict[str, Any], *, single: str = "n = 1", up: str = "> 0") -> st
     if ci["n"] < 2:
         return f"{ci['mean']:+.3f} ({single})"
     return f"{ci['mean']:+.3f} [{ci['ci_low']:+.3f}, {ci['ci_high']:+.3f}] ({ci['positive']}/{ci['n']} {up})"
+
+
+def paired_p(a: Mapping[Any, float], b: Mapping[Any, float]) -> float:
+    """Two-sided one-sample t-test p-value of the paired differences a[s] − b[s] (NaN under 2 pairs)."""
+    from scipy import stats
+
+    diffs = [a[s] - b[s] for s in sorted(set(a) & set(b)) if not math.isnan(a[s] - b[s])]
+    if len(diffs) < 2:
+        return math.nan
+    if statistics.pstdev(diffs) == 0.0:
+        return 0.0 if diffs[0] != 0 else 1.0
+    return float(stats.ttest_1samp(diffs, 0.0).pvalue)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values (step-down, monotone, capped at 1; NaN stays NaN)."""
+    order = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
+    m, out, running = len(order), [math.nan] * len(pvalues), 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
