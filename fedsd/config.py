@@ -238,6 +238,19 @@ class FederatedConfig(_Strict):
         return self
 
 
+class LogConfig(_Strict):
+    """Experiment tracking beside metrics.jsonl (``pip install 'fedsd[tracking]'``); off by default.
+
+    The CLI's ``--tensorboard DIR`` and ``--mlflow-uri URI`` set these (see ``fedsd.tracking``)."""
+
+    tensorboard: Path | None = None
+    """TensorBoard log directory: each phase writes its own run in it (DIR/central, DIR/federation)."""
+    mlflow_uri: str | None = Field(None, min_length=1)
+    """MLflow tracking URI: ``file:./mlruns``, ``sqlite:///mlflow.db`` or a server's ``http://HOST:5000``."""
+    mlflow_experiment: str | None = Field(None, min_length=1)
+    """MLflow experiment the runs go to (default: the config's ``name``)."""
+
+
 class ExperimentConfig(_Strict):
     name: str = "experiment"
     base_model: Path | None = None
@@ -246,6 +259,7 @@ class ExperimentConfig(_Strict):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     federated: FederatedConfig = FederatedConfig()
+    log: LogConfig = LogConfig()
 
     @model_validator(mode="after")
     def _check_mix(self) -> ExperimentConfig:

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from fedsd.audio import load_audio, normalize_waveform
 from fedsd.checkpoint import atomic_directory, atomic_write_json
 from fedsd.data.manifest import ManifestRow
+from fedsd.tracking import Tracker, epoch_scalars
 
 SAMPLE_RATE = 16000
 WINDOW, HOP = 400, 320  # the wav2vec 2.0 front end's receptive field and stride, in samples
@@ -152,10 +153,12 @@ def pretrain(
     log: Callable[[str], None] = print,
     progress: Callable[[int, int], None] | None = None,
     source: dict[str, Any] | None = None,
+    tracker: Tracker | None = None,
 ) -> PretrainResult:
     """Masked prediction of MFCC clusters on ``rows`` (labels ignored); writes a checkpoint to ``out_dir``.
 
     ``source`` (e.g. the manifest's path and sha256) is recorded in ``pretrain.json`` as provenance.
+    ``tracker`` (``fedsd.tracking``) receives each epoch's row of the history; its opener closes it.
     """
     from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
 
@@ -236,6 +239,8 @@ def pretrain(
             np.random.set_state(state)
             row |= {"valid_loss": float(np.mean(vl)), "valid_acc": vh / max(1, vn)}
         history.append(row)
+        if tracker is not None:
+            tracker.log_metrics(epoch_scalars(row), step=epoch)
         log(
             f"epoch {epoch}: masked-frame loss {row['loss']:.3f} acc {row['acc']:.3f}"
             + (f" | unseen speakers loss {row['valid_loss']:.3f} acc {row['valid_acc']:.3f}" if va else "")

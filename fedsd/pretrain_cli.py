@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+
+from fedsd.tracking import MLFLOW_HELP, TENSORBOARD_HELP, Tracker, finish_run
 
 console = Console()
 err_console = Console(stderr=True)
 
 
 def _fail(msg: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {msg}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False)  # 'fedsd[tracking]' stays
     raise typer.Exit(code)
 
 
@@ -30,6 +34,8 @@ def pretrain_command(
     seed: int = typer.Option(0, min=0),
     threads: int | None = typer.Option(None, min=1, help="torch threads (default: torch's choice)."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+    tensorboard: Path | None = typer.Option(None, "--tensorboard", metavar="DIR", help=TENSORBOARD_HELP),
+    mlflow_uri: str | None = typer.Option(None, "--mlflow-uri", metavar="URI", help=MLFLOW_HELP),
 ) -> None:
     """Pretrain an encoder on unlabelled speech by masked prediction of MFCC clusters (HuBERT iteration 1).
 
@@ -60,6 +66,7 @@ def pretrain_command(
         backbone=backbone, family=family, epochs=epochs, clusters=clusters, lr=lr, batch_size=batch_size,
         crop_seconds=crop_seconds, seed=seed, threads=threads,
     )  # fmt: skip
+    tracker = _tracker(out, settings, manifest, tensorboard, mlflow_uri)
     columns = (TextColumn("pretrain"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("pretrain", total=None)
@@ -67,10 +74,29 @@ def pretrain_command(
             pretrain(
                 rows, root or manifest.parent, out, settings, log=console.print,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
-                source={"manifest": str(manifest.resolve()), "sha256": sha256_file(manifest)},
+                source={"manifest": str(manifest.resolve()), "sha256": sha256_file(manifest)}, tracker=tracker,
             )  # fmt: skip
         except (AudioError, ValueError) as e:
             _fail(str(e), 1)
+    finish_run(tracker, out)
+
+
+def _tracker(out: Path, settings: Any, manifest: Path, tensorboard: Path | None, mlflow_uri: str | None) -> Tracker:
+    """The --tensorboard / --mlflow-uri tracker of a pretraining run (MLflow experiment `pretrain`)."""
+    from dataclasses import asdict
+
+    from fedsd.tracking import TrackingError, open_tracker, tracking_overrides
+
+    try:
+        where = tracking_overrides(tensorboard, mlflow_uri)
+        return open_tracker(
+            phase="pretrain", run_dir=out, tensorboard=where.get("log.tensorboard"),
+            mlflow_uri=where.get("log.mlflow_uri"), experiment="pretrain",
+            params=asdict(settings) | {"manifest": str(manifest.resolve())}, log=console.print,
+        )  # fmt: skip
+    except TrackingError as e:
+        _fail(str(e), 2)
+        raise  # unreachable: _fail exits
 
 
 def register(app: typer.Typer) -> None:

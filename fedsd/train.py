@@ -38,6 +38,7 @@ from fedsd.metrics import ClassificationReport, classification_report
 from fedsd.model.backbone import load_backbone
 from fedsd.model.multiexit import MultiExitSER
 from fedsd.report import plot_learning_curves
+from fedsd.tracking import epoch_scalars, finish_run, tracker_for
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -395,6 +396,7 @@ def train(
     history: list[dict[str, Any]] = []
     task = progress.add_task("train", total=tc.epochs * len(train_loader)) if progress is not None else None
     valid_reports: dict[int, ClassificationReport] = {}
+    tracker = tracker_for(cfg, run_dir, "central", log=log)  # log.tensorboard / log.mlflow_uri
     for epoch in range(1, tc.epochs + 1):
         model.train()
         train_loader.dataset.set_epoch(epoch)  # new random crops each epoch, reproducible per seed
@@ -447,6 +449,7 @@ def train(
             model.save_pretrained(best_dir)
         record["best_epoch"] = best_epoch
         append_jsonl(metrics_path, record)
+        tracker.log_metrics(epoch_scalars(record), step=epoch)
         history.append(record)
         uars = " ".join(
             f"{record[f'valid/exit{k}/uar']:.3f}" for k in model.exits if f"valid/exit{k}/uar" in record
@@ -473,6 +476,7 @@ def train(
         "test": {k: r.to_dict() for k, r in test_reports.items()},
     }
     atomic_write_json(run_dir / "results.json", summary)
+    finish_run(tracker, run_dir)
     return TrainResult(run_dir, best_dir, last_dir, best_epoch, valid_reports, test_reports)
 
 

@@ -8,13 +8,16 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+
+from fedsd.tracking import MLFLOW_HELP, TENSORBOARD_HELP, tracking_overrides
 
 console = Console()
 err_console = Console(stderr=True)
 
 
 def _fail(msg: str, code: int = 1) -> None:
-    err_console.print(f"[bold red]error:[/] {msg}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False)  # 'fedsd[tracking]' stays
     raise typer.Exit(code)
 
 
@@ -54,6 +57,8 @@ def train_command(
         None, "--freeze-feature-encoder/--train-feature-encoder", help="Freeze the CNN front end."
     ),
     scratch: bool = typer.Option(False, "--scratch", help="Train the backbone from random init."),
+    tensorboard: Path | None = typer.Option(None, "--tensorboard", metavar="DIR", help=TENSORBOARD_HELP),
+    mlflow_uri: str | None = typer.Option(None, "--mlflow-uri", metavar="URI", help=MLFLOW_HELP),
     set_: list[str] | None = typer.Option(
         None, "--set", help="Any config field: --set train.warmup_epochs=2"
     ),
@@ -83,6 +88,7 @@ def train_command(
     if scratch:
         overrides["model.pretrained"] = False
     try:
+        overrides |= tracking_overrides(tensorboard, mlflow_uri)
         with progress_bar() as progress:
             result = train_experiment(config, out, overrides=overrides, progress=progress, log=console.print)
     except (ConfigError, ValueError, FileNotFoundError) as e:

@@ -46,6 +46,7 @@ from fedsd.server.service import (
     register_device_key,
     set_aside_previous_run,
 )
+from fedsd.tracking import MLFLOW_HELP, TENSORBOARD_HELP, TrackingError, tracking_overrides
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_NO_DEVICES", "PREVIOUS_RUN_FILES", "app",
            "set_aside_previous_run"]  # fmt: skip
@@ -231,6 +232,8 @@ def start_command(
     node_keys: _NodeKeys = None,
     device_wait: _DeviceWait = 600.0,
     set_: _Set = None,
+    tensorboard: Annotated[Path | None, typer.Option("--tensorboard", metavar="DIR", help=TENSORBOARD_HELP)] = None,
+    mlflow_uri: Annotated[str | None, typer.Option("--mlflow-uri", metavar="URI", help=MLFLOW_HELP)] = None,
 ) -> None:
     """Start the server of a federated run and wait for it to finish.
 
@@ -240,7 +243,7 @@ def start_command(
         server = Server(
             config, out=out, host=host, port=port, rounds=rounds, min_clients=min_clients,
             base_model=base_model, resume=resume, tls_dir=tls_dir, insecure=insecure, auth=auth,
-            node_keys=node_keys or [], device_wait=device_wait, overrides=_parse_overrides(set_),
+            node_keys=node_keys or [], device_wait=device_wait, overrides=_parse_overrides(set_) | _tracking(tensorboard, mlflow_uri),
             log=_log, on_output=_output,
         )  # fmt: skip
     except ServerError as e:
@@ -265,6 +268,15 @@ def start_command(
             server.stop()
     if code:
         raise typer.Exit(code)
+
+
+def _tracking(tensorboard: Path | None, mlflow_uri: str | None) -> dict[str, Any]:
+    """``--tensorboard`` / ``--mlflow-uri`` as ``log.*`` overrides; a missing package exits 2."""
+    try:
+        return tracking_overrides(tensorboard, mlflow_uri)
+    except TrackingError as e:
+        _fail(str(e), 2)
+        raise  # unreachable: _fail exits
 
 
 @app.command("register-node")

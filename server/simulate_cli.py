@@ -8,6 +8,8 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from fedsd.tracking import MLFLOW_HELP, TENSORBOARD_HELP, tracking_overrides
+
 console = Console()
 
 
@@ -37,6 +39,8 @@ def simulate_command(
     ),
     cpus_per_client: float | None = typer.Option(None, help="CPU cores per device, > 0, fractions allowed (1)."),
     gpus_per_client: float | None = typer.Option(None, help="GPUs per device, >= 0; 0.25: four share a GPU (0)."),
+    tensorboard: Path | None = typer.Option(None, "--tensorboard", metavar="DIR", help=TENSORBOARD_HELP),
+    mlflow_uri: str | None = typer.Option(None, "--mlflow-uri", metavar="URI", help=MLFLOW_HELP),
     set_: list[str] | None = typer.Option(None, "--set", help="Any config field: --set federated.lr=0.01"),
 ) -> None:
     """Simulate federated self-distillation over devices partitioned from a corpus.
@@ -54,6 +58,7 @@ def simulate_command(
         personalize_epochs=personalize_epochs, exits_mix=[int(x) for x in exits_mix.split(",")] if exits_mix else None,
     )  # fmt: skip
     try:
+        overrides |= tracking_overrides(tensorboard, mlflow_uri)
         with progress_bar() as progress:
             result = simulate(
                 config, out=out, engine=engine, resume=resume, device_models=device_models, base_model=base_model,  # type: ignore[arg-type]
