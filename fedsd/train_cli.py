@@ -127,13 +127,44 @@ def evaluate_command(
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     console.print(result.table())
+    overlap = evaluated_speaker_overlap(result.model, manifest, split, result.label_names)
+    if overlap["status"] == "overlap":
+        err_console.print(
+            f"[bold yellow]warning:[/] {escape(str(result.model))} was trained or selected on "
+            f"{len(overlap['speakers'])} of the {overlap['evaluated_speakers']} evaluated speakers "
+            f"({escape(', '.join(overlap['speakers']))}): these scores are not on unseen speakers",
+            highlight=False,
+            soft_wrap=True,
+        )
+    elif overlap["status"] == "unknown":
+        err_console.print(
+            f"note: {escape(str(result.model))} records no training speakers; whether the evaluated "
+            "speakers are unseen is unknown",
+            highlight=False,
+            soft_wrap=True,
+        )
     if json_out:
-        result.save_json(json_out)
+        from fedsd.checkpoint import atomic_write_json
+
+        atomic_write_json(json_out, result.to_dict() | {"speaker_overlap": overlap})
         console.print(f"metrics: {json_out}")
     plot = plot or (json_out.with_suffix(".png") if json_out else None)
     if plot:
         result.save_plot(plot)
         console.print(f"plot: {plot}")
+
+
+def evaluated_speaker_overlap(
+    model: Path, manifest: Path, split: str | None, label_names: list[str]
+) -> dict[str, Any]:
+    """Which evaluated speakers the model was trained or selected on (``fedsd.checkpoint.speaker_overlap``
+    plus ``evaluated_speakers``); "unknown" for a model that records none (older checkpoints, ONNX graphs)."""
+    from fedsd.checkpoint import read_model_meta, speaker_overlap
+    from fedsd.inference import select_rows
+
+    speakers = {r.speaker for r in select_rows(manifest, split, label_names, model)}
+    meta = read_model_meta(model) if Path(model).is_dir() else None
+    return speaker_overlap(meta, speakers) | {"evaluated_speakers": len(speakers)}
 
 
 def predict_command(

@@ -321,6 +321,7 @@ def make_partition(
     keep_speakers: bool = False,
     min_per_client: int = 1,
     personal_test_fraction: float = 0.0,
+    test_first: Sequence[str] = (),
 ) -> Partition:
     """Hold out ``test_speakers`` unseen speakers, then ``server_speakers``, then form clients from the rest.
 
@@ -329,6 +330,9 @@ def make_partition(
     (utterance level, or whole speakers with ``keep_speakers``). ``by="iid"``: shuffle and deal.
     ``personal_test_fraction``: per device, that stratified share of its utterances is held out as its
     personal test set (see the module docstring). Deterministic per ``seed``.
+    ``test_first``: speakers declared held out (a manifest's ``split=test``): the test speakers are drawn
+    from them first (then from the rest if more are asked), and none of them is ever a server speaker, so
+    a model trained on the server pool never saw one. Empty: the draw is exactly as before.
     """
     if by not in PARTITION_MODES:
         raise PartitionError(f"unknown partition mode {by!r}; use one of {', '.join(PARTITION_MODES)}")
@@ -369,9 +373,19 @@ def make_partition(
 
     spk_rng = np.random.default_rng([seed, 0])
     shuffled = [speakers[i] for i in spk_rng.permutation(len(speakers))]
+    declared = set(test_first) & set(speakers)
+    if declared:
+        shuffled = [s for s in shuffled if s in declared] + [s for s in shuffled if s not in declared]
     test_spk = sorted(shuffled[:test_speakers])
-    server_spk = sorted(shuffled[test_speakers:held])
-    client_spk = sorted(shuffled[held:])
+    rest = shuffled[test_speakers:]
+    server_pool = [s for s in rest if s not in declared]
+    if len(server_pool) < server_speakers:
+        raise PartitionError(
+            f"{server_speakers} server speaker(s) requested, but only {len(server_pool)} speaker(s) are neither "
+            f"test speakers nor declared held out (split=test: {len(declared)})"
+        )
+    server_spk = sorted(server_pool[:server_speakers])
+    client_spk = sorted(s for s in rest if s not in set(server_spk))
     test_set, server_set = set(test_spk), set(server_spk)
     cand = [r for r in pool if r.speaker not in test_set and r.speaker not in server_set]
     labels = [r.label for r in cand]
@@ -443,6 +457,8 @@ def make_partition(
         "num_rows": len(pool),
         "rows_sha256": sha256_json(sorted((r.utt_id, r.label, r.speaker) for r in pool)),
     }
+    if declared:
+        config["test_first"] = sorted(declared)
     return Partition(
         config=config,
         seed=seed,
