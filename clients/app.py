@@ -194,7 +194,8 @@ def _local_config(cfg: dict[str, Any], exit_k: int, device: str = "") -> LocalTr
                 w_kd=config_float(cfg, "w-kd", 1.0, 0.0, 1e6),
                 w_feat=config_float(cfg, "w-feat", 1.0, 0.0, 1e6),
                 temperature=config_float(cfg, "temperature", 2.0, 0.0, 1e3, lo_open=True),
-                mode=config_choice(cfg, "mode", "sd", ("sd", "ce")),  # type: ignore[arg-type]
+                mode=config_choice(cfg, "mode", "sd", ("sd", "ce", "pl")),  # type: ignore[arg-type]
+                pl_threshold=config_float(cfg, "pl-threshold", 0.95, 0.0, 1.0),
             ),
         )
     except UntrustedValueError as e:

@@ -49,6 +49,7 @@ from fedsd.clients.training import (
     add_proximal_grad,
     rng_devices,
     set_train_modes,
+    with_pseudo_labels,
 )
 from fedsd.distill import loss_has_signal, self_distill_loss
 from fedsd.features import CachedFeatures
@@ -129,6 +130,7 @@ def train_heads_private(
     try:
         with torch.random.fork_rng(devices=rng_devices(model)):
             torch.manual_seed(seed)
+            feats, cfg = with_pseudo_labels(model, feats, plan, cfg)  # mode pl → CE on drawn labels
             return _train(model, feats, plan, cfg, noise_multiplier, max_grad_norm, sample_rate, steps, seed)
     finally:
         torch.set_num_threads(threads)

@@ -13,13 +13,13 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
 
 from fedsd.cached import head_outputs
-from fedsd.distill import DistillConfig, loss_has_signal, self_distill_loss
+from fedsd.distill import DistillConfig, loss_has_signal, pseudo_label, self_distill_loss
 from fedsd.features import CachedFeatures
 from fedsd.model.multiexit import MultiExitSER
 
@@ -138,6 +138,21 @@ def rng_devices(model: MultiExitSER) -> list[int]:
     return sorted({p.device.index or 0 for p in model.heads.parameters() if p.device.type == "cuda"})
 
 
+def with_pseudo_labels(
+    model: MultiExitSER, feats: CachedFeatures, plan: ExitPlan, cfg: LocalTrainConfig
+) -> tuple[CachedFeatures, LocalTrainConfig]:
+    """``mode="pl"``: the features with the frozen teacher's confident pseudo-labels on unlabelled
+    utterances, and the config switched to CE (``fedsd.distill``); any other mode passes through."""
+    if cfg.distill.mode != "pl":
+        return feats, cfg
+    n = len(feats.utt_ids)
+    with torch.no_grad():
+        model.eval()
+        teacher = head_outputs(model, feats, [plan.teacher], list(range(n)))[plan.teacher].logits
+    labels = pseudo_label(feats.labels, teacher, cfg.distill.pl_threshold)
+    return replace(feats, labels=labels), replace(cfg, distill=replace(cfg.distill, mode="ce"))
+
+
 def _train_heads(
     model: MultiExitSER,
     feats: CachedFeatures,
@@ -145,6 +160,7 @@ def _train_heads(
     cfg: LocalTrainConfig,
     optimizer_factory=None,
 ) -> dict[str, float]:
+    feats, cfg = with_pseudo_labels(model, feats, plan, cfg)
     g = torch.Generator().manual_seed(cfg.seed)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -88,6 +88,8 @@ class DistillWeights(_Strict):
     w_kd: float = Field(1.0, ge=0)
     w_feat: float = Field(1.0, ge=0)
     temperature: float = Field(2.0, gt=0)
+    pl_threshold: float = Field(0.95, ge=0, le=1)
+    """Mode ``pl`` (devices): the frozen teacher's confidence an unlabelled clip needs for a pseudo-label."""
 
 
 class TrainConfig(_Strict):
@@ -193,7 +195,9 @@ class FederatedConfig(_Strict):
     """Exit per simulated device, dealt round-robin (None: every device at the teacher's exit)."""
     train_exits: Literal["upto", "only"] = "upto"
     teacher: Literal["deep", "local"] = "deep"
-    mode: Literal["sd", "ce"] = "sd"
+    mode: Literal["sd", "ce", "pl"] = "sd"
+    """Devices' loss: ``sd`` self-distillation, ``ce`` labels only, ``pl`` labels + the teacher's confident
+    pseudo-labels on unlabelled speech (``distill.pl_threshold``; fedsd.distill)."""
     distill: DistillWeights = DistillWeights()
     fraction_train: float = Field(1.0, gt=0, le=1)
     min_clients: int = Field(2, ge=1)

@@ -23,6 +23,13 @@ batch. At 100 % labels both rules are identical; at a label fraction f CE weighs
 as under the labelled mean (raise ``w_ce`` by 1/f to restore that balance). The logged ``ce/<k>`` stays
 the mean over labelled clips (what a reader expects of a CE value).
 
+**Pseudo-labels** (``mode="pl"``, the FixMatch-style arm of Semi-FedSER / FedSTAR): instead of KD, each
+unlabelled utterance whose frozen teacher is confident (softmax max ≥ ``pl_threshold``) gets the
+teacher's class as its label, and the students train with CE on true and pseudo-labels alike. With a
+frozen teacher and cached features the teacher's output per utterance never changes, so the labels are
+drawn once before training (:func:`pseudo_label`) and the trainers then run plain CE: every step, skip
+and weighting rule of CE applies unchanged.
+
 A batch can carry no loss signal at all (CE mode and no labelled clip, or no student exit):
 :func:`loss_has_signal` says so, and every trainer then skips its optimiser step and its learning-rate
 scheduler's count (an Adam step on a zero gradient still moves the weights by its momentum).
@@ -47,16 +54,33 @@ class DistillConfig:
     w_kd: float = 1.0
     w_feat: float = 1.0
     temperature: float = 2.0
-    mode: Literal["sd", "ce"] = "sd"  # "ce": cross-entropy at every exit, no distillation (the baseline)
+    mode: Literal["sd", "ce", "pl"] = "sd"
+    """``ce``: cross-entropy at every exit, no distillation (the baseline); ``pl``: CE on labels plus the
+    confident teacher's pseudo-labels on unlabelled utterances (module docstring)."""
+    pl_threshold: float = 0.95
+    """``pl``: the teacher's softmax confidence an unlabelled utterance needs to get a pseudo-label."""
 
     def __post_init__(self) -> None:
-        if self.mode not in ("sd", "ce"):
-            raise ValueError(f"mode: unknown value {self.mode!r}; valid values: sd, ce")
+        if self.mode not in ("sd", "ce", "pl"):
+            raise ValueError(f"mode: unknown value {self.mode!r}; valid values: sd, ce, pl")
+        if not 0.0 <= self.pl_threshold <= 1.0:
+            raise ValueError(f"pl_threshold: must be in [0, 1], got {self.pl_threshold}")
         if self.temperature <= 0:
             raise ValueError(f"temperature: must be > 0, got {self.temperature}")
         for name in ("w_ce", "w_kd", "w_feat"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+
+
+def pseudo_label(labels: Tensor, teacher_logits: Tensor, threshold: float) -> Tensor:
+    """``labels`` with every unlabelled entry (-1) whose teacher is confident (softmax max ≥
+    ``threshold``) set to the teacher's class; true labels are never overwritten."""
+    if teacher_logits.shape[0] != labels.shape[0]:
+        raise ValueError(f"{teacher_logits.shape[0]} teacher outputs for {labels.shape[0]} labels")
+    conf, cls = torch.softmax(teacher_logits.detach().float(), dim=-1).max(-1)
+    labels = labels.reshape(-1).to(torch.long)
+    take = (labels < 0) & (conf.to(labels.device) >= threshold)
+    return torch.where(take, cls.to(labels.device), labels)
 
 
 def loss_has_signal(labels: Tensor, teacher_exit: int, cfg: DistillConfig, exits: Sequence[int]) -> bool:
@@ -111,6 +135,8 @@ def self_distill_loss(
     ``"mean"`` returns their mean over the batch (the one weighting of the module docstring). The
     components are batch means, except ``ce/<k>``: the mean over labelled items (0 if none).
     """
+    if cfg.mode == "pl":
+        raise ValueError("mode pl: draw the pseudo-labels first (pseudo_label), then train with mode ce")
     exits = sorted(outputs) if train_exits is None else sorted({int(k) for k in train_exits})
     if not exits:
         raise ValueError("train_exits: no exit to train")

@@ -163,6 +163,7 @@ def train_config_record(
             "w-kd": fc.distill.w_kd,
             "w-feat": fc.distill.w_feat,
             "temperature": fc.distill.temperature,
+            "pl-threshold": fc.distill.pl_threshold,
             "seed": fc.seed,
         }
     )
