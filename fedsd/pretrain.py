@@ -191,9 +191,12 @@ def pretrain(
     )
     rng = np.random.default_rng(s.seed)
 
-    def step(x: Tensor, y: Tensor, train: bool) -> tuple[float, int, int]:
+    def step(x: Tensor, y: Tensor, train: bool) -> tuple[float, int, int] | None:
+        """One batch; None when no masked frame has a target (no loss signal: no step, no count)."""
         mask = _compute_mask_indices((x.shape[0], clips.frames), s.mask_prob, s.mask_length, min_masks=2)
         mask_t = torch.from_numpy(mask) & (y >= 0)
+        if not bool(mask_t.any()):
+            return None
         out = encoder(x, mask_time_indices=mask_t).last_hidden_state
         logits = proj(out[mask_t])
         target = y[mask_t]
@@ -216,9 +219,10 @@ def pretrain(
         losses, hits, n = [], 0, 0
         for b in range(steps_per_epoch):
             x, y = clips.batch(order[b * s.batch_size : (b + 1) * s.batch_size], rng)
-            loss, h, k = step(x, y, True)
-            losses.append(loss)
-            hits, n = hits + h, n + k
+            result = step(x, y, True)
+            if result is not None:
+                losses.append(result[0])
+                hits, n = hits + result[1], n + result[2]
             done += 1
             if progress is not None:
                 progress(done, total)
@@ -233,9 +237,10 @@ def pretrain(
             with torch.no_grad():
                 for b in range(0, len(va), s.batch_size):
                     x, y = clips.batch(va[b : b + s.batch_size], vrng)
-                    loss, h, k = step(x, y, False)
-                    vl.append(loss)
-                    vh, vn = vh + h, vn + k
+                    result = step(x, y, False)
+                    if result is not None:
+                        vl.append(result[0])
+                        vh, vn = vh + result[1], vn + result[2]
             np.random.set_state(state)
             row |= {"valid_loss": float(np.mean(vl)), "valid_acc": vh / max(1, vn)}
         history.append(row)

@@ -190,3 +190,32 @@ def test_one_kd_only_step_moves_the_student_towards_the_teacher_and_not_the_teac
     assert kl() < before
     assert all(p.grad is None for p in teacher.parameters())
     assert all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items())
+
+
+def test_batch_loss_is_the_mean_of_per_utterance_losses_with_ce_over_the_whole_batch():
+    """One weighting for every trainer (issue 22): a labelled clip's CE weighs 1/B, not 1/(labelled in
+    the batch), so DP (per-sample) and plain training optimise the same loss."""
+    o = random_outputs()
+    labels = torch.tensor([0, -1, 2, -1])
+    cfg = DistillConfig()
+    mean, parts = self_distill_loss(o, labels, 6, cfg)
+    per, _ = self_distill_loss(o, labels, 6, cfg, reduction="none")
+    assert mean.item() == pytest.approx(per.mean().item(), rel=1e-6)
+    ce_only, p_ce = self_distill_loss(o, labels, 6, DistillConfig(mode="ce"), train_exits=[2])
+    by_hand = torch.nn.functional.cross_entropy(o[2].logits.detach()[[0, 2]], torch.tensor([0, 2]), reduction="sum")
+    assert ce_only.item() == pytest.approx(by_hand.item() / 4, rel=1e-6)  # sum over labelled / B
+    assert p_ce["ce/2"] == pytest.approx(by_hand.item() / 2, rel=1e-6)  # the log: mean over labelled
+
+
+def test_loss_has_signal():
+    from fedsd.distill import loss_has_signal
+
+    none, some = torch.full((4,), -1), torch.tensor([-1, 1, -1, -1])
+    ce, sd = DistillConfig(mode="ce"), DistillConfig()
+    assert not loss_has_signal(none, 6, ce, [2, 4, 6])  # CE, no label: the phantom step of issue 22
+    assert loss_has_signal(some, 6, ce, [2, 4, 6])
+    assert loss_has_signal(none, 6, sd, [2, 4, 6])  # KD needs no label
+    assert not loss_has_signal(none, 6, sd, [6])  # only the teacher trains: CE alone
+    assert not loss_has_signal(some, 6, DistillConfig(mode="ce", w_ce=0.0), [2])
+    assert not loss_has_signal(none, 6, DistillConfig(w_kd=0.0, w_feat=0.0), [2, 6])
+    assert not loss_has_signal(torch.zeros(0, dtype=torch.long), 6, sd, [2])

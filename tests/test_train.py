@@ -150,3 +150,40 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         load_config(bad)
     assert "train.lr" in str(e.value) and "model.exits" in str(e.value) and str(bad) in str(e.value)
+
+
+def test_central_ce_steps_only_on_batches_with_a_label(tmp_path: Path, small_corpus: Path, monkeypatch) -> None:
+    """CE at 5 % labels: a batch without a labelled clip takes no AdamW step and no scheduler count (they
+    did: AdamW's momentum moved the weights on a zero gradient); metrics.jsonl counts both."""
+    from fedsd.data.partition import labelled_mask
+    from fedsd.train import train_crop
+
+    cfg = ExperimentConfig.model_validate(
+        {
+            "data": {"root": str(small_corpus), "labels": LABELS, "crop": {"max_seconds": 0.5, "mode": "random"}},
+            "model": {"backbone": "tiny", "pretrained": False, "exits": [1, 2, 3, 4]},
+            "train": {"mode": "ce", "label_fraction": 0.05, "lr": 1e-3, "batch_size": 4, "epochs": 1,
+                      "lr_schedule": "linear", "lr_warmup": 0.0, "seed": 0},
+        }
+    )  # fmt: skip
+    calls = [0]
+    real = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):  # a spy: the real step still runs
+        calls[0] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    result = train(cfg, tmp_path / "run", log=lambda _: None)
+    record = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    # the same loader train() iterates (shuffled by the seed): which batches hold a labelled clip
+    rows = split_rows(cfg, read_manifest(small_corpus / "manifest.csv"))["train"]
+    mask = labelled_mask([r.utt_id for r in rows], [r.label for r in rows], 0.05, 0)
+    loader = make_loader(rows, small_corpus, LABELS, train_crop(cfg), batch_size=4, train=True, labelled=mask, seed=0)
+    loader.dataset.set_epoch(1)
+    with_label = [bool((b["labels"] >= 0).any()) for b in loader]
+    assert 0 < sum(with_label) < len(with_label)  # the case at hand: some batches have no label
+    assert calls[0] == record["steps"] == sum(with_label)
+    assert record["steps_skipped"] == len(with_label) - sum(with_label)
+    # the scheduler counted real steps only: linear decay after `steps` of `len(loader)` nominal steps
+    assert record["lr"] == pytest.approx(1e-3 * (1 - sum(with_label) / len(with_label)))
