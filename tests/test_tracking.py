@@ -190,6 +190,33 @@ def test_simulate_cli_flags_log_rejected_updates(
     assert run.data.params["log.tensorboard"] == str((tmp_path / "tb").resolve())
 
 
+def test_server_start_flags_travel_to_the_serverapps_federation(
+    tmp_path: Path, small_corpus: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fedsd server start --tensorboard/--mlflow-uri` → the run spec the ServerApp process loads: its
+    Federation opens the trackers (a deployed run with a device takes ~30 s: not repeated here)."""
+    from fedsd.launch import free_port
+    from fedsd.server.cli import _tracking
+    from fedsd.server.federation import Federation, FederationSpec
+    from fedsd.server.service import Server
+
+    (tmp_path / "sim.yaml").write_text(SIM.format(root=small_corpus), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)  # relative paths become absolute: the ServerApp runs in another process
+    overrides = _tracking(Path("tb"), "mlruns")
+    assert overrides == {
+        "log.tensorboard": str(tmp_path / "tb"),
+        "log.mlflow_uri": (tmp_path / "mlruns").as_uri(),
+    }
+    server = Server(
+        tmp_path / "sim.yaml", out=tmp_path / "run", port=free_port(), insecure=True, base_model=tiny_model_dir,
+        overrides=overrides, log=lambda *_: None,
+    )  # fmt: skip
+    server.prepare()
+    spec = FederationSpec.from_json((tmp_path / "run" / "spec.json").read_text())
+    log = Federation(spec, log=lambda _: None).cfg.log
+    assert log.tensorboard == tmp_path / "tb" and log.mlflow_uri == (tmp_path / "mlruns").as_uri()
+
+
 def test_pretrain_cli_logs_each_epoch(tmp_path: Path, small_corpus: Path) -> None:
     uri = (tmp_path / "mlruns").as_uri()
     res = CliRunner().invoke(
