@@ -1,21 +1,36 @@
-"""What sample-level differential privacy costs: shallow-exit UAR at ε ≈ 1, 3, 8 and without DP, and
-the time overhead of DP-SGD on a device.
+"""What sample-level differential privacy costs: shallow-exit UAR at ε ≈ 1, 3, 8, without DP, and on the
+DP-SGD path without noise or clipping (σ = 0); the time overhead of DP-SGD on a device.
 
-Setting: the adaptation benchmark's (``benchmarks/adaptation.py``): synthetic corpus (24 speakers × 12
-sentences × 4 emotions), its central base model (speaker seed 0), 8 simulated devices at exits
-[1, 2, 3] with the frozen deep exit 4 as teacher, 20 % labels, self-distillation, 5 rounds × 5 local
-epochs over the in-process grid. Each DP row sets ``federated.dp.target_epsilon`` (δ = 1e-4 per device,
-C = 1): every device calibrates σ once so that the 5 rounds spend exactly that ε, accounted with Opacus'
-RDP accountant across rounds. Per seed (0, 1, 2) the devices, labels and local seed change; test
-speakers and base model are fixed. UAR is on the 4 unseen test speakers.
+Setting: the adaptation benchmark's (``benchmarks/adaptation.py``) recipe, configs/scratch.yaml: synthetic
+corpus (36 speakers × 12 sentences × 4 emotions), one central base model on a fixed speaker split
+(``--speaker-seed`` 0: 4 test speakers, 16 server speakers, the rest dealt into 8 devices), devices at
+exits [1, 2, 3] with the frozen deep exit 4 as teacher, ``--fraction`` 10 % labels, self-distillation,
+5 rounds × 5 local epochs over the in-process grid. Per seed (0, 1, 2) the devices, labels and local seed
+change; test speakers and base model are fixed. UAR is on the unseen test speakers.
+
+Arms (the same per-utterance loss in every arm: CE of a labelled clip + KD, averaged over the batch,
+``fedsd.distill``):
+
+- **no DP**: plain local training (shuffled mini-batches, Adam);
+- **DP path, σ = 0, no clipping**: the DP-SGD code path (Poisson sampling at q = B/n, Opacus, mean over
+  the expected batch) with noise multiplier 0 and clip norm 1e6: no privacy (ε = ∞). "ε − σ = 0" isolates
+  what noise and clipping cost; "σ = 0 − no DP" what Poisson sampling and the DP path change;
+- **ε = 1, 3, 8**: ``federated.dp.target_epsilon`` (δ = 1e-4 per device, C = 1): every device calibrates
+  σ once so that the 5 rounds spend exactly that ε, accounted with Opacus' RDP accountant across rounds.
+
+Personal heads are **not** trained under DP in any arm: after the last round each device fine-tunes a
+private copy of its (DP-trained) global heads on its own speech without DP (``personalize_epochs``).
+Why: they never leave the device, and under DP their metrics are withheld from the server too, so DP has
+nothing to protect there. The "personal heads" rows therefore measure DP-trained global heads plus a
+non-private on-device fine-tuning, as the table says.
 
 Overhead: the same device's local training (cached features, one round of 5 epochs) with and without
 DP, interleaved, median of repeats; reported as a ratio (the machine is shared, absolute times drift).
 
-Reproduce (the recipe is configs/scratch.yaml; every size defaults to its value; the corpus and base model
-are made in the work directory on first use):
+Reproduce (every size defaults to the recipe's value; the corpus and base model are made in the work
+directory on first use):
 
-    .venv/bin/python benchmarks/privacy.py                   # ε 1, 3, 8 and no DP, seeds 0 1 2
+    .venv/bin/python benchmarks/privacy.py                   # all arms, seeds 0 1 2
     .venv/bin/python benchmarks/privacy.py --speakers 6 --sentences 1 --clients 2 --test-speakers 2 \
         --server-speakers 2 --base-epochs 1 --rounds 1 --local-epochs 1 --seeds 0 --epsilons 8 \
         --repeats 1                                          # tiny
@@ -28,7 +43,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +54,10 @@ from common import cell, mean_std, personal_results  # noqa: E402
 from fedsd.report import markdown_table  # noqa: E402
 
 EXITS = (1, 2, 3)
+NO_DP, SIGMA0 = "no DP", "DP path, σ = 0, no clipping"
+NO_CLIP = 1e6
+"""Clip norm of the σ = 0 arm: far above any per-utterance gradient norm of the heads, i.e. no clipping."""
+PERSONAL_HEADS = "personal test, personal heads (fine-tuned without DP, never sent)"
 
 
 def overhead(
@@ -89,9 +108,10 @@ def overhead(
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     """Left: unseen speakers (global heads); right: personal test speech, global (solid) and personal
-    (dashed) heads; dotted horizontal lines: no DP."""
+    (dashed; fine-tuned without DP) heads; horizontal lines: no DP (dotted), DP path at σ = 0 (dash-dot)."""
     dp_rows = [r for r in rows if r["target_epsilon"] is not None]
-    nodp = next(r for r in rows if r["target_epsilon"] is None)
+    nodp = next(r for r in rows if _label(r) == NO_DP)
+    sigma0 = next((r for r in rows if _label(r) == SIGMA0), None)
     xs = [r["target_epsilon"] for r in dp_rows]
     panels = (("unseen test speakers", (("uar", "-"),)),
               ("personal test (solid: global, dashed: personal heads)",
@@ -105,13 +125,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                     ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3,
                                 ls=style, color=color, label=f"exit {k}" if style == "-" else None)  # fmt: skip
                     ax.axhline(mean_std(nodp[key][str(k)])[0], ls=":", lw=1, color=color)
+                    if sigma0 is not None:
+                        ax.axhline(mean_std(sigma0[key][str(k)])[0], ls="-.", lw=0.8, color=color)
             ax.axhline(0.25, color="grey", lw=0.8, ls=":")
             ax.set_xscale("log")
             ax.minorticks_off()
             ax.set_xticks(xs, [f"{x:g}" for x in xs])
             ax.set_xlabel("target ε per device over the run (δ = 1e-4)")
             ax.set_title(title, fontsize=9)
-        axes[0].set_ylabel("UAR (dotted: no DP)")
+        axes[0].set_ylabel("UAR (dotted: no DP; dash-dot: DP path at σ = 0)")
         axes[0].legend(fontsize=7)
 
 
@@ -135,10 +157,11 @@ def _main(args: argparse.Namespace, bench: common.FedBench) -> dict[str, Any]:
     run, log = bench.run, bench.run.log
     split, base = bench.fixed_base(args.speaker_seed)
     fed = bench.config().federated
-    settings: list[float | None] = [None, *sorted(args.epsilons, reverse=True)]
+    arms: list[tuple[str, float | None]] = [(NO_DP, None), (SIGMA0, None)]
+    arms += [(f"ε = {eps:g}", eps) for eps in sorted(args.epsilons, reverse=True)]
     rows: list[dict[str, Any]] = []
-    for eps in settings:
-        rows.append(run_setting(args, bench, split, base, eps))
+    for arm, eps in arms:
+        rows.append(run_setting(args, bench, split, base, eps, arm))
     before, personal_base = rows[0]["before"], rows[0]["personal_base"]
 
     log("timing local training with and without DP (device 0, exit 3, interleaved)")
@@ -190,21 +213,27 @@ def _main(args: argparse.Namespace, bench: common.FedBench) -> dict[str, Any]:
 
 
 def run_setting(
-    args: argparse.Namespace, bench: common.FedBench, split: Any, base: Path, eps: float | None
+    args: argparse.Namespace, bench: common.FedBench, split: Any, base: Path, eps: float | None, arm: str
 ) -> dict[str, Any]:
-    """Every seed of one DP setting (``eps`` None: no DP): unseen-speaker UAR of the final global heads,
-    personal-test UAR of the global and the personal heads, ε spent and σ, per seed."""
+    """Every seed of one arm (``eps`` None: no DP, or the σ = 0 DP path for ``arm`` SIGMA0): unseen-speaker
+    UAR of the final global heads, personal-test UAR of the global and the personal heads, ε spent and σ."""
     fed = bench.config().federated
-    row: dict[str, Any] = {"target_epsilon": eps, "uar": {str(k): [] for k in EXITS}, "epsilon": [], "sigma": [],
-                           "device_seconds": [], "seeds": list(args.seeds),
+    row: dict[str, Any] = {"arm": arm, "target_epsilon": eps, "uar": {str(k): [] for k in EXITS}, "epsilon": [],
+                           "sigma": [], "device_seconds": [], "seeds": list(args.seeds),
                            "personal_global": {str(k): [] for k in EXITS},
                            "personal_personal": {str(k): [] for k in EXITS}}  # fmt: skip
-    dp = {} if eps is None else {
-        "federated.dp": {"target_epsilon": eps, "delta": args.delta, "max_grad_norm": 1.0, "rounds": fed.rounds},
-    }  # fmt: skip
-    name = "nodp" if eps is None else f"eps{eps:g}"
+    dp: dict[str, Any] = {}
+    wrap, key_extra = None, None
+    if eps is not None:
+        dp = {"federated.dp": {"target_epsilon": eps, "delta": args.delta, "max_grad_norm": 1.0,
+                               "rounds": fed.rounds}}  # fmt: skip
+    elif arm == SIGMA0:
+        wrap = dp_path_without_noise(args.delta)
+        key_extra = {"devices": "DP-SGD path, σ = 0", "clip": NO_CLIP}
+    name = "nodp" if arm == NO_DP else ("sigma0" if eps is None else f"eps{eps:g}")
     for seed in args.seeds:
-        res = bench.run_seed(split, base, seed, args.fraction, f"privacy/{name}-s{seed}", extra=dp)
+        res = bench.run_seed(split, base, seed, args.fraction, f"privacy/{name}-s{seed}", extra=dp, wrap=wrap,
+                             key_extra=key_extra)  # fmt: skip
         personal = personal_results(Path(res["run_dir"]), EXITS)
         for k in EXITS:
             row["uar"][str(k)].append(res["after"][str(k)])
@@ -215,10 +244,14 @@ def run_setting(
         reports = res["train_reports"]
         dev = [c["metrics"] for rep in reports for c in rep.get("clients", [])]
         row["device_seconds"] += [m["seconds"] for m in dev if "seconds" in m]
-        if eps is not None:
+        if dp:
             last = [c["metrics"] for c in reports[-1].get("clients", [])]
             row["epsilon"].append(max(m["dp-epsilon"] for m in last))
             row["sigma"] += sorted({round(m["dp-noise-multiplier"], 4) for m in last})
+        elif wrap is not None:  # what the devices ran, from their own event logs (the reply drops dp-*)
+            row["sigma"] += sorted(
+                {round(e["dp_noise_multiplier"], 4) for e in _train_events(res["run_dir"])}
+            )
         bench.run.log(
             f"{name} seed {seed}: "
             + common.personal_line(res, personal, EXITS, EXITS)
@@ -231,8 +264,45 @@ def run_setting(
     return row
 
 
+def dp_path_without_noise(delta: float) -> Callable[[Any], Any]:
+    """Wrap the honest ClientApp: every train message asks the device for DP-SGD at σ = 0 with clip norm
+    ``NO_CLIP`` (the device's own DP path: Poisson sampling, Opacus, the same per-utterance loss), and the
+    reply's ``dp-*`` metrics are dropped (its ε is ∞, which a reply cannot carry: the server accepts
+    finite numbers only; this arm is not private, so the server runs it as a plain federation)."""
+    from flwr.app import Message
+
+    def wrap(honest: Any) -> Callable[[Message, Any], Message]:
+        def device(msg: Message, context: Any) -> Message:
+            train = msg.metadata.message_type == "train" and msg.has_content()
+            if train:
+                cfg = msg.content.config_records["config"]
+                cfg["dp-noise-multiplier"], cfg["dp-max-grad-norm"], cfg["dp-delta"] = 0.0, NO_CLIP, delta
+            reply = honest(msg, context)
+            if train and not reply.has_error() and "metrics" in reply.content.metric_records:
+                metrics = reply.content.metric_records["metrics"]
+                for key in [k for k in metrics if k.startswith("dp-")]:
+                    del metrics[key]
+            return reply
+
+        return device
+
+    return wrap
+
+
+def _train_events(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every device's train events of a benchmark run (``device-events/*.jsonl``, see FedBench.federate)."""
+    import json
+
+    return [
+        e
+        for path in sorted((Path(run_dir) / "device-events").glob("*.jsonl"))
+        for e in map(json.loads, path.read_text(encoding="utf-8").splitlines())
+        if e.get("kind") == "train"
+    ]
+
+
 def _label(r: dict[str, Any]) -> str:
-    return "no DP" if r["target_epsilon"] is None else f"ε = {r['target_epsilon']:g}"
+    return r.get("arm") or (NO_DP if r["target_epsilon"] is None else f"ε = {r['target_epsilon']:g}")
 
 
 def uar_table(
@@ -250,15 +320,17 @@ def uar_table(
         sig = "–" if not r["sigma"] else f"{min(r['sigma']):.2f}–{max(r['sigma']):.2f}"
         eps_txt = "∞" if not r["epsilon"] else f"{max(r['epsilon']):.2f}"
         for measure, key in (("unseen test speakers", "uar"), ("personal test, global heads", "personal_global"),
-                             ("personal test, personal heads", "personal_personal")):  # fmt: skip
+                             (PERSONAL_HEADS, "personal_personal")):  # fmt: skip
             out.append([_label(r), sig, eps_txt, measure, *(cell(r[key][str(k)]) for k in EXITS)])
     return header, out
 
 
 def differences(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Paired over seeds, per setting: personal − global heads and personal heads − base model (personal
-    test); DP − no DP (unseen speakers and personal heads)."""
-    nodp = rows[0]
+    """Paired over seeds, per arm: personal − global heads and personal heads − base model (personal
+    test); each DP arm − no DP, and − the σ = 0 DP path (noise and clipping only), unseen speakers and
+    personal heads; the σ = 0 path − no DP (sampling and code path)."""
+    nodp = next(r for r in rows if _label(r) == NO_DP)
+    sigma0 = next((r for r in rows if _label(r) == SIGMA0), None)
     out: dict[str, dict[str, Any]] = {}
     for r in rows:
         for k in map(str, EXITS):
@@ -271,13 +343,11 @@ def differences(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             out.setdefault(f"{_label(r)}: personal heads − base model, personal test", {})[k] = common.paired(
                 pp, pb
             )
-            if r is not nodp:
-                for measure, key in (
-                    ("unseen test speakers", "uar"),
-                    ("personal test, personal heads", "personal_personal"),
-                ):
-                    a, b = _by_seed(r, key, k), _by_seed(nodp, key, k)
-                    out.setdefault(f"{_label(r)} − no DP, {measure}", {})[k] = common.paired(a, b)
+            refs = [nodp] if r is sigma0 else [] if r is nodp else [nodp, sigma0]
+            for ref in (x for x in refs if x is not None):
+                for measure, key in (("unseen test speakers", "uar"), (PERSONAL_HEADS, "personal_personal")):
+                    a, b = _by_seed(r, key, k), _by_seed(ref, key, k)
+                    out.setdefault(f"{_label(r)} − {_label(ref)}, {measure}", {})[k] = common.paired(a, b)
     return out
 
 

@@ -1,10 +1,12 @@
 """One malicious device among eight: what plain averaging loses and what the defences keep.
 
-Setting: the adaptation benchmark's (``benchmarks/adaptation.py``): synthetic corpus (24 speakers), its
-central base model (speaker seed 0), 8 simulated devices at exits [1, 2, 3] (teacher: frozen exit 4),
-20 % labels, self-distillation, 5 rounds × 5 local epochs, in-process grid, seeds 0 1 2. Device 0 is
-compromised: every round it replaces its honest update u by g + f·(u − g) (g = the global heads it
-received), f = 100 ("scaled") or f = −100 ("sign-flipped"). UAR on the 4 unseen test speakers.
+Setting: the adaptation benchmark's (``benchmarks/adaptation.py``) recipe, configs/scratch.yaml: synthetic
+corpus (36 speakers × 12 sentences × 4 emotions), one central base model on a fixed speaker split
+(``--speaker-seed`` 0: 4 test speakers, 16 server speakers), 8 simulated devices at exits [1, 2, 3]
+(teacher: frozen exit 4), ``--fraction`` 20 % labels, self-distillation, 5 rounds × 5 local epochs,
+in-process grid, seeds 0 1 2 (devices, labels and local seed; test speakers and base model fixed).
+Device 0 is compromised: every round it replaces its honest update u by g + f·(u − g) (g = the global
+heads it received), f = 100 ("scaled") or f = −100 ("sign-flipped"). UAR on the 4 unseen test speakers.
 
 Defences compared (config ``federated.*``): plain weighted mean; ``max_update_norm_ratio: 5``;
 ``aggregation: trimmed_mean`` (trim 0.2 → one device cut at each end of 8 per coordinate);
@@ -13,7 +15,7 @@ Defences compared (config ``federated.*``): plain weighted mean; ``max_update_no
 Every size defaults to the recipe's (configs/scratch.yaml) value; corpus, base model and feature cache are
 made in the work directory on first use.
 
-    .venv/bin/python benchmarks/robustness.py        # ~20 min on 2 loaded cores (cached features)
+    .venv/bin/python benchmarks/robustness.py        # 4 defences × 3 attacks × 3 seeds = 36 runs
     .venv/bin/python benchmarks/robustness.py --speakers 6 --sentences 1 --clients 2 --test-speakers 2 \
         --server-speakers 2 --base-epochs 1 --rounds 1 --local-epochs 1 --seeds 0 \
         --defences mean median --attacks none scaled          # tiny

@@ -403,7 +403,8 @@ def test_privacy_smoke(tmp_path, tiny_corpus, adaptation_run):
     # (one device with both device speakers: it has personal test speech, as in adaptation_run)
     data = read(tmp_path / "privacy.json", bench.main(argv))
     check_provenance(data, "privacy")
-    assert [r["target_epsilon"] for r in data["rows"]] == [None, 8.0]
+    assert [r["target_epsilon"] for r in data["rows"]] == [None, None, 8.0]
+    assert [r["arm"] for r in data["rows"]] == ["no DP", "DP path, σ = 0, no clipping", "ε = 8"]
     for r in data["rows"]:
         assert set(r["uar"]) == {"1", "2", "3"}
         for values in r["uar"].values():
@@ -411,8 +412,9 @@ def test_privacy_smoke(tmp_path, tiny_corpus, adaptation_run):
             assert_uar(values[0])
         for key in ("personal_global", "personal_personal", "personal_base"):
             assert set(r[key]) == {"1", "2", "3"} and all(len(v) == 1 for v in r[key].values())
-    dp = data["rows"][1]
+    dp, sigma0 = data["rows"][2], data["rows"][1]
     assert 0 < dp["epsilon"][0] <= 8.0 + 1e-6 and dp["sigma"]
+    assert sigma0["sigma"] == [0.0] and sigma0["epsilon"] == []  # the same-loss reference arm: no privacy
     # under DP a device keeps its personal-test metrics (not noised) to itself: read from its own log
     assert all(
         math.isfinite(dp[key][k][0]) for key in ("personal_global", "personal_personal") for k in ("1",)
@@ -425,6 +427,9 @@ def test_privacy_smoke(tmp_path, tiny_corpus, adaptation_run):
     for k in ("1", "2", "3"):  # the difference is the two arms' values subtracted, seed by seed
         d = diffs["ε = 8 − no DP, unseen test speakers"][k]
         assert d["values"] == [dp["uar"][k][0] - data["rows"][0]["uar"][k][0]]
+        d = diffs["ε = 8 − DP path, σ = 0, no clipping, unseen test speakers"][k]  # noise and clipping only
+        assert d["values"] == [dp["uar"][k][0] - sigma0["uar"][k][0]]
+    assert "DP path, σ = 0, no clipping − no DP, unseen test speakers" in diffs
     assert data["overhead"]["ratio"] > 0
     assert_png(tmp_path / "privacy.png")
 
