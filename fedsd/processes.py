@@ -9,12 +9,18 @@ forever). Every Flower command fedsd starts therefore runs under a *guard*:
     python -m fedsd.processes guard --parent PID --grace S -- COMMAND ARGS...
 
 The guard (stdlib only, so it starts in ~50 ms):
-- asks Linux to send it SIGTERM when its parent dies (``prctl(PR_SET_PDEATHSIG)``), and checks that
-  the parent is still ``PID`` right after (the parent may have died before the prctl);
+- watches its parent *process*: ``getppid()`` stops being ``PID`` the moment that process has exited
+  (the kernel re-parents the guard), checked every 0.1 s and at every signal. Not
+  ``prctl(PR_SET_PDEATHSIG)``: that fires when the *thread* that forked the guard exits, so a server
+  started from a short-lived worker thread (``api.Server.start()`` in a thread pool) would lose its
+  SuperLink as soon as that thread finished, while ``getppid()`` names the thread group and only
+  changes when the whole process is gone;
 - becomes a *child subreaper* (``prctl(PR_SET_CHILD_SUBREAPER)``): every process COMMAND spawns,
   in whatever session, is re-parented to the guard when its own parent dies, so the guard's
   descendants are always the whole family;
-- runs COMMAND as its child, which itself gets SIGKILL should the guard die;
+- runs COMMAND as its child, which itself gets SIGKILL should the guard die (here
+  ``PR_SET_PDEATHSIG`` is exact: the guard is single-threaded, so the thread that forked COMMAND lives
+  exactly as long as the guard);
 - forwards SIGINT/SIGTERM/SIGHUP to COMMAND while the parent lives (an ordinary stop);
 - when the parent is gone, or COMMAND has exited: SIGTERM to every descendant, SIGKILL to what is
   left after ``--grace`` seconds, then exits with COMMAND's status (its exit code, or the same signal).
@@ -50,8 +56,46 @@ def _prctl(option: int, value: int) -> bool:
         return False
 
 
-def set_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
-    """Have the kernel send ``sig`` to this process when its parent (thread) dies (Linux)."""
+def set_parent_death_signal(sig: int = signal.SIGTERM, *, poll_s: float = 0.2) -> bool:
+    """Send ``sig`` to this process when its parent *process* exits; True when watching (Linux).
+
+    A daemon thread waits on a pidfd of the parent (readable once the whole parent process has exited;
+    Linux ≥ 5.3) or, without one, polls ``getppid()``. Not ``prctl(PR_SET_PDEATHSIG)``, which fires
+    when the parent *thread* that forked us exits (see the module docstring). Call it first thing:
+    a parent that died before the call is not noticed (fedsd's children run under the guard, which
+    checks that case).
+    """
+    if not guard_available():
+        return False
+    import select
+    import threading
+
+    parent = os.getppid()
+
+    def fire() -> None:
+        os.kill(os.getpid(), sig)
+
+    def watch() -> None:
+        fd = -1
+        with contextlib.suppress(OSError, AttributeError):
+            fd = os.pidfd_open(parent)
+        try:
+            if fd >= 0 and os.getppid() == parent:  # the pidfd is the parent's, not a reused pid's
+                select.select([fd], [], [])
+            else:
+                while os.getppid() == parent:
+                    time.sleep(poll_s)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        fire()
+
+    threading.Thread(target=watch, name="fedsd-parent-watch", daemon=True).start()
+    return True
+
+
+def _set_pdeathsig(sig: int) -> bool:
+    """``prctl(PR_SET_PDEATHSIG)``: only where the forking thread lives as long as its process."""
     return _prctl(PR_SET_PDEATHSIG, int(sig))
 
 
@@ -142,13 +186,12 @@ def _guard(parent: int, grace_s: float, cmd: list[str]) -> None:
     for sig in _SIGNALS:
         signal.signal(sig, on_signal)
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
-    set_parent_death_signal(signal.SIGTERM)
-    if os.getppid() != parent:  # the parent died before the prctl: start nothing
+    if os.getppid() != parent:  # the parent died before we got here: start nothing
         os._exit(1)
     child = os.fork()
     if child == 0:  # pragma: no cover - replaced by exec
         try:
-            set_parent_death_signal(signal.SIGKILL)
+            _set_pdeathsig(signal.SIGKILL)  # the guard is single-threaded: its thread is the process
             if os.getppid() != me:
                 os._exit(1)
             for sig in _SIGNALS:
