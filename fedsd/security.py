@@ -15,8 +15,8 @@ with the `cryptography` library, so no `openssl`/`ssh-keygen` is needed on any m
   ``flower-supernode --auth-supernode-private-key`` loads) and ``KEY.pub`` (OpenSSH public key, what
   ``flwr supernode register`` loads).
 
-Private keys are written atomically with mode 0600 (readers never see half a key; other users never
-see it at all). Nothing is ever overwritten unless the caller says so.
+Private keys are written atomically with mode 0600 whatever the umask (readers never see half a key;
+other users never see it at all); certificates and public keys follow the umask. Nothing is ever overwritten unless the caller says so.
 
 This is a *development* CA: fine for a lab, a pilot or a private deployment. A production deployment
 should use certificates from the organisation's own PKI; :class:`TlsFiles` accepts any PEM files with
@@ -45,7 +45,9 @@ LOOPBACK_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
 
 DEFAULT_DAYS = 365
 PRIVATE_MODE = 0o600
-PUBLIC_MODE = 0o644
+PUBLIC_MODE: int | None = None
+"""Certificates and ``.pub`` files get what the user's umask gives, like any file they write (0644 under
+umask 022, 0600 under 077): an operator who keeps everything private keeps these private too."""
 
 _DNS_NAME = re.compile(r"(?=.{1,253}$)(\*\.)?([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.?)+")
 _NIST_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
@@ -78,7 +80,7 @@ class TlsFiles:
         return (self.ca_cert, self.server_cert, self.server_key)
 
 
-def _write(path: Path, data: bytes, mode: int) -> Path:
+def _write(path: Path, data: bytes, mode: int | None) -> Path:
     """Atomic write with ``mode`` set before the rename, so a key is never world-readable, even briefly."""
     atomic_write_bytes(path, data, mode=mode)
     return path

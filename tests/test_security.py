@@ -61,7 +61,6 @@ def test_certs_create_makes_a_chain_that_verifies(tmp_path: Path) -> None:
     days = (server.not_valid_after_utc - server.not_valid_before_utc).days
     assert 30 <= days <= 31
     assert _mode(out / "ca.key") == 0o600 and _mode(out / "server.key") == 0o600
-    assert _mode(out / "ca.pem") == 0o644 and _mode(out / "server.pem") == 0o644
     key = serialization.load_pem_private_key((out / "server.key").read_bytes(), password=None)
     assert key.public_key().public_numbers() == server.public_key().public_numbers()
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # atomic writes left no temp file
@@ -87,6 +86,29 @@ def test_certs_create_makes_a_chain_that_verifies(tmp_path: Path) -> None:
     finally:
         plain.close()
     assert probe_transport("127.0.0.1", free_port()) is None
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_public_files_follow_the_umask_private_keys_are_0600(tmp_path: Path, umask: int) -> None:
+    """Certificates and ``.pub`` files get what the umask gives (issue 23, finding 8: they were forced to
+    0644, readable by everyone under umask 077); private keys are 0600 whatever the umask."""
+    import os
+
+    from fedsd.security import create_certificates, generate_node_key
+
+    old = os.umask(umask)
+    try:
+        files = create_certificates(tmp_path / "tls")
+        key, pub = generate_node_key(tmp_path / "device.key")
+    finally:
+        os.umask(old)
+    public = 0o666 & ~umask
+    assert {p.name: _mode(p) for p in (files.ca_cert, files.server_cert, pub)} == {
+        "ca.pem": public, "server.pem": public, "device.key.pub": public,
+    }  # fmt: skip
+    assert {p.name: _mode(p) for p in (files.ca_key, files.server_key, key)} == {
+        "ca.key": 0o600, "server.key": 0o600, "device.key": 0o600,
+    }  # fmt: skip
 
 
 def test_certs_create_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
