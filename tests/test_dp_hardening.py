@@ -267,9 +267,13 @@ def test_central_dp_counts_per_device_identity_and_never_replays_noise() -> None
     out2, _ = twice.aggregate(g, [_update(42, {"heads.1.w": np.zeros(1000, np.float32)})])
     assert not np.allclose(out2["heads.1.w"], out["heads.1.w"])
     legacy = CentralDP(clip_norm=1.0, noise_multiplier=1.0)
-    legacy.restore(None, 2, [{"round": 1, "privacy": {"central": {"senders_per_head": {"1": 2, "2": 1}}}},
-                             {"round": 2, "privacy": {"central": {"senders_per_head": {"1": 2}}}}])  # fmt: skip
+    central = {"noise_multiplier": 1.0, "senders_per_head": {"1": 2, "2": 1}}
+    legacy.restore(None, 2, [{"round": 1, "privacy": {"central": central}},
+                             {"round": 2, "privacy": {"central": central | {"senders_per_head": {"1": 2}}}}])  # fmt: skip
     assert legacy.epsilon() == pytest.approx(central_epsilon(1.0, 3, 1, 1e-5))
+    unknown = CentralDP(clip_norm=1.0, noise_multiplier=1.0)  # σ of the earlier rounds not recorded
+    unknown.restore(None, 1, [{"round": 1, "privacy": {"central": {"senders_per_head": {"1": 2}}}}])
+    assert unknown.epsilon() == math.inf and unknown.unaccounted_rounds == [1]
 
 
 def test_central_dp_keeps_counting_across_resume(tmp_path, small_corpus, tiny_model_dir) -> None:
