@@ -37,7 +37,7 @@ from fedsd.data.corpora import (  # noqa: E402
     resolve_preset,
     scan_corpus,
 )
-from fedsd.data.manifest import ManifestError, ManifestRow, read_manifest, write_manifest  # noqa: E402
+from fedsd.data.manifest import ManifestError, read_manifest, write_manifest  # noqa: E402
 from fedsd.data.partition import (  # noqa: E402
     Partition,
     PartitionError,
@@ -211,31 +211,24 @@ def check_cmd(
         _fail("--drop-bad needs --out CLEAN.csv (the input manifest is never modified)", 2)
     if out is not None and not drop_bad:
         _fail("--out is only used with --drop-bad", 2)
-    from fedsd.audio import read_audio
+    from fedsd.data.check import check_manifest
 
     with _errors():
-        rows = read_manifest(manifest)
-        bad: list[tuple[ManifestRow, str]] = []
         with _progress("decoding") as update:
-            for i, row in enumerate(rows, start=1):
-                try:
-                    read_audio(root / row.path, min_seconds=min_seconds)
-                except AudioError as exc:
-                    bad.append((row, exc.reason))
-                update(i, len(rows))
+            result = check_manifest(manifest, root, min_seconds=min_seconds, progress=update)
+        rows, bad = result.rows, result.bad
         if bad:
             table = Table(title=f"{len(bad)} of {len(rows)} file(s) unusable")
             table.add_column("utt_id")
             table.add_column("path")
             table.add_column("reason")
-            for row, reason in bad:
-                table.add_row(escape(row.utt_id), escape(row.path), escape(reason))
+            for b in bad:
+                table.add_row(escape(b.row.utt_id), escape(b.row.path), escape(b.reason))
             console.print(table)
         else:
             console.print(f"[green]all {len(rows)} file(s) decode[/green]")
         if drop_bad and out is not None:
-            bad_ids = {r.utt_id for r, _ in bad}
-            clean = [r for r in rows if r.utt_id not in bad_ids]
+            clean = result.usable
             if not clean:
                 _fail(f"every file in {manifest} is unusable; nothing written to {out}")
             write_manifest(clean, out)
