@@ -32,7 +32,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -181,10 +181,12 @@ def start_fleet_proxy(
     *,
     log_path: Path,
     tls: TlsFiles | None = None,
+    limits: Sequence[str] = (),
 ) -> ManagedProcess:
     """The device-facing port: `fedsd.proxy` on host:port passing only the Fleet API (and, from this
     machine only, the rest) to the SuperLink on 127.0.0.1:``upstream_port``; TLS on both legs with
-    ``tls`` (towards devices with the server certificate, towards the SuperLink verified by the CA)."""
+    ``tls`` (towards devices with the server certificate, towards the SuperLink verified by the CA).
+    ``limits``: the proxy's limit flags (``--max-body 1M``, ...; `python -m fedsd.proxy --help`)."""
     scheme = "http" if tls is None else "https"
     cmd = [
         sys.executable,
@@ -204,6 +206,7 @@ def start_fleet_proxy(
             "--cafile",
             str(tls.ca_cert),
         ]
+    cmd += list(limits)
     return ManagedProcess("fedsd fleet proxy", cmd, env=flower_env(flwr_home), log_path=log_path)
 
 
@@ -354,5 +357,3 @@ def register_node(flwr_home: Path, public_key: Path, *, timeout: float = 60.0) -
             reason += " (this key is already registered with this server)"
         raise DeployError(f"the SuperLink did not register {public_key}: {reason}")
     return int(data["node-id"])
-
-

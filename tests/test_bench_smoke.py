@@ -29,6 +29,7 @@ SMOKED = {
     "exit_latency",
     "onnx_latency",
     "privacy",
+    "proxy_memory",
     "robustness",
     "round_cost",
     "round_overhead",

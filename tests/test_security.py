@@ -24,7 +24,6 @@ from fedsd.launch import free_port, port_open, probe_transport
 runner = CliRunner()
 
 
-
 def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
