@@ -32,7 +32,8 @@ from fedsd.server.prepare import prepare_run
 
 CONFIG = """
 name: robust
-data: {{corpus: synth, root: {root}, labels: [neutral, happy, angry, sad], crop: {{max_seconds: 2.0, mode: tile}}}}
+data: {{corpus: synth, root: {root}, labels: [neutral, happy, angry, sad], crop: {{max_seconds: 2.0, mode: tile}},
+       split: speaker}}  # test speakers by seed, not the manifest's split=test: the bounds are pinned to them
 model: {{backbone: tiny, pretrained: false, exits: [1, 2, 3, 4]}}
 federated: {{num_clients: 5, by: speaker, test_speakers: 2, server_speakers: 0, rounds: 3, local_epochs: 15,
             batch_size: 8, lr: 0.003, exits_mix: [1], label_fraction: 1.0, min_clients: 3, mode: ce,
