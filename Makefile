@@ -9,7 +9,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test test-fast lint system-deps clean
+.PHONY: demo test test-fast lint typecheck docs system-deps clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,7 +32,15 @@ demo: system-deps $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: system-deps $(STAMP) lint
+# the public API as a type checker sees it (scope and settings: [tool.mypy] in pyproject.toml)
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+# the docs site (docs/, mkdocs.yml): --strict turns a broken link, anchor or API reference into a failure
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+test: system-deps $(STAMP) lint typecheck docs
 	FEDSD_REQUIRE_ESPEAK=1 $(BIN)/python -m pytest -q -n auto --dist worksteal --durations=15
 
 # the edit loop: everything not marked slow (`make test` still runs the whole suite)

@@ -1,7 +1,8 @@
-"""The README's Python-API example runs as written: train, evaluate, predict, export to ONNX, predict again.
+"""The documented Python API runs as written, and tools see it.
 
-The example is read from README.md's "## Python API" section (else from .notes/readme-api.md, where it
-waits to be merged), so the documented code is the tested code.
+The examples are the ```python blocks of docs/python-api.md (the first: train, evaluate, predict, export to
+ONNX, predict again; the "Data and pretraining" one: synthetic corpus, manifest check, partition), so the
+documented code is the tested code.
 """
 
 from __future__ import annotations
@@ -12,28 +13,25 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "python-api.md"
 
 
-def api_example() -> str:
-    """The first ```python block of the "## Python API" section (README.md first)."""
-    for source in (REPO / "README.md", REPO / ".notes" / "readme-api.md"):
-        if not source.is_file():
-            continue
-        text = source.read_text(encoding="utf-8")
-        section = re.search(r"^## Python API\n(.*?)(?=^## |\Z)", text, re.S | re.M)
-        if section:
-            block = re.search(r"```python\n(.*?)```", section.group(1), re.S)
-            assert block, f"{source}: the Python API section has no ```python block"
-            return block.group(1)
-    pytest.fail("no '## Python API' section in README.md or .notes/readme-api.md")
+def doc_example(section: str | None = None) -> str:
+    """The first ```python block of docs/python-api.md, or of its ``## <section>`` part."""
+    text = DOC.read_text(encoding="utf-8")
+    if section is not None:
+        found = re.search(rf"^## {re.escape(section)}\n(.*?)(?=^## |\Z)", text, re.S | re.M)
+        assert found, f"{DOC}: no '## {section}' section"
+        text = found.group(1)
+    block = re.search(r"```python\n(.*?)```", text, re.S)
+    assert block, f"{DOC}: no ```python block" + (f" in '## {section}'" if section else "")
+    return block.group(1)
 
 
-def test_readme_python_api_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "configs").symlink_to(REPO / "configs", target_is_directory=True)
-    monkeypatch.chdir(tmp_path)  # the example's runs/ land here
+def test_documented_python_api_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no configs/ here: "scratch" is the shipped config; runs/ land here
     ns: dict = {}
-    exec(compile(api_example(), "README.md (Python API)", "exec"), ns)
-
+    exec(compile(doc_example(), "docs/python-api.md (Python API)", "exec"), ns)
     report, preds, onnx_preds, graph = ns["report"], ns["preds"], ns["onnx_preds"], ns["graph"]
     assert sorted(report.reports) == [1, 2, 3, 4] and report.n > 0
     assert set(report.to_dict()["exits"]) == {"1", "2", "3", "4"}
@@ -43,6 +41,16 @@ def test_readme_python_api_example_runs(tmp_path: Path, monkeypatch: pytest.Monk
     assert all(p.exit == 2 for p in onnx_preds)  # a single-exit graph answers at its exit
     names = set(report.label_names)
     assert all(p.label in names and abs(sum(p.probs.values()) - 1) < 1e-4 for p in preds + onnx_preds)
+
+
+def test_documented_data_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(compile(doc_example("Data and pretraining from Python"), "docs/python-api.md (data)", "exec"), ns)
+    corpus, rows, checked, part, csvs = ns["corpus"], ns["rows"], ns["checked"], ns["part"], ns["device_csvs"]
+    assert corpus.n_files == len(rows) == 6 * 2 * 4 and checked.ok and len(checked.usable) == len(rows)
+    assert part.num_clients == 2 and len(csvs) == 2 and all(p.is_file() for p in csvs)
+    assert (tmp_path / "runs" / "data-example" / "part.json").is_file()
 
 
 # --- the API as tools see it: TYPE_CHECKING imports, laziness, a type checker, the data functions
