@@ -194,7 +194,11 @@ def ensure_central_model(
         staging = central.with_name(f"{central.name}.training-{os.getpid()}")
         if staging.exists():
             shutil.rmtree(staging)
-        train(cfg, staging, splits=splits, progress=progress, log=log)
+        try:
+            train(cfg, staging, splits=splits, progress=progress, log=log)
+        except BaseException:  # interrupted or failed: the old model is untouched, the half-made one goes
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         kept = replace_directory_keeping(staging, central, f"{central.name}.replaced-{stamp}")
         log(f"retrained the central model → {central}; the previous one is kept at {kept}")

@@ -182,3 +182,25 @@ def test_held_out_speakers_never_reach_the_server_pool_when_fewer_are_asked(tmp_
     declared = {r.speaker for r in read_manifest(manifest) if r.split == "test"}
     part = make_run_partition(cfg, tmp_path / "partition.json", log=lambda _: None)
     assert set(part.test_speakers) < declared and not declared & set(part.server_speakers)
+
+
+class _Interrupt:
+    """A progress display whose first update interrupts the training (as Ctrl-C would)."""
+
+    def add_task(self, *args, **kwargs) -> int:
+        return 0
+
+    def update(self, *args, **kwargs) -> None:
+        raise KeyboardInterrupt
+
+
+def test_an_interrupted_retraining_leaves_the_old_model_in_place(
+    tmp_path: Path, small_corpus: Path, tiny_model_dir: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, run / "central" / "best")  # no record: it will be retrained
+    before = (run / "central" / "best" / "heads.safetensors").read_bytes()
+    with pytest.raises(KeyboardInterrupt):
+        prepare_run(_config(small_corpus), run, log=lambda _: None, progress=_Interrupt())
+    assert (run / "central" / "best" / "heads.safetensors").read_bytes() == before
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("central")) == ["central"]
