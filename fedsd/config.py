@@ -23,6 +23,8 @@ class _Strict(BaseModel):
 
 
 class SynthConfig(_Strict):
+    """`data.synth`: the generated corpus (speakers × sentences × emotions), used when `data.corpus` is `synth`."""
+
     speakers: int = Field(24, ge=1)
     sentences: int = Field(12, ge=1)
     emotions: list[str] = ["neutral", "happy", "angry", "sad"]
@@ -32,11 +34,15 @@ class SynthConfig(_Strict):
 
 
 class CropConfig(_Strict):
+    """How a clip is cut to `max_seconds` (random window, center, tile, or whole)."""
+
     max_seconds: float | None = Field(6.0, gt=0)
     mode: Literal["random", "center", "tile", "none"] = "tile"
 
 
 class DataConfig(_Strict):
+    """`data`: which speech (`root` + `manifest`), which labels, how clips are cropped and split."""
+
     corpus: str = "synth"
     """`synth` (generated on demand), a scanner name (ravdess, crema-d, ...) or `manifest`."""
     root: Path = Path("data/synth")
@@ -63,6 +69,8 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
+    """`model`: the backbone, its exits (transformer layer numbers; the last is the teacher) and heads."""
+
     backbone: str = "tiny"
     """Built-in name (`tiny`, `base`; `whisper-tiny.en`: pretrained, offline, `fedsd[pretrained]`), a local
     directory, or a Hugging Face hub id (e.g. `openai/whisper-tiny`)."""
@@ -84,6 +92,8 @@ class ModelConfig(_Strict):
 
 
 class DistillWeights(_Strict):
+    """Weights of the self-distillation loss: CE, KL to the teacher (at `temperature`), feature MSE."""
+
     w_ce: float = Field(1.0, ge=0)
     w_kd: float = Field(1.0, ge=0)
     w_feat: float = Field(1.0, ge=0)
@@ -93,6 +103,8 @@ class DistillWeights(_Strict):
 
 
 class TrainConfig(_Strict):
+    """`train`: central training of every exit (the base model devices start from)."""
+
     mode: Literal["sd", "ce"] = "sd"
     """`sd`: self-distillation; `ce`: cross-entropy at every exit (the baseline)."""
     distill: DistillWeights = DistillWeights()
@@ -166,6 +178,8 @@ class CentralDPConfig(_Strict):
 
 
 class FederatedConfig(_Strict):
+    """`federated`: devices, rounds, local training, aggregation, robustness, privacy, simulation resources."""
+
     num_clients: int | None = Field(8, ge=1)
     by: Literal["speaker", "dirichlet", "iid"] = "speaker"
     alpha: float = Field(0.5, gt=0)
@@ -256,6 +270,9 @@ class LogConfig(_Strict):
 
 
 class ExperimentConfig(_Strict):
+    """One experiment: a YAML file in `configs/` (`load_config`), sections `data`, `model`, `train`,
+    `federated` (and `log`); unknown keys and out-of-range values are errors naming the field."""
+
     name: str = "experiment"
     base_model: Path | None = None
     """A trained multi-exit checkpoint to federate from; ``None`` = train one centrally first."""
