@@ -6,6 +6,11 @@ validation, ``PartialFedAvg.aggregate_train``/``aggregate_evaluate`` (plain mean
 mean, norm-ratio outliers, central DP) and ``validate_info_reply``/``Federation._greet`` on in-memory
 Flower Messages. Every malformed reply must be rejected without an exception escaping, and the
 aggregate and the strategy's state must be exactly what the honest replies alone give.
+
+Well-formed but hostile replies (issue 23) are fuzzed the same way: valid keys, shapes and dtypes,
+finite but adversarial values (±3.4e38, 1e30, subnormals, ...), a plausible weight, and one thing the
+server must refuse — a teacher head under ``teacher=deep``, a head above the declared exit (-1 included),
+an exit the model does not have, or metrics over a cap.
 """
 
 from __future__ import annotations
@@ -26,7 +31,13 @@ from pydantic import ValidationError
 from fedsd.config import FederatedConfig
 from fedsd.server.central_dp import CentralDP
 from fedsd.server.strategy import DEFAULT_MAX_WEIGHT_RATIO, PartialFedAvg, weight_cap
-from fedsd.server.validation import Rejection, validate_info_reply
+from fedsd.server.validation import (
+    MAX_METRIC_KEY_CHARS,
+    MAX_METRIC_KEYS,
+    MAX_METRIC_LIST_LEN,
+    Rejection,
+    validate_info_reply,
+)
 
 SHAPES = {
     "heads.3.fc.weight": (4, 3),
@@ -568,9 +579,13 @@ def train_round(draw: st.DrawFn) -> tuple[dict[str, Any], list[tuple[int, Messag
 
 
 def _state(strategy: PartialFedAvg) -> Any:
+    dp = strategy.central_dp
     return (
-        dict(strategy.central_dp.compositions) if strategy.central_dp else None,
+        dict(dp.compositions) if dp else None,
+        ({k: dict(v) for k, v in dp.by_sigma.items()}, dict(dp.rounds), list(dp.unaccounted_rounds)) if dp else None,
         {k: v.data for k, v in strategy.current_arrays.items()},  # type: ignore[union-attr]
+        dict(strategy.declared_exits or {}),
+        dict(strategy.declared_examples or {}),
     )
 
 
@@ -598,6 +613,126 @@ def test_fuzz_malformed_train_replies_are_rejected_and_change_nothing(case) -> N
     }
     assert got_metrics["num-rejected"] == len(hostile) + expected_metrics["num-rejected"]
     assert _state(strategy) == _state(reference)
+
+
+# --------------------------------------------------------------------------------------------- fuzz: well-formed, hostile
+
+HOSTILE_EXITS = {90: -1, 91: 12, 92: 10**6, 93: 4, 94: 6, 95: 3, 96: 13}
+"""Hostile nodes and the exit each declared at the handshake (the model's exits are 3, 6 and 12)."""
+_EXTREME = st.sampled_from(
+    [3.4028235e38, -3.4028235e38, 1e30, -1e30, 1e-45, -1e-45, 0.0, -0.0, 1000.0, -1000.0]
+) | st.floats(width=32, allow_nan=False, allow_infinity=False)
+_POLICY_FLAWS = {
+    "teacher-head": ("teacher's head", "above the exit"),
+    "above-exit": ("above the exit",),
+    "bogus-exit": ("not an exit of this model",),
+    "metric-keys": ("MAX_METRIC_KEYS",),
+    "metric-key-chars": ("MAX_METRIC_KEY_CHARS",),
+    "metric-list": ("MAX_METRIC_LIST_LEN",),
+    "metric-bytes": ("MAX_METRIC_BYTES",),
+}
+
+
+def _adversarial(draw: st.DrawFn, keys: list[str]) -> dict[str, np.ndarray]:
+    """Arrays of the right key set, dtype and shape, holding finite values an attacker picked (a few
+    drawn values scattered by a drawn seed: hypothesis' own array strategy costs 10 ms a case)."""
+    pool = np.array(draw(st.lists(_EXTREME, min_size=1, max_size=4)), np.float32)
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    return {k: rng.choice(pool, size=SHAPES[k]).astype(np.float32) for k in keys}
+
+
+@st.composite
+def well_formed_hostile_reply(
+    draw: st.DrawFn, teacher: str, required: tuple[str, ...]
+) -> tuple[int, Message, tuple[str, ...]]:
+    """(sender, reply, reasons one of which its rejection must name)."""
+    flaw = draw(st.sampled_from([f for f in _POLICY_FLAWS if teacher == "deep" or f != "teacher-head"]))
+    metrics: dict[str, Any] = {"num-examples": draw(st.sampled_from([1, 37, 99.5, 100, 1e-300]))}
+    metrics |= {k: draw(_EXTREME) for k in ("loss", *required)}
+    if flaw == "teacher-head":
+        node = draw(st.sampled_from([90, 91, 94, 95]))
+        keys = (EXIT6 if HOSTILE_EXITS[node] in (-1, 12, 6) else EXIT3) + TEACHER
+    elif flaw == "above-exit":
+        node = draw(st.sampled_from([94, 95]))
+        keys = EXIT6 + TEACHER if node == 94 else draw(st.sampled_from([EXIT6, EXIT3 + TEACHER]))
+    elif flaw == "bogus-exit":
+        node, keys = draw(st.sampled_from([92, 93, 96])), draw(st.sampled_from([EXIT3, EXIT6]))
+    else:
+        node, keys = 94, EXIT6
+        if flaw == "metric-keys":
+            extra = draw(st.integers(1, 40))
+            metrics |= {f"exit6/m{i}": 0.5 for i in range(MAX_METRIC_KEYS + extra)}
+        elif flaw == "metric-key-chars":
+            metrics["x" * draw(st.integers(MAX_METRIC_KEY_CHARS + 1, 4 * MAX_METRIC_KEY_CHARS))] = 1.0
+        elif flaw == "metric-list":
+            metrics["per-class"] = [0.5] * draw(st.integers(MAX_METRIC_LIST_LEN + 1, 2 * MAX_METRIC_LIST_LEN))
+        else:  # every list within its cap, the whole too big to keep
+            metrics |= {f"l{i}": [-1.2345678901234567e-300] * MAX_METRIC_LIST_LEN for i in range(draw(st.integers(12, 14)))}
+    reply = train_reply(node, _adversarial(draw, keys), metrics)
+    return node, reply, _POLICY_FLAWS[flaw]
+
+
+@st.composite
+def well_formed_round(draw: st.DrawFn) -> tuple[dict[str, Any], list[tuple[int, Message, tuple[str, ...]]]]:
+    setup = _setup(draw) | {"teacher": draw(st.sampled_from(["deep", "local"]))}
+    hostile = draw(
+        st.lists(well_formed_hostile_reply(setup["teacher"], setup["required"]), min_size=1, max_size=3)
+    )
+    return setup, hostile
+
+
+def _with_hostile_nodes(strategy: PartialFedAvg) -> PartialFedAvg:
+    strategy.declared_exits = dict(strategy.declared_exits or {}) | HOSTILE_EXITS
+    strategy.declared_examples = dict(strategy.declared_examples or {}) | {n: 100.0 for n in HOSTILE_EXITS}
+    return strategy
+
+
+@FUZZ
+@given(well_formed_round())
+def test_fuzz_well_formed_hostile_replies_are_rejected_and_change_nothing(case) -> None:
+    setup, hostile = case
+    honest_replies = honest_train_replies(dp=bool(setup["required"]))
+    reference = _with_hostile_nodes(make_strategy(**setup))
+    expected, expected_metrics = reference.aggregate_train(1, honest_replies)
+    strategy = _with_hostile_nodes(make_strategy(**setup))
+    got, got_metrics = strategy.aggregate_train(1, [*honest_replies, *(m for _, m, _ in hostile)])
+    report, ref_report = strategy.last_train_report, reference.last_train_report
+    assert report is not None and ref_report is not None and report.aggregated
+    assert len(report.rejections) == len(hostile) + len(ref_report.rejections)
+    seen: set[int] = set()
+    for (node, _, reasons), rejection in zip(hostile, report.rejections[len(ref_report.rejections):], strict=True):
+        assert rejection.node_id == node
+        named = reasons + (("duplicate reply",) if node in seen else ())
+        assert any(r in rejection.reason for r in named), (named, rejection.reason)
+        seen.add(node)
+    assert sorted(c.node_id for c in report.clients) == sorted(c.node_id for c in ref_report.clients)
+    assert {k: v.data for k, v in got.items()} == {k: v.data for k, v in expected.items()}
+    assert report.held_back == ref_report.held_back and report.updated_keys == ref_report.updated_keys
+    assert {k: v for k, v in got_metrics.items() if k != "num-rejected"} == {
+        k: v for k, v in expected_metrics.items() if k != "num-rejected"
+    }
+    assert _state(strategy) == _state(reference)
+    for key in TEACHER:  # nobody honest trains the teacher here: it never moves
+        assert got[key].data == GLOBAL[key].data
+
+
+@settings(FUZZ, max_examples=300)
+@given(
+    st.sampled_from(["median", "trimmed_mean"]),
+    st.lists(st.sampled_from([90, 91]), min_size=1, max_size=2, unique=True),
+    st.data(),
+)
+def test_fuzz_lone_senders_cannot_move_a_head_under_a_robust_rule(aggregation, nodes, data) -> None:
+    """teacher=local: devices at the deepest exit may train the teacher head. Under median (3) or
+    trimmed mean at 0.25 (4) one or two senders of it are too few: whatever values they send, it stays."""
+    strategy = _with_hostile_nodes(make_strategy(aggregation=aggregation, teacher="local"))
+    hostile = [train_reply(n, _adversarial(data.draw, EXIT6 + TEACHER), {"num-examples": 50}) for n in nodes]
+    got, _ = strategy.aggregate_train(1, [*honest_train_replies(), *hostile])
+    report = strategy.last_train_report
+    assert report is not None and not report.rejections
+    assert report.held_back.get("12") == len(nodes)
+    for key in TEACHER:
+        assert got[key].data == GLOBAL[key].data
 
 
 # --------------------------------------------------------------------------------------------- fuzz: evaluate
