@@ -87,6 +87,13 @@ MAIN: dict[str, Variant] = {
     "local-ce": ("local-only, CE", "ce", LOCAL_ONLY, None),
     "local-sd": ("local-only, SD", "sd", LOCAL_ONLY, None),
 }
+PL_THRESHOLDS = (0.5, 0.7, 0.9)
+PSEUDO: dict[str, Variant] = {
+    f"pl{t:g}": (f"pseudo-labels, τ = {t:g}", "pl", {"federated.distill.pl_threshold": t}, None)
+    for t in PL_THRESHOLDS
+}
+"""The pseudo-label arm at each candidate threshold; the table's ``pl`` row is the one whose global heads
+score best on the validation speakers at exit :data:`PRESTATED_EXIT` (:func:`choose_on_validation`)."""
 PRESTATED_EXIT = 2
 PRESTATED_FRACTION = 0.1
 PRESTATED: list[tuple[str, tuple[str, str], tuple[str, str]]] = [
@@ -94,6 +101,7 @@ PRESTATED: list[tuple[str, tuple[str, str], tuple[str, str]]] = [
     ("SD personal heads − local-only CE", ("sd", "ppersonal"), ("local-ce", "ppersonal")),
     ("SD personal heads − FedAvg + fine-tune (CE personal heads)", ("sd", "ppersonal"), ("ce", "ppersonal")),
     ("SD global heads − CE global heads", ("sd", "pglobal"), ("ce", "pglobal")),
+    ("SD personal heads − pseudo-labels (τ chosen on validation)", ("sd", "ppersonal"), ("pl", "ppersonal")),
 ]
 """The comparisons stated before the runs (issue 22): a device at exit 2 with 10 % labels, on its own
 held-out speech, paired over folds × seeds, two-sided t-tests Holm-adjusted over this list. Every other
@@ -195,6 +203,25 @@ def resolve_variant(variant: Variant, fc: Any) -> Variant:
         epochs = fc.rounds * fc.local_epochs + fc.personalize_epochs
         extra = extra | {"federated.personalize_epochs": epochs}
     return name, mode, extra, frac
+
+
+def choose_on_validation(runs: list[dict[str, Any]], fraction: float) -> tuple[str | None, dict[str, float]]:
+    """The pseudo-label threshold whose global heads have the best mean validation-speaker UAR at exit
+    :data:`PRESTATED_EXIT` over folds and seeds (never test or personal-test speech); its runs are copied
+    under the key ``pl``. Returns the chosen key and every candidate's score."""
+    scores = {
+        key: statistics.mean(v) if (v := [x for x in values(runs, fraction, key, "valid", PRESTATED_EXIT).values()
+                                         if not math.isnan(x)]) else NAN
+        for key in PSEUDO
+    }  # fmt: skip
+    known = {k: v for k, v in scores.items() if not math.isnan(v)}
+    if not known:
+        return None, scores
+    best = max(known, key=lambda k: (known[k], k))
+    runs += [
+        r | {"key": "pl", "chosen_from": best} for r in runs if r["key"] == best and r["fraction"] == fraction
+    ]
+    return best, scores
 
 
 def values(
@@ -480,6 +507,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "1: one draw of test speakers (--speaker-seed)",
     )
     ap.add_argument("--ablations", action="store_true", help="SD loss/optimizer ablations instead")
+    ap.add_argument(
+        "--no-pseudo-labels",
+        dest="pseudo_labels",
+        action="store_false",
+        help=f"leave out the pseudo-label arm (thresholds {PL_THRESHOLDS}, one chosen on validation speakers)",
+    )
     ap.add_argument("--ablation-fraction", type=float, default=0.1)
     ap.add_argument("--variants", nargs="+", help=f"run these (CE only always): {', '.join(ABLATIONS)}")
     args = ap.parse_args(argv)
@@ -536,7 +569,7 @@ def _main(args: argparse.Namespace, bench: common.FedBench) -> dict[str, Any]:
                             "premise": prem}  # fmt: skip
         return setups[spk_seed]
 
-    variants = ABLATIONS if args.ablations else MAIN
+    variants = ABLATIONS if args.ablations else MAIN | (PSEUDO if args.pseudo_labels else {})
     if args.variants:
         variants = {k: ABLATIONS[k] for k in dict.fromkeys(["ce", *args.variants])}
     fractions = [args.ablation_fraction] if args.ablations else args.fractions
@@ -588,6 +621,14 @@ def _main(args: argparse.Namespace, bench: common.FedBench) -> dict[str, Any]:
                 + f" (exits {exits_here})"
                 + common.took(res)
             )
+    chosen = {}
+    if args.pseudo_labels and not args.ablations:
+        for f in fractions:
+            best, scores = choose_on_validation(runs, f)
+            chosen[f"{f:g}"] = {"chosen": best, "valid_uar_exit2": scores}
+            log(f"{f:.0%} pseudo-label threshold chosen on validation speakers: {best} ({scores})")
+        if any(c["chosen"] for c in chosen.values()):
+            variants = variants | {"pl": ("pseudo-labels (τ chosen on validation)", "pl", {}, None)}
     exits = sorted(int(k) for k in runs[0]["after"])
     shallow = exits[:-1]  # the teacher exit never changes
     table_md, table_rows = results_table(runs, fractions, variants, exits)
@@ -676,6 +717,7 @@ def _main(args: argparse.Namespace, bench: common.FedBench) -> dict[str, Any]:
         "differences": diff_rows,
         "differences_markdown": diff_md,
         "prestated": pre_rows,
+        "pseudo_label_choice": chosen,
         "prestated_markdown": pre_md,
         "verdicts": lines,
         "last3_rounds_unseen": _curves(runs, variants, fractions),

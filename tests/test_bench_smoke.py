@@ -355,7 +355,9 @@ def test_adaptation_smoke(adaptation_run):
         ("50%", "local-only, CE", "ppersonal"),
         ("50%", "local-only, SD", "unseen"), ("50%", "local-only, SD", "pglobal"),
         ("50%", "local-only, SD", "ppersonal"),
-    ]  # fmt: skip
+        *[("50%", f"pseudo-labels, τ = {t}", m) for t in ("0.5", "0.7", "0.9") for m in ("unseen", "pglobal", "ppersonal")],
+    ] + ([("50%", "pseudo-labels (τ chosen on validation)", m) for m in ("unseen", "pglobal", "ppersonal")]
+         if data["pseudo_label_choice"]["0.5"]["chosen"] else [])  # fmt: skip
     for row in data["table"]:
         assert set(row["uar"]) == {"1", "2", "3", "4"}
         if row["measure"] == "unseen":
@@ -367,7 +369,9 @@ def test_adaptation_smoke(adaptation_run):
             assert len(row["uar"]["1"]) == 2 and row["uar"]["4"] == []
             for v in row["uar"]["1"]:
                 assert_uar(v)
-    assert {r["mode"] for r in data["runs"]} == {"ce", "sd"} and not any(r["cached"] for r in data["runs"])
+    assert {r["mode"] for r in data["runs"]} == {"ce", "sd", "pl"} and not any(r["cached"] for r in data["runs"])
+    choice = data["pseudo_label_choice"]["0.5"]
+    assert set(choice["valid_uar_exit2"]) == {"pl0.5", "pl0.7", "pl0.9"}
     assert sorted({(r["fold"], r["seed"]) for r in data["runs"]}) == [(0, 0), (1, 0)]
     # speaker folds: disjoint test speakers, each fold with its own base model, never trained on them
     splits = data["setup"]["splits"]
