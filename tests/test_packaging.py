@@ -27,9 +27,17 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     in-tree build/ folder, whose stale files would otherwise hide a file missing from the package data.
     """
     src = tmp_path_factory.mktemp("src")
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "--", "pyproject.toml", "README.md",
-                             "LICENSE", "fedsd", "server", "clients", "configs"],
-                            cwd=REPO, check=True, capture_output=True, text=True).stdout.split()  # fmt: skip
+    parts = ["pyproject.toml", "README.md", "LICENSE", "fedsd", "server", "clients", "configs"]
+    git = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "--", *parts],
+                         cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    if git.returncode == 0:
+        listed = git.stdout.splitlines()
+    else:  # not a git checkout (an unpacked archive): every file but caches
+        listed = [
+            p for part in parts
+            for p in ([part] if (REPO / part).is_file() else
+                      [str(f.relative_to(REPO)) for f in sorted((REPO / part).rglob("*")) if "__pycache__" not in f.parts])
+        ]  # fmt: skip
     for rel in listed:
         if (REPO / rel).is_file():
             (src / rel).parent.mkdir(parents=True, exist_ok=True)
