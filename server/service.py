@@ -288,6 +288,41 @@ def _with_overrides(cfg: ExperimentConfig, overrides: dict[str, Any]) -> Experim
         raise ConfigError(f"overrides {overrides}: {e}") from None
 
 
+def central_dp_change(state: dict[str, Any], cfg: ExperimentConfig) -> tuple[str, str] | None:
+    """(message, level) when a resume changes central DP from what ``state.json`` says the run used.
+
+    Nothing is refused: the ServerApp composes ε over every σ (``fedsd.server.central_dp``); this says
+    so before the run starts, and warns where the accounting can no longer promise a bound.
+    """
+    done = int(state.get("completed_round") or 0)
+    if done <= 0:
+        return None
+    saved = state.get("central_dp")
+    rounds = saved.get("rounds") if isinstance(saved, dict) else None
+    used = sorted({float(v) for v in (rounds or {}).values() if isinstance(v, int | float)})
+    new = cfg.federated.central_dp
+    if new is None and saved:
+        return (
+            f"resume: central DP is off from round {done + 1} on (rounds 1..{done} used σ "
+            f"{', '.join(f'{v:g}' for v in used) or '?'}): the heads released from now on are not noised "
+            "and no ε is reported for them",
+            "warn",
+        )
+    if new is not None and not saved:
+        return (
+            f"resume: central DP is switched on after {done} round(s) released without it: its ε is ∞ "
+            "(no bound covers those rounds); start a new run for a finite ε",
+            "warn",
+        )
+    if new is not None and used and used != [float(new.noise_multiplier)]:
+        return (
+            f"resume: central DP σ {new.noise_multiplier:g} after σ {', '.join(f'{v:g}' for v in used)}: "
+            "ε composes over every round's σ (state.json keeps them)",
+            "info",
+        )
+    return None
+
+
 # ----------------------------------------------------------------------------- the server
 class Server:
     """A federated run's server: prepare → start (SuperLink + fleet proxy) → submit → wait → stop.
@@ -486,6 +521,9 @@ class Server:
         # an ExperimentConfig object already holds its overrides: the written file is the whole config
         spec.overrides = {**spec.overrides, **self.overrides} if self.config_path is not None else {}
         spec.resume = True
+        change = central_dp_change(_read_json(self.run_dir / "state.json"), self.cfg)
+        if change is not None:
+            self._log(*change)
         return spec, sorted((self.run_dir / "devices").glob("*.csv"))
 
     def _prepare_fresh(self) -> tuple[FederationSpec, list[Path]]:
@@ -850,6 +888,7 @@ __all__ = [
     "Server",
     "ServerError",
     "ServerSummary",
+    "central_dp_change",
     "check_security",
     "client_host",
     "register_device_key",

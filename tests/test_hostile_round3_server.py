@@ -418,3 +418,22 @@ def test_end_of_run_metrics_over_a_cap_are_left_out(tmp_path: Path, tiny_model_d
     assert set(final["devices"]) == {"1"}
     assert any("device 2: end-of-run metrics left out" in x and "MAX_METRIC_KEYS" in x for x in logs)
     assert len((run_dir / "metrics.jsonl").read_text()) < MAX_METRIC_BYTES
+
+
+def test_a_resume_that_changes_central_dp_says_what_that_means() -> None:
+    from fedsd.config import ExperimentConfig
+    from fedsd.server.service import central_dp_change
+
+    on = ExperimentConfig.model_validate({"federated": {"central_dp": {"clip_norm": 1.0, "noise_multiplier": 4.0}}})
+    off = ExperimentConfig()
+    noised = {"completed_round": 3, "central_dp": {"rounds": {"1": 0.5, "2": 0.5, "3": 0.5}}}
+    plain = {"completed_round": 3, "central_dp": None}
+    message, level = central_dp_change(noised, on)  # type: ignore[misc]
+    assert level == "info" and "σ 4 after σ 0.5" in message and "composes" in message
+    message, level = central_dp_change(plain, on)  # type: ignore[misc]
+    assert level == "warn" and "ε is ∞" in message
+    message, level = central_dp_change(noised, off)  # type: ignore[misc]
+    assert level == "warn" and "not noised" in message
+    assert central_dp_change(plain, off) is None and central_dp_change({"completed_round": 0}, on) is None
+    same = {"completed_round": 3, "central_dp": {"rounds": {"1": 4.0}}}
+    assert central_dp_change(same, on) is None
