@@ -82,3 +82,22 @@ def test_every_docs_page_is_in_the_nav() -> None:
     nav = (REPO / "mkdocs.yml").read_text(encoding="utf-8")
     pages = sorted(p.name for p in (REPO / "docs").glob("*.md"))
     assert pages and all(f": {p}" in nav for p in pages), pages
+
+
+def test_cli_page_shows_every_command() -> None:
+    """docs/cli.md has an example line for every `fedsd` command, so a new command cannot go undocumented."""
+    import click
+    import typer
+
+    from fedsd.cli import app
+
+    def commands(cmd: click.Command, prefix: list[str]) -> list[str]:
+        if isinstance(cmd, click.Group):
+            return [c for name, sub in cmd.commands.items() for c in commands(sub, [*prefix, name])]
+        return [" ".join(prefix)]
+
+    page = (REPO / "docs" / "cli.md").read_text(encoding="utf-8")
+    every = commands(typer.main.get_command(app), [])
+    assert len(every) > 15
+    missing = [c for c in every if f"fedsd {c} " not in page]
+    assert not missing, f"docs/cli.md has no example of: {missing}"
