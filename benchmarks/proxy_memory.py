@@ -151,7 +151,7 @@ def _status(sock: socket.socket) -> str:
     return line.split(" ")[1] if line.startswith("HTTP/1.1 ") else (line or "closed")
 
 
-def send_over_cap(host: str, port: int, size: int, started: threading.Event) -> str:
+def send_over_cap(host: str, port: int, size: int, started: threading.Event, pause_s: float = 0.0) -> str:
     """One chunked body of ``size`` bytes, as fast as the proxy takes it; the reply's status (or how the
     connection ended: a 413 sent while we were still writing can arrive as a reset)."""
     piece = b"%x\r\n" % CHUNK + b"x" * CHUNK + b"\r\n"
@@ -168,6 +168,8 @@ def send_over_cap(host: str, port: int, size: int, started: threading.Event) -> 
                 sock.sendall(piece)
                 sent += CHUNK
                 started.set()
+                if pause_s:
+                    time.sleep(pause_s)
             sock.sendall(b"0\r\n\r\n")
         except OSError:
             pass
@@ -189,15 +191,18 @@ def fleet_call(host: str, port: int, body: bytes) -> dict[str, Any]:
     return {"status": status, "body": payload.decode("latin-1")[:200]}
 
 
-def peers(host: str, port: int, senders: int, size: int, until: Path | None = None) -> dict[str, Any]:
+def peers(
+    host: str, port: int, senders: int, size: int, until: Path | None = None, pause_s: float = 0.0
+) -> dict[str, Any]:
     """``senders`` over-cap bodies at once, and one fleet call once they all stream. With ``until``,
-    each sender starts another body after each refusal until that file exists."""
+    each sender starts another body after each refusal until that file exists; ``pause_s`` between
+    64 KiB pieces paces each sender."""
     events = [threading.Event() for _ in range(senders)]
     results: list[str] = []
 
     def run(i: int) -> None:
         while True:
-            results.append(send_over_cap(host, port, size, events[i]))
+            results.append(send_over_cap(host, port, size, events[i], pause_s))
             if until is None or until.exists():
                 return
 
@@ -313,7 +318,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args[:1] == ["--send"]:  # the peers' process
         host, port, n, size = args[1], int(args[2]), int(args[3]), int(args[4])
         until = Path(args[5]) if len(args) > 5 else None
-        print(json.dumps(peers(host, port, n, size, until)))
+        pause_s = float(args[6]) if len(args) > 6 else 0.0
+        print(json.dumps(peers(host, port, n, size, until, pause_s)))
         return {}
     return run_main(__file__, argv, parse, body)
 

@@ -302,9 +302,9 @@ def _bench() -> Any:
 
 
 def test_memory_stays_bounded_under_32_concurrent_over_cap_bodies(ns, tmp_path) -> None:
-    """benchmarks/proxy_memory.py from the namespace at a 4 MiB cap: 32 × 16 MiB chunked bodies."""
+    """benchmarks/proxy_memory.py from the namespace at a 2 MiB cap: 32 × 4 MiB chunked bodies."""
     out = tmp_path / "proxy_memory.json"
-    res = _bench().main(["--caps", "4M", "--senders", "32", "--body-factor", "4", "--netns", ns.name,
+    res = _bench().main(["--caps", "2M", "--senders", "32", "--body-factor", "2", "--netns", ns.name,
                          "--host", ns.host_ip, "--work", str(tmp_path), "--out", str(out), "--quiet"])  # fmt: skip
     (row,) = res["rows"]
     assert json.loads(out.read_text())["provenance"]["benchmark"] == "proxy_memory"
@@ -312,3 +312,116 @@ def test_memory_stays_bounded_under_32_concurrent_over_cap_bodies(ns, tmp_path) 
     assert set(row["over_cap_outcomes"]) <= {"413", "ConnectionResetError", "BrokenPipeError"}, row
     assert sum(row["over_cap_outcomes"].values()) == 32
     assert row["fleet_during_flood"]["status"] == "200", row
+
+
+# ---------------------------------------------------------------------------- a real Flower round
+APP_PYPROJECT = """[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "roundtrip"
+version = "1.0.0"
+description = "one query round through the fleet proxy"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "fedsd-tests"
+
+[tool.flwr.app.components]
+serverapp = "rt_server:app"
+clientapp = "rt_client:app"
+
+[tool.flwr.app.config]
+"""
+
+APP_CLIENT = """from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.clientapp import ClientApp
+app = ClientApp()
+
+@app.query()
+def query(msg, context):
+    n = int(msg.content.config_records["q"]["n"])
+    return Message(RecordDict({"r": ConfigRecord({"n2": n * 2})}), reply_to=msg)
+"""
+
+APP_SERVER = """import json, time
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import ServerApp
+app = ServerApp()
+
+@app.main()
+def main(grid, context):
+    deadline = time.time() + 120
+    while not list(grid.get_node_ids()) and time.time() < deadline:
+        time.sleep(0.5)
+    msgs = [Message(RecordDict({"q": ConfigRecord({"n": 21})}), dst_node_id=n, message_type="query")
+            for n in grid.get_node_ids()]
+    replies = list(grid.send_and_receive(msgs, timeout=120))
+    out = [r.content.config_records["r"]["n2"] if not r.has_error() else str(r.error.reason) for r in replies]
+    open(SUMMARY, "w").write(json.dumps(out))
+"""
+
+
+@pytest.mark.slow  # Flower's own round trip: ~12 s on an idle machine, more under load
+def test_a_real_fleet_round_completes_while_over_cap_bodies_arrive(ns, procs: Procs, tmp_path) -> None:
+    """A SuperLink on loopback, its fleet proxy (cap 1 MiB) on the veth, a SuperNode in the namespace, and
+    32 peers there that keep sending 2 MiB chunked bodies (paced: ~1 MB/s each) until the round is over."""
+    from fedsd.server import deploy
+
+    summary, stop = tmp_path / "summary.json", tmp_path / "flood-stop"
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "pyproject.toml").write_text(APP_PYPROJECT)
+    (app / "rt_client.py").write_text(APP_CLIENT)
+    (app / "rt_server.py").write_text(APP_SERVER.replace("SUMMARY", repr(str(summary))))
+    home, port = tmp_path / "flwr", procs.port()
+    deploy.write_flwr_home(home, f"127.0.0.1:{port}", insecure=True)
+    superlink = procs.adopt(
+        deploy.start_superlink(home, "127.0.0.1", port, log_path=tmp_path / "superlink.log")
+    )
+    launch.wait_for_port("127.0.0.1", port, timeout=60, process=superlink.managed)
+    edge = launch.free_port(ns.host_ip)
+    proxy = procs.adopt(
+        deploy.start_fleet_proxy(
+            home, ns.host_ip, edge, port, log_path=tmp_path / "proxy.log", limits=["--max-body", "1M"]
+        )
+    )
+    launch.wait_for_port(ns.host_ip, edge, timeout=60, process=proxy.managed, what="the fleet proxy")
+    flood = subprocess.Popen(
+        [*ns.exec(), sys.executable, str(ROOT / "benchmarks" / "proxy_memory.py"), "--send", ns.host_ip, str(edge),
+         "32", str(2 * CAP), str(stop), "0.05"], stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        procs.start(
+            "supernode",
+            [
+                *ns.exec(),
+                launch.flower_bin("flower-supernode"),
+                "--insecure",
+                "--superlink",
+                f"{ns.host_ip}:{edge}",
+            ],
+            environ=launch.flower_env(tmp_path / "device-home"),
+        )
+        run = subprocess.run(
+            [launch.flower_bin("flwr"), "run", str(app), deploy.CONNECTION], env=launch.flower_env(home),
+            cwd=tmp_path, capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+        procs.wait_until("the round to finish", summary.is_file, 150)
+    finally:
+        stop.touch()
+        out, _ = flood.communicate(timeout=120)
+    assert json.loads(summary.read_text()) == [42]  # the SuperNode's reply, through the proxy
+    refused = json.loads(out)["over_cap"]
+    assert sum(refused.values()) > 32 and set(refused) <= {
+        "413",
+        "ConnectionResetError",
+        "BrokenPipeError",
+    }, refused
+    assert "request too large" in (tmp_path / "proxy.log").read_text()
