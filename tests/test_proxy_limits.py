@@ -291,6 +291,53 @@ def test_connections_over_the_cap_get_503(ns, proxies) -> None:
     assert again.startswith("HTTP/1.1 200") and again.endswith("ok 2"), again
 
 
+TLS_PEER = r"""
+import json, socket, ssl, sys
+host, port, ca = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+ctx = ssl.create_default_context(cafile=ca)
+def call(head):
+    with socket.create_connection((host, port), timeout=10) as raw, ctx.wrap_socket(raw, server_hostname=host) as s:
+        s.sendall(head.encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data.decode("latin-1")
+out = [call("POST /v1/fleet/push-messages HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc"),
+       call(f"POST /v1/fleet/push-messages HTTP/1.1\r\nHost: x\r\nContent-Length: {64 << 20}\r\n\r\n")]
+with socket.create_connection((host, port), timeout=10) as raw:  # plain HTTP to the TLS port
+    raw.sendall(b"POST /v1/fleet/push-messages HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    raw.settimeout(10)
+    try:
+        out.append(raw.recv(100).decode("latin-1"))
+    except OSError as e:
+        out.append(type(e).__name__)
+print(json.dumps(out))
+"""
+
+
+def test_tls_towards_devices(ns, upstream, tmp_path) -> None:
+    """The same limits behind TLS: a fleet call over TLS is forwarded, an announced over-cap body gets
+    413, and plain HTTP on the TLS port gets no HTTP reply."""
+    from fedsd.security import create_certificates
+
+    tls = create_certificates(tmp_path / "tls", [ns.host_ip])
+    procs = Procs(tmp_path)
+    try:
+        port = _proxy(procs, ns, upstream, "tls", "--max-body", "1M", "--certfile", str(tls.server_cert),
+                      "--keyfile", str(tls.server_key))  # fmt: skip
+        assert launch.probe_transport(ns.host_ip, port) == "tls"
+        run = subprocess.run([*ns.exec(), sys.executable, "-c", TLS_PEER, ns.host_ip, str(port), str(tls.ca_cert)],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert run.returncode == 0, run.stderr[-2000:]
+        ok, big, plain = json.loads(run.stdout)
+    finally:
+        left = procs.close()
+    assert not left, left
+    assert ok.startswith("HTTP/1.1 200") and ok.endswith("ok 3"), ok
+    assert big.startswith("HTTP/1.1 413"), big
+    assert not plain.startswith("HTTP/1.1 2"), plain
+
+
 def _bench() -> Any:
     path = ROOT / "benchmarks" / "proxy_memory.py"
     spec = importlib.util.spec_from_file_location("bench_proxy_memory", path)
