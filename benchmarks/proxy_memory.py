@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -272,7 +273,7 @@ def _size(text: str) -> int:
     return parse(text)
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--caps", default="1M,4M,16M", help="comma-separated --max-body values")
     p.add_argument("--senders", type=int, default=32, help="concurrent over-cap bodies")

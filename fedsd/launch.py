@@ -1,6 +1,6 @@
 """Flower's commands as managed child processes: environment, addresses and process groups.
 
-Shared by both sides (DESIGN.md §2): `fedsd server start` runs a SuperLink with these pieces and
+Shared by both sides: `fedsd server start` runs a SuperLink with these pieces and
 `fedsd client run` a SuperNode, so neither imports the other's modules. What it knows about flwr 1.42:
 the SuperLink and SuperNode start `flower-superexec`, `flwr-serverapp` and `flwr-clientapp` by bare
 command name, so this environment's bin directory must lead PATH; every Flower process runs without
