@@ -58,6 +58,13 @@ NO_DP, SIGMA0 = "no DP", "DP path, σ = 0, no clipping"
 NO_CLIP = 1e6
 """Clip norm of the σ = 0 arm: far above any per-utterance gradient norm of the heads, i.e. no clipping."""
 PERSONAL_HEADS = "personal test, personal heads (fine-tuned without DP, never sent)"
+NOTES = (
+    "Every arm trains with the same per-utterance loss (CE of a labelled clip + KD, averaged over the batch). "
+    "Personal heads are fine-tuned on each device without DP after the last round, in every arm: they never "
+    "leave the device and under DP their metrics are withheld from the server, so DP covers the global heads "
+    "only. 'DP path, σ = 0, no clipping' is DP-SGD's code path and sampling without noise or clipping (no "
+    "privacy): ε − that arm is what noise and clipping cost."
+)
 
 
 def overhead(
@@ -175,6 +182,8 @@ def _main(args: argparse.Namespace, bench: common.FedBench) -> dict[str, Any]:
     print()
     print(markdown_table(*uar_table(rows, before, personal_base, fed.rounds)))
     print()
+    print(NOTES)
+    print()
     print(markdown_table(*difference_table(rows)))
     print()
     print(
@@ -207,6 +216,7 @@ def _main(args: argparse.Namespace, bench: common.FedBench) -> dict[str, Any]:
         "rows": rows,
         "differences": differences(rows),
         "overhead": ov,
+        "notes": NOTES,
     }
     png = args.out.with_suffix(".png")
     return bench.publish(args.out.with_suffix(".json"), png, payload, args, lambda path: plot(rows, path))
