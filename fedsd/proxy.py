@@ -573,7 +573,10 @@ def _size(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     d = Limits()
-    parser = argparse.ArgumentParser(description="fedsd's Fleet-only reverse proxy in front of a SuperLink")
+    parser = argparse.ArgumentParser(
+        description="fedsd's Fleet-only reverse proxy in front of a SuperLink",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--listen", required=True, help="HOST:PORT devices connect to")
     parser.add_argument("--upstream", required=True, help="the SuperLink, e.g. https://127.0.0.1:9092")
     parser.add_argument("--certfile", help="server certificate (TLS towards devices)")

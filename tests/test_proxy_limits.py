@@ -173,13 +173,14 @@ def _proxy(procs: Procs, ns: NetNamespace, upstream: int, name: str, *limits: st
 def proxies(
     ns: NetNamespace, upstream: int, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Any]]:
-    """``roomy``: cap 1 MiB, long deadlines; ``strict``: 1 s deadlines, 1 MiB/s, 2 connections."""
+    """``roomy``: cap 1 MiB, 8 KiB heads; ``strict``: 1 s deadlines, 1 MiB/s; ``narrow``: 2 connections."""
     procs = Procs(tmp_path_factory.mktemp("proxies"))
     try:
         out = {
             "roomy": _proxy(procs, ns, upstream, "roomy", "--max-body", "1M", "--max-header-bytes", "8K"),
             "strict": _proxy(procs, ns, upstream, "strict", "--max-body", "1M", "--header-timeout", "1",
-                             "--body-timeout", "1", "--min-body-rate", "1M", "--max-connections", "2"),
+                             "--body-timeout", "1", "--min-body-rate", "1M"),
+            "narrow": _proxy(procs, ns, upstream, "narrow", "--max-connections", "2"),
         }  # fmt: skip
         out["procs"] = procs
         yield out
@@ -282,7 +283,7 @@ def test_slow_senders_are_timed_out(ns, proxies) -> None:
 
 def test_connections_over_the_cap_get_503(ns, proxies) -> None:
     fleet = _head(extra="Content-Length: 2\r\nConnection: close\r\n\r\nhi")
-    busy, again = _run(ns, proxies["strict"], [
+    busy, again = _run(ns, proxies["narrow"], [
         ["open", 0], ["open", 1], ["send", 0, "P"], ["send", 1, "P"],  # two connections hold the two slots
         ["open", 2], ["reply", 2, 20],
         ["close", 0], ["close", 1], ["until-not-503", 3, fleet],
