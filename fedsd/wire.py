@@ -33,6 +33,7 @@ from fedsd.untrusted import (
     UntrustedValueError,
     model_dimensions,
     model_file,
+    printable,
     sha256_hex,
 )
 
@@ -179,7 +180,7 @@ def check_model_files(files: Mapping[str, bytes], limits: DeliveryLimits = Deliv
         described = described_model_bytes(configs["backbone/config.json"], configs["fedsd.json"])
     except Exception as e:  # a config transformers or fedsd cannot build: nothing allocated, refused
         raise UntrustedValueError(
-            f"model delivery: the configs describe no buildable model ({type(e).__name__}: {str(e)[:200]})"
+            f"model delivery: the configs describe no buildable model ({type(e).__name__}: {printable(e, 200)})"
         ) from None
     cap = 2 * weights + limits.size_slack_bytes
     if described > cap:
