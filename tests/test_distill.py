@@ -202,7 +202,9 @@ def test_batch_loss_is_the_mean_of_per_utterance_losses_with_ce_over_the_whole_b
     per, _ = self_distill_loss(o, labels, 6, cfg, reduction="none")
     assert mean.item() == pytest.approx(per.mean().item(), rel=1e-6)
     ce_only, p_ce = self_distill_loss(o, labels, 6, DistillConfig(mode="ce"), train_exits=[2])
-    by_hand = torch.nn.functional.cross_entropy(o[2].logits.detach()[[0, 2]], torch.tensor([0, 2]), reduction="sum")
+    by_hand = torch.nn.functional.cross_entropy(
+        o[2].logits.detach()[[0, 2]], torch.tensor([0, 2]), reduction="sum"
+    )
     assert ce_only.item() == pytest.approx(by_hand.item() / 4, rel=1e-6)  # sum over labelled / B
     assert p_ce["ce/2"] == pytest.approx(by_hand.item() / 2, rel=1e-6)  # the log: mean over labelled
 

@@ -147,9 +147,17 @@ def _demo_like_manifest(root: Path, speakers: int = 36) -> Path:
 
     split_of = speaker_splits(speakers, 0)
     rows = [
-        ManifestRow(utt_id=f"synth_spk{i:02d}_s{s:02d}_{e}", path=f"wav/spk{i:02d}/{s}_{e}.wav", label=e,
-                    orig_label=e, speaker=f"synth:spk{i:02d}", dataset="synth", duration=2.0,
-                    sample_rate=16000, split=split_of[i])  # fmt: skip
+        ManifestRow(
+            utt_id=f"synth_spk{i:02d}_s{s:02d}_{e}",
+            path=f"wav/spk{i:02d}/{s}_{e}.wav",
+            label=e,
+            orig_label=e,
+            speaker=f"synth:spk{i:02d}",
+            dataset="synth",
+            duration=2.0,
+            sample_rate=16000,
+            split=split_of[i],
+        )
         for i in range(speakers)
         for s in range(12)
         for e in LABELS

@@ -192,7 +192,10 @@ def test_ce_batches_without_a_label_take_no_adam_step(model: MultiExitSER) -> No
     params = [p for k in plan.train for p in model.heads[str(k)].parameters()]
     opt = torch.optim.Adam(params, lr=cfg.lr)
     train_heads(model, _feats(model), plan, cfg, optimizer_factory=lambda _p: opt)  # momentum from labels
-    steps, state = _adam_steps(opt), {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+    steps, state = (
+        _adam_steps(opt),
+        {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()},
+    )
     assert steps and min(steps) > 0
     before = _heads(model)
     train_heads(model, _unlabelled(model), plan, cfg, optimizer_factory=lambda _p: opt)

@@ -152,7 +152,9 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
     assert "train.lr" in str(e.value) and "model.exits" in str(e.value) and str(bad) in str(e.value)
 
 
-def test_central_ce_steps_only_on_batches_with_a_label(tmp_path: Path, small_corpus: Path, monkeypatch) -> None:
+def test_central_ce_steps_only_on_batches_with_a_label(
+    tmp_path: Path, small_corpus: Path, monkeypatch
+) -> None:
     """CE at 5 % labels: a batch without a labelled clip takes no AdamW step and no scheduler count (they
     did: AdamW's momentum moved the weights on a zero gradient); metrics.jsonl counts both."""
     from fedsd.data.partition import labelled_mask
@@ -179,7 +181,9 @@ def test_central_ce_steps_only_on_batches_with_a_label(tmp_path: Path, small_cor
     # the same loader train() iterates (shuffled by the seed): which batches hold a labelled clip
     rows = split_rows(cfg, read_manifest(small_corpus / "manifest.csv"))["train"]
     mask = labelled_mask([r.utt_id for r in rows], [r.label for r in rows], 0.05, 0)
-    loader = make_loader(rows, small_corpus, LABELS, train_crop(cfg), batch_size=4, train=True, labelled=mask, seed=0)
+    loader = make_loader(
+        rows, small_corpus, LABELS, train_crop(cfg), batch_size=4, train=True, labelled=mask, seed=0
+    )
     loader.dataset.set_epoch(1)
     with_label = [bool((b["labels"] >= 0).any()) for b in loader]
     assert 0 < sum(with_label) < len(with_label)  # the case at hand: some batches have no label
