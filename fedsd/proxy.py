@@ -61,11 +61,13 @@ HOP_BY_HOP = frozenset(
 MAX_BODY = 512 * 1024 * 1024
 """Largest request forwarded (a model delivery travels as objects of a few MB each)."""
 
-READ_CHUNK = 4 * 1024
-"""Bytes read from a socket at a time (each connection reads into its own buffer of this size)."""
+READ_BUDGET = 128 * 1024
+"""Bytes all connections together read per round of socket reads: each connection reads
+``READ_BUDGET / open connections`` at a time (between ``READ_MIN`` and ``READ_MAX``) and stops reading
+once it holds two such reads not yet forwarded. One device gets 64 KiB reads (throughput); 32 at once
+get 4 KiB each, so a flood of bodies costs a fixed ~60 KiB per connection, whatever their sizes."""
 
-PAUSE_AT = 16 * 1024
-"""Bytes received but not yet forwarded after which a connection stops reading (resumes below half)."""
+READ_MIN, READ_MAX = 4 * 1024, 64 * 1024
 
 _BUSY = b"fedsd: too many connections; retry later\n"
 TOO_MANY = (
@@ -149,7 +151,7 @@ class FleetProxy:
         self.cafile = cafile
         self.limits = limits or Limits()
         self.open = 0
-        self.read_buffer = bytearray(READ_CHUNK)
+        self.read_buffer = bytearray(READ_MAX)
         """One buffer every connection reads into: asyncio calls ``get_buffer`` and ``buffer_updated``
         back to back in one callback on this one thread, and the bytes are copied out right there."""
         self._client: Any = None
@@ -248,8 +250,8 @@ class FleetProxy:
 
 
 class _Connection(asyncio.BufferedProtocol):
-    """One device connection: reads into a fixed buffer, queues at most ~``PAUSE_AT`` bytes (then stops
-    reading), parses with h11 and streams each request to the SuperLink and the reply back."""
+    """One device connection: reads into the shared buffer, queues at most two reads (then stops
+    reading, see ``READ_BUDGET``), parses with h11 and streams each request to the SuperLink and the reply back."""
 
     def __init__(self, proxy: FleetProxy) -> None:
         self.proxy = proxy
@@ -273,13 +275,16 @@ class _Connection(asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if peer else None
 
-    def get_buffer(self, sizehint: int) -> bytearray:
-        return self._buffer
+    def _read_size(self) -> int:
+        return max(READ_MIN, min(READ_MAX, READ_BUDGET // max(1, self.proxy.open)))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return memoryview(self._buffer)[: self._read_size()]
 
     def buffer_updated(self, nbytes: int) -> None:
         self._queue.append(bytes(self._buffer[:nbytes]))  # copied out at once: the buffer is shared
         self._queued += nbytes
-        if self._queued >= PAUSE_AT and not self._paused and self.transport is not None:
+        if self._queued >= 2 * self._read_size() and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
         self._wake.set()
@@ -316,7 +321,7 @@ class _Connection(asyncio.BufferedProtocol):
             return b""
         data = self._queue.popleft()
         self._queued -= len(data)
-        if self._paused and self._queued < PAUSE_AT // 2 and self.transport is not None:
+        if self._paused and self._queued < self._read_size() and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
         return data
