@@ -86,7 +86,8 @@ class CentralDP:
         return {
             "compositions": {str(k): int(v) for k, v in self.compositions.items()},
             "by_sigma": {
-                str(k): {_sigma_key(s): int(n) for s, n in counts.items()} for k, counts in self.by_sigma.items()
+                str(k): {_sigma_key(s): int(n) for s, n in counts.items()}
+                for k, counts in self.by_sigma.items()
             },
             "baseline": {_sigma_key(s): int(n) for s, n in self.baseline.items()},
             "rounds": {str(r): float(s) for r, s in sorted(self.rounds.items())},
@@ -130,7 +131,9 @@ class CentralDP:
         for sigma, n in dict(state.get("baseline") or {}).items():
             self.baseline[float(sigma)] = max(self.baseline.get(float(sigma), 0), int(n))
         self.rounds |= {int(r): float(s) for r, s in dict(state.get("rounds") or {}).items()}
-        self.unaccounted_rounds = sorted(set(self.unaccounted_rounds) | set(state.get("unaccounted_rounds") or []))
+        self.unaccounted_rounds = sorted(
+            set(self.unaccounted_rounds) | set(state.get("unaccounted_rounds") or [])
+        )
         for key, count in dict(state.get("compositions") or {}).items():
             ident = self._ident(key)
             self.compositions[ident] = max(self.compositions.get(ident, 0), int(count))
@@ -275,5 +278,7 @@ class CentralDP:
         if note is not None:
             report["epsilon_note"] = note
         if len({s for counts in self.by_sigma.values() for s in counts} | set(self.baseline)) > 1:
-            report["sigmas"] = sorted({s for counts in self.by_sigma.values() for s in counts} | set(self.baseline))
+            report["sigmas"] = sorted(
+                {s for counts in self.by_sigma.values() for s in counts} | set(self.baseline)
+            )
         return out, report

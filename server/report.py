@@ -352,7 +352,11 @@ def privacy_section(history: Sequence[dict[str, Any]], run_dir: Path | None = No
             row.append(p.get("central", {}).get("epsilon", math.nan))
         rows.append(row)
     lines.append(markdown_table(header, rows))
-    notes = [h["privacy"]["central"].get("epsilon_note") for h in recs if isinstance(h["privacy"].get("central"), dict)]
+    notes = [
+        h["privacy"]["central"].get("epsilon_note")
+        for h in recs
+        if isinstance(h["privacy"].get("central"), dict)
+    ]
     if any(isinstance(n, str) for n in notes):
         lines.append(f"Central ε is ∞: {[n for n in notes if isinstance(n, str)][-1]}.\n")
     if devices and run_dir is not None:

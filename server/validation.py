@@ -287,7 +287,9 @@ def validate_train_reply(
     if isinstance(metric_record, str):
         return Rejection(node_id, metric_record)
 
-    checked = _metrics_and_weight(node_id, metric_record, weighted_by_key, required_metrics, declared_examples)
+    checked = _metrics_and_weight(
+        node_id, metric_record, weighted_by_key, required_metrics, declared_examples
+    )
     if isinstance(checked, Rejection):
         return checked
     metrics, weight = checked

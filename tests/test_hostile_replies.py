@@ -78,7 +78,9 @@ def quiet_flower():
     logger.setLevel(level)
 
 
-pytestmark = pytest.mark.usefixtures("task_identity")  # Flower's task identity, as in a ClientApp/ServerApp process (conftest)
+pytestmark = pytest.mark.usefixtures(
+    "task_identity"
+)  # Flower's task identity, as in a ClientApp/ServerApp process (conftest)
 
 
 def make_global(seed: int = 0) -> ArrayRecord:
@@ -333,7 +335,15 @@ def test_malformed_handshake_replies_are_rejected(info, reason) -> None:
 def test_handshake_reply_is_parsed_to_known_keys_and_printable_strings() -> None:
     got = validate_info_reply(info_reply(5, GOOD_INFO | {"device": "cu\x1b[2Jda", "evil": "x" * 10**5}))
     assert not isinstance(got, Rejection)
-    assert set(got) == {"has-model", "exit", "n-utterances", "n-labelled", "device", "torch-threads", "device-id"}
+    assert set(got) == {
+        "has-model",
+        "exit",
+        "n-utterances",
+        "n-labelled",
+        "device",
+        "torch-threads",
+        "device-id",
+    }
     assert got["device-id"] is None  # none declared
     named = validate_info_reply(info_reply(5, GOOD_INFO | {"device-id": "3f2a9c"}))
     assert not isinstance(named, Rejection) and named["device-id"] == "3f2a9c"
@@ -582,7 +592,9 @@ def _state(strategy: PartialFedAvg) -> Any:
     dp = strategy.central_dp
     return (
         dict(dp.compositions) if dp else None,
-        ({k: dict(v) for k, v in dp.by_sigma.items()}, dict(dp.rounds), list(dp.unaccounted_rounds)) if dp else None,
+        ({k: dict(v) for k, v in dp.by_sigma.items()}, dict(dp.rounds), list(dp.unaccounted_rounds))
+        if dp
+        else None,
         {k: v.data for k, v in strategy.current_arrays.items()},  # type: ignore[union-attr]
         dict(strategy.declared_exits or {}),
         dict(strategy.declared_examples or {}),
@@ -667,7 +679,10 @@ def well_formed_hostile_reply(
         elif flaw == "metric-list":
             metrics["per-class"] = [0.5] * draw(st.integers(MAX_METRIC_LIST_LEN + 1, 2 * MAX_METRIC_LIST_LEN))
         else:  # every list within its cap, the whole too big to keep
-            metrics |= {f"l{i}": [-1.2345678901234567e-300] * MAX_METRIC_LIST_LEN for i in range(draw(st.integers(12, 14)))}
+            metrics |= {
+                f"l{i}": [-1.2345678901234567e-300] * MAX_METRIC_LIST_LEN
+                for i in range(draw(st.integers(12, 14)))
+            }
     reply = train_reply(node, _adversarial(draw, keys), metrics)
     return node, reply, _POLICY_FLAWS[flaw]
 
@@ -700,7 +715,9 @@ def test_fuzz_well_formed_hostile_replies_are_rejected_and_change_nothing(case) 
     assert report is not None and ref_report is not None and report.aggregated
     assert len(report.rejections) == len(hostile) + len(ref_report.rejections)
     seen: set[int] = set()
-    for (node, _, reasons), rejection in zip(hostile, report.rejections[len(ref_report.rejections):], strict=True):
+    for (node, _, reasons), rejection in zip(
+        hostile, report.rejections[len(ref_report.rejections) :], strict=True
+    ):
         assert rejection.node_id == node
         named = reasons + (("duplicate reply",) if node in seen else ())
         assert any(r in rejection.reason for r in named), (named, rejection.reason)

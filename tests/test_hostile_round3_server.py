@@ -129,7 +129,9 @@ def train_reply(node: int, arrays: dict[str, np.ndarray], metrics: dict[str, Any
 
 
 def honest_replies(nodes: dict[int, tuple[list[str], int]] = HONEST) -> list[Message]:
-    return [train_reply(n, trained(keys, n), {"num-examples": w, "loss": 1.0}) for n, (keys, w) in nodes.items()]
+    return [
+        train_reply(n, trained(keys, n), {"num-examples": w, "loss": 1.0}) for n, (keys, w) in nodes.items()
+    ]
 
 
 def make_strategy(
@@ -167,7 +169,9 @@ def _hijack() -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("declared", [-1, 12, 10**6], ids=["exit-1", "teacher-exit", "exit-1e6"])
 def test_one_device_cannot_set_the_teacher_head(aggregation: str, declared: int) -> None:
     strategy = make_strategy(aggregation, "deep", attacker_exit=declared)
-    new, _ = strategy.aggregate_train(1, [*honest_replies(), train_reply(ATTACKER, _hijack(), {"num-examples": 50})])
+    new, _ = strategy.aggregate_train(
+        1, [*honest_replies(), train_reply(ATTACKER, _hijack(), {"num-examples": 50})]
+    )
     report = strategy.last_train_report
     assert report is not None
     reasons = {r.node_id: r.reason for r in report.rejections}
@@ -184,19 +188,27 @@ def test_one_device_cannot_set_the_teacher_head(aggregation: str, declared: int)
 
 def test_declared_exit_must_be_one_the_model_has() -> None:
     strategy = make_strategy(attacker_exit=4)  # between 3 and 6: an exit-3 key set looked fine
-    strategy.aggregate_train(1, [*honest_replies(), train_reply(ATTACKER, trained(EXIT3, 9), {"num-examples": 10})])
+    strategy.aggregate_train(
+        1, [*honest_replies(), train_reply(ATTACKER, trained(EXIT3, 9), {"num-examples": 10})]
+    )
     (rejection,) = strategy.last_train_report.rejections  # type: ignore[union-attr]
-    assert rejection.node_id == ATTACKER and "declared exit 4 is not an exit of this model" in rejection.reason
+    assert (
+        rejection.node_id == ATTACKER and "declared exit 4 is not an exit of this model" in rejection.reason
+    )
     assert resolve_exit(-1, [3, 6, 12]) == 12 and resolve_exit(-1, [3, 6, 12], default_exit=6) == 6
     assert resolve_exit(6, [3, 6, 12]) == 6
-    assert "not an exit" in str(resolve_exit(0, [3, 6, 12])) and "not an exit" in str(resolve_exit(-2, [3, 6]))
+    assert "not an exit" in str(resolve_exit(0, [3, 6, 12])) and "not an exit" in str(
+        resolve_exit(-2, [3, 6])
+    )
 
 
 def test_minus_one_is_the_exit_the_device_then_runs() -> None:
     """teacher=local: the deepest head is trained (by devices at the deepest exit). A -1 device runs the
     config's default-exit, else the deepest exit: its heads are checked against that exit."""
     deep = make_strategy("mean", "local", attacker_exit=-1)
-    new, _ = deep.aggregate_train(1, [*honest_replies(), train_reply(ATTACKER, _hijack(), {"num-examples": 50})])
+    new, _ = deep.aggregate_train(
+        1, [*honest_replies(), train_reply(ATTACKER, _hijack(), {"num-examples": 50})]
+    )
     assert not deep.last_train_report.rejections  # type: ignore[union-attr]
     np.testing.assert_allclose(new["heads.12.fc.bias"].numpy(), 1000.0)  # its only (honest) trainer
     shallow = make_strategy("mean", "local", attacker_exit=-1, config={"default-exit": 6})
@@ -225,7 +237,9 @@ def test_a_lone_sender_cannot_set_a_head_under_a_robust_rule(aggregation: str) -
     only3 = {n: (EXIT3, w) for n, (_, w) in HONEST.items()}  # nobody honest at exit 6
     strategy = make_strategy(aggregation, attacker_exit=6)
     lie = trained(EXIT3, 11) | {k: np.full(SHAPES[k], 1000.0, np.float32) for k in EXIT6[2:]}
-    new, _ = strategy.aggregate_train(1, [*honest_replies(only3), train_reply(ATTACKER, lie, {"num-examples": 30})])
+    new, _ = strategy.aggregate_train(
+        1, [*honest_replies(only3), train_reply(ATTACKER, lie, {"num-examples": 30})]
+    )
     report = strategy.last_train_report
     assert report is not None and report.held_back == {"6": 1}
     assert report.to_dict()["held_back"] == {"6": 1}
@@ -239,7 +253,9 @@ def test_a_lone_sender_cannot_set_a_head_under_a_robust_rule(aggregation: str) -
 
 def _one_round(dp: CentralDP, node: int, server_round: int) -> dict[str, Any]:
     g = {"heads.1.w": np.zeros(8, np.float32)}
-    _, report = dp.aggregate(g, [ValidUpdate(node, {"heads.1.w": np.full(8, 0.1, np.float32)}, 10.0)], server_round)
+    _, report = dp.aggregate(
+        g, [ValidUpdate(node, {"heads.1.w": np.full(8, 0.1, np.float32)}, 10.0)], server_round
+    )
     return report
 
 
@@ -338,12 +354,16 @@ def test_a_node_dropping_after_the_bounded_wait_does_not_hang_the_round(kind: st
     assert sorted(m.metadata.dst_node_id for m in msgs) == [1, 2, 3]  # the wait's list, sampled
     assert grid.calls == 1  # nothing asked the grid again
     assert all(m.content["config"]["server-round"] == 1 for m in msgs)
-    assert {m.metadata.message_type for m in msgs} == {MessageType.TRAIN if kind == "train" else MessageType.EVALUATE}
+    assert {m.metadata.message_type for m in msgs} == {
+        MessageType.TRAIN if kind == "train" else MessageType.EVALUATE
+    }
 
 
 def test_fraction_samples_from_the_waited_list() -> None:
     strategy = PartialFedAvg(fraction_train=0.5, min_train_nodes=2, min_available_nodes=2, node_wait_s=2)
-    msgs = list(strategy.configure_train(1, GLOBAL, ConfigRecord(), FixedGrid(list(range(1, 11)), max_calls=1)))
+    msgs = list(
+        strategy.configure_train(1, GLOBAL, ConfigRecord(), FixedGrid(list(range(1, 11)), max_calls=1))
+    )
     assert len(msgs) == 5 and len({m.metadata.dst_node_id for m in msgs}) == 5
 
 
@@ -390,11 +410,15 @@ def test_an_honest_reply_of_a_deep_model_fits_the_caps() -> None:
                                "n-personal-test", "loss", "cache-hits", "cache-misses", "seconds")}  # fmt: skip
     for k in range(1, 25):
         metrics |= {f"exit{k}/train-uar-{t}": 0.123456789 for t in ("before", "after")}
-        metrics |= {f"exit{k}/personal-{m}-{t}": 0.123456789 for m in ("uar", "wa", "f1") for t in ("before", "after")}
+        metrics |= {
+            f"exit{k}/personal-{m}-{t}": 0.123456789 for m in ("uar", "wa", "f1") for t in ("before", "after")
+        }
     metrics |= {"dp-epsilon": 1.5, "dp-delta": 1e-5, "dp-noise-multiplier": 1.1, "dp-epsilon-budget": 8.0}
     assert len(metrics) > 200
     strategy = make_strategy()
-    strategy.aggregate_train(1, [*honest_replies(), train_reply(ATTACKER, trained(EXIT3, 3), metrics | {"num-examples": 50})])
+    strategy.aggregate_train(
+        1, [*honest_replies(), train_reply(ATTACKER, trained(EXIT3, 3), metrics | {"num-examples": 50})]
+    )
     assert not strategy.last_train_report.rejections  # type: ignore[union-attr]
 
 
@@ -406,12 +430,17 @@ def test_end_of_run_metrics_over_a_cap_are_left_out(tmp_path: Path, tiny_model_d
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     logs: list[str] = []
-    fed = Federation(FederationSpec(config=str(cfg), run_dir=str(run_dir), base_model=str(tiny_model_dir)), logs.append)
+    fed = Federation(
+        FederationSpec(config=str(cfg), run_dir=str(run_dir), base_model=str(tiny_model_dir)), logs.append
+    )
     fed.history = [{"round": 1}]
     done = lambda n: Message(RecordDict(), dst_node_id=n, message_type="query.done")  # noqa: E731
-    fine = Message(RecordDict({"metrics": MetricRecord({"exit1/personal-uar-global": 0.5})}), reply_to=done(1))
+    fine = Message(
+        RecordDict({"metrics": MetricRecord({"exit1/personal-uar-global": 0.5})}), reply_to=done(1)
+    )
     huge = Message(
-        RecordDict({"metrics": MetricRecord({f"k{i}": 0.5 for i in range(MAX_METRIC_KEYS * 4)})}), reply_to=done(2)
+        RecordDict({"metrics": MetricRecord({f"k{i}": 0.5 for i in range(MAX_METRIC_KEYS * 4)})}),
+        reply_to=done(2),
     )
     fed._note_final([1, 2], [fine, huge])
     final = fed.history[-1]["final"]
@@ -424,7 +453,9 @@ def test_a_resume_that_changes_central_dp_says_what_that_means() -> None:
     from fedsd.config import ExperimentConfig
     from fedsd.server.service import central_dp_change
 
-    on = ExperimentConfig.model_validate({"federated": {"central_dp": {"clip_norm": 1.0, "noise_multiplier": 4.0}}})
+    on = ExperimentConfig.model_validate(
+        {"federated": {"central_dp": {"clip_norm": 1.0, "noise_multiplier": 4.0}}}
+    )
     off = ExperimentConfig()
     noised = {"completed_round": 3, "central_dp": {"rounds": {"1": 0.5, "2": 0.5, "3": 0.5}}}
     plain = {"completed_round": 3, "central_dp": None}
