@@ -10,7 +10,8 @@ sizes. For each cap this script
 2. warms the proxy up (a few fleet calls, one refused body), then resets its peak RSS (``clear_refs``);
 3. has ``--senders`` peers stream chunked bodies of ``--body-factor`` × CAP each, all at once, and one
    ordinary fleet call while they stream;
-4. reports RSS before, the peak during (``VmHWM``), after, and growth / cap (target: ≤ 2).
+4. reports RSS before, the peak during (``VmHWM``), after, and growth / cap (target: ≤ 2); then the same
+   flood again ("again": its growth; near zero when the memory of the first is reused, not leaked).
 
 The peers are one separate process (``--send``); ``--netns NAME --host IP`` runs it inside a network
 namespace the caller made, reaching the proxy at IP (the tests do this; the proxy then sees a remote
@@ -222,35 +223,39 @@ def peers(
 
 
 # ----------------------------------------------------------------------------- one measurement
+def _flood(proc: subprocess.Popen, cmd: list[str]) -> tuple[int, int, int, dict[str, Any]]:
+    """One flood: RSS before, peak during, after (KiB), and what the peers saw."""
+    before = rss_kib(proc.pid)
+    exact = reset_peak(proc.pid)
+    samples = [before]
+    flood = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    while flood.poll() is None:  # sampling backs up VmHWM where clear_refs is not allowed
+        samples.append(rss_kib(proc.pid))
+        time.sleep(0.01)
+    out, _ = flood.communicate(timeout=60)
+    if flood.returncode != 0:
+        raise RuntimeError(f"the peers failed (exit {flood.returncode})")
+    time.sleep(0.3)
+    peak = max(max(samples), rss_kib(proc.pid, "VmHWM")) if exact else max(samples)
+    return before, peak, rss_kib(proc.pid), json.loads(out)
+
+
 def measure(
     cap: int, senders: int, factor: int, *, netns: str | None, host: str | None, work: Path
 ) -> dict[str, Any]:
+    """The first flood (what the target is about), then the same flood again: its growth shows whether
+    memory is reused (allocator high-water mark) or keeps growing."""
     sink = start_sink()
     listen = host or "127.0.0.1"
     proc, port = start_proxy(listen, sink.server_address[1], cap, work / f"proxy-{cap}.log")
     prefix = ["ip", "netns", "exec", netns] if netns else []
+    send = [*prefix, sys.executable, __file__, "--send", listen, str(port)]
     try:
         # warm-up: the code paths of a forwarded call and a refused body are loaded before measuring
-        warm = [*prefix, sys.executable, __file__, "--send", listen, str(port), "2", str(2 * cap)]
-        subprocess.run(warm, check=True, capture_output=True, timeout=120)
+        subprocess.run([*send, "2", str(2 * cap)], check=True, capture_output=True, timeout=120)
         time.sleep(0.3)
-        before = rss_kib(proc.pid)
-        exact = reset_peak(proc.pid)
-        samples = [before]
-        flood = subprocess.Popen(
-            [*prefix, sys.executable, __file__, "--send", listen, str(port), str(senders), str(factor * cap)],
-            stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        while flood.poll() is None:
-            samples.append(rss_kib(proc.pid))
-            time.sleep(0.01)
-        out, _ = flood.communicate(timeout=60)
-        if flood.returncode != 0:
-            raise RuntimeError(f"the peers failed (exit {flood.returncode})")
-        time.sleep(0.3)
-        after = rss_kib(proc.pid)
-        peak = max(max(samples), rss_kib(proc.pid, "VmHWM")) if exact else max(samples)
-        result = json.loads(out)
+        before, peak, after, result = _flood(proc, [*send, str(senders), str(factor * cap)])
+        before2, peak2, _after2, _ = _flood(proc, [*send, str(senders), str(factor * cap)])
     finally:
         proc.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -263,7 +268,8 @@ def measure(
     return {
         "cap_bytes": cap, "senders": senders, "body_bytes_each": factor * cap, "rss_before_kib": before,
         "rss_peak_kib": peak, "rss_after_kib": after, "growth_bytes": growth, "growth_over_cap": growth / cap,
-        "peak_exact": exact, "over_cap_outcomes": result["over_cap"], "fleet_during_flood": result["fleet"],
+        "again_growth_bytes": max(peak2 - before2, 0) * 1024,
+        "over_cap_outcomes": result["over_cap"], "fleet_during_flood": result["fleet"],
     }  # fmt: skip
 
 
@@ -299,12 +305,13 @@ def body(args: argparse.Namespace, run: Run) -> dict[str, Any]:
             measure(cap, args.senders, args.body_factor, netns=args.netns, host=args.host, work=args.work)
         )
     header = f"{'cap':>9} {'senders':>7} {'body each':>10} {'RSS before':>11} {'peak':>9} {'after':>9} "
-    header += f"{'growth':>9} {'growth/cap':>10}  fleet call during flood"
+    header += f"{'growth':>9} {'growth/cap':>10} {'again':>8}  fleet call during flood"
     print(header)
     for r in rows:
         print(f"{r['cap_bytes'] / 2**20:>7.1f}Mi {r['senders']:>7} {r['body_bytes_each'] / 2**20:>8.1f}Mi "
               f"{r['rss_before_kib'] / 1024:>9.1f}Mi {r['rss_peak_kib'] / 1024:>7.1f}Mi {r['rss_after_kib'] / 1024:>7.1f}Mi "
-              f"{r['growth_bytes'] / 2**20:>7.2f}Mi {r['growth_over_cap']:>10.2f}  {r['fleet_during_flood']['status']}")  # fmt: skip
+              f"{r['growth_bytes'] / 2**20:>7.2f}Mi {r['growth_over_cap']:>10.2f} {r['again_growth_bytes'] / 2**20:>6.2f}Mi"
+              f"  {r['fleet_during_flood']['status']}")  # fmt: skip
     config = {
         "caps": args.caps,
         "senders": args.senders,
