@@ -808,8 +808,9 @@ def make_client_app(run_config_defaults: dict[str, Any] | None = None) -> Client
             except Exception as e:
                 ev = _event(msg, None, context, time.perf_counter() - t0)
                 log_event(context, ev | {"error": f"{type(e).__name__}: {e}"})
-                if _private(msg, context):  # the server learns that it failed, the details stay here
-                    raise DeviceError(private_reason(e)) from e
+                reason = private_reason(e) if _private(msg, context) else str(e)
+                if reason != str(e):  # under DP the server learns that it failed, the details stay here
+                    raise DeviceError(reason) from e
                 raise
             log_event(context, _event(msg, reply, context, time.perf_counter() - t0))
             return reply
