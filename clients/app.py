@@ -15,7 +15,11 @@ Everything in a server's message is untrusted: identifiers that name files (fing
 ``federation-id``), training settings (typed, finite, bounded), received heads (known keys, the
 model's dtype and shapes, finite) and delivered model files (known names, sha256) are checked with
 ``fedsd.untrusted`` before they are used; a message that fails a check gets an error reply that says
-why (:class:`~fedsd.clients.device.HostileMessage`), and nothing is written.
+why (:class:`~fedsd.clients.device.HostileMessage`), and nothing is written. A delivered model is
+bounded (:class:`~fedsd.wire.DeliveryLimits`), staged apart and stored under the fingerprint its own
+weights hash to, never under one it declares (``meta.exported_from`` counts for the operator's own
+``--model`` only). Under DP an error reply says only that the device failed (or that its budget is
+spent, or what of the server's message it refused); the details stay in the device's event log.
 """
 
 from __future__ import annotations
