@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -20,9 +21,14 @@ console = Console()
 
 def demo_command(
     config: Path = typer.Option(
-        Path("demo"), "--config", "-c", help="A shipped config name (`fedsd config list`) or an experiment YAML."
+        Path("demo"),
+        "--config",
+        "-c",
+        help="A shipped config name (`fedsd config list`) or an experiment YAML.",
     ),
-    out: Path = typer.Option(Path("runs/demo"), "--out", help="Run directory (relative: under the current one)."),
+    out: Path = typer.Option(
+        Path("runs/demo"), "--out", help="Run directory (relative: under the current one)."
+    ),
     engine: str = typer.Option("ray", help="ray (Flower's simulation engine) or inprocess."),
     fresh: bool = typer.Option(False, help="Retrain the central model even if the run directory has one."),
 ) -> None:
@@ -55,12 +61,77 @@ def demo_command(
     except (ValueError, OSError, FederationError) as e:  # ConfigError is a ValueError
         _fail(str(e))
     console.rule("[bold]4. report")
+    results = write_demo_results(out / "demo-results.json", result, config, time.perf_counter() - t0)
     report = result.report or result.run_dir / "report.md"
     console.print(report.read_text())
-    console.print(f"[bold green]demo finished in {time.perf_counter() - t0:.0f} s[/]; report: [bold]{report}[/]")
+    console.print(
+        f"[bold green]demo finished in {time.perf_counter() - t0:.0f} s[/]; report: [bold]{report}[/]"
+    )
     console.print(
         f"each device's model (its exit, final global heads, personal heads): {out / 'federated' / 'device-models'}"
     )
+    console.print(f"results with provenance (what README's demo table quotes): [bold]{results}[/]")
+
+
+def _source_version() -> dict[str, Any]:
+    """The git commit of the source this package runs from, and whether its code is dirty (None outside
+    a checkout, e.g. an installed wheel: then the package version is what identifies the code)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True,
+                                  timeout=10).stdout  # fmt: skip
+
+        commit = git("rev-parse", "HEAD").strip()
+        dirty = bool(git("status", "--porcelain", "--", "fedsd", "server", "clients", "configs").strip())
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "code_dirty": None}
+    return {"commit": commit, "code_dirty": dirty}
+
+
+def write_demo_results(path: Path, result: Any, config: Path, seconds: float) -> Path:
+    """The demo's numbers as one JSON file with provenance: commit, command, config hash and the base
+    model's fingerprint beside the final per-exit UAR on unseen speakers and the personal-test summary.
+
+    README's demo table is read from such a file, never from memory or from an older run.
+    """
+    import hashlib
+    import json
+    import platform
+    import sys
+    from datetime import UTC, datetime
+
+    import fedsd
+    from fedsd.checkpoint import atomic_write_text
+
+    final = {str(k): rows[-1] for k, rows in result.global_metrics.items() if rows}
+    base = {str(k): rows[0] for k, rows in result.global_metrics.items() if rows}
+    fingerprint = None
+    meta_path = Path(result.run_dir) / "final" / "fedsd.json"
+    if meta_path.exists():
+        fingerprint = json.loads(meta_path.read_text(encoding="utf-8")).get("fingerprint")
+    payload = {
+        "provenance": {
+            "fedsd": fedsd.__version__,
+            **_source_version(),
+            "command": sys.argv,
+            "config": str(config),
+            "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest(),
+            "backbone_fingerprint": fingerprint,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "written": datetime.now(UTC).isoformat(timespec="seconds"),
+            "seconds": round(seconds, 1),
+        },  # fmt: skip
+        "unseen_speakers": {"base_model": base, "final_global_heads": final},
+        "personal_test": result.personal,
+        "run_dir": str(result.run_dir),
+    }
+    atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
+    return path
 
 
 def register(app: typer.Typer) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -53,6 +54,18 @@ def test_simulate_inprocess_returns_metrics_per_exit_and_round(
     assert settings["client_resources"] == {"num_cpus": 0.5, "num_gpus": 0.0} and settings["num_clients"] == 2
     assert (result.run_dir / "config.yaml").exists()  # the server side reloads an in-memory config by path
     assert any("simulating 1 rounds with the inprocess engine" in line for line in logs)
+    # the demo's results file: provenance beside the numbers README quotes (issue 22)
+    from fedsd.demo import write_demo_results
+
+    cfg_path = write_config(tmp_path, small_corpus)
+    data = json.loads(write_demo_results(tmp_path / "demo-results.json", result, cfg_path, 12.5).read_text())
+    prov = data["provenance"]
+    assert prov["config_sha256"] == hashlib.sha256(cfg_path.read_bytes()).hexdigest() and prov["seconds"] == 12.5
+    final_meta = json.loads((result.final_dir / "fedsd.json").read_text())
+    assert prov["backbone_fingerprint"] == final_meta["fingerprint"]
+    assert prov["commit"] is None or len(prov["commit"]) == 40
+    assert data["unseen_speakers"]["final_global_heads"]["2"] == result.global_metrics[2][-1]
+    assert data["unseen_speakers"]["base_model"]["2"]["round"] == 0 and data["personal_test"] == result.personal
 
 
 @pytest.mark.parametrize(
