@@ -22,6 +22,7 @@ clean-up (``Server.stop``) always runs to its end, and a late signal cannot kill
 
 from __future__ import annotations
 
+import argparse
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -232,16 +233,41 @@ def start_command(
     node_keys: _NodeKeys = None,
     device_wait: _DeviceWait = 600.0,
     set_: _Set = None,
-    tensorboard: Annotated[Path | None, typer.Option("--tensorboard", metavar="DIR", help=TENSORBOARD_HELP)] = None,
+    tensorboard: Annotated[
+        Path | None, typer.Option("--tensorboard", metavar="DIR", help=TENSORBOARD_HELP)
+    ] = None,
     mlflow_uri: Annotated[str | None, typer.Option("--mlflow-uri", metavar="URI", help=MLFLOW_HELP)] = None,
+    proxy_max_body: Annotated[
+        str | None,
+        typer.Option(
+            "--proxy-max-body",
+            metavar="SIZE",
+            help="Largest request body the fleet proxy takes from a device (64K, 512M, ...; 413 beyond).",
+        ),
+    ] = None,  # fmt: skip
+    proxy_max_connections: Annotated[
+        int | None,
+        typer.Option(
+            "--proxy-max-connections", min=1, help="Open device connections at the fleet proxy (503 beyond)."
+        ),
+    ] = None,
 ) -> None:
     """Start the server of a federated run and wait for it to finish.
 
     Example: [bold]fedsd server start --config configs/demo.yaml --tls-dir certs --out runs/fed[/]
     """
+    max_body = None
+    if proxy_max_body is not None:
+        from fedsd.proxy import _size
+
+        try:
+            max_body = _size(proxy_max_body)
+        except argparse.ArgumentTypeError as e:
+            _fail(f"--proxy-max-body {e}", 2)
     try:
         server = Server(
             config, out=out, host=host, port=port, rounds=rounds, min_clients=min_clients,
+            proxy_max_body=max_body, proxy_max_connections=proxy_max_connections,
             base_model=base_model, resume=resume, tls_dir=tls_dir, insecure=insecure, auth=auth,
             node_keys=node_keys or [], device_wait=device_wait, overrides=_parse_overrides(set_) | _tracking(tensorboard, mlflow_uri),
             log=_log, on_output=_output,

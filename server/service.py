@@ -360,8 +360,19 @@ class Server:
         overrides: dict[str, Any] | None = None,
         log: Log | None = None,
         on_output: Callable[[str], None] | None = None,
+        proxy_max_body: int | None = None,
+        proxy_max_connections: int | None = None,
     ) -> None:
         from fedsd.config import ConfigError, ExperimentConfig, load_config, resolve_config_path
+
+        if proxy_max_body is not None and proxy_max_body < 1:
+            raise ServerError(f"--proxy-max-body {proxy_max_body}: must be at least 1 byte", EXIT_USAGE)
+        if proxy_max_connections is not None and proxy_max_connections < 1:
+            raise ServerError(f"--proxy-max-connections {proxy_max_connections}: must be >= 1", EXIT_USAGE)
+        self.proxy_limits = [
+            *(["--max-body", str(proxy_max_body)] if proxy_max_body is not None else []),
+            *(["--max-connections", str(proxy_max_connections)] if proxy_max_connections is not None else []),
+        ]
 
         self._log_fn: Log = log if log is not None else _log_to_logging
         self.on_output = on_output
@@ -653,7 +664,7 @@ class Server:
             )
             self._proxy = deploy.start_fleet_proxy(
                 self.flwr_home, self.host, self.port, self.internal_port,
-                log_path=self.flwr_home / "proxy.log", tls=self.tls,
+                log_path=self.flwr_home / "proxy.log", tls=self.tls, limits=self.proxy_limits,
             )  # fmt: skip
             launch.wait_for_port(
                 self.host, self.port, timeout=60.0, process=self._proxy, what="the fleet proxy"

@@ -93,6 +93,7 @@ class Deployment:
     insecure: Any = None
     plain_http_reply: bytes = b""
     peer: dict[str, Any] | None = None
+    proxy_argv: list[bytes] = field(default_factory=list)
     elapsed: float = 0.0
 
     def records(self) -> list[dict]:
@@ -128,11 +129,12 @@ def _deploy(d: Deployment, corpus: Path) -> None:
     d.server = d.procs.fedsd(
         "server", "server", "start", "--config", config, "--tls-dir", tls, "--auth", "--host", "0.0.0.0",
         "--port", port, "--rounds", "2", "--min-clients", "2", "--out", run, "--device-wait", "180",
-        "--node-key", f"{d.material['spare']}.pub",
+        "--node-key", f"{d.material['spare']}.pub", "--proxy-max-body", "8M", "--proxy-max-connections", "64",
         # device DP from the server's config; good-1 overrides the noise with its own flag
         "--set", "federated.dp.noise_multiplier=1.0", "--set", "federated.dp.delta=0.001",
     )  # fmt: skip
-    d.server.wait_for("SuperLink listening on", START_TIMEOUT)
+    listening = d.server.wait_for(r"SuperLink listening on .*?fleet proxy, pid (\d+)", START_TIMEOUT)
+    d.proxy_argv = (Path("/proc") / listening.group(1) / "cmdline").read_bytes().split(b"\0")
     # --- device keys registered through the run directory; again through the port (Control API via the
     # proxy from this machine, over TLS): already registered
     d.good_ids = [_register(d.material[f"good{i}"], run) for i in (0, 1)]
@@ -342,8 +344,22 @@ def test_a_remote_peer_reaches_the_fleet_api_only(deployment: Deployment) -> Non
     for path, reply in d.peer["paths"].items():
         assert reply.startswith(("HTTP/1.1 403", "HTTP/1.1 404")), (path, reply)
     assert d.peer["fleet"].startswith("HTTP/1.1") and "only the Fleet API" not in d.peer["fleet"]
+    # `server start --proxy-max-body/--proxy-max-connections` reach the proxy process
+    argv = d.proxy_argv
+    assert argv[argv.index(b"--max-body") + 1] == str(8 * 2**20).encode()
+    assert argv[argv.index(b"--max-connections") + 1] == b"64"
     proxy_log = (d.run / ".flwr" / "proxy.log").read_text()
     assert f"refused POST /v1/control/list-runs from {d.outside.peer_ip}" in proxy_log
     # ... and the device in the namespace trained through the proxy
     trained = {c["node_id"] for r in d.records()[1:] for c in r["train"]["clients"] if c["metrics"]["exit"] == 1}
     assert len(trained) == 1 and trained <= set(d.good_ids)
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [(["--proxy-max-body", "lots"], "--proxy-max-body"), (["--proxy-max-connections", "0"], "proxy-max-connections")],
+)
+def test_bad_proxy_limits_are_refused_before_anything_starts(tmp_path: Path, flags: list[str], needle: str) -> None:
+    res = runner.invoke(app, ["server", "start", "--config", "demo", "--out", str(tmp_path / "run"), *flags])
+    assert res.exit_code == 2 and needle in res.output, res.output
+    assert not (tmp_path / "run").exists()
