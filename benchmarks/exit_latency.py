@@ -1,7 +1,7 @@
 """Latency per exit on CPU: does exit k cost the front end plus k layers, and nothing more?
 
 Why: the point of a multi-exit model on a device is that exit k pays for the CNN front end, the
-positional convolution and layers 1..k only (DESIGN.md §1). This script measures, in one interleaved
+positional convolution and layers 1..k only (docs/architecture.md §1). This script measures, in one interleaved
 run, each exit's latency next to its *ideal* (front end + k x one layer + head, each timed alone) and
 the full exit next to Hugging Face's plain ``backbone(x).last_hidden_state``. Targets: every exit within
 10 % of its ideal, the full exit within 5 % of the plain HF forward.

@@ -2,7 +2,7 @@
 
 Why: on a device the backbone is frozen, so its head inputs are a pure function of the audio. fedsd
 caches them on disk (``fedsd.features``) and a steady-state round only reads them back and trains the
-small exit heads (DESIGN.md §3). This script measures what that buys, on the device's real code path
+small exit heads (docs/architecture.md §3). This script measures what that buys, on the device's real code path
 (``plan_exits`` → ``FeatureCache.get`` → ``train_heads`` → ``heads_to_record``), and what a device
 uploads per round. Variants, all timed in one run, interleaved in a freshly shuffled order per
 repetition so that noise from other processes on a shared CPU spreads over all of them alike:

@@ -1,7 +1,7 @@
 """Difficulty check of the synthetic corpus: MFCC statistics + logistic regression, speaker-independent.
 
 Why: the synthetic corpus is only useful if it is learnable but not trivial, with classes overlapping like
-real emotional speech. DESIGN.md §3 sets the target: this simple baseline should land near 0.70-0.80
+real emotional speech. docs/architecture.md §3 sets the target: this simple baseline should land near 0.70-0.80
 (4 classes, speakers never shared between training and testing) — well above chance (0.25), far from 1.0.
 
     .venv/bin/python benchmarks/synthetic_baseline.py --speakers 24 --sentences 12 --seeds 0 1 2

@@ -10,7 +10,7 @@ import os
 
 import typer
 
-# Flower must never phone home from any process we start (DESIGN.md §4).
+# Flower must never phone home from any process we start (docs/architecture.md §4).
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 

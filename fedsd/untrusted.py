@@ -1,7 +1,7 @@
 """Values that crossed the trust boundary, checked before they touch a path, a subprocess or a log.
 
 Everything a server sends is untrusted on a device, and everything a device sends is untrusted on the
-server (see DESIGN.md §4). A value that becomes part of a file name is checked against a strict
+server (see docs/architecture.md §4). A value that becomes part of a file name is checked against a strict
 pattern first — never "cleaned": a cleaned value could still collide with something else. The
 validators raise :class:`UntrustedValueError` whose message names the field and shows the offending
 value with :func:`shown` (escaped, truncated), so it is safe to print and log.

@@ -1,6 +1,6 @@
 """Deployment plumbing for `fedsd server start` and `fedsd client run`: Flower processes on real sockets.
 
-What this module knows about flwr 1.42 (see DESIGN.md §4):
+What this module knows about flwr 1.42 (see docs/architecture.md §4):
 - `flower-superlink`/`flower-supernode` start `flower-superexec`, `flwr-serverapp` and `flwr-clientapp`
   by bare command name, so the environment's bin directory must lead PATH;
 - the SuperLink would `uv sync` each app's dependencies (offline that fails): always

@@ -1,4 +1,4 @@
-"""The house's import rules (DESIGN.md §2): each side imports only what is its own or shared.
+"""The house's import rules (docs/architecture.md §2): each side imports only what is its own or shared.
 
 A device install must never need the server's modules, nor the server the device's: shared pieces
 (managed processes and addresses in ``fedsd.launch``, heads on cached features in ``fedsd.cached``)

@@ -1,6 +1,6 @@
 """The manifest: one CSV row per utterance, the single currency between corpora, partitions and models.
 
-Columns (DESIGN.md §3): ``utt_id, path, label, orig_label, speaker, dataset, duration, sample_rate, split``
+Columns (docs/architecture.md §3): ``utt_id, path, label, orig_label, speaker, dataset, duration, sample_rate, split``
 plus optional ``session, gender, lang, text_id``. ``path`` is relative to the corpus root. An empty
 ``label`` means the utterance is unlabelled (still useful for distillation).
 """

@@ -2,7 +2,7 @@
 
 Why it exists: real emotion corpora (DEMoS, IEMOCAP, ...) are licence-restricted or large, yet every part of
 fedsd (partitioning, caching, distillation, federated rounds) needs speech with speakers, sentences and
-emotion labels. This module renders such a corpus (DESIGN.md §3):
+emotion labels. This module renders such a corpus (docs/architecture.md §3):
 
 * **Speakers** are ``espeak-ng`` voices (accent × voice variant, e.g. ``en-gb-scotland+m1``), each with its
   own pitch and rate offset, microphone/channel (EQ, band limits), room (synthetic reverb) and noise floor.

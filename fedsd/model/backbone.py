@@ -1,7 +1,7 @@
 """Load a self-supervised speech encoder and run it only as deep as an exit needs.
 
 Why: an exit after layer k must cost the CNN front end plus k transformer layers, not a full forward
-pass with ``output_hidden_states`` and a slice (DESIGN.md §1). ``TruncatedEncoder`` drives the Hugging
+pass with ``output_hidden_states`` and a slice (docs/architecture.md §1). ``TruncatedEncoder`` drives the Hugging
 Face submodules (front end, feature projection, positional convolution, layers) in HF's own order,
 so exit k reproduces ``hidden_states[k]`` exactly, and it keeps the intermediate state so early-exit
 inference can go deeper without recomputing earlier layers.

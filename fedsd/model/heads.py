@@ -2,7 +2,7 @@
 
 Each head splits into a cacheable ``precompute`` (no trainable parameters) and a trainable
 ``forward_precomputed``: on devices the frozen backbone runs once per utterance and the heads then
-train from the cache for many rounds (DESIGN.md §3).
+train from the cache for many rounds (docs/architecture.md §3).
 """
 
 from __future__ import annotations
