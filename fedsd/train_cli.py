@@ -17,7 +17,7 @@ err_console = Console(stderr=True)
 
 
 def _fail(msg: str, code: int = 1) -> None:
-    err_console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False)  # 'fedsd[tracking]' stays
+    err_console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)  # paths never wrap
     raise typer.Exit(code)
 
 
