@@ -31,6 +31,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from harness import federation
 from opacus.accountants import RDPAccountant
+from test_hostile_replies import EXIT3, EXIT6, SHAPES, TEACHER  # noqa: E402  (the same 3-exit model)
 
 from fedsd.server.central_dp import CentralDP
 from fedsd.server.federation import run_federation
@@ -46,17 +47,6 @@ from fedsd.server.validation import (
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
-SHAPES = {
-    "heads.3.fc.weight": (4, 3),
-    "heads.3.fc.bias": (3,),
-    "heads.6.fc.weight": (4, 3),
-    "heads.6.fc.bias": (3,),
-    "heads.12.fc.weight": (4, 3),
-    "heads.12.fc.bias": (3,),
-}
-EXIT3 = [k for k in SHAPES if k.startswith("heads.3.")]
-EXIT6 = EXIT3 + [k for k in SHAPES if k.startswith("heads.6.")]
-TEACHER = [k for k in SHAPES if k.startswith("heads.12.")]
 ATTACKER = 99
 HONEST = {1: (EXIT6, 40), 2: (EXIT6, 60), 3: (EXIT3, 50), 4: (EXIT3, 30), 5: (EXIT3, 20)}
 """node → (keys it trains, num-examples): exit 3 has 5 senders, exit 6 two, the teacher none."""
