@@ -135,10 +135,10 @@ ABLATIONS: dict[str, Variant] = {
 # ---------------------------------------------------------------------------------------- runs
 def teacher_quality(base: Path, split: Any, rows_all: list, root: Path, cache: Path) -> dict[str, Any]:
     """Base-model UAR per exit on the test speakers and on all device utterances (with every label)."""
-    from fedsd.cached import evaluate_cached, head_outputs, model_crop
     from fedsd.data.dataset import rows_by_ids
-    from fedsd.features import FeatureCache
     from fedsd.model.multiexit import MultiExitSER
+    from fedsd.training.cached import evaluate_cached, head_outputs, model_crop
+    from fedsd.training.features import FeatureCache
 
     model = MultiExitSER.from_pretrained(base)
     fc = FeatureCache(cache, model, model_crop(model))

@@ -37,7 +37,7 @@ import common  # noqa: E402  (benchmarks/common/; scripts are not a package)
 from fedsd.model import MultiExitSER, load_backbone  # noqa: E402
 from fedsd.model.backbone import SAMPLE_RATE  # noqa: E402
 from fedsd.model.export import export_exit  # noqa: E402
-from fedsd.onnx_export import (  # noqa: E402
+from fedsd.runtime.onnx_export import (  # noqa: E402
     AUTO_MIN_AGREEMENT,
     AUTO_ORDER,
     QUANT_DETAIL,
@@ -45,7 +45,7 @@ from fedsd.onnx_export import (  # noqa: E402
     export_onnx,
     graph_info,
 )
-from fedsd.onnx_runtime import INPUT_MASK, INPUT_WAVE, OnnxExitModel, load_clip  # noqa: E402
+from fedsd.runtime.onnx_runtime import INPUT_MASK, INPUT_WAVE, OnnxExitModel, load_clip  # noqa: E402
 
 LABELS = common.EMOTIONS
 CLOCKS = common.CLOCKS

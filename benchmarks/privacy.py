@@ -9,7 +9,7 @@ exits [1, 2, 3] with the frozen deep exit 4 as teacher, ``--fraction`` 10 % labe
 change; test speakers and base model are fixed. UAR is on the unseen test speakers.
 
 Arms (the same per-utterance loss in every arm: CE of a labelled clip + KD, averaged over the batch,
-``fedsd.distill``):
+``fedsd.training.distill``):
 
 - **no DP**: plain local training (shuffled mini-batches, Adam);
 - **DP path, σ = 0, no clipping**: the DP-SGD code path (Poisson sampling at q = B/n, Opacus, mean over
@@ -71,15 +71,15 @@ def overhead(
     base: Path, partition: Path, corpus: Path, cache: Path, repeats: int, delta: float, epochs: int
 ) -> dict[str, Any]:
     """Median seconds of one round of local training on device 0 (exit 3: heads 1-3), with and without DP."""
-    from fedsd.cached import model_crop
     from fedsd.clients.dp_training import train_heads_private
     from fedsd.clients.training import LocalTrainConfig, plan_exits, train_heads
     from fedsd.data.dataset import rows_by_ids
     from fedsd.data.manifest import read_manifest
     from fedsd.data.partition import Partition
-    from fedsd.features import FeatureCache
     from fedsd.model.multiexit import MultiExitSER
-    from fedsd.privacy import calibrate_noise, local_schedule
+    from fedsd.security.privacy import calibrate_noise, local_schedule
+    from fedsd.training.cached import model_crop
+    from fedsd.training.features import FeatureCache
 
     model = MultiExitSER.from_pretrained(base)
     client = Partition.load(partition).client(0)

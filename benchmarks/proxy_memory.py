@@ -1,4 +1,4 @@
-"""Memory of the fleet proxy (fedsd/proxy.py) under concurrent over-cap bodies, before any authentication.
+"""Memory of the fleet proxy (fedsd/security/proxy.py) under concurrent over-cap bodies, before any authentication.
 
 Issue 23, finding 3: the proxy read each body whole before comparing it with the cap (a 64 MiB body at a
 1 MiB cap raised its RSS by 128 MiB). Now a body is streamed to the SuperLink in small chunks with the
@@ -6,7 +6,7 @@ cap counted while reading, so what the proxy holds grows with the number of conn
 sizes. For each cap this script
 
 1. starts a sink upstream (a stand-in SuperLink on loopback that reads and discards every body) and the
-   real proxy process (``python -m fedsd.proxy --max-body CAP``) in front of it, plain HTTP;
+   real proxy process (``python -m fedsd.security.proxy --max-body CAP``) in front of it, plain HTTP;
 2. warms the proxy up (a few fleet calls, one refused body), then resets its peak RSS (``clear_refs``);
 3. has ``--senders`` peers stream chunked bodies of ``--body-factor`` × CAP each, all at once, and one
    ordinary fleet call while they stream;
@@ -122,10 +122,10 @@ def reset_peak(pid: int) -> bool:
 
 
 def start_proxy(listen_host: str, upstream_port: int, cap: int, log: Path) -> tuple[subprocess.Popen, int]:
-    from fedsd.launch import free_port, port_open
+    from fedsd.process.launch import free_port, port_open
 
     port = free_port(listen_host)
-    cmd = [sys.executable, "-m", "fedsd.proxy", "--listen", f"{listen_host}:{port}",
+    cmd = [sys.executable, "-m", "fedsd.security.proxy", "--listen", f"{listen_host}:{port}",
            "--upstream", f"http://127.0.0.1:{upstream_port}", "--max-body", str(cap)]  # fmt: skip
     with open(log, "ab") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ))
@@ -274,7 +274,7 @@ def measure(
 
 
 def _size(text: str) -> int:
-    from fedsd.proxy import _size as parse
+    from fedsd.security.proxy import _size as parse
 
     return parse(text)
 

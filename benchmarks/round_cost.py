@@ -1,7 +1,7 @@
 """Cost of one device round: a warm feature cache against recomputing the frozen backbone every epoch.
 
 Why: on a device the backbone is frozen, so its head inputs are a pure function of the audio. fedsd
-caches them on disk (``fedsd.features``) and a steady-state round only reads them back and trains the
+caches them on disk (``fedsd.training.features``) and a steady-state round only reads them back and trains the
 small exit heads (docs/architecture.md §3). This script measures what that buys, on the device's real code path
 (``plan_exits`` → ``FeatureCache.get`` → ``train_heads`` → ``heads_to_record``), and what a device
 uploads per round. Variants, all timed in one run, interleaved in a freshly shuffled order per
@@ -49,15 +49,15 @@ import common  # noqa: E402  (benchmarks/common/; scripts are not a package)
 from flwr.app import MetricRecord, RecordDict  # noqa: E402
 from flwr.common.serde import recorddict_to_proto  # noqa: E402
 
-from fedsd.audio import CropPolicy  # noqa: E402
-from fedsd.cached import model_crop  # noqa: E402
 from fedsd.clients.training import ExitPlan, LocalTrainConfig, plan_exits, train_heads  # noqa: E402
+from fedsd.data.audio import CropPolicy  # noqa: E402
 from fedsd.data.dataset import SpeechDataset, collate_batch  # noqa: E402
 from fedsd.data.manifest import ManifestRow, read_manifest  # noqa: E402
 from fedsd.data.synthetic import generate_corpus  # noqa: E402
-from fedsd.features import CachedFeatures, FeatureCache  # noqa: E402
 from fedsd.model import MultiExitSER, load_backbone  # noqa: E402
-from fedsd.wire import heads_to_record  # noqa: E402
+from fedsd.security.wire import heads_to_record  # noqa: E402
+from fedsd.training.cached import model_crop  # noqa: E402
+from fedsd.training.features import CachedFeatures, FeatureCache  # noqa: E402
 
 LABELS = common.EMOTIONS
 SPEEDUP_TARGET = 50.0

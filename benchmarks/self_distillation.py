@@ -87,7 +87,7 @@ def baseline(
 def train_one(config: dict[str, Any], run_dir: str, threads: int | None = None) -> dict[str, Any]:
     """One training run (a process-pool worker when ``--jobs`` > 1): its per-exit results."""
     from fedsd.config import ExperimentConfig
-    from fedsd.train import train
+    from fedsd.training.central import train
 
     if threads is not None:
         common.set_threads(threads)
@@ -134,7 +134,7 @@ def _run_all(jobs: list[tuple[float, int, str, dict[str, Any], str]], n_jobs: in
 def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
     from fedsd.data.manifest import read_manifest
     from fedsd.data.partition import labelled_mask
-    from fedsd.train import resolve_label_names, split_rows
+    from fedsd.training.central import resolve_label_names, split_rows
 
     log = run.log
     sizes = {

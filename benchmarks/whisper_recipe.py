@@ -58,7 +58,7 @@ def _main(args: argparse.Namespace, run: common.Run) -> dict[str, Any]:
     from fedsd.config import load_config, parse_overrides
     from fedsd.data.manifest import read_manifest
     from fedsd.data.prepare import ensure_corpus
-    from fedsd.train import resolve_label_names, train
+    from fedsd.training.central import resolve_label_names, train
     from server.prepare import make_run_partition, server_pool_splits
 
     log = run.log

@@ -14,9 +14,9 @@ one JSON line to it — what `fedsd client run` prints per round.
 Everything in a server's message is untrusted: identifiers that name files (fingerprint,
 ``federation-id``), training settings (typed, finite, bounded), received heads (known keys, the
 model's dtype and shapes, finite) and delivered model files (known names, sha256) are checked with
-``fedsd.untrusted`` before they are used; a message that fails a check gets an error reply that says
+``fedsd.security.untrusted`` before they are used; a message that fails a check gets an error reply that says
 why (:class:`~fedsd.clients.device.HostileMessage`), and nothing is written. A delivered model is
-bounded (:class:`~fedsd.wire.DeliveryLimits`), staged apart and stored under the fingerprint its own
+bounded (:class:`~fedsd.security.wire.DeliveryLimits`), staged apart and stored under the fingerprint its own
 weights hash to, never under one it declares (``meta.exported_from`` counts for the operator's own
 ``--model`` only). Under DP an error reply says only that the device failed (or that its budget is
 spent, or what of the server's message it refused); the details stay in the device's event log.
@@ -44,7 +44,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedsd.cached import evaluate_cached, model_crop
 from fedsd.checkpoint import CheckpointError, atomic_write_text
 from fedsd.clients.device import DeviceError, DeviceSettings, HostileMessage, refuse
 from fedsd.clients.dp_gate import dp_in_use, dp_keys_present, pop_local_metrics
@@ -66,11 +65,9 @@ from fedsd.clients.training import (
     plan_exits,
     train_heads,
 )
-from fedsd.distill import DistillConfig
-from fedsd.features import BackboneNeeded, CachedFeatures, FeatureCache
 from fedsd.model.export import EXPORTED_FROM, parent_fingerprint
 from fedsd.model.multiexit import MultiExitSER
-from fedsd.untrusted import (
+from fedsd.security.untrusted import (
     UntrustedValueError,
     config_choice,
     config_float,
@@ -79,8 +76,8 @@ from fedsd.untrusted import (
     printable,
     shown,
 )
-from fedsd.untrusted import fingerprint as check_fingerprint
-from fedsd.wire import (
+from fedsd.security.untrusted import fingerprint as check_fingerprint
+from fedsd.security.wire import (
     HEAD_PREFIX,
     QUERY_DONE,
     DeliveryLimits,
@@ -89,9 +86,12 @@ from fedsd.wire import (
     read_delivery,
     write_delivery,
 )
+from fedsd.training.cached import evaluate_cached, model_crop
+from fedsd.training.distill import DistillConfig
+from fedsd.training.features import BackboneNeeded, CachedFeatures, FeatureCache
 
 if TYPE_CHECKING:  # imported where used: Opacus only on the DP path
-    from fedsd.privacy import DPSettings, PrivacyLedger
+    from fedsd.security.privacy import DPSettings, PrivacyLedger
 
 _log = logging.getLogger(__name__)
 
@@ -386,7 +386,7 @@ def dp_settings(context: Context, train_config: dict[str, Any]) -> DPSettings | 
     """This round's DP settings: the device's own ``dp-*`` node config over the server's; None = off."""
     if not dp_keys_present(dict(context.node_config), train_config):
         return None  # DP off: Opacus is never imported
-    from fedsd.privacy import DPSettings, PrivacyError
+    from fedsd.security.privacy import DPSettings, PrivacyError
 
     try:
         dp = DPSettings.from_records(dict(context.node_config), train_config)
@@ -422,7 +422,7 @@ def load_ledger(
     context: Context, settings: DeviceSettings, train_config: dict[str, Any]
 ) -> tuple[PrivacyLedger, str]:
     """The ledger of this run from ``context.state`` (or the disk mirror), and where it came from."""
-    from fedsd.privacy import PrivacyLedger
+    from fedsd.security.privacy import PrivacyLedger
 
     fid = str(train_config.get("federation-id", ""))
     record = context.state.config_records.get(PrivacyLedger.STATE_KEY)
@@ -440,7 +440,7 @@ def load_ledger(
 def save_ledger(
     context: Context, settings: DeviceSettings, train_config: dict[str, Any], ledger: PrivacyLedger
 ) -> None:
-    from fedsd.privacy import PrivacyLedger
+    from fedsd.security.privacy import PrivacyLedger
 
     fid = str(train_config.get("federation-id", ""))
     context.state[PrivacyLedger.STATE_KEY] = ConfigRecord({"ledger": ledger.to_json(), "federation-id": fid})
@@ -461,7 +461,7 @@ def _train_private(
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """One round of DP-SGD, refused when it would push ε past the budget; returns losses, dp metrics."""
     from fedsd.clients.dp_training import spend_device_round, train_heads_private
-    from fedsd.privacy import calibrate_noise, local_schedule
+    from fedsd.security.privacy import calibrate_noise, local_schedule
 
     ledger, source = load_ledger(context, settings, train_config)
     n = len(feats.utt_ids)
@@ -610,7 +610,7 @@ def receive_model(msg: Message, context: Context, defaults: dict[str, Any] | Non
     """Store the server's base model in the device cache, keyed by the fingerprint its weights hash to.
 
     Every file must be a fedsd model file with a matching sha256, within the delivery caps
-    (:class:`~fedsd.wire.DeliveryLimits`); the model is staged apart, loaded, and its weights hashed:
+    (:class:`~fedsd.security.wire.DeliveryLimits`); the model is staged apart, loaded, and its weights hashed:
     it is kept only when that fingerprint is the one the server announced and the one fedsd.json
     declares (an ``exported_from`` claim is refused). A model already stored under that fingerprint
     is kept as it is; a refused delivery leaves the cache exactly as it was.

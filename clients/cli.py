@@ -39,7 +39,7 @@ def keygen_command(
     KEY stays on this device (mode 0600; pass it to [bold]fedsd client run --auth-key KEY[/]); send KEY.pub
     to the server operator, who registers it with [bold]fedsd server register-node KEY.pub[/].
     """
-    from fedsd.security import SecurityError, generate_node_key
+    from fedsd.security.certs import SecurityError, generate_node_key
 
     try:
         private, public = generate_node_key(out, force=force)

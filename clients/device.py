@@ -8,7 +8,7 @@ state lives on disk (model, feature cache) or in ``context.state``.
 Trust: paths come from the device's own node config only. The run config is the server's (it travels
 with ``flwr run``), so a deployed device (no ``partition-id`` in its node config) never reads a path
 from it; only virtual devices of a local simulation do. Server-sent identifiers that name files
-(fingerprints) are checked by ``fedsd.untrusted`` before they become a path.
+(fingerprints) are checked by ``fedsd.security.untrusted`` before they become a path.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from flwr.app import Context
 from fedsd.config import ExperimentConfig
 from fedsd.data.manifest import ManifestRow, read_manifest
 from fedsd.data.partition import PERSONAL_TEST
-from fedsd.untrusted import UntrustedValueError
-from fedsd.untrusted import fingerprint as check_fingerprint
+from fedsd.security.untrusted import UntrustedValueError
+from fedsd.security.untrusted import fingerprint as check_fingerprint
 
 if TYPE_CHECKING:
     from fedsd.data.partition import ClientPartition

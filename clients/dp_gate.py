@@ -1,9 +1,9 @@
 """Whether a message involves DP, decided without importing Opacus.
 
-Each Flower message runs in a fresh process, and importing ``fedsd.privacy`` or
+Each Flower message runs in a fresh process, and importing ``fedsd.security.privacy`` or
 ``fedsd.clients.dp_training`` imports Opacus (about a second and a half here, most of a handler's
 cost when features are cached). The ClientApp asks these questions first and imports the DP modules
-only when the answer is yes. The key names are those of ``fedsd.privacy.DP_KEYS``,
+only when the answer is yes. The key names are those of ``fedsd.security.privacy.DP_KEYS``,
 ``PrivacyLedger.STATE_KEY`` and ``fedsd.clients.dp_training.LOCAL_METRICS_KEY``; a test
 (tests/test_round_overhead.py) checks that they stay equal.
 """
@@ -24,9 +24,9 @@ DP_RECORD_KEYS = frozenset(
         "dp-accountant",
     }
 )
-"""``fedsd.privacy.DP_KEYS.values()``: the ``dp-*`` keys of a node config and of a train config."""
+"""``fedsd.security.privacy.DP_KEYS.values()``: the ``dp-*`` keys of a node config and of a train config."""
 LEDGER_STATE_KEY = "fedsd-dp"
-"""``fedsd.privacy.PrivacyLedger.STATE_KEY``."""
+"""``fedsd.security.privacy.PrivacyLedger.STATE_KEY``."""
 LOCAL_METRICS_KEY = "fedsd-local-metrics"
 """``fedsd.clients.dp_training.LOCAL_METRICS_KEY``."""
 

@@ -9,7 +9,7 @@ guarantee hold, and how this module keeps each condition:
 - **per-sample losses**: each utterance's loss depends on that utterance only
   (``self_distill_loss(reduction="none")``), summed, then clipped per sample to ``max_grad_norm``
   and noised with ``σ · max_grad_norm`` by ``DPOptimizer``, which divides by the expected batch size
-  (``loss_reduction="mean"``). That is the weighting plain training uses too (``fedsd.distill``: CE of a
+  (``loss_reduction="mean"``). That is the weighting plain training uses too (``fedsd.training.distill``: CE of a
   labelled clip + KD, averaged over the batch), so DP − no DP measures noise and clipping only;
 - **no data-dependent skip**: with σ > 0 every step is taken and accounted, even one whose sampled
   batch has no loss signal (CE mode and no labelled clip, or an empty batch): skipping it would release
@@ -41,7 +41,6 @@ from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from fedsd.cached import batch_input, head_outputs
 from fedsd.checkpoint import atomic_write_json
 from fedsd.clients.training import (
     ExitPlan,
@@ -51,11 +50,12 @@ from fedsd.clients.training import (
     set_train_modes,
     with_pseudo_labels,
 )
-from fedsd.distill import loss_has_signal, self_distill_loss
-from fedsd.features import CachedFeatures
 from fedsd.model.heads import ExitHead, HeadOutput
 from fedsd.model.multiexit import MultiExitSER
-from fedsd.privacy import DPSettings, epsilon
+from fedsd.security.privacy import DPSettings, epsilon
+from fedsd.training.cached import batch_input, head_outputs
+from fedsd.training.distill import loss_has_signal, self_distill_loss
+from fedsd.training.features import CachedFeatures
 
 
 def dp_compatible(head: ExitHead) -> ExitHead:
@@ -250,7 +250,7 @@ def dp_reply_metrics(metrics: Mapping[str, Any], declared: int) -> dict[str, Any
 def dp_in_use(context: Any, config: Mapping[str, Any]) -> bool:
     """True when this device trains (or trained) with DP: its own ``dp-*`` flags, the server's DP
     settings in ``config``, or a privacy ledger in its state."""
-    from fedsd.privacy import DP_KEYS, PrivacyLedger
+    from fedsd.security.privacy import DP_KEYS, PrivacyLedger
 
     keys = set(DP_KEYS.values())
     node = dict(context.node_config)

@@ -13,7 +13,7 @@ size backbone, for weights that never change.
   not change during the verification.
 - **Heads only**: with a valid stamp, ``weights=False`` builds the encoder's skeleton on the meta
   device (no weight is read) plus the real heads: enough to train and evaluate heads on cached
-  features. The feature cache raises :class:`fedsd.features.BackboneNeeded` if a feature is missing,
+  features. The feature cache raises :class:`fedsd.training.features.BackboneNeeded` if a feature is missing,
   and the ClientApp then handles the message again with the full model.
 - **Reuse within a process** (a Ray actor in simulation handles many messages): a loaded backbone is
   kept, keyed by the resolved directory and the identity of its files, and reused only while its

@@ -32,12 +32,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from fedsd.cached import evaluate_cached
 from fedsd.clients.device import DeviceSettings
 from fedsd.clients.training import ExitPlan, LocalTrainConfig, mix_seed, train_heads
-from fedsd.features import CachedFeatures, FeatureCache
 from fedsd.metrics import ClassificationReport
 from fedsd.model.multiexit import MultiExitSER
+from fedsd.training.cached import evaluate_cached
+from fedsd.training.features import CachedFeatures, FeatureCache
 
 PERSONAL_DIR = "personal"
 """Sub-directory of ``--out`` holding the model with the device's personal heads."""

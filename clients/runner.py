@@ -96,7 +96,7 @@ def install_guard_rails() -> Any:
 
 def main() -> None:
     """``flwr-clientapp`` with the same arguments, running fedsd's installed ClientApp."""
-    from fedsd.processes import set_parent_death_signal
+    from fedsd.process.lifetime import set_parent_death_signal
 
     set_parent_death_signal()
     rc = install_guard_rails()

@@ -36,7 +36,7 @@ from fedsd.clients.supervisor import (
     default_session_dir,
     describe_event,
 )
-from fedsd.untrusted import printable
+from fedsd.security.untrusted import printable
 
 __all__ = ["Device", "DeviceEvent", "DeviceOptionError", "EventCallback"]
 
@@ -78,7 +78,7 @@ EventCallback = Callable[[DeviceEvent], None]
 def _check_key_material(root_cert: Path | None, auth_key: Path | None) -> tuple[Path | None, Path | None]:
     """Resolve and load --root-cert (PEM) and --auth-key (OpenSSH EC key) so a bad file fails here, named,
     and not deep inside Flower."""
-    from fedsd.security import SecurityError, load_certificate, load_node_private_key
+    from fedsd.security.certs import SecurityError, load_certificate, load_node_private_key
 
     try:
         if root_cert is not None:
@@ -95,7 +95,7 @@ def _check_key_material(root_cert: Path | None, auth_key: Path | None) -> tuple[
 def _dp_node_config(given: dict[str, float | int | None]) -> tuple[dict[str, float | int], str | None]:
     """The device's own DP options as ``dp-*`` node config and a line describing them; checked here so
     mistakes fail before joining."""
-    from fedsd.privacy import DP_KEYS, DPSettings, PrivacyError
+    from fedsd.security.privacy import DP_KEYS, DPSettings, PrivacyError
 
     set_ = {k: v for k, v in given.items() if v is not None}
     if not set_:
@@ -168,7 +168,7 @@ class Device:
         session_dir: str | Path | None = None,
         on_event: EventCallback | None = None,
     ) -> None:
-        from fedsd.launch import DeployError, join_address, parse_address
+        from fedsd.process.launch import DeployError, join_address, parse_address
 
         cert = Path(root_cert) if root_cert is not None else None
         key = Path(auth_key) if auth_key is not None else None
@@ -316,7 +316,7 @@ class Device:
         """Refuse a server that speaks the other transport (a plain-HTTP SuperNode retries a TLS server
         forever; a TLS device must not fall back to plain HTTP). An unreachable server is not an error
         here: the supervisor waits ``server_timeout`` for it."""
-        from fedsd.launch import probe_transport
+        from fedsd.process.launch import probe_transport
 
         spoken = probe_transport(self.host, self.port)
         if self.insecure and spoken == "tls":

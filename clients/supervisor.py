@@ -42,7 +42,7 @@ from typing import Any
 
 from fedsd.clients import supernode_main
 from fedsd.clients.runner import shim_env
-from fedsd.launch import (
+from fedsd.process.launch import (
     ManagedProcess,
     config_arg,
     flower_bin,
@@ -52,7 +52,7 @@ from fedsd.launch import (
     parse_address,
     port_open,
 )
-from fedsd.untrusted import printable
+from fedsd.security.untrusted import printable
 
 TLS_MISSING_CLIENT = (
     "choose how this device reaches the server: --root-cert CA.pem verifies the server's TLS "

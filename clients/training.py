@@ -1,7 +1,7 @@
 """Local adaptation on a device: train shallow exit heads from cached backbone features.
 
 The backbone is frozen, so each epoch only runs the small heads over cached head inputs
-(``fedsd.features``). The teacher is the frozen deep exit (``teacher="deep"``) or, on a device that
+(``fedsd.training.features``). The teacher is the frozen deep exit (``teacher="deep"``) or, on a device that
 cannot run the whole model, its own deepest exit (``teacher="local"``, trained with CE like any head).
 
 Cached inputs are CPU tensors while the heads sit wherever the feature cache ran the model
@@ -18,10 +18,10 @@ from typing import Literal
 
 import torch
 
-from fedsd.cached import head_outputs
-from fedsd.distill import DistillConfig, loss_has_signal, pseudo_label, self_distill_loss
-from fedsd.features import CachedFeatures
 from fedsd.model.multiexit import MultiExitSER
+from fedsd.training.cached import head_outputs
+from fedsd.training.distill import DistillConfig, loss_has_signal, pseudo_label, self_distill_loss
+from fedsd.training.features import CachedFeatures
 
 
 @dataclass
@@ -142,7 +142,7 @@ def with_pseudo_labels(
     model: MultiExitSER, feats: CachedFeatures, plan: ExitPlan, cfg: LocalTrainConfig
 ) -> tuple[CachedFeatures, LocalTrainConfig]:
     """``mode="pl"``: the features with the frozen teacher's confident pseudo-labels on unlabelled
-    utterances, and the config switched to CE (``fedsd.distill``); any other mode passes through."""
+    utterances, and the config switched to CE (``fedsd.training.distill``); any other mode passes through."""
     if cfg.distill.mode != "pl":
         return feats, cfg
     n = len(feats.utt_ids)
@@ -189,7 +189,7 @@ def _train_heads(
             opt.zero_grad()
             # No loss signal (CE and no labelled clip in the batch): no step at all. Adam's momentum
             # would move the heads on a zero gradient; the proximal term alone is a regulariser of
-            # data steps, not a reason to step (fedsd.distill: one weighting, one skip rule).
+            # data steps, not a reason to step (fedsd.training.distill: one weighting, one skip rule).
             if loss.requires_grad and loss_has_signal(
                 feats.labels[idx], plan.teacher, cfg.distill, plan.train
             ):

@@ -308,7 +308,7 @@ class Worker:
         self.sock.settimeout(POLL_S)
 
     def should_exit(self, idle_since: float, stamp_checked: list[float]) -> str | None:
-        from fedsd.processes import alive
+        from fedsd.process.lifetime import alive
 
         if time.monotonic() - idle_since > self.idle_s:
             return f"idle for {self.idle_s:g} s"

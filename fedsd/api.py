@@ -41,13 +41,13 @@ if TYPE_CHECKING:
     from fedsd.data.manifest import ManifestError, ManifestRow, read_manifest, write_manifest
     from fedsd.data.partition import Partition, PartitionError, partition_manifest
     from fedsd.data.synthetic import SynthResult, generate_corpus
-    from fedsd.export import ExportResult, export
-    from fedsd.inference import EvaluationResult, Prediction, evaluate, predict
-    from fedsd.pretrain import PretrainResult, PretrainSettings, pretrain
+    from fedsd.runtime.export import ExportResult, export
+    from fedsd.runtime.inference import EvaluationResult, Prediction, evaluate, predict
     from fedsd.server.service import Server, ServerError, ServerSummary
     from fedsd.server.simulation import FederationResult, simulate
-    from fedsd.train import TrainResult
-    from fedsd.train import train_experiment as train
+    from fedsd.training.central import TrainResult
+    from fedsd.training.central import train_experiment as train
+    from fedsd.training.pretrain import PretrainResult, PretrainSettings, pretrain
 
 _TARGETS: dict[str, str] = {
     # configuration
@@ -73,18 +73,18 @@ _TARGETS: dict[str, str] = {
     "generate_corpus": "fedsd.data.synthetic:generate_corpus",
     "SynthResult": "fedsd.data.synthetic:SynthResult",
     # self-supervised pretraining
-    "pretrain": "fedsd.pretrain:pretrain",
-    "PretrainSettings": "fedsd.pretrain:PretrainSettings",
-    "PretrainResult": "fedsd.pretrain:PretrainResult",
+    "pretrain": "fedsd.training.pretrain:pretrain",
+    "PretrainSettings": "fedsd.training.pretrain:PretrainSettings",
+    "PretrainResult": "fedsd.training.pretrain:PretrainResult",
     # central training, evaluation, inference, export
-    "train": "fedsd.train:train_experiment",
-    "TrainResult": "fedsd.train:TrainResult",
-    "evaluate": "fedsd.inference:evaluate",
-    "predict": "fedsd.inference:predict",
-    "Prediction": "fedsd.inference:Prediction",
-    "EvaluationResult": "fedsd.inference:EvaluationResult",
-    "export": "fedsd.export:export",
-    "ExportResult": "fedsd.export:ExportResult",
+    "train": "fedsd.training.central:train_experiment",
+    "TrainResult": "fedsd.training.central:TrainResult",
+    "evaluate": "fedsd.runtime.inference:evaluate",
+    "predict": "fedsd.runtime.inference:predict",
+    "Prediction": "fedsd.runtime.inference:Prediction",
+    "EvaluationResult": "fedsd.runtime.inference:EvaluationResult",
+    "export": "fedsd.runtime.export:export",
+    "ExportResult": "fedsd.runtime.export:ExportResult",
     # federation
     "simulate": "fedsd.server.simulation:simulate",
     "FederationResult": "fedsd.server.simulation:FederationResult",

@@ -211,7 +211,7 @@ class FederatedConfig(_Strict):
     teacher: Literal["deep", "local"] = "deep"
     mode: Literal["sd", "ce", "pl"] = "sd"
     """Devices' loss: ``sd`` self-distillation, ``ce`` labels only, ``pl`` labels + the teacher's confident
-    pseudo-labels on unlabelled speech (``distill.pl_threshold``; fedsd.distill)."""
+    pseudo-labels on unlabelled speech (``distill.pl_threshold``; fedsd.training.distill)."""
     distill: DistillWeights = DistillWeights()
     fraction_train: float = Field(1.0, gt=0, le=1)
     min_clients: int = Field(2, ge=1)

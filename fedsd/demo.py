@@ -38,10 +38,10 @@ def demo_command(
     """
     import shutil
 
+    from fedsd.cli.train import _fail, progress_bar
     from fedsd.config import ConfigError, resolve_config_path
     from fedsd.server.federation import FederationError
     from fedsd.server.simulation import simulate
-    from fedsd.train_cli import _fail, progress_bar
 
     t0 = time.perf_counter()
     out = out.resolve()  # data, models and the report land under the current directory, never the package's

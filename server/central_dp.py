@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from fedsd.privacy import epsilon as rdp_epsilon
-from fedsd.wire import exit_of_key
+from fedsd.security.privacy import epsilon as rdp_epsilon
+from fedsd.security.wire import exit_of_key
 
 from .validation import ValidUpdate
 

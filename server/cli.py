@@ -8,7 +8,7 @@ What it does, in order (each step says what it did):
    connection ``fedsd`` (TLS with ``--tls-dir``'s ca.pem, or plain HTTP with ``--insecure``) and a
    code-free Flower app dir ``OUT/.flwr/app`` (every process imports the installed `fedsd`);
 4. start `flower-superlink` on 127.0.0.1 and a free port (log: ``OUT/.flwr/superlink.log``), then the
-   fleet proxy on ``--host:--port`` (``fedsd.proxy``, log ``OUT/.flwr/proxy.log``): devices reach only
+   fleet proxy on ``--host:--port`` (``fedsd.security.proxy``, log ``OUT/.flwr/proxy.log``): devices reach only
    the Fleet API, the Control API stays on loopback; with ``--auth`` register the ``--node-key`` public
    keys (more with `fedsd server register-node KEY.pub --out OUT`);
 5. `flwr run OUT/.flwr/app fedsd --stream --run-config spec-file=...`, stream its output;
@@ -258,7 +258,7 @@ def start_command(
     """
     max_body = None
     if proxy_max_body is not None:
-        from fedsd.proxy import _size
+        from fedsd.security.proxy import _size
 
         try:
             max_body = _size(proxy_max_body)

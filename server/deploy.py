@@ -20,7 +20,7 @@ What this module knows about flwr 1.42 (see docs/architecture.md §4):
 
 Every child runs in its own process group, so stopping one (SIGTERM, then SIGKILL after a timeout)
 also stops the helpers it spawned (superexec, serverapp, clientapp processes). On Linux every child also
-runs under `fedsd.processes`' guard (parent-death signal + child subreaper): a SIGKILLed `fedsd server
+runs under `fedsd.process.lifetime`' guard (parent-death signal + child subreaper): a SIGKILLed `fedsd server
 start` or `fedsd client run` leaves no Flower process behind.
 """
 
@@ -36,7 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedsd.launch import (
+from fedsd.process.launch import (
     DeployError,
     ManagedProcess,
     config_arg,
@@ -47,7 +47,7 @@ from fedsd.launch import (
 )
 
 if TYPE_CHECKING:
-    from fedsd.security import TlsFiles
+    from fedsd.security.certs import TlsFiles
 
 CONNECTION = "fedsd"
 """Name of the SuperLink connection in the server's private ``$FLWR_HOME/config.toml``."""
@@ -183,15 +183,15 @@ def start_fleet_proxy(
     tls: TlsFiles | None = None,
     limits: Sequence[str] = (),
 ) -> ManagedProcess:
-    """The device-facing port: `fedsd.proxy` on host:port passing only the Fleet API (and, from this
+    """The device-facing port: `fedsd.security.proxy` on host:port passing only the Fleet API (and, from this
     machine only, the rest) to the SuperLink on 127.0.0.1:``upstream_port``; TLS on both legs with
     ``tls`` (towards devices with the server certificate, towards the SuperLink verified by the CA).
-    ``limits``: the proxy's limit flags (``--max-body 1M``, ...; `python -m fedsd.proxy --help`)."""
+    ``limits``: the proxy's limit flags (``--max-body 1M``, ...; `python -m fedsd.security.proxy --help`)."""
     scheme = "http" if tls is None else "https"
     cmd = [
         sys.executable,
         "-m",
-        "fedsd.proxy",
+        "fedsd.security.proxy",
         "--listen",
         join_address(host, port),
         "--upstream",

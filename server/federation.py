@@ -25,7 +25,6 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedsd.cached import evaluate_cached, model_crop
 from fedsd.checkpoint import (
     append_jsonl,
     atomic_write_json,
@@ -37,10 +36,18 @@ from fedsd.checkpoint import (
 from fedsd.config import ExperimentConfig, load_config
 from fedsd.data.dataset import rows_by_ids
 from fedsd.data.manifest import ManifestRow, read_manifest
-from fedsd.features import CachedFeatures, FeatureCache
 from fedsd.metrics import ClassificationReport
 from fedsd.model.multiexit import MultiExitSER
-from fedsd.privacy import DPSettings
+from fedsd.security.privacy import DPSettings
+from fedsd.security.untrusted import UntrustedValueError, identifier
+from fedsd.security.wire import (
+    QUERY_DONE,
+    QUERY_INFO,
+    QUERY_MODEL,
+    checkpoint_to_record,
+    heads_to_record,
+    record_to_heads,
+)
 from fedsd.server.central_dp import CentralDP
 from fedsd.server.replies import (
     NO_REPLY,
@@ -52,15 +59,8 @@ from fedsd.server.replies import (
 from fedsd.server.strategy import NotEnoughDevices, PartialFedAvg, wait_for_nodes
 from fedsd.server.validation import Rejection, metric_cap_problem, validate_info_reply
 from fedsd.tracking import NullTracker, Tracker, finish_run, round_scalars, tracker_for
-from fedsd.untrusted import UntrustedValueError, identifier
-from fedsd.wire import (
-    QUERY_DONE,
-    QUERY_INFO,
-    QUERY_MODEL,
-    checkpoint_to_record,
-    heads_to_record,
-    record_to_heads,
-)
+from fedsd.training.cached import evaluate_cached, model_crop
+from fedsd.training.features import CachedFeatures, FeatureCache
 
 Log = Callable[[str], None]
 DONE_TIMEOUT_S = 120.0

@@ -174,7 +174,7 @@ def ensure_central_model(
     progress: Any | None = None,
 ) -> bool:
     """``central/best`` ready for this partition; True if it was (re)trained here (see module docstring)."""
-    from fedsd.train import train
+    from fedsd.training.central import train
 
     splits = server_pool_splits(part, rows, cfg.train.seed, cfg.federated.server_valid_speakers)
     best = central / "best"

@@ -19,7 +19,7 @@ from typing import Any
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fedsd.untrusted import printable
+from fedsd.security.untrusted import printable
 
 NODE_UNAVAILABLE = 5  # flwr.common.constant.ErrorCode.NODE_UNAVAILABLE
 NO_REPLY = "no reply"

@@ -20,7 +20,7 @@ from fedsd.report import markdown_table, plot_epsilon_per_round, plot_uar_per_ro
 
 def exit_latency_s(model: MultiExitSER, seconds: float, repeats: int = 5) -> dict[int, float]:
     """Median per-utterance latency of each exit on this machine (latency depends on length only)."""
-    from fedsd.train import measure_exit_latency
+    from fedsd.training.central import measure_exit_latency
 
     n = int(seconds * int(model.meta.get("sample_rate", 16000)))
     g = torch.Generator().manual_seed(0)

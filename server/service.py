@@ -42,13 +42,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedsd import launch
+from fedsd.process import launch
 from fedsd.server import deploy
 
 if TYPE_CHECKING:
     from fedsd.config import ExperimentConfig
-    from fedsd.launch import ManagedProcess
-    from fedsd.security import TlsFiles
+    from fedsd.process.launch import ManagedProcess
+    from fedsd.security.certs import TlsFiles
     from fedsd.server.federation import FederationSpec
 
 EXIT_OK = 0
@@ -154,7 +154,7 @@ def check_security(
 ) -> TlsFiles | None:
     """Check the transport/auth options before anything starts; a ServerError (code 2) says what does
     not fit. Returns the TLS files (None for ``insecure``)."""
-    from fedsd.security import (
+    from fedsd.security.certs import (
         SecurityError,
         certificate_hosts,
         check_tls_dir,
@@ -822,7 +822,7 @@ class Server:
 
 
 def _checked_key(public_key: str | os.PathLike[str]) -> Path:
-    from fedsd.security import SecurityError, load_node_public_key
+    from fedsd.security.certs import SecurityError, load_node_public_key
 
     try:
         load_node_public_key(Path(public_key))

@@ -48,9 +48,9 @@ def simulate_command(
     Example: [bold]fedsd simulate --config configs/demo.yaml --clients 8 --rounds 5 --label-fraction 0.2 --exits-mix 1,2,3[/]
     On a Ray cluster: [bold]fedsd simulate -c configs/demo.yaml --ray-address HEAD:6379 --cpus-per-client 2[/]
     """
+    from fedsd.cli.train import _fail, progress_bar
     from fedsd.server.federation import FederationError
     from fedsd.server.simulation import simulate
-    from fedsd.train_cli import _fail, progress_bar
 
     check_flags(engine, ray_address, cpus_per_client, gpus_per_client)
     overrides = flag_overrides(
@@ -74,8 +74,8 @@ def simulate_command(
 
 def check_flags(engine: str, ray_address: str | None, cpus: float | None, gpus: float | None) -> None:
     """Exit 2 (a usage error) with the reason for an unknown engine, a bad address or bad resources."""
+    from fedsd.cli.train import _fail
     from fedsd.server.simulation import check_simulation_args
-    from fedsd.train_cli import _fail
 
     try:
         check_simulation_args(engine, ray_address, cpus, gpus)
@@ -85,7 +85,7 @@ def check_flags(engine: str, ray_address: str | None, cpus: float | None, gpus: 
 
 def flag_overrides(set_: list[str] | None, **flags: Any) -> dict[str, Any]:
     """``--set`` items, then the shortcut flags that were given as ``federated.*`` overrides (they win)."""
-    from fedsd.train_cli import _parse_overrides
+    from fedsd.cli.train import _parse_overrides
 
     return _parse_overrides(set_) | {f"federated.{k}": v for k, v in flags.items() if v is not None}
 

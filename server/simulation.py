@@ -115,7 +115,7 @@ def _number(value: Any, ok: Callable[[float], bool]) -> bool:
 
 def _worker_env() -> dict[str, str]:
     """Ray workers import fedsd from this interpreter's path, offline and without Flower telemetry."""
-    from fedsd.launch import FLOWER_ENV
+    from fedsd.process.launch import FLOWER_ENV
 
     paths = [*sys.path, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}

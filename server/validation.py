@@ -33,7 +33,7 @@ A train reply is rejected when
 A handshake (``query.info``) reply is parsed by :func:`validate_info_reply`: missing ``info``, a
 non-numeric, non-finite or non-positive ``n-utterances``, a malformed ``exit`` reject the device, never
 the run. Everything a device sends that ends up in a reason or a log line goes through
-``fedsd.untrusted.shown``/``printable`` (no control characters reach the server's terminal or logs).
+``fedsd.security.untrusted.shown``/``printable`` (no control characters reach the server's terminal or logs).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import SType
 
-from fedsd.untrusted import printable, shown
+from fedsd.security.untrusted import printable, shown
 
 __all__ = [
     "MAX_METRIC_BYTES",

@@ -5,7 +5,7 @@ cleaning up after them is the same in every process test; written once here, eac
 deadline, a failure shows the last log lines and exit code of every process, and the teardown stops
 everything by pid and fails the test if anything is left.
 
-- ``Procs`` (the ``procs`` fixture in conftest.py) starts processes as ``fedsd.launch.ManagedProcess``
+- ``Procs`` (the ``procs`` fixture in conftest.py) starts processes as ``fedsd.process.launch.ManagedProcess``
   children (own process group, parent-death guard), each with its output in ``<tmp>/<name>.log``;
 - ``Proc.wait_for(regex, timeout)`` waits for a LOG LINE (the log with whitespace folded, as rich
   wraps long lines), never for a sleep; it raises at once when the process dies without printing it;
@@ -38,9 +38,9 @@ from typing import Any
 
 import yaml
 
-from fedsd.launch import ManagedProcess, descendants, free_port
+from fedsd.process.launch import ManagedProcess, descendants, free_port
 
-FEDSD = [sys.executable, "-m", "fedsd.cli"]
+FEDSD = [sys.executable, "-m", "fedsd.cli.main"]
 LABELS = ["neutral", "happy", "angry", "sad"]
 POLL_S = 0.25
 
@@ -215,7 +215,7 @@ class Procs:
         return proc
 
     def fedsd(self, name: str, *args: str, guard: bool = True, cwd: Path | None = None) -> Proc:
-        """A `fedsd` command (``python -m fedsd.cli ARGS``)."""
+        """A `fedsd` command (``python -m fedsd.cli.main ARGS``)."""
         return self.start(name, [*FEDSD, *map(str, args)], guard=guard, cwd=cwd)
 
     def port(self) -> int:

@@ -378,7 +378,7 @@ def test_atomic_writes_follow_the_umask_not_mkstemp(tmp_path: Path, umask: int) 
 
 
 def test_generated_private_keys_stay_private_under_a_lax_umask(tmp_path: Path) -> None:
-    from fedsd.security import generate_node_key
+    from fedsd.security.certs import generate_node_key
 
     old = os.umask(0o000)
     try:

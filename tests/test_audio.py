@@ -13,8 +13,8 @@ from audio_fixtures import (
     write_tone,
 )
 
-from fedsd.audio import AudioError, CropPolicy, apply_crop, load_audio, normalize_waveform, read_audio
 from fedsd.checkpoint import sha256_file
+from fedsd.data.audio import AudioError, CropPolicy, apply_crop, load_audio, normalize_waveform, read_audio
 
 
 @pytest.mark.parametrize("suffix", [".wav", ".flac", ".ogg"])

@@ -17,9 +17,9 @@ import subprocess
 import pytest
 from harness import Procs, events
 
-from fedsd import launch
 from fedsd.clients.runner import install_guard_rails, write_shim
-from fedsd.proxy import allowed
+from fedsd.process import launch
+from fedsd.security.proxy import allowed
 from fedsd.server import deploy
 
 

@@ -28,7 +28,7 @@ from flwr.app import Error, Message
 from harness import Federation, Proc, Procs, events, federation, records, session_file, write_config
 
 from fedsd.clients.app import make_client_app
-from fedsd.launch import port_open
+from fedsd.process.launch import port_open
 from fedsd.server import federation as federation_module
 from fedsd.server.federation import run_federation
 from fedsd.server.inprocess import InProcessGrid

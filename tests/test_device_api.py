@@ -21,7 +21,7 @@ RUN_TIMEOUT = 300.0
 
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from fedsd.security import create_certificates, generate_node_key
+    from fedsd.security.certs import create_certificates, generate_node_key
 
     tmp = tmp_path_factory.mktemp("tls")
     create_certificates(tmp)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from fedsd.distill import DistillConfig, self_distill_loss
 from fedsd.model.heads import HeadOutput
+from fedsd.training.distill import DistillConfig, self_distill_loss
 
 
 def out(logits, embedding, grad: bool = True) -> HeadOutput:
@@ -210,7 +210,7 @@ def test_batch_loss_is_the_mean_of_per_utterance_losses_with_ce_over_the_whole_b
 
 
 def test_loss_has_signal():
-    from fedsd.distill import loss_has_signal
+    from fedsd.training.distill import loss_has_signal
 
     none, some = torch.full((4,), -1), torch.tensor([-1, 1, -1, -1])
     ce, sd = DistillConfig(mode="ce"), DistillConfig()

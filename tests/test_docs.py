@@ -89,7 +89,7 @@ def test_cli_page_shows_every_command() -> None:
     import click
     import typer
 
-    from fedsd.cli import app
+    from fedsd.cli.main import app
 
     def commands(cmd: click.Command, prefix: list[str]) -> list[str]:
         if isinstance(cmd, click.Group):

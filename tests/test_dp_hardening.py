@@ -29,14 +29,14 @@ from fedsd.clients.device import DeviceError
 from fedsd.clients.dp_training import DP_REPLY_KEYS, train_heads_private
 from fedsd.clients.training import LocalTrainConfig, plan_exits
 from fedsd.config import load_config
-from fedsd.features import CachedFeatures
 from fedsd.model.multiexit import MultiExitSER
-from fedsd.privacy import central_epsilon, epsilon
+from fedsd.security.privacy import central_epsilon, epsilon
+from fedsd.security.wire import QUERY_INFO, heads_to_record
 from fedsd.server.central_dp import CentralDP
 from fedsd.server.federation import run_federation, train_config_record
 from fedsd.server.inprocess import InProcessGrid
 from fedsd.server.validation import ValidUpdate
-from fedsd.wire import QUERY_INFO, heads_to_record
+from fedsd.training.features import CachedFeatures
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # the ClientApp is called directly (conftest)
 

@@ -133,7 +133,7 @@ def saved(tmp_path_factory):
 
 
 def test_cli_round_trip(saved, tmp_path):
-    from fedsd.cli import app
+    from fedsd.cli.main import app
 
     out = tmp_path / "exit2"
     result = CliRunner().invoke(app, ["export", "--model", str(saved), "--exit", "2", "--out", str(out)])
@@ -152,7 +152,7 @@ def flat(text: str) -> str:
 
 
 def test_cli_errors(saved, tmp_path):
-    from fedsd.cli import app
+    from fedsd.cli.main import app
 
     runner = CliRunner()
     out = tmp_path / "o"

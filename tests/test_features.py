@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from fedsd.audio import CropPolicy
+from fedsd.data.audio import CropPolicy
 from fedsd.data.manifest import read_manifest
-from fedsd.features import FeatureCache
 from fedsd.model.multiexit import MultiExitSER
+from fedsd.training.features import FeatureCache
 
 LABELS = ["neutral", "happy", "angry", "sad"]
 
@@ -128,7 +128,7 @@ def test_audio_rewritten_with_same_size_and_mtime_is_recomputed(
 def test_content_hash_is_computed_once_per_unchanged_file(
     tmp_path: Path, small_corpus: Path, tiny_model_dir: Path, monkeypatch
 ) -> None:
-    import fedsd.features as features
+    import fedsd.training.features as features
 
     corpus, rows, model = _setup(tmp_path, small_corpus, tiny_model_dir)
     opened: list[Path] = []

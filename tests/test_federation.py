@@ -14,9 +14,9 @@ from harness import federation, inprocess_grid, uar_from_confusion
 from fedsd.checkpoint import load_tensors
 from fedsd.clients.app import make_client_app
 from fedsd.model.multiexit import MultiExitSER
+from fedsd.security.wire import heads_to_record
 from fedsd.server.federation import run_federation, train_config_record
 from fedsd.server.inprocess import InProcessGrid
-from fedsd.wire import heads_to_record
 
 
 @pytest.fixture()
@@ -200,12 +200,12 @@ def test_server_scores_every_round_on_its_validation_speakers(
     """``exit<k>/valid-uar``: the round's global heads on the server pool's validation speakers (the ones
     that chose the base model's epoch), recomputed here from the saved round heads; the server learning
     rate and the proximal μ reach the strategy and the devices."""
-    from fedsd.cached import evaluate_cached, model_crop
     from fedsd.data.manifest import read_manifest
     from fedsd.data.partition import Partition
-    from fedsd.features import FeatureCache
     from fedsd.server.federation import Federation as ServerFederation
     from fedsd.server.prepare import server_pool_splits
+    from fedsd.training.cached import evaluate_cached, model_crop
+    from fedsd.training.features import FeatureCache
 
     fed = federation(tmp_path, small_corpus, tiny_model_dir, name="valid", server_speakers=3,
                      server_valid_speakers=1, server_lr=0.5, proximal_mu=0.01)  # fmt: skip

@@ -34,8 +34,8 @@ from fedsd.clients.device import DeviceError, HostileMessage
 from fedsd.data.manifest import ManifestRow, write_manifest
 from fedsd.model.export import export_exit
 from fedsd.model.multiexit import MultiExitSER
-from fedsd.untrusted import MAX_CONFIG_INT, MAX_LAYERS, UntrustedValueError
-from fedsd.wire import QUERY_INFO, QUERY_MODEL, DeliveryLimits, checkpoint_to_record, read_delivery
+from fedsd.security.untrusted import MAX_CONFIG_INT, MAX_LAYERS, UntrustedValueError
+from fedsd.security.wire import QUERY_INFO, QUERY_MODEL, DeliveryLimits, checkpoint_to_record, read_delivery
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # the ClientApp is called directly (conftest)
 

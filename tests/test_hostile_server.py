@@ -27,7 +27,7 @@ from fedsd.clients.app import _event, make_client_app
 from fedsd.clients.device import DeviceError, HostileMessage
 from fedsd.clients.supervisor import describe_event
 from fedsd.data.manifest import ManifestRow, write_manifest
-from fedsd.untrusted import (
+from fedsd.security.untrusted import (
     UntrustedValueError,
     config_float,
     config_int,
@@ -37,7 +37,7 @@ from fedsd.untrusted import (
     printable,
     sha256_hex,
 )
-from fedsd.wire import QUERY_DONE, QUERY_INFO, QUERY_MODEL, checkpoint_to_record
+from fedsd.security.wire import QUERY_DONE, QUERY_INFO, QUERY_MODEL, checkpoint_to_record
 
 PWN = "/tmp/fedsd-pwn"  # 14 characters: an absolute "fingerprint" the old code kept whole
 HOSTILE_IDS = [

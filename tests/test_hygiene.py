@@ -5,7 +5,7 @@
 - the server waits a bounded time for --min-clients devices, then exits 3 with a clear message (at the
   handshake and before every round: Flower's ``sample_nodes`` alone waits forever);
 - SIGKILL of `fedsd server start` / `fedsd client run` (the supervisors only, no clean-up) leaves none
-  of their processes running: every child runs under the guard of ``fedsd.processes``;
+  of their processes running: every child runs under the guard of ``fedsd.process.lifetime``;
 - a second Ctrl-C during the server's clean-up does not interrupt it.
 (metrics.jsonl appended in place: tests/test_atomic.py.)
 """
@@ -21,7 +21,7 @@ import pytest
 from harness import Procs, running, write_config
 from typer.testing import CliRunner
 
-from fedsd.launch import free_port, port_free
+from fedsd.process.launch import free_port, port_free
 from fedsd.server.strategy import PartialFedAvg
 
 

@@ -1,7 +1,7 @@
 """The house's import rules (docs/architecture.md §2): each side imports only what is its own or shared.
 
 A device install must never need the server's modules, nor the server the device's: shared pieces
-(managed processes and addresses in ``fedsd.launch``, heads on cached features in ``fedsd.cached``)
+(managed processes and addresses in ``fedsd.process.launch``, heads on cached features in ``fedsd.training.cached``)
 live in ``fedsd/``. The simulation engines are the one place both sides meet (virtual devices run the
 real ClientApp next to the ServerApp), so they alone may import the device side.
 """

@@ -11,11 +11,11 @@ import pytest
 from typer.testing import CliRunner
 
 from fedsd.checkpoint import DATA_RECORD_KEY, read_model_meta, seen_speakers, sha256_json, speaker_overlap
-from fedsd.cli import app
+from fedsd.cli.main import app
 from fedsd.config import ConfigError, ExperimentConfig, load_config, override_config
 from fedsd.data.manifest import ManifestRow, read_manifest, write_manifest
 from fedsd.server.prepare import make_run_partition, prepare_run, run_speakers
-from fedsd.train import split_rows, train
+from fedsd.training.central import split_rows, train
 
 LABELS = ["neutral", "happy", "angry", "sad"]
 

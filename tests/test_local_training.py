@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fedsd.cached import batch_input, head_outputs
 from fedsd.clients.app import _local_config, device_identity
 from fedsd.clients.device import DeviceSettings
 from fedsd.clients.dp_training import train_heads_private
@@ -18,9 +17,10 @@ from fedsd.clients.training import (
     plan_exits,
     train_heads,
 )
-from fedsd.features import CachedFeatures
 from fedsd.model.heads import StatsHead
 from fedsd.model.multiexit import MultiExitSER
+from fedsd.training.cached import batch_input, head_outputs
+from fedsd.training.features import CachedFeatures
 
 
 def _feats(model: MultiExitSER, n: int = 12) -> CachedFeatures:
@@ -185,7 +185,7 @@ def _count_adam_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_ce_batches_without_a_label_take_no_adam_step(model: MultiExitSER) -> None:
     """CE mode, batches holding no labelled clip: after Adam has momentum from labelled steps, the
     heads, Adam's moments and its step count do not move (they did: ~6.7e-4 at lr 1e-3)."""
-    from fedsd.distill import DistillConfig
+    from fedsd.training.distill import DistillConfig
 
     cfg = LocalTrainConfig(exit=2, epochs=2, batch_size=4, lr=1e-3, distill=DistillConfig(mode="ce"))
     plan = plan_exits(model.exits, 2, cfg)
@@ -209,7 +209,7 @@ def test_ce_batches_without_a_label_take_no_adam_step(model: MultiExitSER) -> No
 def test_personal_heads_take_no_step_without_signal(model: MultiExitSER, monkeypatch) -> None:
     """The personal-heads fine-tuning (clients.personal.personalize) follows the same rule."""
     from fedsd.clients.personal import personalize
-    from fedsd.distill import DistillConfig
+    from fedsd.training.distill import DistillConfig
 
     cfg = LocalTrainConfig(exit=2, epochs=1, batch_size=4, lr=1e-3, distill=DistillConfig(mode="ce"))
     plan = plan_exits(model.exits, 2, cfg)
@@ -235,7 +235,7 @@ def test_dp_without_noise_skips_steps_without_signal_and_with_noise_takes_them(
 ) -> None:
     """σ = 0 (the same-loss reference arm) skips a CE step without a labelled clip like plain training;
     σ > 0 takes every step (skipping would depend on private labels): its update is the noise."""
-    from fedsd.distill import DistillConfig
+    from fedsd.training.distill import DistillConfig
 
     cfg = LocalTrainConfig(exit=2, epochs=1, batch_size=4, lr=1e-3, distill=DistillConfig(mode="ce"))
     plan = plan_exits(model.exits, 2, cfg)
@@ -250,7 +250,7 @@ def test_dp_without_noise_skips_steps_without_signal_and_with_noise_takes_them(
 
 
 def test_dp_and_plain_training_weigh_the_loss_alike(model: MultiExitSER) -> None:
-    """One weighting (fedsd.distill): with σ = 0, no clipping and every clip sampled (q = 1, so the
+    """One weighting (fedsd.training.distill): with σ = 0, no clipping and every clip sampled (q = 1, so the
     expected batch is the batch), a DP-SGD step equals a plain step on the same batch at scarce labels
     (1 in 3 unlabelled). A CE averaged over the labelled clips only would tilt the CE:KD balance and
     with it the direction of the step."""

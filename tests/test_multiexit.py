@@ -243,9 +243,9 @@ def test_exit_logits_do_not_depend_on_batch_mates(family, builtin):
 
 def test_evaluation_logits_do_not_depend_on_the_loader_batch_size(small_corpus, tiny_model_dir):
     """predict_loader / evaluate_loader give the same logits and metrics with batch size 1 and 8."""
-    from fedsd.audio import CropPolicy
+    from fedsd.data.audio import CropPolicy
     from fedsd.data.manifest import read_manifest
-    from fedsd.train import evaluate_loader, make_loader, predict_loader
+    from fedsd.training.central import evaluate_loader, make_loader, predict_loader
 
     rows = read_manifest(small_corpus / "manifest.csv")[:8]
     model = MultiExitSER.from_pretrained(tiny_model_dir)
@@ -350,7 +350,7 @@ def test_frozen_backbone_stays_in_eval_mode_when_the_model_trains():
 @pytest.mark.parametrize("builtin", ["tiny", "tiny-preln"])
 def test_trained_model_reloads_to_the_logits_of_the_model_that_saved_it(tmp_path, builtin):
     """Compared with the in-memory model (not a second reload): nothing trained is lost on the way."""
-    from fedsd.distill import DistillConfig, self_distill_loss
+    from fedsd.training.distill import DistillConfig, self_distill_loss
 
     torch.manual_seed(0)
     m = MultiExitSER(load_backbone(builtin), [1, 2, 4], LABELS, meta={"crop": 48000})
@@ -374,7 +374,7 @@ def test_trained_model_reloads_to_the_logits_of_the_model_that_saved_it(tmp_path
 
 
 def test_kd_only_step_on_the_model_moves_students_to_the_teacher_and_not_the_teacher():
-    from fedsd.distill import DistillConfig, self_distill_loss
+    from fedsd.training.distill import DistillConfig, self_distill_loss
 
     m = make()
     m.freeze_backbone()

@@ -23,8 +23,8 @@ from harness import FAMILY_CASES, tiny_net
 from typer.testing import CliRunner
 
 from fedsd.model import MultiExitSER
-from fedsd.onnx_export import export_onnx
-from fedsd.onnx_runtime import OnnxExitModel, evaluate_clips, read_metadata, resample, sidecar_path
+from fedsd.runtime.onnx_export import export_onnx
+from fedsd.runtime.onnx_runtime import OnnxExitModel, evaluate_clips, read_metadata, resample, sidecar_path
 
 pytestmark = pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
 LABELS = ["neutral", "happy", "angry", "sad"]
@@ -139,7 +139,7 @@ def test_multi_exit_graph_and_metadata(tmp_path):
     }
     assert info["parent_fingerprint"] == net.backbone_fingerprint() and info["quantization"] is None
     # early exit on a several-exit graph: the first exit confident enough answers, else the deepest
-    from fedsd.onnx_runtime import predict_one
+    from fedsd.runtime.onnx_runtime import predict_one
 
     assert predict_one(graph, wavs[0], "auto", threshold=0.0)[0] == 1
     k, probs = predict_one(graph, wavs[0], "auto", threshold=1.1)
@@ -148,7 +148,7 @@ def test_multi_exit_graph_and_metadata(tmp_path):
 
 
 def test_numpy_resample_matches_torchaudio():
-    from fedsd.audio import resample as torch_resample
+    from fedsd.data.audio import resample as torch_resample
 
     g = np.random.default_rng(0)
     for orig, new in ((44100, 16000), (8000, 16000), (22050, 16000), (16000, 16000)):
@@ -161,7 +161,7 @@ def test_numpy_resample_matches_torchaudio():
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[Path]]:
     """A saved tiny model, its exit-2 ONNX graph (via the CLI) and three WAVs (one at 22.05 kHz)."""
-    from fedsd.cli import app
+    from fedsd.cli.main import app
 
     tmp = tmp_path_factory.mktemp("onnx-cli")
     make("wav2vec2", False).save_pretrained(tmp / "model")
@@ -180,7 +180,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list
 def _run_without_torch(args: list[str]) -> subprocess.CompletedProcess[str]:
     code = (
         "import sys\n"
-        "from fedsd.cli import app\n"
+        "from fedsd.cli.main import app\n"
         f"try:\n    app({args!r})\nexcept SystemExit as e:\n    code = e.code\n"
         "heavy = sorted(m for m in ('torch', 'transformers', 'flwr', 'torchaudio') if m in sys.modules)\n"
         "print('IMPORTED', heavy, file=sys.stderr)\n"
@@ -191,7 +191,7 @@ def _run_without_torch(args: list[str]) -> subprocess.CompletedProcess[str]:
 
 
 def test_predict_on_onnx_never_imports_torch_and_matches_pytorch(exported):
-    from fedsd.cli import app
+    from fedsd.cli.main import app
 
     model, graph, files = exported
     proc = _run_without_torch(["predict", "--model", str(graph), "--json", *map(str, files)])
@@ -228,7 +228,7 @@ def test_evaluate_on_onnx_never_imports_torch(exported, tmp_path):
 
 
 def test_export_cli_errors(exported, tmp_path):
-    from fedsd.cli import app
+    from fedsd.cli.main import app
 
     model, graph, _ = exported
     runner = CliRunner()
@@ -256,7 +256,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[MultiExitSER, lis
     """
     from fedsd.data.manifest import read_manifest
     from fedsd.data.synthetic import generate_corpus
-    from fedsd.onnx_runtime import load_clip
+    from fedsd.runtime.onnx_runtime import load_clip
 
     out = tmp_path_factory.mktemp("int8-corpus")  # the agreement and UAR bounds: espeak-ng speech, pinned
     generate_corpus(out, speakers=8, sentences=3, seed=0, backend=espeak_backend(), progress=False)
@@ -337,7 +337,7 @@ def test_static_cnn_quantises_every_conv_but_the_first(trained, tmp_path):
 def test_auto_keeps_the_fastest_mode_that_agrees_on_held_out_clips(trained, tmp_path):
     """`--quant-mode auto`: static-cnn when it keeps the required share of fp32 answers on the check clips
     at every exit, else static; the choice, and every agreement it measured, travel with the graph."""
-    from fedsd.onnx_export import AUTO_ORDER, top_classes
+    from fedsd.runtime.onnx_export import AUTO_ORDER, top_classes
 
     net, wavs, _ = trained
     calib, check = wavs[::2], wavs[1::2]
@@ -380,7 +380,7 @@ def test_auto_keeps_the_fastest_mode_that_agrees_on_held_out_clips(trained, tmp_
 def test_auto_checks_on_clips_calibration_never_saw(tmp_path):
     """The check clips are the manifest's valid rows, or (without any) every fifth row held out of
     calibration; either way no clip both calibrates and judges."""
-    from fedsd.export import calibration_clips
+    from fedsd.runtime.export import calibration_clips
 
     head = "utt_id,path,label,orig_label,speaker,dataset,duration,sample_rate,split"
     pre = {"sample_rate": 16000, "crop": {"max_seconds": 1.0, "mode": "center"}, "normalize": "utterance"}
@@ -408,7 +408,7 @@ def test_auto_checks_on_clips_calibration_never_saw(tmp_path):
 
 
 def test_auto_with_too_few_calibration_rows_says_what_to_do(tmp_path):
-    from fedsd.export import ExportError, calibration_clips
+    from fedsd.runtime.export import ExportError, calibration_clips
 
     head = "utt_id,path,label,orig_label,speaker,dataset,duration,sample_rate,split"
     lines = []

@@ -171,7 +171,7 @@ def test_config_lookup_by_name_path_and_fallback(tmp_path: Path, monkeypatch: py
 
 
 def test_config_commands() -> None:
-    from fedsd.cli import app
+    from fedsd.cli.main import app
 
     runner = CliRunner()
     shown = runner.invoke(app, ["config", "show", "scratch"])

@@ -26,8 +26,8 @@ from fedsd.clients.training import LocalTrainConfig, plan_exits
 from fedsd.data.manifest import read_manifest
 from fedsd.data.partition import PERSONAL_TEST, Partition, make_partition, write_device_manifests
 from fedsd.model.multiexit import MultiExitSER
+from fedsd.security.wire import heads_to_record
 from fedsd.server.federation import run_federation, train_config_record
-from fedsd.wire import heads_to_record
 
 PERSONAL = {"local_epochs": 2, "min_clients": 2, "personal_test_fraction": 0.25, "personalize_epochs": 3}
 
@@ -196,7 +196,7 @@ def test_done_reply_carries_metrics_only_and_the_device_model_loads_in_the_cli(
     personal = MultiExitSER.from_pretrained(out / "personal").head_state_dict()
     assert any(not torch.equal(v, base.head_state_dict()[k]) for k, v in personal.items())
 
-    from fedsd.cli import app as cli
+    from fedsd.cli.main import app as cli
 
     runner = CliRunner()
     device_manifest = prepared.client_manifests[0]
@@ -254,7 +254,7 @@ def test_a_deployed_device_reads_out_personalize_epochs_and_its_name(tmp_path: P
 
 
 def test_data_partition_cli_writes_personal_rows_into_device_manifests(tmp_path: Path) -> None:
-    from fedsd.cli import app as cli
+    from fedsd.cli.main import app as cli
     from fedsd.data.manifest import write_manifest
 
     rows = corpus(n_speakers=6, per_class=5)
@@ -278,7 +278,7 @@ def test_data_partition_cli_writes_personal_rows_into_device_manifests(tmp_path:
 def test_simulate_cli_device_models_and_personalize_epochs(
     tmp_path: Path, small_corpus: Path, tiny_model_dir: Path
 ) -> None:
-    from fedsd.cli import app as cli
+    from fedsd.cli.main import app as cli
 
     cfg_path = write_config(
         tmp_path / "fed.yaml", small_corpus, name="personal", **(PERSONAL | {"personalize_epochs": 0})

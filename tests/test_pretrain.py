@@ -1,4 +1,4 @@
-"""Self-supervised pretraining (fedsd.pretrain): targets aligned with frames, learning, a loadable checkpoint."""
+"""Self-supervised pretraining (fedsd.training.pretrain): targets aligned with frames, learning, a loadable checkpoint."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 @pytest.mark.parametrize("seconds", [0.3, 1.0, 1.37, 2.0])
 def test_mfcc_targets_line_up_with_the_front_end_frames(seconds: float) -> None:
     from fedsd.model.backbone import TruncatedEncoder, load_backbone
-    from fedsd.pretrain import frames_of, mfcc_frames
+    from fedsd.training.pretrain import frames_of, mfcc_frames
 
     n = int(seconds * 16000)
     wav = np.random.default_rng(0).standard_normal(n).astype(np.float32)
@@ -27,7 +27,7 @@ def test_mfcc_targets_line_up_with_the_front_end_frames(seconds: float) -> None:
 @pytest.fixture(scope="module")
 def pretrained(small_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
     from fedsd.data.manifest import read_manifest
-    from fedsd.pretrain import PretrainSettings, pretrain
+    from fedsd.training.pretrain import PretrainSettings, pretrain
 
     rows = read_manifest(small_corpus / "manifest.csv")
     out = tmp_path_factory.mktemp("ssl") / "tiny-ssl"
@@ -70,7 +70,7 @@ def test_pretrained_encoder_loads_as_a_backbone(pretrained) -> None:
 
 
 def test_pretrain_cli_refuses_a_missing_manifest(tmp_path: Path) -> None:
-    from fedsd.cli import app
+    from fedsd.cli.main import app
 
     res = CliRunner().invoke(app, ["pretrain", "--manifest", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2

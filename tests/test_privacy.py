@@ -17,13 +17,13 @@ from fedsd.checkpoint import load_tensors
 from fedsd.clients.dp_training import dp_compatible, plain_state_dict, train_heads_private
 from fedsd.clients.training import LocalTrainConfig, plan_exits
 from fedsd.config import ConfigError, load_config
-from fedsd.distill import DistillConfig, self_distill_loss
-from fedsd.features import CachedFeatures
 from fedsd.model.heads import GRUHead, HeadOutput
-from fedsd.privacy import DPSettings, PrivacyError, PrivacyLedger, central_epsilon, epsilon
+from fedsd.security.privacy import DPSettings, PrivacyError, PrivacyLedger, central_epsilon, epsilon
 from fedsd.server.central_dp import CentralDP
 from fedsd.server.federation import FederationSpec, run_federation
 from fedsd.server.validation import ValidUpdate
+from fedsd.training.distill import DistillConfig, self_distill_loss
+from fedsd.training.features import CachedFeatures
 
 
 @pytest.fixture()
@@ -242,7 +242,7 @@ def test_central_dp_run_reports_epsilon_per_round(setup) -> None:
 def test_client_run_dp_flags_are_checked_before_joining(small_corpus: Path) -> None:
     from typer.testing import CliRunner
 
-    from fedsd.cli import app
+    from fedsd.cli.main import app
 
     base = ["client", "run", "--server", "127.0.0.1:9", "--insecure", "--data", str(small_corpus / "manifest.csv"),
             "--root", str(small_corpus)]  # fmt: skip

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from fedsd.processes import alive, guard_available
+from fedsd.process.lifetime import alive, guard_available
 
 pytestmark = pytest.mark.skipif(not guard_available(), reason="Linux only (/proc, prctl)")
 
@@ -31,11 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # The parent: starts the child from a worker thread, lets the thread exit, reports pids, then waits.
 PARENT = r"""
 import json, os, subprocess, sys, threading, time
-from fedsd import launch
+from fedsd.process import launch
 how, out = sys.argv[1], sys.argv[2]
 child = [sys.executable, "-c", "import time; time.sleep(600)"]
 ready = out + ".ready"
-watching = [sys.executable, "-c", "import sys, time; from fedsd.processes import set_parent_death_signal as s; "
+watching = [sys.executable, "-c", "import sys, time; from fedsd.process.lifetime import set_parent_death_signal as s; "
             "s(); open(sys.argv[1], 'w').close(); time.sleep(600)", ready]
 box = {}
 def start():

@@ -2,7 +2,7 @@
 
 The proxy read a whole body and only then compared it with the cap; nothing limited connections, head
 sizes or slow senders. Every peer here is a remote one: a process in a network namespace the test makes
-(harness.NetNamespace), reaching the real proxy process (``python -m fedsd.proxy``) on the host end of
+(harness.NetNamespace), reaching the real proxy process (``python -m fedsd.security.proxy``) on the host end of
 the veth pair; nothing is sent to this machine's own interface address. Upstream is a small recording
 HTTP server on loopback, except in the last test, where a real Flower SuperLink completes a round with a
 SuperNode in the namespace while over-cap bodies keep arriving.
@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 from harness import NetNamespace, Procs
 
-from fedsd import launch
+from fedsd.process import launch
 
 pytestmark = pytest.mark.skipif(NetNamespace.available() is not None, reason=str(NetNamespace.available()))
 
@@ -162,7 +162,7 @@ def upstream() -> Iterator[int]:
 
 def _proxy(procs: Procs, ns: NetNamespace, upstream: int, name: str, *limits: str) -> int:
     port = launch.free_port(ns.host_ip)
-    cmd = [sys.executable, "-m", "fedsd.proxy", "--listen", f"{ns.host_ip}:{port}",
+    cmd = [sys.executable, "-m", "fedsd.security.proxy", "--listen", f"{ns.host_ip}:{port}",
            "--upstream", f"http://127.0.0.1:{upstream}", *limits]  # fmt: skip
     proc = procs.start(name, cmd)
     launch.wait_for_port(ns.host_ip, port, timeout=60, process=proc.managed, what="the fleet proxy")
@@ -319,7 +319,7 @@ print(json.dumps(out))
 def test_tls_towards_devices(ns, upstream, tmp_path) -> None:
     """The same limits behind TLS: a fleet call over TLS is forwarded, an announced over-cap body gets
     413, and plain HTTP on the TLS port gets no HTTP reply."""
-    from fedsd.security import create_certificates
+    from fedsd.security.certs import create_certificates
 
     tls = create_certificates(tmp_path / "tls", [ns.host_ip])
     procs = Procs(tmp_path)

@@ -15,14 +15,14 @@ import pytest
 import torch
 from harness import federation, inprocess_grid
 
-from fedsd.cached import head_outputs
 from fedsd.clients.app import _local_config
 from fedsd.clients.dp_training import train_heads_private
 from fedsd.clients.training import LocalTrainConfig, plan_exits, train_heads, with_pseudo_labels
-from fedsd.distill import DistillConfig, pseudo_label, self_distill_loss
-from fedsd.features import CachedFeatures
 from fedsd.model.multiexit import MultiExitSER
 from fedsd.server.federation import run_federation
+from fedsd.training.cached import head_outputs
+from fedsd.training.distill import DistillConfig, pseudo_label, self_distill_loss
+from fedsd.training.features import CachedFeatures
 
 
 def test_pseudo_label_takes_confident_teacher_classes_for_unlabelled_clips_only() -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from fedsd import api
-from fedsd.launch import FLOWER_ENV, free_port
+from fedsd.process.launch import FLOWER_ENV, free_port
 
 CONFIG = """
 name: raycluster

@@ -17,7 +17,7 @@ from fedsd.config import ExperimentConfig
 from fedsd.metrics import classification_report
 from fedsd.model.backbone import load_backbone
 from fedsd.model.multiexit import MultiExitSER
-from fedsd.train import TimeMasking, add_noise, lr_scheduler, selection_score, train
+from fedsd.training.central import TimeMasking, add_noise, lr_scheduler, selection_score, train
 
 LABELS = ["neutral", "happy", "angry", "sad"]
 

@@ -99,7 +99,7 @@ class Counter:
 
 def test_the_light_dp_gate_names_the_keys_of_the_dp_modules() -> None:
     from fedsd.clients.dp_training import LOCAL_METRICS_KEY
-    from fedsd.privacy import DP_KEYS, DPSettings, PrivacyLedger
+    from fedsd.security.privacy import DP_KEYS, DPSettings, PrivacyLedger
 
     assert set(DP_KEYS.values()) == dp_gate.DP_RECORD_KEYS
     assert dp_gate.LEDGER_STATE_KEY == PrivacyLedger.STATE_KEY

@@ -33,9 +33,9 @@ import pytest
 from harness import FEDSD, NetNamespace, Proc, Procs, env, events, flat, uar_from_confusion, write_config
 from typer.testing import CliRunner
 
-from fedsd import launch
-from fedsd.cli import app
-from fedsd.launch import port_open
+from fedsd.cli.main import app
+from fedsd.process import launch
+from fedsd.process.launch import port_open
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -191,7 +191,7 @@ def _deploy(d: Deployment, corpus: Path) -> None:
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path):
-    from fedsd.security import create_certificates, generate_node_key
+    from fedsd.security.certs import create_certificates, generate_node_key
 
     tmp = tmp_path_factory.mktemp("secure")
     outside = None if NetNamespace.available() else NetNamespace("sd")
@@ -288,7 +288,7 @@ def test_the_run_completes_with_both_devices_every_round(deployment: Deployment)
 def test_device_dp_accumulates_across_rounds_and_a_device_flag_wins(deployment: Deployment) -> None:
     """The ledger lived in each SuperNode's context.state between rounds (the cold device's fresh
     processes included), so round 2's ε is cumulative; good-1's own --dp-noise-multiplier won."""
-    from fedsd.privacy import epsilon
+    from fedsd.security.privacy import epsilon
 
     recs = deployment.records()
     for rnd in (1, 2):

@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from harness import TlsEcho, env, flat
 from typer.testing import CliRunner
 
-from fedsd.cli import app
-from fedsd.launch import free_port, port_open, probe_transport
+from fedsd.cli.main import app
+from fedsd.process.launch import free_port, port_open, probe_transport
 
 runner = CliRunner()
 
@@ -93,7 +93,7 @@ def test_public_files_follow_the_umask_private_keys_are_0600(tmp_path: Path, uma
     0644, readable by everyone under umask 077); private keys are 0600 whatever the umask."""
     import os
 
-    from fedsd.security import create_certificates, generate_node_key
+    from fedsd.security.certs import create_certificates, generate_node_key
 
     old = os.umask(umask)
     try:
@@ -164,7 +164,7 @@ def test_client_keygen_writes_an_openssh_ec_key_flower_loads(tmp_path: Path) -> 
 # ----------------------------------------------------------------------------- fast: flag checks
 @pytest.fixture(scope="module")
 def material(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from fedsd.security import create_certificates, generate_node_key
+    from fedsd.security.certs import create_certificates, generate_node_key
 
     tmp = tmp_path_factory.mktemp("material")
     create_certificates(tmp / "tls")

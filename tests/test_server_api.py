@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from fedsd import api
-from fedsd.launch import free_port, port_free, port_open
-from fedsd.processes import alive
+from fedsd.process.launch import free_port, port_free, port_open
+from fedsd.process.lifetime import alive
 from fedsd.server.service import EXIT_USAGE, Server, ServerError
 
 CONFIG = """name: serverapi

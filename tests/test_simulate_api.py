@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedsd import api
-from fedsd.cli import app
+from fedsd.cli.main import app
 from fedsd.config import load_config
 from fedsd.server.simulation import check_simulation_args
 

@@ -120,7 +120,7 @@ def test_bad_arguments(tmp_path: Path, kwargs: dict[str, object], message: str) 
 
 
 def test_cli_synth(tmp_path: Path) -> None:
-    from fedsd.cli import app
+    from fedsd.cli.main import app
 
     runner = CliRunner()
     help_text = runner.invoke(app, ["data", "synth", "--help"]).output
@@ -143,7 +143,7 @@ def test_cli_synth(tmp_path: Path) -> None:
     ],
 )
 def test_cli_bad_args(tmp_path: Path, args: list[str], message: str) -> None:
-    from fedsd.cli import app
+    from fedsd.cli.main import app
 
     res = CliRunner().invoke(app, ["data", "synth", "--out", str(tmp_path / "x"), *args])
     assert res.exit_code == 2

@@ -13,10 +13,10 @@ import pytest
 from typer.testing import CliRunner
 
 from fedsd import api
-from fedsd.cli import app
+from fedsd.cli.main import app
 from fedsd.config import ExperimentConfig, load_config
 from fedsd.tracking import FanOut, Tracker, flatten
-from fedsd.train import train
+from fedsd.training.central import train
 
 pytest.importorskip("tensorboard", reason="fedsd[tracking] is not installed")
 pytest.importorskip("mlflow", reason="fedsd[tracking] is not installed")
@@ -195,7 +195,7 @@ def test_server_start_flags_travel_to_the_serverapps_federation(
 ) -> None:
     """`fedsd server start --tensorboard/--mlflow-uri` → the run spec the ServerApp process loads: its
     Federation opens the trackers (a deployed run with a device takes ~30 s: not repeated here)."""
-    from fedsd.launch import free_port
+    from fedsd.process.launch import free_port
     from fedsd.server.cli import _tracking
     from fedsd.server.federation import Federation, FederationSpec
     from fedsd.server.service import Server

@@ -10,12 +10,12 @@ import torch
 from harness import uar_from_confusion
 from typer.testing import CliRunner
 
-from fedsd.audio import CropPolicy
-from fedsd.cli import app
+from fedsd.cli.main import app
 from fedsd.config import ExperimentConfig, load_config
+from fedsd.data.audio import CropPolicy
 from fedsd.data.manifest import read_manifest
 from fedsd.model.multiexit import MultiExitSER
-from fedsd.train import evaluate_loader, make_loader, predict_loader, split_rows, train
+from fedsd.training.central import evaluate_loader, make_loader, predict_loader, split_rows, train
 
 LABELS = ["neutral", "happy", "angry", "sad"]
 
@@ -158,7 +158,7 @@ def test_central_ce_steps_only_on_batches_with_a_label(
     """CE at 5 % labels: a batch without a labelled clip takes no AdamW step and no scheduler count (they
     did: AdamW's momentum moved the weights on a zero gradient); metrics.jsonl counts both."""
     from fedsd.data.partition import labelled_mask
-    from fedsd.train import train_crop
+    from fedsd.training.central import train_crop
 
     cfg = ExperimentConfig.model_validate(
         {

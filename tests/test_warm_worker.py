@@ -33,7 +33,7 @@ from test_round_overhead import TRAIN, make_device
 from fedsd.clients import app as client_app
 from fedsd.clients import worker
 from fedsd.clients.dp_gate import LOCAL_METRICS_KEY
-from fedsd.processes import alive
+from fedsd.process.lifetime import alive
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -234,7 +234,7 @@ def test_client_run_warm_worker_reaches_the_supernodes_environment(tmp_path: Pat
     """`fedsd client run --warm-worker` → Device(warm_worker=True) → the SuperNode's own environment."""
     from typer.testing import CliRunner
 
-    from fedsd.cli import app
+    from fedsd.cli.main import app
     from fedsd.clients.supervisor import Supervisor, SupervisorSettings
 
     shown = CliRunner().invoke(app, ["client", "run", "--help"], env={"COLUMNS": "200"})

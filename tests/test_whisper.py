@@ -269,8 +269,8 @@ def test_export_exit_keeps_outputs_and_drops_layers(model: MultiExitSER, tmp_pat
 def test_onnx_fp32_matches_eager_and_int8_leaves_the_log_mel_in_fp32(model: MultiExitSER, tmp_path: Path) -> None:
     import onnx
 
-    from fedsd.onnx_export import export_onnx
-    from fedsd.onnx_runtime import INPUT_MASK, INPUT_WAVE, make_session, output_names
+    from fedsd.runtime.onnx_export import export_onnx
+    from fedsd.runtime.onnx_runtime import INPUT_MASK, INPUT_WAVE, make_session, output_names
 
     export_onnx(model, [1, 3], tmp_path / "m.onnx")
     session = make_session(tmp_path / "m.onnx", threads=1)
@@ -315,16 +315,16 @@ def _write_corpus(root: Path, n: int = 4) -> list:
 
 
 def test_feature_cache_and_inference_run_on_whisper(model: MultiExitSER, tmp_path: Path) -> None:
-    from fedsd.audio import CropPolicy
-    from fedsd.features import FeatureCache
-    from fedsd.inference import evaluate, predict
+    from fedsd.data.audio import CropPolicy
+    from fedsd.runtime.inference import evaluate, predict
+    from fedsd.training.features import FeatureCache
 
     rows = _write_corpus(tmp_path)
     cache = FeatureCache(tmp_path / "cache", model, CropPolicy(None, "center"))
     first = cache.get(rows, tmp_path, [2, 4], label_names=LABELS, batch_size=3)
     second = cache.get(rows, tmp_path, [2, 4], label_names=LABELS)
     assert (first.misses, second.hits) == (4, 4)
-    from fedsd.audio import load_audio, normalize_waveform
+    from fedsd.data.audio import load_audio, normalize_waveform
 
     wav = torch.from_numpy(normalize_waveform(load_audio(tmp_path / "u3.wav", SR)))
     with torch.no_grad():

@@ -179,7 +179,7 @@ class FedBench:
     def _train_base(self, split: Any, checkpoint: str) -> tuple[Path, float]:
         from fedsd.checkpoint import atomic_write_json
         from fedsd.server.prepare import server_pool_splits
-        from fedsd.train import train
+        from fedsd.training.central import train
 
         cfg = self.config()
         recipe = cfg.model_dump(mode="json")

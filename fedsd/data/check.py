@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedsd.audio import AudioError, read_audio
+from fedsd.data.audio import AudioError, read_audio
 from fedsd.data.manifest import ManifestRow, read_manifest
 
 

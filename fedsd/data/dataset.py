@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fedsd.audio import CropPolicy, apply_crop, load_audio, normalize_waveform
+from fedsd.data.audio import CropPolicy, apply_crop, load_audio, normalize_waveform
 from fedsd.data.manifest import ManifestError, ManifestRow
 
 UNLABELLED = -1

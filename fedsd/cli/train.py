@@ -69,7 +69,7 @@ def train_command(
     """
     from fedsd.config import ConfigError
     from fedsd.report import exit_table
-    from fedsd.train import train_experiment
+    from fedsd.training.central import train_experiment
 
     overrides = _parse_overrides(set_)
     for key, value in {
@@ -116,7 +116,7 @@ def evaluate_command(
     Example: [bold]fedsd evaluate --model runs/demo/best --manifest data/synth/manifest.csv --root data/synth --json runs/demo/eval.json[/]
     An exported [bold]X.onnx[/] graph (`fedsd export --format onnx`) is evaluated with ONNX Runtime, without torch.
     """
-    from fedsd.inference import InferenceError, evaluate
+    from fedsd.runtime.inference import InferenceError, evaluate
 
     try:
         result = evaluate(
@@ -160,7 +160,7 @@ def evaluated_speaker_overlap(
     """Which evaluated speakers the model was trained or selected on (``fedsd.checkpoint.speaker_overlap``
     plus ``evaluated_speakers``); "unknown" for a model that records none (older checkpoints, ONNX graphs)."""
     from fedsd.checkpoint import read_model_meta, speaker_overlap
-    from fedsd.inference import select_rows
+    from fedsd.runtime.inference import select_rows
 
     speakers = {r.speaker for r in select_rows(manifest, split, label_names, model)}
     meta = read_model_meta(model) if Path(model).is_dir() else None
@@ -182,7 +182,13 @@ def predict_command(
     Example: [bold]fedsd predict --model runs/demo/best --exit auto --threshold 0.9 a.wav b.wav[/]
     An exported [bold]X.onnx[/] graph runs on ONNX Runtime + soundfile + numpy only (torch is never imported).
     """
-    from fedsd.inference import InferenceError, load_model, predict, predictions_jsonl, predictions_table
+    from fedsd.runtime.inference import (
+        InferenceError,
+        load_model,
+        predict,
+        predictions_jsonl,
+        predictions_table,
+    )
 
     try:
         net = load_model(model, device=device)

@@ -1,6 +1,6 @@
 """`fedsd export`: write the slice of a trained model that a device at one exit needs.
 
-Flags → ``fedsd.export.export`` (which does the work and the checks) → a before/after table or one line
+Flags → ``fedsd.runtime.export.export`` (which does the work and the checks) → a before/after table or one line
 per ONNX graph. Why a command: a device deployed at exit K should download and load only the front end,
 layers 1..K and the heads <= K.
 """
@@ -14,13 +14,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedsd.onnx_runtime import AUTO_MIN_AGREEMENT
+from fedsd.runtime.onnx_runtime import AUTO_MIN_AGREEMENT
 
 console = Console()
 err_console = Console(stderr=True)
 
 if TYPE_CHECKING:
-    from fedsd.export import ExportResult
+    from fedsd.runtime.export import ExportResult
 
 
 def _fail(msg: str, code: int = 1) -> None:
@@ -69,7 +69,7 @@ def export_command(
     Example: [bold]fedsd export --model runs/demo/best --exit 2 --out runs/demo/exit2[/]
     Example: [bold]fedsd export --model runs/demo/best --exit 2 --format onnx --quantize int8 --out runs/demo/exit2-int8.onnx[/]
     """
-    from fedsd.export import ExportError, export
+    from fedsd.runtime.export import ExportError, export
 
     try:
         with err_console.status("exporting", spinner="dots") as status:

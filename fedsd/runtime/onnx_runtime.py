@@ -64,7 +64,7 @@ def _sinc_kernel(orig: int, new: int, width_zeros: int = 6, rolloff: float = 0.9
 
 
 def resample(wav: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
-    """Band-limited resampling, the same kernel as ``fedsd.audio.resample`` (torchaudio), in numpy."""
+    """Band-limited resampling, the same kernel as ``fedsd.data.audio.resample`` (torchaudio), in numpy."""
     if orig_rate == new_rate:
         return wav
     g = math.gcd(int(orig_rate), int(new_rate))
@@ -79,7 +79,7 @@ def resample(wav: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
 
 def load_clip(path: str | os.PathLike[str], preprocessing: Mapping[str, Any]) -> np.ndarray:
     """Decode, resample, crop and normalise ``path`` as the graph's metadata says (``AudioError`` if bad)."""
-    from fedsd.audio import CropPolicy, apply_crop, normalize_waveform, read_audio
+    from fedsd.data.audio import CropPolicy, apply_crop, normalize_waveform, read_audio
 
     rate = int(preprocessing.get("sample_rate", 16000))
     crop = preprocessing.get("crop") or {}

@@ -6,8 +6,8 @@ import typer
 
 app = typer.Typer(no_args_is_help=True)
 
-# --- `synth` is defined in fedsd/data/synth_cli.py and mounted here (keeps this file's owners apart).
-from fedsd.data.synth_cli import register as _register_synth  # noqa: E402
+# --- `synth` is defined in fedsd/cli/synth.py and mounted here (keeps this file's owners apart).
+from fedsd.cli.synth import register as _register_synth  # noqa: E402
 
 _register_synth(app)
 
@@ -26,8 +26,8 @@ from rich.markup import escape  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from fedsd.audio import AudioError  # noqa: E402
 from fedsd.checkpoint import atomic_write_bytes  # noqa: E402
+from fedsd.data.audio import AudioError  # noqa: E402
 from fedsd.data.corpora import (  # noqa: E402
     SCANNERS,
     CorpusError,

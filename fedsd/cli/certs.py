@@ -1,4 +1,4 @@
-"""`fedsd certs create`: TLS certificates for `fedsd server start --tls-dir` (library: fedsd.security).
+"""`fedsd certs create`: TLS certificates for `fedsd server start --tls-dir` (library: fedsd.security.certs).
 
 Kept apart from the server commands because certificates are made once, often on another machine than
 the one that runs the server, and copied: ``ca.pem`` to every device, the rest to the server.
@@ -42,7 +42,7 @@ def create_command(
     then [bold]fedsd server start --tls-dir certs ...[/] and, on each device,
     [bold]fedsd client run --root-cert ca.pem ...[/] with a copy of certs/ca.pem.
     """
-    from fedsd.security import SecurityError, certificate_hosts, create_certificates, load_certificate
+    from fedsd.security.certs import SecurityError, certificate_hosts, create_certificates, load_certificate
 
     try:
         files = create_certificates(out, hosts, days=days, force=force)

@@ -6,7 +6,7 @@ group of the command we started is not enough, and a SIGKILLed `fedsd server sta
 `fedsd client run` would leave them running (the SuperLink holding its port, a SuperNode training
 forever). Every Flower command fedsd starts therefore runs under a *guard*:
 
-    python -m fedsd.processes guard --parent PID --grace S -- COMMAND ARGS...
+    python -m fedsd.process.lifetime guard --parent PID --grace S -- COMMAND ARGS...
 
 The guard (stdlib only, so it starts in ~50 ms):
 - watches its parent *process*: ``getppid()`` stops being ``PID`` the moment that process has exited
@@ -110,7 +110,7 @@ def guarded(cmd: list[str], *, grace_s: float = 8.0) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "fedsd.processes",
+        "fedsd.process.lifetime",
         "guard",
         "--parent",
         str(os.getpid()),
@@ -257,7 +257,7 @@ def _guard(parent: int, grace_s: float, cmd: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: python -m fedsd.processes guard --parent PID [--grace S] -- COMMAND [ARGS...]"
+    usage = "usage: python -m fedsd.process.lifetime guard --parent PID [--grace S] -- COMMAND [ARGS...]"
     if not args or args[0] != "guard" or "--" not in args:
         print(usage, file=sys.stderr)
         raise SystemExit(2)

@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from fedsd.audio import CropPolicy
+from fedsd.data.audio import CropPolicy
 from fedsd.data.dataset import SpeechDataset, collate_batch
 from fedsd.data.manifest import ManifestRow
 from fedsd.model.multiexit import MultiExitSER

@@ -7,7 +7,7 @@ command name, so this environment's bin directory must lead PATH; every Flower p
 telemetry or update checks.
 
 Every child runs in its own process group, so stopping one (SIGTERM, then SIGKILL after a timeout)
-also stops the helpers it spawned. On Linux every child also runs under `fedsd.processes`' guard
+also stops the helpers it spawned. On Linux every child also runs under `fedsd.process.lifetime`' guard
 (parent-death signal + child subreaper): a SIGKILLed parent leaves no Flower process behind.
 """
 
@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedsd import processes as _processes
+from fedsd.process import lifetime as _processes
 
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 

@@ -158,7 +158,7 @@ class TorchModel(InferenceModel):
     noun = "model"
 
     def __init__(self, path: str | os.PathLike[str], device: str = "cpu") -> None:
-        from fedsd.audio import CropPolicy
+        from fedsd.data.audio import CropPolicy
         from fedsd.model.multiexit import MultiExitSER
 
         self.path, self.device = Path(path), device
@@ -175,7 +175,7 @@ class TorchModel(InferenceModel):
         return list(self.net.label_names)
 
     def load_clip(self, path: str | os.PathLike[str]) -> np.ndarray:
-        from fedsd.audio import apply_crop, load_audio, normalize_waveform
+        from fedsd.data.audio import apply_crop, load_audio, normalize_waveform
 
         return normalize_waveform(apply_crop(load_audio(path, self.crop.sample_rate), self.crop))
 
@@ -194,7 +194,7 @@ class TorchModel(InferenceModel):
     def evaluate_rows(
         self, rows: Sequence[ManifestRow], root: Path, batch_size: int, latency_utts: int
     ) -> tuple[dict[int, ClassificationReport], dict[int, float]]:
-        from fedsd.train import evaluate_loader, make_loader, measure_exit_latency
+        from fedsd.training.central import evaluate_loader, make_loader, measure_exit_latency
 
         loader = make_loader(rows, root, self.net.label_names, self.crop, batch_size=batch_size)
         reports = evaluate_loader(self.net, loader, self.device)
@@ -203,13 +203,13 @@ class TorchModel(InferenceModel):
 
 
 class OnnxModel(InferenceModel):
-    """An exported graph run with ONNX Runtime, soundfile and numpy (``fedsd.onnx_runtime``)."""
+    """An exported graph run with ONNX Runtime, soundfile and numpy (``fedsd.runtime.onnx_runtime``)."""
 
     runtime = "onnxruntime"
     noun = "graph"
 
     def __init__(self, path: str | os.PathLike[str], threads: int | None = None) -> None:
-        from fedsd.onnx_runtime import OnnxExitModel
+        from fedsd.runtime.onnx_runtime import OnnxExitModel
 
         self.path = Path(path)
         self.net = OnnxExitModel.load(self.path, threads)
@@ -235,7 +235,7 @@ class OnnxModel(InferenceModel):
         return self.net.load_clip(path)
 
     def classify(self, wav: np.ndarray, exit: ExitChoice, threshold: float) -> tuple[int, np.ndarray]:
-        from fedsd.onnx_runtime import predict_one
+        from fedsd.runtime.onnx_runtime import predict_one
 
         return predict_one(self.net, wav, exit, threshold)
 
@@ -243,7 +243,7 @@ class OnnxModel(InferenceModel):
         self, rows: Sequence[ManifestRow], root: Path, batch_size: int, latency_utts: int
     ) -> tuple[dict[int, ClassificationReport], dict[int, float]]:
         from fedsd.metrics import classification_report
-        from fedsd.onnx_runtime import evaluate_clips, measure_latency
+        from fedsd.runtime.onnx_runtime import evaluate_clips, measure_latency
 
         wavs = [self.net.load_clip(root / r.path) for r in rows]
         y = [self.label_names.index(r.label) for r in rows]
@@ -254,7 +254,7 @@ class OnnxModel(InferenceModel):
 
 def load_model(model: str | os.PathLike[str] | InferenceModel, *, device: str = "cpu") -> InferenceModel:
     """The backend the path asks for (``.onnx``: ONNX Runtime on CPU; else a checkpoint on ``device``)."""
-    from fedsd.onnx_runtime import is_onnx
+    from fedsd.runtime.onnx_runtime import is_onnx
 
     if isinstance(model, InferenceModel):
         return model
@@ -280,7 +280,7 @@ def predict(
     An unreadable file gives a ``Prediction`` with ``error`` set; the others are still classified.
     A bad model or exit raises ``InferenceError``.
     """
-    from fedsd.audio import AudioError
+    from fedsd.data.audio import AudioError
 
     net = load_model(model, device=device)
     chosen = net.resolve_exit(exit)

@@ -26,19 +26,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from fedsd.audio import CropPolicy
 from fedsd.checkpoint import DATA_RECORD_KEY, append_jsonl, atomic_write_json, atomic_write_text, data_record
 from fedsd.config import ConfigError, ExperimentConfig, config_to_yaml
+from fedsd.data.audio import CropPolicy
 from fedsd.data.dataset import SpeechDataset, collate_batch
 from fedsd.data.manifest import ManifestRow, read_manifest
 from fedsd.data.manifest import label_names as manifest_label_names
 from fedsd.data.partition import labelled_mask
-from fedsd.distill import DistillConfig, loss_has_signal, self_distill_loss
 from fedsd.metrics import ClassificationReport, classification_report
 from fedsd.model.backbone import load_backbone
 from fedsd.model.multiexit import MultiExitSER
 from fedsd.report import plot_learning_curves
 from fedsd.tracking import epoch_scalars, finish_run, tracker_for
+from fedsd.training.distill import DistillConfig, loss_has_signal, self_distill_loss
 
 ProgressFn = Callable[[str, int, int], None]
 

@@ -3,7 +3,7 @@
 Both sides import this module, so the protocol is written down once. Rounds carry exit-head weights
 only (``heads.<exit>.<param>``); the one-off model delivery carries a whole checkpoint directory as one
 ``uint8`` array per file (Flower chunks large arrays), each verified by sha256 on arrival. A device
-accepts only the file names a fedsd model has (``fedsd.untrusted.model_file``) and digests that are
+accepts only the file names a fedsd model has (``fedsd.security.untrusted.model_file``) and digests that are
 sha256 hex, checked before anything is written.
 
 A delivery is bounded before it is decoded or parsed (:class:`DeliveryLimits`): total bytes, bytes per
@@ -28,7 +28,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from fedsd.checkpoint import CheckpointError, atomic_directory
-from fedsd.untrusted import (
+from fedsd.security.untrusted import (
     MAX_MODEL_FILES,
     UntrustedValueError,
     model_dimensions,
@@ -169,7 +169,7 @@ def described_model_bytes(backbone_config: Mapping[str, Any], meta: Mapping[str,
 
 def check_model_files(files: Mapping[str, bytes], limits: DeliveryLimits = DeliveryLimits()) -> None:
     """The configs of a decoded delivery: JSON objects with bounded dimensions
-    (:func:`fedsd.untrusted.model_dimensions`), describing no more than the weights delivered."""
+    (:func:`fedsd.security.untrusted.model_dimensions`), describing no more than the weights delivered."""
     configs = {rel: _json(files, rel) for rel in ("fedsd.json", "backbone/config.json") if rel in files}
     for rel, value in configs.items():
         model_dimensions(value, f"model delivery: {rel}")
@@ -196,7 +196,7 @@ def read_delivery(
     """A delivered checkpoint's files, every check done and nothing written: names (fedsd model files),
     digests (sha256 hex, matching), sizes and config dimensions (``limits``).
 
-    Raises :class:`~fedsd.untrusted.UntrustedValueError` for what the server should not have sent and
+    Raises :class:`~fedsd.security.untrusted.UntrustedValueError` for what the server should not have sent and
     CheckpointError for a corrupt file."""
     names = list(arrays.keys())
     if set(names) != set(digests.keys()):

@@ -1,4 +1,4 @@
-"""`fedsd pretrain`: a self-supervised encoder from unlabelled speech (see ``fedsd.pretrain``)."""
+"""`fedsd pretrain`: a self-supervised encoder from unlabelled speech (see ``fedsd.training.pretrain``)."""
 
 from __future__ import annotations
 
@@ -47,10 +47,10 @@ def pretrain_command(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from fedsd.audio import AudioError
     from fedsd.checkpoint import sha256_file
+    from fedsd.data.audio import AudioError
     from fedsd.data.manifest import ManifestError, read_manifest
-    from fedsd.pretrain import PretrainSettings, pretrain
+    from fedsd.training.pretrain import PretrainSettings, pretrain
 
     if not manifest.is_file():
         _fail(f"--manifest {manifest}: not a file")

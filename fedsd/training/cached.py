@@ -1,7 +1,7 @@
 """Exit heads on cached features: batching, outputs and per-exit evaluation.
 
 Shared by devices (local training, personal tests) and the server (evaluation on unseen speakers):
-both run only the small heads over ``fedsd.features`` caches, so neither side needs the other's code.
+both run only the small heads over ``fedsd.training.features`` caches, so neither side needs the other's code.
 Cached inputs are CPU tensors while each head may sit elsewhere (``--device``): every batch goes to
 its head's device, results come back to the CPU.
 """
@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from fedsd.audio import CropPolicy
-from fedsd.features import CachedFeatures
+from fedsd.data.audio import CropPolicy
 from fedsd.metrics import ClassificationReport, classification_report
 from fedsd.model.heads import HeadOutput
 from fedsd.model.multiexit import MultiExitSER
+from fedsd.training.features import CachedFeatures
 
 
 def model_crop(model: MultiExitSER) -> CropPolicy:

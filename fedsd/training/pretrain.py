@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fedsd.audio import load_audio, normalize_waveform
 from fedsd.checkpoint import atomic_directory, atomic_write_json
+from fedsd.data.audio import load_audio, normalize_waveform
 from fedsd.data.manifest import ManifestRow
 from fedsd.tracking import Tracker, epoch_scalars
 

@@ -36,31 +36,31 @@ def _mount() -> None:
     Groups whose module is not part of this build are skipped; an import error inside an existing
     module is a bug and is raised.
     """
-    from fedsd.data.cli import app as data_app
+    from fedsd.cli.data import app as data_app
 
     app.add_typer(data_app, name="data", help="Corpora, manifests, synthetic speech and partitions.")
-    if _exists("fedsd.train_cli"):
-        from fedsd.train_cli import register as register_train
+    if _exists("fedsd.cli.train"):
+        from fedsd.cli.train import register as register_train
 
         register_train(app)
-    if _exists("fedsd.pretrain_cli"):
-        from fedsd.pretrain_cli import register as register_pretrain
+    if _exists("fedsd.cli.pretrain"):
+        from fedsd.cli.pretrain import register as register_pretrain
 
         register_pretrain(app)
-    if _exists("fedsd.export_cli"):
-        from fedsd.export_cli import register as register_export
+    if _exists("fedsd.cli.export"):
+        from fedsd.cli.export import register as register_export
 
         register_export(app)
-    if _exists("fedsd.model_cli"):
-        from fedsd.model_cli import register as register_model
+    if _exists("fedsd.cli.model"):
+        from fedsd.cli.model import register as register_model
 
         register_model(app)
     if _exists("fedsd.server.simulate_cli"):
         from fedsd.server.simulate_cli import register as register_simulate
 
         register_simulate(app)
-    if _exists("fedsd.certs_cli"):
-        from fedsd.certs_cli import app as certs_app
+    if _exists("fedsd.cli.certs"):
+        from fedsd.cli.certs import app as certs_app
 
         app.add_typer(certs_app, name="certs", help="TLS certificates for `fedsd server start --tls-dir`.")
     if _exists("fedsd.server.cli"):
@@ -71,8 +71,8 @@ def _mount() -> None:
         from fedsd.clients.cli import app as client_app
 
         app.add_typer(client_app, name="client", help="Run a device (Flower SuperNode) at a chosen exit.")
-    if _exists("fedsd.config_cli"):
-        from fedsd.config_cli import register as register_config
+    if _exists("fedsd.cli.config"):
+        from fedsd.cli.config import register as register_config
 
         register_config(app)
     if _exists("fedsd.demo"):

@@ -2,7 +2,7 @@
 
 Why: the server side trains the full multi-exit model, but a device deployed at exit K should download
 and load only the front end, layers 1..K and the heads <= K (``fedsd.model.export``); with
-``format="onnx"`` that slice becomes one graph that runs without torch (``fedsd.onnx_export``),
+``format="onnx"`` that slice becomes one graph that runs without torch (``fedsd.runtime.onnx_export``),
 optionally int8-quantised with calibration speech chosen here. ``fedsd export`` is a thin layer over
 :func:`export`. Error messages name the command's flags, since that is where most of them come from.
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsd.onnx_runtime import AUTO_MIN_AGREEMENT
+from fedsd.runtime.onnx_runtime import AUTO_MIN_AGREEMENT
 
 FORMATS = ("pytorch", "onnx")
 DEMO_CALIBRATION = Path("data/synth/manifest.csv")
@@ -177,9 +177,9 @@ def calibration_clips(
     """Up to ``limit`` normalised clips (as the graph sees them, training split first), their source, and
     up to ``held_out`` clips never used for calibration: the manifest's ``valid`` rows, or (without any)
     every fifth of the calibration rows."""
-    from fedsd.audio import AudioError
+    from fedsd.data.audio import AudioError
     from fedsd.data.manifest import read_manifest
-    from fedsd.onnx_runtime import load_clip
+    from fedsd.runtime.onnx_runtime import load_clip
 
     if manifest is None:
         manifest = DEMO_CALIBRATION
@@ -248,7 +248,7 @@ def _export_onnx(
     step: Callable[[str], None] | None,
 ) -> ExportResult:
     from fedsd.model.backbone import ConfigError
-    from fedsd.onnx_export import QUANT_MODES, export_onnx, graph_info
+    from fedsd.runtime.onnx_export import QUANT_MODES, export_onnx, graph_info
 
     if quantize not in (None, "int8"):
         raise ExportError(f"--quantize {quantize!r}: valid values: int8")

@@ -24,7 +24,7 @@ keep a minimum rate, and an idle keep-alive connection is closed (slowloris). It
 server on h11 rather than uvicorn, because uvicorn has no deadline for a request head and reads each
 socket in 256 KiB pieces.
 
-Run: ``python -m fedsd.proxy --listen HOST:PORT --upstream URL [--certfile F --keyfile F] [--cafile F]``
+Run: ``python -m fedsd.security.proxy --listen HOST:PORT --upstream URL [--certfile F --keyfile F] [--cafile F]``
 (``--help`` lists the limits).
 """
 
@@ -76,7 +76,7 @@ TOO_MANY = (
 )
 """What a connection over ``--max-connections`` gets (plain HTTP), written without parsing anything."""
 
-log = logging.getLogger("fedsd.proxy")
+log = logging.getLogger("fedsd.security.proxy")
 
 
 @dataclass(frozen=True)
@@ -610,7 +610,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    from fedsd.processes import set_parent_death_signal
+    from fedsd.process.lifetime import set_parent_death_signal
 
     set_parent_death_signal()
     host, _, port = args.listen.rpartition(":")

@@ -13,7 +13,7 @@ convolution's valid frames depend on valid frames only, padded frames are zeroed
 projection and masked out of attention and pooling, so a padded batch gives each clip (within float
 rounding) what it gives alone.
 
-The runtime side (``fedsd.onnx_runtime``) never imports torch.
+The runtime side (``fedsd.runtime.onnx_runtime``) never imports torch.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from fedsd.model.backbone import ConfigError, EncoderState
 from fedsd.model.export import export_exit, parent_fingerprint
 from fedsd.model.multiexit import MultiExitSER
-from fedsd.onnx_runtime import (
+from fedsd.runtime.onnx_runtime import (
     AUTO_MIN_AGREEMENT,
     FORMAT,
     INPUT_MASK,
@@ -153,7 +153,7 @@ def graph_model(model: MultiExitSER, exits: Sequence[int]) -> ExitGraph:
 
 def preprocessing(model: MultiExitSER) -> dict[str, Any]:
     """What a runtime does to a file before the graph: sample rate, crop (evaluation twin), normalisation."""
-    from fedsd.audio import CropPolicy
+    from fedsd.data.audio import CropPolicy
 
     sample_rate = int(model.meta.get("sample_rate", 16000))
     crop = CropPolicy.for_evaluation(model.meta.get("crop"), sample_rate)

@@ -1,0 +1,1 @@
+"""The trust boundary: TLS and device keys, the fleet-only proxy, wire format, untrusted values, DP accounting."""

@@ -1,0 +1,1 @@
+"""Training: central self-distillation, the loss, self-supervised pretraining, heads on cached features."""
