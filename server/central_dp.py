@@ -244,28 +244,54 @@ class CentralDP:
             partial = [u.node_id for u in senders if not all(k in u.arrays for k in keys)]
             if partial:
                 raise ValueError(f"exit {exit_k}: devices {partial} sent only part of the head")
-            total = {k: np.zeros(global_arrays[k].shape, np.float64) for k in keys}
-            for u in senders:
-                deltas = {
-                    k: u.arrays[k].astype(np.float64) - global_arrays[k].astype(np.float64) for k in keys
-                }
-                norm = math.sqrt(sum(float(np.sum(d * d)) for d in deltas.values()))
-                factor = min(1.0, self.clip_norm / (norm + 1e-12))
-                clipped += int(factor < 1.0)
-                for k in keys:
-                    total[k] += deltas[k] * factor
-                who = self.identity(u.node_id)
-                self.compositions[who] = self.compositions.get(who, 0) + 1
-                mine = self.by_sigma.setdefault(who, {})
-                mine[sigma] = mine.get(sigma, 0) + 1
-            std = self.noise_multiplier * self.clip_norm
-            for k in keys:
-                noisy = total[k] + (self._rng.normal(0.0, std, total[k].shape) if std > 0 else 0.0)
-                value = global_arrays[k].astype(np.float64) + noisy / len(senders)
-                out[k] = value.astype(global_arrays[k].dtype)
+            total, clipped_here = self._clipped_sum(global_arrays, senders, keys, sigma)
+            clipped += clipped_here
+            out |= self._noised_mean(global_arrays, total, len(senders))
             senders_per_head[str(exit_k)] = len(senders)
         if senders_per_head and server_round is not None:
             self.rounds[self.round_offset + int(server_round)] = sigma
+        return out, self._report(clipped, senders_per_head)
+
+    def _clipped_sum(
+        self,
+        global_arrays: dict[str, np.ndarray],
+        senders: Sequence[ValidUpdate],
+        keys: list[str],
+        sigma: float,
+    ) -> tuple[dict[str, np.ndarray], int]:
+        """Σ of the senders' changes of one head, each clipped to ``clip_norm``, and how many were
+        clipped; counts one composition at ``sigma`` for each sender."""
+        total = {k: np.zeros(global_arrays[k].shape, np.float64) for k in keys}
+        clipped = 0
+        for u in senders:
+            deltas = {
+                k: u.arrays[k].astype(np.float64) - global_arrays[k].astype(np.float64) for k in keys
+            }
+            norm = math.sqrt(sum(float(np.sum(d * d)) for d in deltas.values()))
+            factor = min(1.0, self.clip_norm / (norm + 1e-12))
+            clipped += int(factor < 1.0)
+            for k in keys:
+                total[k] += deltas[k] * factor
+            who = self.identity(u.node_id)
+            self.compositions[who] = self.compositions.get(who, 0) + 1
+            mine = self.by_sigma.setdefault(who, {})
+            mine[sigma] = mine.get(sigma, 0) + 1
+        return total, clipped
+
+    def _noised_mean(
+        self, global_arrays: dict[str, np.ndarray], total: dict[str, np.ndarray], senders: int
+    ) -> dict[str, np.ndarray]:
+        """``global + (Σ clipped changes + N(0, σ²C²)) / senders`` per key, in the global dtype."""
+        out: dict[str, np.ndarray] = {}
+        std = self.noise_multiplier * self.clip_norm
+        for k in total:
+            noisy = total[k] + (self._rng.normal(0.0, std, total[k].shape) if std > 0 else 0.0)
+            value = global_arrays[k].astype(np.float64) + noisy / senders
+            out[k] = value.astype(global_arrays[k].dtype)
+        return out
+
+    def _report(self, clipped: int, senders_per_head: dict[str, int]) -> dict[str, Any]:
+        """This round's clipping, noise and ε (why ε is ∞, and every σ composed, where that applies)."""
         report = {
             "clip_norm": self.clip_norm,
             "noise_multiplier": self.noise_multiplier,
@@ -281,4 +307,4 @@ class CentralDP:
             report["sigmas"] = sorted(
                 {s for counts in self.by_sigma.values() for s in counts} | set(self.baseline)
             )
-        return out, report
+        return report

@@ -115,8 +115,8 @@ dependencies = []
 publisher = "fedsd"
 
 [tool.flwr.app.components]
-serverapp = "fedsd.server.app:app"
-clientapp = "fedsd.clients.app:app"
+serverapp = "fedsd.server.server_app:app"
+clientapp = "fedsd.clients.client_app:app"
 
 [tool.flwr.app.config]
 spec-file = ""

@@ -109,114 +109,128 @@ def write_report(
     if not history:
         lines.append("No round completed.\n")
         return atomic_write_text(run_dir / "report.md", "\n".join(lines))
-    has_eval = any(f"exit{k}/uar" in history[-1] for k in exits)
-    if has_eval:
-        lines.append("## UAR on unseen speakers per round\n")
-        lines.append(
-            markdown_table(
-                ["round"] + [f"exit {k}" for k in exits],
-                [[r] + [_uar(h, k) for k in exits] for r, h in zip(rounds, history, strict=True)],
-            )
-        )
-        plot_uar_per_round(
-            rounds, {k: [_uar(h, k) for h in history] for k in exits}, run_dir / "uar_per_round.png"
-        )
-        lines.append("![UAR per round](uar_per_round.png)\n")
-        if any(f"exit{k}/valid-uar" in h for h in history for k in exits):
-            lines.append("## UAR on the server's validation speakers per round\n")
-            lines.append(
-                "The server pool's held-out speakers (they chose the base model's epoch; never trained on): "
-                "the speech to choose federated settings on, unlike the unseen test speakers above.\n"
-            )
-            valid = [[r] + [float(h.get(f"exit{k}/valid-uar", math.nan)) for k in exits]
-                     for r, h in zip(rounds, history, strict=True)]  # fmt: skip
-            lines.append(markdown_table(["round"] + [f"exit {k}" for k in exits], valid))
-        crop = (model.meta.get("crop") or {}).get("max_seconds") or 4.0
-        lat = exit_latency_s(model, float(crop))
-        first, last = history[0], history[-1]
-        series = {
-            f"round {rounds[0]}": {k: (_uar(first, k), lat[k]) for k in exits},
-            f"round {rounds[-1]}": {k: (_uar(last, k), lat[k]) for k in exits},
-        }
-        plot_uar_vs_latency(series, run_dir / "uar_vs_latency.png", "UAR against exit latency, before/after")
-        lines.append("## Accuracy against latency\n")
-        rows = [
-            [k, f"{lat[k] * 1000:.1f}", _uar(first, k), _uar(last, k), _uar(last, k) - _uar(first, k)]
-            for k in exits
-        ]
-        lines.append(
-            markdown_table(
-                ["exit", "latency (ms)", f"UAR round {rounds[0]}", f"UAR round {rounds[-1]}", "Δ"], rows
-            )
-        )
-        lines.append(f"Latency: median of batch-1 forwards of {crop:.1f} s of audio on the server.\n")
-        lines.append("![UAR against latency](uar_vs_latency.png)\n")
+    if any(f"exit{k}/uar" in history[-1] for k in exits):
+        lines += uar_section(history, rounds, exits, run_dir)
+        lines += latency_section(history, rounds, model, run_dir)
     lines += personal_section(history, exits, run_dir)
-    clients = [h["train"] for h in history if "train" in h]
-    if clients:
-        lines.append("## Devices, last round\n")
-        last = clients[-1]
-        names = device_names(history)
-        rows = []
-        for c in last["clients"]:
-            m = c["metrics"]
-            ex = _whole(m.get("exit"), -1)
-
-            def mean_of(suffix: str, m: dict[str, Any] = m) -> float:
-                # an exit without evaluated utterances has no UAR: skipped
-                return nanmean([_number(v) for key, v in m.items() if str(key).endswith(suffix)])
-
-            rows.append(
-                [
-                    names.get(str(c["node_id"]), str(c["node_id"])),
-                    ex,
-                    _whole(m.get("n-utterances"), 0),
-                    _whole(m.get("n-labelled"), 0),
-                    _whole(m.get("n-personal-test"), 0),
-                    mean_of("/personal-uar-before"),
-                    mean_of("/personal-uar-after"),
-                    mean_of("/train-uar-before"),
-                    mean_of("/train-uar-after"),
-                    f"{_number(m.get('seconds')):.1f}",
-                ]
-            )
-        lines.append(
-            markdown_table(
-                [
-                    "device",
-                    "exit",
-                    "training utterances",
-                    "labelled",
-                    "personal test",
-                    "personal-test UAR before",
-                    "personal-test UAR after",
-                    "training-set UAR before",
-                    "training-set UAR after",
-                    "seconds",
-                ],
-                rows,
-            )
-        )
-        lines.append(
-            "UAR averaged over the device's exits. *Personal test*: the device's own held-out utterances "
-            "(never trained on), with the global heads it received (before) and after its local training "
-            "this round (after). *Training-set UAR*: on the labelled utterances it trains on.\n"
-        )
-        rejected = [(h["round"], r) for h in clients for r in h.get("rejections", [])]
-        lines.append("## Rejected updates\n")
-        if rejected:
-            names = device_names(history)
-            lines += [
-                f"- round {rnd}: device {names.get(str(r.get('node_id')), r.get('node_id'))}: {r.get('reason')}"
-                for rnd, r in rejected
-            ]
-            lines.append("")
-        else:
-            lines.append("None.\n")
+    lines += devices_section(history)
     lines += privacy_section(history, run_dir)
     path = atomic_write_text(run_dir / "report.md", "\n".join(lines))
     log(f"report: {path}")
     return path
+
+
+def uar_section(
+    history: Sequence[dict[str, Any]], rounds: list[int], exits: list[int], run_dir: Path
+) -> list[str]:
+    """Markdown (and uar_per_round.png): UAR per exit per round on unseen speakers, and on the server
+    pool's validation speakers when the run measured them."""
+    lines = ["## UAR on unseen speakers per round\n"]
+    lines.append(
+        markdown_table(
+            ["round"] + [f"exit {k}" for k in exits],
+            [[r] + [_uar(h, k) for k in exits] for r, h in zip(rounds, history, strict=True)],
+        )
+    )
+    plot_uar_per_round(
+        rounds, {k: [_uar(h, k) for h in history] for k in exits}, run_dir / "uar_per_round.png"
+    )
+    lines.append("![UAR per round](uar_per_round.png)\n")
+    if any(f"exit{k}/valid-uar" in h for h in history for k in exits):
+        lines.append("## UAR on the server's validation speakers per round\n")
+        lines.append(
+            "The server pool's held-out speakers (they chose the base model's epoch; never trained on): "
+            "the speech to choose federated settings on, unlike the unseen test speakers above.\n"
+        )
+        valid = [[r] + [float(h.get(f"exit{k}/valid-uar", math.nan)) for k in exits]
+                 for r, h in zip(rounds, history, strict=True)]  # fmt: skip
+        lines.append(markdown_table(["round"] + [f"exit {k}" for k in exits], valid))
+    return lines
+
+
+def latency_section(
+    history: Sequence[dict[str, Any]], rounds: list[int], model: MultiExitSER, run_dir: Path
+) -> list[str]:
+    """Markdown (and uar_vs_latency.png): each exit's latency on this machine beside its UAR in the
+    first and the last round."""
+    exits = list(model.exits)
+    crop = (model.meta.get("crop") or {}).get("max_seconds") or 4.0
+    lat = exit_latency_s(model, float(crop))
+    first, last = history[0], history[-1]
+    series = {
+        f"round {rounds[0]}": {k: (_uar(first, k), lat[k]) for k in exits},
+        f"round {rounds[-1]}": {k: (_uar(last, k), lat[k]) for k in exits},
+    }
+    plot_uar_vs_latency(series, run_dir / "uar_vs_latency.png", "UAR against exit latency, before/after")
+    lines = ["## Accuracy against latency\n"]
+    rows = [
+        [k, f"{lat[k] * 1000:.1f}", _uar(first, k), _uar(last, k), _uar(last, k) - _uar(first, k)]
+        for k in exits
+    ]
+    lines.append(
+        markdown_table(
+            ["exit", "latency (ms)", f"UAR round {rounds[0]}", f"UAR round {rounds[-1]}", "Δ"], rows
+        )
+    )
+    lines.append(f"Latency: median of batch-1 forwards of {crop:.1f} s of audio on the server.\n")
+    lines.append("![UAR against latency](uar_vs_latency.png)\n")
+    return lines
+
+
+DEVICE_HEADER = [
+    "device", "exit", "training utterances", "labelled", "personal test", "personal-test UAR before",
+    "personal-test UAR after", "training-set UAR before", "training-set UAR after", "seconds",
+]  # fmt: skip
+
+
+def _device_row(name: str, m: dict[str, Any]) -> list[Any]:
+    """One device's line of the last train round (its metrics are untrusted: numbers only)."""
+
+    def mean_of(suffix: str) -> float:
+        # an exit without evaluated utterances has no UAR: skipped
+        return nanmean([_number(v) for key, v in m.items() if str(key).endswith(suffix)])
+
+    return [
+        name,
+        _whole(m.get("exit"), -1),
+        _whole(m.get("n-utterances"), 0),
+        _whole(m.get("n-labelled"), 0),
+        _whole(m.get("n-personal-test"), 0),
+        mean_of("/personal-uar-before"),
+        mean_of("/personal-uar-after"),
+        mean_of("/train-uar-before"),
+        mean_of("/train-uar-after"),
+        f"{_number(m.get('seconds')):.1f}",
+    ]
+
+
+def devices_section(history: Sequence[dict[str, Any]]) -> list[str]:
+    """Markdown: the devices of the last train round, and every rejected update of the run."""
+    clients = [h["train"] for h in history if "train" in h]
+    if not clients:
+        return []
+    names = device_names(history)
+    rows = [
+        _device_row(names.get(str(c["node_id"]), str(c["node_id"])), c["metrics"])
+        for c in clients[-1]["clients"]
+    ]
+    lines = ["## Devices, last round\n", markdown_table(DEVICE_HEADER, rows)]
+    lines.append(
+        "UAR averaged over the device's exits. *Personal test*: the device's own held-out utterances "
+        "(never trained on), with the global heads it received (before) and after its local training "
+        "this round (after). *Training-set UAR*: on the labelled utterances it trains on.\n"
+    )
+    rejected = [(h["round"], r) for h in clients for r in h.get("rejections", [])]
+    lines.append("## Rejected updates\n")
+    if rejected:
+        lines += [
+            f"- round {rnd}: device {names.get(str(r.get('node_id')), r.get('node_id'))}: {r.get('reason')}"
+            for rnd, r in rejected
+        ]
+        lines.append("")
+    else:
+        lines.append("None.\n")
+    return lines
 
 
 def device_names(history: Sequence[dict[str, Any]]) -> dict[str, str]:
@@ -332,6 +346,7 @@ def privacy_section(history: Sequence[dict[str, Any]], run_dir: Path | None = No
     devices = sorted({n for h in recs for n in h["privacy"].get("device_epsilon", {})}, key=int)
     central = any("central" in h["privacy"] for h in recs)
     lines = ["## Privacy\n"]
+    delta = math.nan
     if devices:
         delta = max(float(h["privacy"].get("delta", math.nan)) for h in recs)
         lines.append(
@@ -339,6 +354,28 @@ def privacy_section(history: Sequence[dict[str, Any]], run_dir: Path | None = No
             "as each device reported it (a device that skipped a round keeps its last value).\n"
         )
     names = device_names(history)
+    lines.append(_epsilon_table(recs, devices, central, names))
+    notes = [
+        h["privacy"]["central"].get("epsilon_note")
+        for h in recs
+        if isinstance(h["privacy"].get("central"), dict)
+    ]
+    if any(isinstance(n, str) for n in notes):
+        lines.append(f"Central ε is ∞: {[n for n in notes if isinstance(n, str)][-1]}.\n")
+    if devices and run_dir is not None:
+        _plot_epsilons(recs, devices, names, delta, run_dir)
+        lines.append("![ε per round](epsilon_per_round.png)\n")
+    stopped = sorted({n for h in recs for n in h["privacy"].get("budget_stopped", [])})
+    if stopped:
+        shown = ", ".join(names.get(str(n), str(n)) for n in stopped)
+        lines.append(f"Devices that stopped training at their ε budget: {shown}.\n")
+    return lines
+
+
+def _epsilon_table(
+    recs: Sequence[dict[str, Any]], devices: list[str], central: bool, names: dict[str, str]
+) -> str:
+    """Round, max ε and each device's ε (sample-level), and the central ε, as a markdown table."""
     header = ["round"] + (["max ε"] + [names.get(n, f"device {n}") for n in devices] if devices else [])
     header += ["central ε (client-level)"] if central else []
     rows = []
@@ -351,37 +388,30 @@ def privacy_section(history: Sequence[dict[str, Any]], run_dir: Path | None = No
         if central:
             row.append(p.get("central", {}).get("epsilon", math.nan))
         rows.append(row)
-    lines.append(markdown_table(header, rows))
-    notes = [
-        h["privacy"]["central"].get("epsilon_note")
-        for h in recs
-        if isinstance(h["privacy"].get("central"), dict)
-    ]
-    if any(isinstance(n, str) for n in notes):
-        lines.append(f"Central ε is ∞: {[n for n in notes if isinstance(n, str)][-1]}.\n")
-    if devices and run_dir is not None:
-        per_device = {
-            names.get(n, f"device {n}"): [
-                float(h["privacy"].get("device_epsilon", {}).get(n, math.nan)) for h in recs
-            ]
-            for n in devices
-        }
-        budgets = [
-            _number(c["metrics"].get("dp-epsilon-budget"))
-            for h in recs
-            for c in h.get("train", {}).get("clients", [])
+    return markdown_table(header, rows)
+
+
+def _plot_epsilons(
+    recs: Sequence[dict[str, Any]], devices: list[str], names: dict[str, str], delta: float, run_dir: Path
+) -> None:
+    """epsilon_per_round.png: each device's cumulative ε per round, with the largest ε budget any
+    device reported."""
+    per_device = {
+        names.get(n, f"device {n}"): [
+            float(h["privacy"].get("device_epsilon", {}).get(n, math.nan)) for h in recs
         ]
-        budget = max((b for b in budgets if math.isfinite(b)), default=None)
-        plot_epsilon_per_round(
-            [int(h["round"]) for h in recs],
-            per_device,
-            run_dir / "epsilon_per_round.png",
-            delta=delta,
-            budget=budget,
-        )
-        lines.append("![ε per round](epsilon_per_round.png)\n")
-    stopped = sorted({n for h in recs for n in h["privacy"].get("budget_stopped", [])})
-    if stopped:
-        shown = ", ".join(names.get(str(n), str(n)) for n in stopped)
-        lines.append(f"Devices that stopped training at their ε budget: {shown}.\n")
-    return lines
+        for n in devices
+    }
+    budgets = [
+        _number(c["metrics"].get("dp-epsilon-budget"))
+        for h in recs
+        for c in h.get("train", {}).get("clients", [])
+    ]
+    budget = max((b for b in budgets if math.isfinite(b)), default=None)
+    plot_epsilon_per_round(
+        [int(h["round"]) for h in recs],
+        per_device,
+        run_dir / "epsilon_per_round.png",
+        delta=delta,
+        budget=budget,
+    )

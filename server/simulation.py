@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from flwr.app import Context
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedsd.checkpoint import atomic_write_json
-from fedsd.clients.app import make_client_app
+from fedsd.clients.client_app import make_client_app
 from fedsd.clients.device import simulated_device_config
 from fedsd.config import ExperimentConfig, config_to_yaml, load_config, resolve_config_path
 from fedsd.data.partition import Partition
@@ -221,15 +222,6 @@ def run_simulation_engine(
         atomic_write_json(run_dir / SETTINGS_FILE, settings)
         return FederationResult.from_run(run_federation(grid, spec, log=log), settings)
 
-    from flwr.simulation import run_simulation
-
-    results: list[RunResult] = []
-    server_app = ServerApp()
-
-    @server_app.main()
-    def _main(grid: Grid, context: Context) -> None:
-        results.append(run_federation(grid, spec, log=log))
-
     with ray_session(address) as ray_info:
         ray_info["devices_at_once"] = devices_at_once(ray_info["nodes"], cpus, gpus)
         settings["ray"] = ray_info
@@ -246,15 +238,33 @@ def run_simulation_engine(
                 f"--gpus-per-client {gpus:g} (cluster: {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU); "
                 "lower them or add workers (`ray start --address HEAD:PORT`)"
             )
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=n,
-            backend_config={"client_resources": {"num_cpus": float(cpus), "num_gpus": float(gpus)}},
-        )
+        results = _run_on_ray(client_app, spec, n, cpus, gpus, log)
     if not results:
         raise RuntimeError("the simulation ended without completing the federated run (see the log above)")
     return FederationResult.from_run(results[0], settings)
+
+
+def _run_on_ray(
+    client_app: ClientApp, spec: FederationSpec, n: int, cpus: float, gpus: float, log: Log
+) -> list[RunResult]:
+    """Flower's simulation engine over ``n`` virtual devices: a ServerApp that runs the federation
+    beside the real ClientApp; returns the run's result (none when the ServerApp failed)."""
+    from flwr.simulation import run_simulation
+
+    results: list[RunResult] = []
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        results.append(run_federation(grid, spec, log=log))
+
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=n,
+        backend_config={"client_resources": {"num_cpus": float(cpus), "num_gpus": float(gpus)}},
+    )
+    return results
 
 
 def simulate(

@@ -36,11 +36,9 @@ from __future__ import annotations
 
 import math
 import random
-import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
 from logging import INFO, WARNING
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -48,7 +46,22 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from .aggregation import (
+    AGGREGATIONS,
+    DEFAULT_MAX_WEIGHT_RATIO,
+    Aggregation,
+    MetricsAggrFn,
+    aggregate_metrics,
+    copy_array,
+    copy_record,
+    merge_updates,
+    min_senders,
+    server_step,
+    weight_cap,
+)
 from .central_dp import CentralDP
+from .node_wait import NotEnoughDevices, wait_for_nodes
+from .round_report import ClientReport, RoundReport
 from .validation import (
     Rejection,
     ValidMetrics,
@@ -63,289 +76,53 @@ __all__ = [
     "AGGREGATIONS",
     "DEFAULT_MAX_WEIGHT_RATIO",
     "ClientReport",
+    "NotEnoughDevices",
     "PartialFedAvg",
     "RoundReport",
     "aggregate_metrics",
     "merge_updates",
     "min_senders",
+    "server_step",
+    "wait_for_nodes",
     "weight_cap",
 ]
 
-Aggregation = Literal["mean", "median", "trimmed_mean"]
-AGGREGATIONS: tuple[str, ...] = ("mean", "median", "trimmed_mean")
-MetricsAggrFn = Callable[[list[RecordDict], str], MetricRecord]
 
-DEFAULT_MAX_WEIGHT_RATIO = 3.0
-"""Default cap on a reply's weight, as a multiple of the round's (lower) median weight.
-
-``num-examples`` is self-reported; the handshake declaration bounds it, but a device can declare
-anything. The cap keeps one liar to ``DEFAULT_MAX_WEIGHT_RATIO`` honest devices' worth of influence
-(while honest devices with up to 3× the typical data keep their full weight). ``PartialFedAvg(
-max_weight_ratio=None)`` switches it off; ``federated.max_num_examples`` adds an absolute cap.
-"""
-
-
-def weight_cap(
-    weights: Sequence[float], max_weight_ratio: float | None, max_num_examples: float | None = None
-) -> float | None:
-    """This round's cap on one reply's weight: ``max_weight_ratio`` × the lower median of ``weights``
-    and ``max_num_examples``, whichever is smaller (None: no cap).
-
-    The *lower* median (the smaller middle value for an even count) so that with two senders the liar
-    is not the one setting the cap.
-    """
-    caps = [] if max_num_examples is None else [float(max_num_examples)]
-    if max_weight_ratio is not None and weights:
-        ordered = sorted(float(w) for w in weights)
-        caps.append(max_weight_ratio * ordered[(len(ordered) - 1) // 2])
-    return min(caps) if caps else None
-
-
-def min_senders(aggregation: str, trim_fraction: float = 0.2) -> int:
-    """Fewest senders of a head for which ``aggregation`` is robust to one lying sender.
-
-    - ``mean``: 1 (no robustness claimed: every sender moves it; bound updates with ``max_update_norm``,
-      ``max_update_norm_ratio`` or central DP),
-    - ``median``: 3 (with 2 senders the median is their mean, with 1 the sender's value),
-    - ``trimmed_mean``: the smallest n >= 3 with ``floor(trim_fraction · n) >= 1`` (at least one value
-      cut at each end: 5 for the default 0.2, 3 for 0.34+); ``trim_fraction`` 0 cuts nothing — a plain
-      mean, 1 like ``mean``.
-    """
-    if aggregation == "median":
-        return 3
-    if aggregation == "trimmed_mean" and trim_fraction > 0:
-        n = 3
-        while int(trim_fraction * n) < 1:
-            n += 1
-        return n
-    return 1
-
-
-@dataclass
-class ClientReport:
-    """One accepted reply, as written to metrics.jsonl."""
-
-    node_id: int
-    num_examples: float
-    metrics: dict[str, Any]
-    keys: list[str] = field(default_factory=list)
-    """Keys the client trained (train rounds only)."""
-    update_norm: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "node_id": self.node_id,
-            "num_examples": self.num_examples,
-            "metrics": dict(self.metrics),
-        }
-        if self.keys:
-            out["keys"] = list(self.keys)
-        if self.update_norm is not None:
-            out["update_norm"] = self.update_norm
-        return out
-
-
-@dataclass
-class RoundReport:
-    """What happened to one round's replies."""
-
-    server_round: int
-    kind: Literal["train", "evaluate"]
-    clients: list[ClientReport] = field(default_factory=list)
-    rejections: list[Rejection] = field(default_factory=list)
-    aggregated: bool = False
-    """Train: whether the global record was updated. Evaluate: whether metrics were aggregated."""
-    updated_keys: list[str] = field(default_factory=list)
-    weight_cap: float | None = None
-    """The largest weight one reply had this round (see :func:`weight_cap`); None: no cap."""
-    note: str | None = None
-    """Why nothing was aggregated, when that happened."""
-    central_dp: dict[str, Any] | None = None
-    """Clipping, noise and ε of the server's client-level DP this round (when on)."""
-    held_back: dict[str, int] = field(default_factory=dict)
-    """Exit → senders, for heads a robust rule did not aggregate (fewer than :func:`min_senders`)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        extra: dict[str, Any] = {"central_dp": self.central_dp} if self.central_dp is not None else {}
-        if self.held_back:
-            extra["held_back"] = dict(self.held_back)
-        if self.weight_cap is not None:
-            extra["weight_cap"] = self.weight_cap
-        return extra | {
-            "round": self.server_round,
-            "kind": self.kind,
-            "aggregated": self.aggregated,
-            "num_clients": len(self.clients),
-            "num_rejected": len(self.rejections),
-            "clients": [c.to_dict() for c in self.clients],
-            "rejections": [r.to_dict() for r in self.rejections],
-            "updated_keys": list(self.updated_keys),
-            "note": self.note,
-        }
-
-
-def _trimmed_mean(stack: np.ndarray, trim_fraction: float) -> np.ndarray:
-    """Coordinate-wise mean over axis 0 after cutting ``int(trim_fraction * n)`` values at each end."""
-    n = stack.shape[0]
-    cut = int(trim_fraction * n)
-    if cut == 0:
-        return stack.mean(axis=0)
-    ordered = np.sort(stack, axis=0)
-    return ordered[cut : n - cut].mean(axis=0)
-
-
-def _cast_like(value: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    if np.issubdtype(reference.dtype, np.integer) or reference.dtype == np.bool_:
-        value = np.rint(value)
-    return np.ascontiguousarray(value.astype(reference.dtype, copy=False).reshape(reference.shape))
-
-
-def _copy_array(array: Array) -> Array:
-    """A new Array sharing the (immutable) bytes: bit-identical, independent of the source record."""
-    return Array(dtype=array.dtype, shape=tuple(array.shape), stype=array.stype, data=array.data)
-
-
-def _copy_record(record: ArrayRecord) -> ArrayRecord:
-    out = ArrayRecord()
-    for key, array in record.items():
-        out[key] = _copy_array(array)
-    return out
-
-
-def merge_updates(
-    global_record: ArrayRecord,
-    updates: Sequence[ValidUpdate],
-    *,
-    aggregation: Aggregation = "mean",
-    trim_fraction: float = 0.2,
-    max_num_examples: float | None = None,
-    global_arrays: dict[str, np.ndarray] | None = None,
-    min_senders: int = 1,
-) -> tuple[ArrayRecord, list[str]]:
-    """Aggregate each key over the updates that carry it and merge into a copy of ``global_record``.
-
-    ``mean`` weights client i by ``min(num_examples_i, max_num_examples)``; ``median`` and
-    ``trimmed_mean`` are coordinate-wise and unweighted (like flwr's FedMedian/FedTrimmedAvg), over
-    the clients that sent the key. A key sent by fewer than ``min_senders`` updates is kept as it is.
-    Arithmetic is float64, cast back to the global dtype (integers rounded). Returns the new record
-    (global key order) and the keys that were aggregated.
-    """
+def check_options(
+    aggregation: str,
+    trim_fraction: float,
+    max_update_norm: float | None,
+    max_num_examples: float | None,
+    max_update_norm_ratio: float | None,
+    max_weight_ratio: float | None,
+    teacher: str,
+    server_lr: float,
+    central_dp: CentralDP | None,
+) -> None:
+    """Refuse :class:`PartialFedAvg` options that do not fit (ValueError naming the option)."""
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-    if global_arrays is None:
-        global_arrays = decode_arrays(global_record)
-    merged = ArrayRecord()
-    updated: list[str] = []
-    for key, array in global_record.items():
-        senders = [u for u in updates if key in u.arrays]
-        if not senders or len(senders) < min_senders:
-            merged[key] = _copy_array(array)
-            continue
-        stack = np.stack([u.arrays[key].astype(np.float64) for u in senders])
-        if aggregation == "mean":
-            weights = np.array(
-                [
-                    u.num_examples if max_num_examples is None else min(u.num_examples, max_num_examples)
-                    for u in senders
-                ],
-                dtype=np.float64,
-            )
-            value = np.tensordot(weights / weights.sum(), stack, axes=1)
-        elif aggregation == "median":
-            value = np.median(stack, axis=0)
-        else:
-            value = _trimmed_mean(stack, trim_fraction)
-        merged[key] = Array(_cast_like(np.asarray(value), global_arrays[key]))
-        updated.append(key)
-    return merged, updated
-
-
-def server_step(
-    global_arrays: dict[str, np.ndarray], merged: ArrayRecord, keys: Sequence[str], server_lr: float
-) -> ArrayRecord:
-    """``global + server_lr·(merged − global)`` for ``keys`` (float64 arithmetic, cast back to the global
-    dtype); every other key of ``merged`` is kept as it is. Applied after clipping and noise, so with
-    central DP it is post-processing and costs no privacy."""
-    out = ArrayRecord()
-    todo = set(keys)
-    for key, array in merged.items():
-        if key not in todo:
-            out[key] = _copy_array(array)
-            continue
-        g = global_arrays[key].astype(np.float64)
-        value = g + server_lr * (array.numpy().astype(np.float64) - g)
-        out[key] = Array(_cast_like(value, global_arrays[key]))
-    return out
-
-
-def aggregate_metrics(
-    entries: Sequence[tuple[float, dict[str, Any]]],
-    *,
-    weighted_by_key: str = "num-examples",
-) -> MetricRecord:
-    """Weighted mean of numeric metrics, each key over the clients that reported it.
-
-    ``entries`` are (weight, metrics). Non-finite values are skipped; list metrics are averaged
-    element-wise over the clients whose list has the most common length. The weighting key itself is
-    not averaged (it is summed by the caller when wanted).
-    """
-    sums: dict[str, Any] = {}
-    totals: dict[str, float] = {}
-    lengths: dict[str, dict[int, int]] = {}
-    for _, metrics in entries:
-        for key, value in metrics.items():
-            if isinstance(value, list):
-                counts = lengths.setdefault(key, {})
-                counts[len(value)] = counts.get(len(value), 0) + 1
-    for weight, metrics in entries:
-        for key, value in metrics.items():
-            if key == weighted_by_key:
-                continue
-            if isinstance(value, list):
-                counts = lengths[key]
-                if not value or len(value) != max(counts, key=lambda n: (counts[n], n)):
-                    continue
-                vec = np.asarray(value, dtype=np.float64)
-                if not np.all(np.isfinite(vec)):
-                    continue
-                sums[key] = sums.get(key, 0.0) + weight * vec
-            else:
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    continue
-                if not math.isfinite(value):
-                    continue
-                sums[key] = sums.get(key, 0.0) + weight * float(value)
-            totals[key] = totals.get(key, 0.0) + weight
-    out = MetricRecord()
-    for key, total in sums.items():
-        mean = total / totals[key]
-        out[key] = [float(v) for v in mean] if isinstance(mean, np.ndarray) else float(mean)
-    return out
-
-
-class NotEnoughDevices(RuntimeError):
-    """Fewer devices than needed stayed connected for the whole bounded wait (``node_wait_s``)."""
-
-
-def wait_for_nodes(grid: Grid, needed: int, timeout_s: float | None, what: str = "the run") -> list[int]:
-    """The connected node ids once at least ``needed`` are connected; :class:`NotEnoughDevices`
-    after ``timeout_s`` seconds (None: wait forever, Flower's own behaviour)."""
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    logged = -1
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= needed:
-            return nodes
-        if deadline is not None and time.monotonic() >= deadline:
-            raise NotEnoughDevices(
-                f"only {len(nodes)} device(s) connected after waiting {timeout_s:.0f} s for {what}; "
-                f"{needed} are needed (min_clients). Start more devices (`fedsd client run ...`), lower "
-                "--min-clients, or wait longer with --device-wait SECONDS"
-            )
-        if len(nodes) != logged:
-            logged = len(nodes)
-            log(INFO, "waiting for devices: %d connected, %d needed", len(nodes), needed)
-        time.sleep(min(1.0, max(0.05, (timeout_s or 1.0) / 20)))
+    if not 0.0 <= trim_fraction < 0.5:
+        raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
+    if max_update_norm is not None and not max_update_norm > 0:
+        raise ValueError(f"max_update_norm must be positive or None, got {max_update_norm}")
+    if max_num_examples is not None and not max_num_examples > 0:
+        raise ValueError(f"max_num_examples must be positive or None, got {max_num_examples}")
+    if max_update_norm_ratio is not None and not max_update_norm_ratio > 1:
+        raise ValueError(f"max_update_norm_ratio must be > 1 or None, got {max_update_norm_ratio}")
+    if max_weight_ratio is not None and not max_weight_ratio >= 1:
+        raise ValueError(f"max_weight_ratio must be >= 1 or None, got {max_weight_ratio}")
+    if teacher not in ("deep", "local"):
+        raise ValueError(f"teacher must be 'deep' or 'local', got {teacher!r}")
+    if not (math.isfinite(server_lr) and server_lr > 0):
+        raise ValueError(f"server_lr must be a positive finite number, got {server_lr}")
+    if central_dp is not None and aggregation != "mean":
+        raise ValueError("central_dp needs aggregation='mean' (it averages clipped updates)")
+    if central_dp is not None and max_update_norm_ratio is not None:
+        raise ValueError(
+            "central_dp cannot be combined with max_update_norm_ratio: rejecting updates relative "
+            "to the other devices' breaks the sensitivity bound of the DP mechanism"
+        )
 
 
 class PartialFedAvg(FedAvg):
@@ -425,41 +202,15 @@ class PartialFedAvg(FedAvg):
         server_lr: float = 1.0,
         teacher: Literal["deep", "local"] = "deep",
     ) -> None:
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-        if not 0.0 <= trim_fraction < 0.5:
-            raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
-        if max_update_norm is not None and not max_update_norm > 0:
-            raise ValueError(f"max_update_norm must be positive or None, got {max_update_norm}")
-        if max_num_examples is not None and not max_num_examples > 0:
-            raise ValueError(f"max_num_examples must be positive or None, got {max_num_examples}")
-        if max_update_norm_ratio is not None and not max_update_norm_ratio > 1:
-            raise ValueError(f"max_update_norm_ratio must be > 1 or None, got {max_update_norm_ratio}")
-        if max_weight_ratio is not None and not max_weight_ratio >= 1:
-            raise ValueError(f"max_weight_ratio must be >= 1 or None, got {max_weight_ratio}")
-        if teacher not in ("deep", "local"):
-            raise ValueError(f"teacher must be 'deep' or 'local', got {teacher!r}")
-        if not (math.isfinite(server_lr) and server_lr > 0):
-            raise ValueError(f"server_lr must be a positive finite number, got {server_lr}")
-        if central_dp is not None and aggregation != "mean":
-            raise ValueError("central_dp needs aggregation='mean' (it averages clipped updates)")
-        if central_dp is not None and max_update_norm_ratio is not None:
-            raise ValueError(
-                "central_dp cannot be combined with max_update_norm_ratio: rejecting updates relative "
-                "to the other devices' breaks the sensitivity bound of the DP mechanism"
-            )
+        check_options(aggregation, trim_fraction, max_update_norm, max_num_examples, max_update_norm_ratio,
+                      max_weight_ratio, teacher, server_lr, central_dp)  # fmt: skip
         super().__init__(
-            fraction_train=fraction_train,
-            fraction_evaluate=fraction_evaluate,
-            min_train_nodes=min_train_nodes,
-            min_evaluate_nodes=min_evaluate_nodes,
-            min_available_nodes=min_available_nodes,
-            weighted_by_key=weighted_by_key,
-            arrayrecord_key=arrayrecord_key,
-            configrecord_key=configrecord_key,
-            train_metrics_aggr_fn=train_metrics_aggr_fn,
-            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
-        )
+            fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_nodes, min_evaluate_nodes=min_evaluate_nodes,
+            min_available_nodes=min_available_nodes, weighted_by_key=weighted_by_key,
+            arrayrecord_key=arrayrecord_key, configrecord_key=configrecord_key,
+            train_metrics_aggr_fn=train_metrics_aggr_fn, evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
+        )  # fmt: skip
         self.aggregation: Aggregation = aggregation
         self.trim_fraction = trim_fraction
         self.max_update_norm = max_update_norm
@@ -520,7 +271,7 @@ class PartialFedAvg(FedAvg):
         """Remember the current global record and what the devices are told (``teacher``,
         ``default-exit``), wait for enough devices (bounded by ``node_wait_s``), then sample this
         round's devices from the node list that wait returned (never a second, unbounded wait)."""
-        self._current_record = _copy_record(arrays)
+        self._current_record = copy_record(arrays)
         self._current_arrays = decode_arrays(self._current_record)
         teacher = config.get("teacher", self.teacher)
         self._round_teacher = teacher if teacher in ("deep", "local") else self.teacher
@@ -589,6 +340,41 @@ class PartialFedAvg(FedAvg):
                 "configure_train for this round first (Strategy.start does)."
             )
         replies = list(replies)
+        updates, rejections = self._validated(replies)
+        cap = weight_cap([u.num_examples for u in updates], self.max_weight_ratio, self.max_num_examples)
+        report = RoundReport(server_round=server_round, kind="train", rejections=rejections, weight_cap=cap)
+        report.clients = [
+            ClientReport(node_id=u.node_id, num_examples=u.num_examples, metrics=u.metrics,
+                         keys=sorted(u.arrays), update_norm=u.update_norm)
+            for u in updates
+        ]  # fmt: skip
+        self.train_reports[server_round] = report
+        _log_replies("aggregate_train", server_round, len(replies), len(updates), rejections)
+
+        needed = max(self.min_train_nodes, 1)
+        if len(updates) < needed:
+            report.note = (
+                f"{len(updates)} valid replies < {needed} required: global record left unchanged this round"
+            )
+            log(WARNING, "aggregate_train: round %s: %s", server_round, report.note)
+            return copy_record(self._current_record), None
+
+        if self.central_dp is not None:
+            merged, updated = self._noised_merge(updates, report, server_round)
+        else:
+            merged, updated = self._robust_merge(updates, report, cap)
+        if self.server_lr != 1.0:
+            merged = server_step(self._current_arrays, merged, updated, self.server_lr)
+        report.aggregated = bool(updated)
+        report.updated_keys = updated
+        untouched = len(self._current_record) - len(updated)
+        log(INFO, "\t└──> %s: updated %s keys, %s untouched", self.aggregation, len(updated), untouched)
+
+        return merged, self._train_metrics(updates, len(rejections), cap)
+
+    def _validated(self, replies: list[Message]) -> tuple[list[ValidUpdate], list[Rejection]]:
+        """The round's valid updates and the rejections (every check, then the norm-outlier rule)."""
+        assert self._current_arrays is not None
         updates, rejections = validate_train_replies(
             replies,
             self._current_arrays,
@@ -605,80 +391,50 @@ class PartialFedAvg(FedAvg):
                 updates, self._current_arrays, self.max_update_norm_ratio
             )
             rejections = [*rejections, *outliers]
-        cap = weight_cap([u.num_examples for u in updates], self.max_weight_ratio, self.max_num_examples)
-        report = RoundReport(server_round=server_round, kind="train", rejections=rejections, weight_cap=cap)
-        report.clients = [
-            ClientReport(
-                node_id=u.node_id,
-                num_examples=u.num_examples,
-                metrics=u.metrics,
-                keys=sorted(u.arrays),
-                update_norm=u.update_norm,
-            )
-            for u in updates
-        ]
-        self.train_reports[server_round] = report
-        log(
-            INFO,
-            "aggregate_train: round %s, %s replies: %s valid, %s rejected",
-            server_round,
-            len(replies),
-            len(updates),
-            len(rejections),
+        return updates, rejections
+
+    def _noised_merge(
+        self, updates: list[ValidUpdate], report: RoundReport, server_round: int
+    ) -> tuple[ArrayRecord, list[str]]:
+        """Central DP: the noised mean of clipped changes per head, merged into the current record."""
+        assert self.central_dp is not None
+        assert self._current_record is not None and self._current_arrays is not None
+        noised, report.central_dp = self.central_dp.aggregate(
+            self._current_arrays, updates, server_round=server_round
         )
-        for rejection in rejections:
-            log(WARNING, "\t> rejected reply from node %s: %s", rejection.node_id, rejection.reason)
+        merged = ArrayRecord()
+        for key, array in self._current_record.items():
+            merged[key] = Array(noised[key]) if key in noised else copy_array(array)
+        updated = [k for k in self._current_record if k in noised]
+        epsilon = report.central_dp["epsilon"]
+        log(INFO, "\t├──> central DP: ε = %.3f (δ = %g)", epsilon, self.central_dp.delta)
+        return merged, updated
 
-        needed = max(self.min_train_nodes, 1)
-        if len(updates) < needed:
-            report.note = (
-                f"{len(updates)} valid replies < {needed} required: global record left unchanged this round"
-            )
-            log(WARNING, "aggregate_train: round %s: %s", server_round, report.note)
-            return _copy_record(self._current_record), None
-
-        if self.central_dp is not None:
-            noised, report.central_dp = self.central_dp.aggregate(
-                self._current_arrays, updates, server_round=server_round
-            )
-            merged = ArrayRecord()
-            for key, array in self._current_record.items():
-                merged[key] = Array(noised[key]) if key in noised else _copy_array(array)
-            updated = [k for k in self._current_record if k in noised]
+    def _robust_merge(
+        self, updates: list[ValidUpdate], report: RoundReport, cap: float | None
+    ) -> tuple[ArrayRecord, list[str]]:
+        """The configured rule per key; heads with fewer senders than it needs are held back."""
+        assert self._current_record is not None
+        fewest = min_senders(self.aggregation, self.trim_fraction)
+        report.held_back = self._held_back(updates, fewest)
+        for exit_k, n in report.held_back.items():
             log(
-                INFO,
-                "\t├──> central DP: ε = %.3f (δ = %g)",
-                report.central_dp["epsilon"],
-                self.central_dp.delta,
-            )
-        else:
-            fewest = min_senders(self.aggregation, self.trim_fraction)
-            report.held_back = self._held_back(updates, fewest)
-            for exit_k, n in report.held_back.items():
-                log(
-                    WARNING,
-                    "\t> exit %s head not aggregated: %s sender(s), %s needs %s",
-                    exit_k, n, self.aggregation, fewest,
-                )  # fmt: skip
-            merged, updated = merge_updates(
-                self._current_record,
-                updates,
-                aggregation=self.aggregation,
-                trim_fraction=self.trim_fraction,
-                max_num_examples=cap,
-                global_arrays=self._current_arrays,
-                min_senders=fewest,
-            )
-            if not updated:
-                report.note = f"no head had the {fewest} senders {self.aggregation} needs: record unchanged"
-        if self.server_lr != 1.0:
-            merged = server_step(self._current_arrays, merged, updated, self.server_lr)
-        report.aggregated = bool(updated)
-        report.updated_keys = updated
-        untouched = len(self._current_record) - len(updated)
-        log(INFO, "\t└──> %s: updated %s keys, %s untouched", self.aggregation, len(updated), untouched)
-
-        return merged, self._train_metrics(updates, len(rejections), cap)
+                WARNING,
+                "\t> exit %s head not aggregated: %s sender(s), %s needs %s",
+                exit_k, n, self.aggregation, fewest,
+            )  # fmt: skip
+        merged, updated = merge_updates(
+            self._current_record,
+            updates,
+            aggregation=self.aggregation,
+            trim_fraction=self.trim_fraction,
+            max_num_examples=cap,
+            global_arrays=self._current_arrays,
+            min_senders=fewest,
+        )
+        if not updated:
+            report.note = f"no head had the {fewest} senders {self.aggregation} needs: record unchanged"
+        return merged, updated
 
     @staticmethod
     def _held_back(updates: Sequence[ValidUpdate], fewest: int) -> dict[str, int]:
@@ -740,16 +496,7 @@ class PartialFedAvg(FedAvg):
             ],
         )
         self.evaluate_reports[server_round] = report
-        log(
-            INFO,
-            "aggregate_evaluate: round %s, %s replies: %s valid, %s rejected",
-            server_round,
-            len(replies),
-            len(valid),
-            len(rejections),
-        )
-        for rejection in rejections:
-            log(WARNING, "\t> rejected reply from node %s: %s", rejection.node_id, rejection.reason)
+        _log_replies("aggregate_evaluate", server_round, len(replies), len(valid), rejections)
         if not valid:
             report.note = "no valid evaluate replies"
             return None
@@ -762,3 +509,10 @@ class PartialFedAvg(FedAvg):
             weighted_by_key=self.weighted_by_key,
         )
         return self._add_counts(metrics, [v.num_examples for v in valid], len(rejections))
+
+
+def _log_replies(what: str, server_round: int, replies: int, valid: int, rejections: list[Rejection]) -> None:
+    log(INFO, "%s: round %s, %s replies: %s valid, %s rejected", what, server_round, replies, valid,
+        len(rejections))  # fmt: skip
+    for rejection in rejections:
+        log(WARNING, "\t> rejected reply from node %s: %s", rejection.node_id, rejection.reason)

@@ -13,7 +13,7 @@ A train reply is rejected when
   clips a head's change as one vector, and half a head is no update anyone trained),
 - its device declared an exit the model does not have (``-1``, "the server's choice", stands for the
   exit the device then runs: the train config's ``default-exit``, else the model's deepest exit, as
-  ``fedsd.clients.app`` resolves it), or it carries a head above that exit (an exit-1 device has no
+  ``fedsd.clients.messages`` resolves it), or it carries a head above that exit (an exit-1 device has no
   business sending the teacher's head: as its only sender it would set it to anything),
 - it carries the teacher's head when the devices were told ``teacher=deep`` (no honest device trains
   the deepest head then: any sender of it is lying, whatever exit it declared),
@@ -38,7 +38,6 @@ the run. Everything a device sends that ends up in a reason or a log line goes t
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -50,6 +49,17 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import SType
 
 from fedsd.security.untrusted import printable, shown
+
+from .metric_caps import (
+    MAX_METRIC_BYTES,
+    MAX_METRIC_KEY_CHARS,
+    MAX_METRIC_KEYS,
+    MAX_METRIC_LIST_LEN,
+    bad_metrics,
+    metric_cap_problem,
+    metric_values,
+    read_weight,
+)
 
 __all__ = [
     "MAX_METRIC_BYTES",
@@ -114,25 +124,6 @@ def decode_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {key: array.numpy() for key, array in record.items()}
 
 
-def metric_values(record: MetricRecord) -> dict[str, int | float | list[int] | list[float]]:
-    """A plain-dict copy of a MetricRecord (lists copied)."""
-    return {key: (list(value) if isinstance(value, list) else value) for key, value in record.items()}
-
-
-def read_weight(metrics: Mapping[str, Any], weighted_by_key: str) -> float | str:
-    """The reply's weight, or the reason it is unusable."""
-    if weighted_by_key not in metrics:
-        return f"missing '{weighted_by_key}' in MetricRecord"
-    value = metrics[weighted_by_key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return f"'{weighted_by_key}' is not a number ({type(value).__name__})"
-    if not math.isfinite(value):
-        return f"'{weighted_by_key}' is not finite ({value})"
-    if value <= 0:
-        return f"'{weighted_by_key}' must be positive (got {value})"
-    return float(value)
-
-
 def _node_id(reply: Message) -> int:
     return int(reply.metadata.src_node_id)
 
@@ -171,7 +162,7 @@ def resolve_exit(declared: int, model_exits: Iterable[int], default_exit: int | 
 
     ``-1`` ("the server's choice") is the exit such a device then runs: ``default_exit`` (the train
     config's ``default-exit``) when the server sent one, else the model's deepest exit — what
-    ``fedsd.clients.app`` picks. Any other value must be an exit of the model.
+    ``fedsd.clients.messages`` picks. Any other value must be an exit of the model.
     """
     exits = sorted(set(model_exits))
     if not exits:
@@ -248,6 +239,55 @@ def _check_array(key: str, array: Array, reference: np.ndarray) -> np.ndarray | 
     return value
 
 
+def _train_records(reply: Message) -> tuple[RecordDict, ArrayRecord, MetricRecord] | Rejection:
+    """The content of a train reply and its single ArrayRecord and MetricRecord, or why it has none."""
+    node_id = _node_id(reply)
+    if reply.has_error():
+        return Rejection(node_id, _error_reason(reply))
+    if not reply.has_content():
+        return Rejection(node_id, "reply has neither content nor error")
+    content = reply.content
+    record = _single_record(content.array_records, "ArrayRecord")
+    if isinstance(record, str):
+        return Rejection(node_id, record)
+    metric_record = _single_record(content.metric_records, "MetricRecord")
+    if isinstance(metric_record, str):
+        return Rejection(node_id, metric_record)
+    return content, record, metric_record
+
+
+def _decoded_arrays(
+    node_id: int, record: ArrayRecord, global_arrays: Mapping[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], float] | Rejection:
+    """The reply's arrays decoded and checked against the global ones, with the squared L2 norm of
+    the change; or why they are unusable (empty, unknown keys, a bad array)."""
+    if len(record) == 0:
+        return Rejection(node_id, "empty ArrayRecord (no weights sent)")
+    unknown = sorted(key for key in record if key not in global_arrays)
+    if unknown:
+        names = ", ".join(shown(k, 60) for k in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        return Rejection(node_id, f"unknown keys not in the global record: {names}")
+    decoded: dict[str, np.ndarray] = {}
+    squared = 0.0
+    for key, array in record.items():
+        checked = _check_array(key, array, global_arrays[key])
+        if isinstance(checked, str):
+            return Rejection(node_id, checked)
+        decoded[key] = checked
+        diff = checked.astype(np.float64) - global_arrays[key].astype(np.float64)
+        squared += float(np.dot(diff.ravel(), diff.ravel()))
+    return decoded, squared
+
+
+def _declared_exit(node_id: int, declared_exits: Mapping[int, int] | None) -> int | None | Rejection:
+    """The exit the node declared at the handshake (None: no handshake information, no exit limit)."""
+    if declared_exits is None:
+        return None
+    if node_id not in declared_exits:
+        return Rejection(node_id, "device did not join through the handshake (no declared exit)")
+    return declared_exits[node_id]
+
+
 def validate_train_reply(
     reply: Message,
     global_arrays: Mapping[str, np.ndarray] | ArrayRecord,
@@ -272,49 +312,25 @@ def validate_train_reply(
     may carry that head.
     """
     node_id = _node_id(reply)
-    if reply.has_error():
-        return Rejection(node_id, _error_reason(reply))
-    if not reply.has_content():
-        return Rejection(node_id, "reply has neither content nor error")
+    records = _train_records(reply)
+    if isinstance(records, Rejection):
+        return records
+    content, record, metric_record = records
     if isinstance(global_arrays, ArrayRecord):
         global_arrays = decode_arrays(global_arrays)
-
-    content = reply.content
-    record = _single_record(content.array_records, "ArrayRecord")
-    if isinstance(record, str):
-        return Rejection(node_id, record)
-    metric_record = _single_record(content.metric_records, "MetricRecord")
-    if isinstance(metric_record, str):
-        return Rejection(node_id, metric_record)
-
     checked = _metrics_and_weight(
         node_id, metric_record, weighted_by_key, required_metrics, declared_examples
     )
     if isinstance(checked, Rejection):
         return checked
     metrics, weight = checked
-
-    if len(record) == 0:
-        return Rejection(node_id, "empty ArrayRecord (no weights sent)")
-    unknown = sorted(key for key in record if key not in global_arrays)
-    if unknown:
-        names = ", ".join(shown(k, 60) for k in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
-        return Rejection(node_id, f"unknown keys not in the global record: {names}")
-
-    decoded: dict[str, np.ndarray] = {}
-    squared = 0.0
-    for key, array in record.items():
-        checked = _check_array(key, array, global_arrays[key])
-        if isinstance(checked, str):
-            return Rejection(node_id, checked)
-        decoded[key] = checked
-        diff = checked.astype(np.float64) - global_arrays[key].astype(np.float64)
-        squared += float(np.dot(diff.ravel(), diff.ravel()))
-    declared_exit: int | None = None
-    if declared_exits is not None:
-        if node_id not in declared_exits:
-            return Rejection(node_id, "device did not join through the handshake (no declared exit)")
-        declared_exit = declared_exits[node_id]
+    arrays = _decoded_arrays(node_id, record, global_arrays)
+    if isinstance(arrays, Rejection):
+        return arrays
+    decoded, squared = arrays
+    declared_exit = _declared_exit(node_id, declared_exits)
+    if isinstance(declared_exit, Rejection):
+        return declared_exit
     problem = _head_problem(
         record.keys(), _head_keys(global_arrays), declared_exit, teacher_exit, default_exit
     )
@@ -332,60 +348,6 @@ def validate_train_reply(
         update_norm=norm,
         content=content,
     )
-
-
-MAX_METRIC_KEYS = 256
-"""Most metric keys one reply may carry (an honest train reply of a 24-exit model sends ~200)."""
-MAX_METRIC_KEY_CHARS = 128
-"""Longest metric key (honest keys are like ``exit12/personal-uar-before``)."""
-MAX_METRIC_LIST_LEN = 256
-"""Most entries of one list-valued metric (honest devices send scalars; per-class lists stay short)."""
-MAX_METRIC_BYTES = 64 * 1024
-"""Largest serialised size (JSON, UTF-8) of one reply's metrics: what it may add to a metrics.jsonl line."""
-
-
-def metric_cap_problem(metrics: Mapping[str, Any]) -> str | None:
-    """Why a reply's metrics are too big to keep, naming the cap; None when they fit.
-
-    Checked before anything is copied or aggregated: a device must not decide how much each round
-    writes to metrics.jsonl, keeps in memory or puts in the report. Cheap checks first (count, key
-    length, list lengths), the serialised size last (bounded by then).
-    """
-    if len(metrics) > MAX_METRIC_KEYS:
-        return f"metrics: {len(metrics)} keys exceed the cap of {MAX_METRIC_KEYS} (MAX_METRIC_KEYS)"
-    for key, value in metrics.items():
-        if len(str(key)) > MAX_METRIC_KEY_CHARS:
-            return (
-                f"metric key {shown(key, 40)} has {len(str(key))} characters, over the cap of "
-                f"{MAX_METRIC_KEY_CHARS} (MAX_METRIC_KEY_CHARS)"
-            )
-        if isinstance(value, (list, tuple)) and len(value) > MAX_METRIC_LIST_LEN:
-            return (
-                f"metric {shown(key, 60)} is a list of {len(value)} entries, over the cap of "
-                f"{MAX_METRIC_LIST_LEN} (MAX_METRIC_LIST_LEN)"
-            )
-    try:
-        size = len(json.dumps(dict(metrics), default=str).encode("utf-8"))
-    except (TypeError, ValueError) as exc:  # a value json cannot write: not a metric anyway
-        return f"metrics cannot be serialised ({type(exc).__name__})"
-    if size > MAX_METRIC_BYTES:
-        return f"metrics: {size} bytes as JSON exceed the cap of {MAX_METRIC_BYTES} (MAX_METRIC_BYTES)"
-    return None
-
-
-def _bad_metrics(metrics: Mapping[str, Any], required: Iterable[str]) -> str | None:
-    """Why the metrics are unusable: a required one is missing, or a value is not a finite number."""
-    missing = [k for k in required if k not in metrics]
-    if missing:
-        return f"missing metric(s) {', '.join(missing)}"
-    for key, value in metrics.items():
-        values = value if isinstance(value, list) else [value]
-        for v in values:
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                return f"metric {shown(key, 60)} is not a number ({type(v).__name__})"
-            if not math.isfinite(v):
-                return f"metric {shown(key, 60)} is not finite ({v})"
-    return None
 
 
 def _metrics_and_weight(
@@ -406,7 +368,7 @@ def _metrics_and_weight(
     weight = read_weight(metrics, weighted_by_key)
     if isinstance(weight, str):
         return Rejection(node_id, weight)
-    bad = _bad_metrics(metrics, required)
+    bad = bad_metrics(metrics, required)
     if bad:
         return Rejection(node_id, bad)
     if declared_examples is not None:

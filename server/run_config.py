@@ -1,34 +1,34 @@
-"""The Flower ServerApp: reads its run spec from the run config and runs the federation.
+"""What the ServerApp does with its run config: build the run spec, run the federation, record an early end.
 
 Two ways in:
 - a complete JSON spec under the run-config key ``spec``, or the absolute path of a JSON file holding
   it under ``spec-file`` (what `fedsd server start` passes);
 - `flwr run .` (plain Flower) gives ``config`` (a YAML path) and ``num-server-rounds`` from
   ``[tool.flwr.app.config]``; the server then prepares what the config lacks (data, base model).
+
+``fedsd.server.server_app`` only wires Flower's ``ServerApp`` to :func:`serve`.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
-from flwr.app import Context
-from flwr.common.logger import log
-from flwr.serverapp import Grid, ServerApp
+from flwr.common.logger import log as flwr_log
+from flwr.serverapp import Grid
 
 from fedsd.checkpoint import atomic_write_json
 from fedsd.config import load_config
 from fedsd.server.federation import FederationSpec, run_federation
 from fedsd.server.strategy import NotEnoughDevices
 
-app = ServerApp()
+OUTCOME_FILE = "outcome.json"
+"""Why a run ended early, for `fedsd server start` (Flower's run status has no room for it)."""
 
 
-def _info(msg: str) -> None:
-    log(logging.INFO, msg)
-
-
-def spec_from_run_config(run_config: dict) -> FederationSpec:
+def spec_from_run_config(run_config: dict, log: Callable[[str], None]) -> FederationSpec:
+    """The run spec the run config names (``spec``/``spec-file``), else one prepared from ``config``."""
     if run_config.get("spec"):
         return FederationSpec.from_json(str(run_config["spec"]))
     if run_config.get("spec-file"):  # `fedsd server start` writes the spec next to the run
@@ -42,7 +42,7 @@ def spec_from_run_config(run_config: dict) -> FederationSpec:
     cfg_path = Path(str(run_config.get("config", "configs/demo.yaml"))).resolve()
     cfg = load_config(cfg_path)
     run_dir = Path(str(run_config.get("run-dir") or f"runs/{cfg.name}-flwr")).resolve()
-    prepared = prepare_run(cfg, run_dir, log=_info)
+    prepared = prepare_run(cfg, run_dir, log=log)
     return FederationSpec(
         config=str(cfg_path),
         run_dir=str(run_dir),
@@ -52,19 +52,15 @@ def spec_from_run_config(run_config: dict) -> FederationSpec:
     )
 
 
-OUTCOME_FILE = "outcome.json"
-"""Why a run ended early, for `fedsd server start` (Flower's run status has no room for it)."""
-
-
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    spec = spec_from_run_config(dict(context.run_config))
+def serve(grid: Grid, run_config: dict, log: Callable[[str], None]) -> None:
+    """Run the federation the run config names; "not enough devices" is written to ``outcome.json``."""
+    spec = spec_from_run_config(run_config, log)
     try:
-        result = run_federation(grid, spec, log=_info)
+        result = run_federation(grid, spec, log=log)
     except NotEnoughDevices as e:
-        log(logging.ERROR, f"not enough devices: {e}")
+        flwr_log(logging.ERROR, f"not enough devices: {e}")
         atomic_write_json(
             Path(spec.run_dir) / OUTCOME_FILE, {"status": "not-enough-devices", "message": str(e)}
         )
         raise
-    _info(f"federated run finished: {result.rounds_done} rounds, final model {result.final_dir}")
+    log(f"federated run finished: {result.rounds_done} rounds, final model {result.final_dir}")
