@@ -18,7 +18,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,158 +33,47 @@ from fedsd.checkpoint import (
     save_tensors,
     sweep_temporaries,
 )
-from fedsd.config import ExperimentConfig, load_config
-from fedsd.data.dataset import rows_by_ids
-from fedsd.data.manifest import ManifestRow, read_manifest
+from fedsd.config import load_config
+from fedsd.data.manifest import ManifestRow
 from fedsd.metrics import ClassificationReport
 from fedsd.model.multiexit import MultiExitSER
-from fedsd.security.privacy import DPSettings
-from fedsd.security.untrusted import UntrustedValueError, identifier
-from fedsd.security.wire import (
-    QUERY_DONE,
-    QUERY_INFO,
-    QUERY_MODEL,
-    checkpoint_to_record,
-    heads_to_record,
-    record_to_heads,
-)
+from fedsd.security.wire import QUERY_DONE, heads_to_record, record_to_heads
 from fedsd.server.central_dp import CentralDP
-from fedsd.server.replies import (
-    NO_REPLY,
-    ReplyTracker,
-    describe_failure,
-    failed_devices,
-    pair_replies,
+from fedsd.server.handshake import Greeting, device_name, greet
+from fedsd.server.replies import ReplyTracker, describe_failure, failed_devices
+from fedsd.server.round_record import personal_record, privacy_record, round_line
+from fedsd.server.run_spec import (
+    FederationError,
+    FederationResult,
+    FederationSpec,
+    eval_rows,
+    train_config_record,
+    valid_rows,
 )
 from fedsd.server.strategy import NotEnoughDevices, PartialFedAvg, wait_for_nodes
-from fedsd.server.validation import Rejection, metric_cap_problem, validate_info_reply
+from fedsd.server.validation import metric_cap_problem
 from fedsd.tracking import NullTracker, Tracker, finish_run, round_scalars, tracker_for
 from fedsd.training.cached import evaluate_cached, model_crop
 from fedsd.training.features import CachedFeatures, FeatureCache
+
+__all__ = [
+    "DONE_TIMEOUT_S",
+    "Federation",
+    "FederationError",
+    "FederationResult",
+    "FederationSpec",
+    "exits_in",
+    "run_federation",
+    "train_config_record",
+]
 
 Log = Callable[[str], None]
 DONE_TIMEOUT_S = 120.0
 """Longest wait for the devices' end-of-run replies (they personalise and write their model first)."""
 
 
-class FederationError(RuntimeError):
-    """The run cannot go on; the message says why and what to do."""
-
-
-@dataclass
-class FederationSpec:
-    """Everything the server needs; flat and JSON-able so it travels in a Flower run config."""
-
-    config: str
-    run_dir: str
-    base_model: str
-    rounds: int | None = None
-    min_clients: int | None = None
-    partition: str | None = None
-    eval_manifest: str | None = None
-    eval_root: str | None = None
-    resume: bool = False
-    deliver_model: bool = True
-    node_wait_s: float = 300.0
-    cache_dir: str | None = None
-    overrides: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> FederationSpec:
-        return cls(**json.loads(text))
-
-
-@dataclass
-class FederationResult:
-    run_dir: Path
-    rounds_done: int
-    history: list[dict[str, Any]]
-    final_dir: Path | None
-
-
 def _round_path(run_dir: Path, rnd: int) -> Path:
     return run_dir / "rounds" / f"round_{rnd:03d}.safetensors"
-
-
-def _server_data(spec: FederationSpec, cfg: ExperimentConfig) -> tuple[Path, Path]:
-    """The manifest and audio root of the speech the server holds (the spec's, else the config's)."""
-    manifest = Path(spec.eval_manifest) if spec.eval_manifest else cfg.data.manifest_path
-    return manifest, Path(spec.eval_root) if spec.eval_root else cfg.data.root
-
-
-def _eval_rows(spec: FederationSpec, cfg: ExperimentConfig) -> tuple[list[ManifestRow], Path]:
-    """Server-held utterances of unseen speakers: the partition's test set, else split=test rows."""
-    manifest, root = _server_data(spec, cfg)
-    if not manifest.exists():
-        return [], root
-    rows = read_manifest(manifest)
-    if spec.partition:
-        from fedsd.data.partition import Partition
-
-        ids = Partition.load(spec.partition).test_utt_ids
-        return rows_by_ids(rows, ids), root
-    return [r for r in rows if r.split == "test" and r.label], root
-
-
-def train_config_record(
-    cfg: ExperimentConfig,
-    fingerprint: str,
-    round_offset: int,
-    *,
-    num_rounds: int | None = None,
-    federation_id: str = "",
-) -> ConfigRecord:
-    """The hyper-parameters every device trains with this run (the server is their single source).
-
-    With ``federated.dp`` set, the ``dp-*`` keys ask every device for sample-level DP; a device's own
-    ``--dp-*`` flags override them. ``federation-id`` names the run across server restarts, so a
-    device's privacy ledger continues after a ``--resume``.
-    """
-    fc = cfg.federated
-    dp = DPSettings.from_config(fc.dp, num_rounds or fc.rounds).to_record() if fc.dp else {}
-    return ConfigRecord(
-        dp
-        | {
-            "fingerprint": fingerprint,
-            "federation-id": federation_id,
-            "num-rounds": num_rounds or fc.rounds,
-            "round-offset": round_offset,
-            "local-epochs": fc.local_epochs,
-            "batch-size": fc.batch_size,
-            "lr": fc.lr,
-            "proximal-mu": fc.proximal_mu,
-            "mode": fc.mode,
-            "train-exits": fc.train_exits,
-            "teacher": fc.teacher,
-            "w-ce": fc.distill.w_ce,
-            "w-kd": fc.distill.w_kd,
-            "w-feat": fc.distill.w_feat,
-            "temperature": fc.distill.temperature,
-            "pl-threshold": fc.distill.pl_threshold,
-            "seed": fc.seed,
-        }
-    )
-
-
-def _valid_rows(spec: FederationSpec, cfg: ExperimentConfig) -> tuple[list[ManifestRow], Path]:
-    """The server pool's validation speakers (the ones that picked the base model's epoch, never trained
-    on): where federated settings may be chosen, unlike the unseen test speakers. Empty without a
-    partition or a server pool."""
-    manifest, root = _server_data(spec, cfg)
-    if not spec.partition or not manifest.exists():
-        return [], root
-    from fedsd.data.partition import Partition
-    from fedsd.server.prepare import server_pool_splits
-
-    part = Partition.load(spec.partition)
-    if not part.server_utt_ids:
-        return [], root
-    rows = read_manifest(manifest)
-    n_valid = cfg.federated.server_valid_speakers
-    return server_pool_splits(part, rows, cfg.train.seed, n_valid)["valid"], root
 
 
 class Federation:
@@ -305,38 +194,19 @@ class Federation:
 
     def _privacy_record(self, report: Any) -> dict[str, Any]:
         """ε per device (cumulative, as each reported) and the maximum; central DP's ε when on."""
-        out: dict[str, Any] = {}
-        for c in report.clients:
-            eps = c.metrics.get("dp-epsilon")
-            if isinstance(eps, int | float) and not isinstance(eps, bool):  # a device could send a list
-                self.device_epsilon[int(c.node_id)] = float(eps)
-        stopped = [r.node_id for r in report.rejections if "privacy budget reached" in r.reason]
-        if self.device_epsilon:
-            out["device_epsilon"] = {str(n): e for n, e in sorted(self.device_epsilon.items())}
-            out["max_epsilon"] = max(self.device_epsilon.values())
-            dp = self.cfg.federated.dp
-            deltas = [c.metrics.get("dp-delta") for c in report.clients]
-            out["delta"] = max(
-                [float(d) for d in deltas if isinstance(d, int | float) and not isinstance(d, bool)]
-                or [dp.delta if dp else float("nan")]
-            )
-        if stopped:
-            out["budget_stopped"] = sorted(stopped)
-        if report.central_dp is not None:
-            out["central"] = report.central_dp
-        return out
+        return privacy_record(report, self.device_epsilon, self.cfg.federated.dp)
 
     # ----------------------------------------------------------------- evaluation
     def evaluate(self) -> dict[int, ClassificationReport]:
         """Per-exit metrics of the current global heads on the server's unseen speakers."""
         if self._eval_feats is None:
-            self._eval_feats = self._features(*_eval_rows(self.spec, self.cfg))
+            self._eval_feats = self._features(*eval_rows(self.spec, self.cfg))
         return evaluate_cached(self.model, self._eval_feats, self.model.exits) if self._eval_feats else {}
 
     def evaluate_valid(self) -> dict[int, ClassificationReport]:
         """Per-exit metrics of the current global heads on the server pool's validation speakers."""
         if self._valid_feats is None:
-            self._valid_feats = self._features(*_valid_rows(self.spec, self.cfg))
+            self._valid_feats = self._features(*valid_rows(self.spec, self.cfg))
         return evaluate_cached(self.model, self._valid_feats, self.model.exits) if self._valid_feats else {}
 
     def _features(self, rows: list[ManifestRow], root: Path) -> CachedFeatures | None:
@@ -348,12 +218,7 @@ class Federation:
 
     @staticmethod
     def _personal_record(device_metrics: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        """Devices' personal-test metrics, mean ± std over devices per exit: ``personal`` (nested) and
-        flat ``exit<k>/personal-<metric>-<tag>[-std]`` keys beside the global ``exit<k>/uar``."""
-        from fedsd.server.report import personal_flat, summarize_personal
-
-        summary = summarize_personal(device_metrics)
-        return {"personal": summary} | personal_flat(summary) if summary else {}
+        return personal_record(device_metrics)
 
     def _eval_record(self, rnd: int) -> dict[str, Any]:
         reports = self.evaluate()
@@ -409,74 +274,14 @@ class Federation:
         self._note_identities(joined)
         return sorted(joined)
 
-    def _name_device(self, node: int, reply: Message) -> str:
-        """The name a device gives itself (its partition's client id, e.g. ``client-003``) for reports;
-        an invalid or already taken name falls back to ``<name>@<node id>`` or the node id."""
-        try:
-            name = identifier(reply.content.config_records["info"].get("name", ""), "name")
-        except UntrustedValueError:
-            name = str(node)
-        if name in {v for n, v in self.device_names.items() if n != node}:
-            name = f"{name}@{node}"
-        self.device_names[node] = name
-        return name
-
     def _greet(self, grid: Grid, nodes: Sequence[int]) -> dict[int, dict[str, Any]]:
-        """query.info to ``nodes``, then the base model to those that lack it; the usable ones' infos.
-
-        A reply is the device's word: parsed by ``validate_info_reply`` (a malformed one leaves that
-        device out, named in the log, and the run goes on); replies from nodes that were not asked,
-        and a node's second reply, are ignored.
-        """
-        query = RecordDict({"config": ConfigRecord({"fingerprint": self.fingerprint})})
-        msgs = [Message(query, dst_node_id=n, message_type=QUERY_INFO) for n in nodes]
-        infos: dict[int, dict[str, Any]] = {}
-        timeout = self.cfg.federated.round_timeout
-        replies = list(grid.send_and_receive(msgs, timeout=timeout))
-        # pair by message id: the SuperLink answers for a vanished device (src node 1, not the device)
-        for node, why in sorted(pair_replies(msgs, replies, timeout, 0.0).failed.items()):
-            self.log(
-                f"device {node}: cannot take part: {why}"
-                + (f" within {timeout:.0f} s" if why == NO_REPLY else "")
-            )
-        asked = set(nodes)
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            if reply.has_error() or node not in asked or node in infos:
-                continue  # errors were logged above; strangers and second replies do not count
-            parsed = validate_info_reply(reply)
-            if isinstance(parsed, Rejection):
-                self.log(f"device {node}: cannot take part: malformed handshake reply: {parsed.reason}")
-                continue
-            infos[node] = parsed | {"name": self._name_device(node, reply)}
-        need = [n for n, i in infos.items() if not i["has-model"]]
-        if need and not self.spec.deliver_model:
-            for n in need:
-                self.log(f"device {n}: cannot take part: it lacks the model and model delivery is off")
-                infos.pop(n)
-            need = []
-        if need:
-            files, digests = checkpoint_to_record(self.spec.base_model)
-            size = sum(a.numpy().nbytes for a in files.values())
-            self.log(f"delivering the base model ({size / 1e6:.1f} MB) to {len(need)} device(s)")
-            content = RecordDict(
-                {
-                    "files": files,
-                    "digests": digests,
-                    "config": ConfigRecord({"fingerprint": self.fingerprint}),
-                }
-            )
-            msgs = [Message(content, dst_node_id=n, message_type=QUERY_MODEL) for n in need]
-            replies = list(grid.send_and_receive(msgs, timeout=timeout))
-            for node, why in sorted(pair_replies(msgs, replies, timeout, 0.0).failed.items()):
-                self.log(f"device {node}: model delivery failed: {why}")
-                infos.pop(node, None)
-        for n, i in sorted(infos.items()):
-            self.log(
-                f"device {n} ({i.get('name', n)}): exit {i['exit']}, {i['n-utterances']} utterances "
-                f"({i['n-labelled']} labelled)"
-            )
-        return infos
+        """query.info to ``nodes``, then the base model to those that lack it (``fedsd.server.handshake``)."""
+        greeting = Greeting(
+            fingerprint=self.fingerprint, base_model=self.spec.base_model,
+            deliver_model=self.spec.deliver_model, timeout=self.cfg.federated.round_timeout,
+            log=self.log, name_device=lambda node, reply: device_name(self.device_names, node, reply),
+        )  # fmt: skip
+        return greet(grid, nodes, greeting)
 
     # ----------------------------------------------------------------- the run
     def run(self, grid: Grid) -> FederationResult:
@@ -490,68 +295,11 @@ class Federation:
         infos = self.handshake(grid)
         if len(infos) < self.min_clients:
             raise NotEnoughDevices(f"{len(infos)} usable device(s); min_clients is {self.min_clients}")
+        tracker = ReplyTracker(grid)  # names the devices that did not reply (see _after_round)
 
         def evaluate_fn(server_round: int, arrays: Any) -> MetricRecord | None:
-            rnd = start + server_round
-            if server_round == 0:
-                if start > 0:
-                    return None  # resumed: round `start` is on disk already
-                rec = self._eval_record(0)
-                rec["devices"] = {str(n): i for n, i in infos.items()}
-            else:
-                self.model.load_head_state_dict(record_to_heads(arrays))
-                rec = self._eval_record(rnd)
-                report = self.strategy.train_reports.get(server_round)
-                if report is not None:
-                    rec["train"] = report.to_dict() | {"round": rnd}
-                    rec |= self._personal_record([c.metrics for c in report.clients])
-                    privacy = self._privacy_record(report)
-                    if privacy:
-                        rec["privacy"] = privacy
-                fed_eval = self.strategy.evaluate_reports.get(server_round)
-                if fed_eval is not None:
-                    rec["federated_eval"] = fed_eval.to_dict()
-                # devices sent a train message that gave no reply or an error (died, timed out, raised)
-                missing = failed_devices(tracker.take(), "train")
-                rec["missing"] = sorted(missing)
-                if missing:
-                    rec["missing_detail"] = {
-                        str(n): {"exit": infos.get(n, {}).get("exit"), "reason": why}
-                        for n, why in sorted(missing.items())
-                    }
-                for n, why in sorted(missing.items()):
-                    exit_k = infos.get(n, {}).get("exit")
-                    self.log(describe_failure(rnd, n, why, exit_k, self.cfg.federated.round_timeout))
-            if (
-                rnd < self.rounds
-            ):  # devices that (re)connected since the handshake take part from the next round
-                joined = self.admit_late(grid, infos)
-                if joined:
-                    rec["joined"] = joined
-            rec["device_names"] = {str(n): name for n, name in sorted(self.device_names.items())}
-            self._save_round(rnd, rec)
-            self.history.append(rec)
-            uars = ", ".join(
-                f"exit {k}: {rec.get(f'exit{k}/uar', float('nan')):.3f}" for k in self.model.exits
-            )
-            valid = [rec[f"exit{k}/valid-uar"] for k in self.model.exits if f"exit{k}/valid-uar" in rec]
-            if valid:
-                uars += "; validation speakers: " + "/".join(f"{v:.3f}" for v in valid)
-            privacy = rec.get("privacy", {})
-            if "max_epsilon" in privacy:
-                uars += f"; device DP: max ε {privacy['max_epsilon']:.2f} (δ = {privacy['delta']:g})"
-            if "central" in privacy:
-                uars += f"; central DP: ε {privacy['central']['epsilon']:.2f}"
-            self.log(f"round {rnd}/{self.rounds}: UAR on unseen speakers — {uars}")
-            return MetricRecord(
-                {
-                    k: v
-                    for k, v in rec.items()
-                    if k.startswith("exit") and "/personal-" not in k and isinstance(v, float)
-                }  # fmt: skip
-            )
+            return self._after_round(grid, tracker, infos, start, server_round, arrays)
 
-        tracker = ReplyTracker(grid)  # names the devices that did not reply (see evaluate_fn)
         self.strategy.start(
             tracker,
             heads_to_record(self.model.head_state_dict()),
@@ -564,6 +312,73 @@ class Federation:
         )
         self.notify_done(grid)
         return FederationResult(self.run_dir, self.rounds, self.history, self._finish())
+
+    def _after_round(
+        self,
+        grid: Grid,
+        tracker: ReplyTracker,
+        infos: dict[int, dict[str, Any]],
+        start: int,
+        server_round: int,
+        arrays: Any,
+    ) -> MetricRecord | None:
+        """Flower's ``evaluate_fn``: evaluate the round's global heads, record what happened to the
+        round (train report, privacy, missing devices, late joiners) and commit it to the run directory."""
+        rnd = start + server_round
+        if server_round == 0:
+            if start > 0:
+                return None  # resumed: round `start` is on disk already
+            rec = self._eval_record(0)
+            rec["devices"] = {str(n): i for n, i in infos.items()}
+        else:
+            self.model.load_head_state_dict(record_to_heads(arrays))
+            rec = self._eval_record(rnd)
+            self._add_round_reports(rec, server_round, rnd)
+            self._add_missing(rec, tracker, infos, rnd)
+        if rnd < self.rounds:  # devices that (re)connected since the handshake take part from the next round
+            joined = self.admit_late(grid, infos)
+            if joined:
+                rec["joined"] = joined
+        rec["device_names"] = {str(n): name for n, name in sorted(self.device_names.items())}
+        self._save_round(rnd, rec)
+        self.history.append(rec)
+        self.log(round_line(rec, rnd, self.rounds, self.model.exits))
+        return MetricRecord(
+            {
+                k: v
+                for k, v in rec.items()
+                if k.startswith("exit") and "/personal-" not in k and isinstance(v, float)
+            }  # fmt: skip
+        )
+
+    def _add_round_reports(self, rec: dict[str, Any], server_round: int, rnd: int) -> None:
+        """The strategy's train and federated-evaluation reports of the round, devices' personal
+        metrics and privacy."""
+        report = self.strategy.train_reports.get(server_round)
+        if report is not None:
+            rec["train"] = report.to_dict() | {"round": rnd}
+            rec |= self._personal_record([c.metrics for c in report.clients])
+            privacy = self._privacy_record(report)
+            if privacy:
+                rec["privacy"] = privacy
+        fed_eval = self.strategy.evaluate_reports.get(server_round)
+        if fed_eval is not None:
+            rec["federated_eval"] = fed_eval.to_dict()
+
+    def _add_missing(
+        self, rec: dict[str, Any], tracker: ReplyTracker, infos: dict[int, dict[str, Any]], rnd: int
+    ) -> None:
+        """Devices sent a train message that gave no reply or an error (died, timed out, raised)."""
+        missing = failed_devices(tracker.take(), "train")
+        rec["missing"] = sorted(missing)
+        if missing:
+            rec["missing_detail"] = {
+                str(n): {"exit": infos.get(n, {}).get("exit"), "reason": why}
+                for n, why in sorted(missing.items())
+            }
+        for n, why in sorted(missing.items()):
+            exit_k = infos.get(n, {}).get("exit")
+            self.log(describe_failure(rnd, n, why, exit_k, self.cfg.federated.round_timeout))
 
     def notify_done(self, grid: Grid, timeout: float | None = None) -> int:
         """Tell every connected device the run is over (best effort); returns how many confirmed.
