@@ -127,7 +127,7 @@ class Device:
         self.model.load_head_state_dict(self.initial_heads)
 
     def reply(self, feats: CachedFeatures, losses: dict[str, float]) -> RecordDict:
-        """The train reply's content, as ``fedsd.clients.app.train`` builds it."""
+        """The train reply's content, as ``fedsd.clients.train_task.train`` builds it."""
         metrics = {
             "num-examples": len(feats.utt_ids),
             "exit": self.cfg.exit,
@@ -176,7 +176,7 @@ class Device:
         return self.reply(feats, losses), feats
 
     def round_cached(self, cache: FeatureCache) -> tuple[RecordDict, CachedFeatures]:
-        """What ``fedsd.clients.app.train`` does: cached head inputs → ``cfg.epochs`` of head training."""
+        """What ``fedsd.clients.train_task.train`` does: cached head inputs → ``cfg.epochs`` of head training."""
         feats = cache.get(
             self.rows,
             self.root,

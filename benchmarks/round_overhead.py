@@ -9,13 +9,13 @@ times, in one run, interleaved in a freshly shuffled order per repetition:
 * ``bare-runtime`` — the same, having also imported what every ``flwr-clientapp`` process imports
                (``flwr.supernode.runtime.run_clientapp``, Flower's task loop): the floor in a deployment,
                which the bare ClientApp understates. Informative; the ratios stay over ``bare``.
-* ``fedsd``  — a fresh process that imports ``fedsd.clients.app`` (the installed ClientApp object, as
+* ``fedsd``  — a fresh process that imports ``fedsd.clients.client_app`` (the installed ClientApp object, as
                Flower loads it) and handles a train message on a real device's node config (its own
                manifest, ``--model``, feature cache) whose features are all cached already.
 * ``warm``   — a fresh process on the path Flower's ClientApp process takes with ``fedsd client run
                --warm-worker`` (``FEDSD_WARM_WORKER=1``): the runner's loader (clients/runner.py) gives a
                forwarder that relays the message and context to the device's warm worker
-               (clients/worker.py), which imported ``fedsd.clients.app`` at an untimed first message.
+               (clients/worker.py), which imported ``fedsd.clients.client_app`` at an untimed first message.
                This process must not import torch (checked: the run fails if it does).
 * ``fedsd@before`` (with ``--before DIR``) — the same with the code of another checkout (e.g. the
                previous commit: ``git worktree add /tmp/before HEAD~1``), with its own warm cache.
@@ -90,8 +90,11 @@ elif spec["kind"] == "warm":  # the runner's loader, as `flwr-clientapp` calls i
                                                                multi_app=True)("", "", "")
     where = runner.__file__
 else:
-    from fedsd.clients.app import app
-    import fedsd.clients.app as mod
+    try:
+        import fedsd.clients.client_app as mod
+    except ModuleNotFoundError:  # a --before checkout from before clients/app.py was renamed
+        import fedsd.clients.app as mod
+    app = mod.app
     where = mod.__file__
 T1 = time.perf_counter()
 from safetensors.numpy import load_file
@@ -272,8 +275,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     common.add_timing_args(p, "round_overhead", repeats=5)
     args = p.parse_args(argv)
     common.check_sizes(p, args)
-    if args.before is not None and not (args.before / "clients" / "app.py").is_file():
-        p.error(f"--before {args.before}: not a fedsd checkout (no clients/app.py)")
+    if args.before is not None and not any(
+        (args.before / "clients" / name).is_file() for name in ("client_app.py", "app.py")
+    ):
+        p.error(f"--before {args.before}: not a fedsd checkout (no clients/client_app.py)")
     return args
 
 

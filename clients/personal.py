@@ -27,6 +27,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -94,6 +95,15 @@ def write_device_model(
     sliced = export_exit(model, exit_k)
     sliced.meta = {**sliced.meta, "device_model": dict(info)}
     return sliced.save_pretrained(out)
+
+
+def model_info(settings: DeviceSettings, cfg: dict[str, Any], rnd: int, heads: str) -> dict[str, Any]:
+    """What a deployable model records of its origin (``meta["device_model"]``): round, which heads
+    (global or personal), the device's name and the server's ``federation-id`` (a checked config)."""
+    return {
+        "round": rnd, "heads": heads, "device": settings.name,
+        "federation_id": str(cfg.get("federation-id", "")), "time": time.time(),
+    }  # fmt: skip
 
 
 def personalize(

@@ -11,13 +11,13 @@ submit a run (the Control API) thereby runs code on every device.
 `fedsd client run` therefore puts a directory first on the SuperNode's PATH whose ``flwr-clientapp`` is
 this module: Flower's own ``run_clientapp`` loop (task input, heartbeats, reply, exit status), with
 three of its steps replaced — the bundle is never installed or unpacked, no dependencies are installed,
-and the ClientApp is always ``fedsd.clients.app:app`` from this environment. If Flower's module no
+and the ClientApp is always ``fedsd.clients.client_app:app`` from this environment. If Flower's module no
 longer has the names replaced here, the runner refuses to run at all (fail closed), rather than fall
 back to loading the bundle.
 
 With ``FEDSD_WARM_WORKER=1`` (``fedsd client run --warm-worker``, inherited from the SuperNode's
 environment) the ClientApp this runner loads is a light forwarder: it relays the message and context to
-the device's warm worker (clients/worker.py), which imported ``fedsd.clients.app`` once, so this
+the device's warm worker (clients/worker.py), which imported ``fedsd.clients.client_app`` once, so this
 process never imports torch. If the worker cannot be used the message is handled here, as without the
 flag: a device never loses a round to the optimisation.
 """
@@ -37,7 +37,7 @@ _PARENT: list[int] = []
 
 
 def _fedsd_client_app() -> Any:
-    from fedsd.clients.app import app
+    from fedsd.clients.client_app import app
 
     return app
 

@@ -4,7 +4,7 @@ Why: Flower 1.42 starts a fresh ``flwr-clientapp`` process per message, and feds
 torch, transformers and scikit-learn imports plus model loading each time — over 10× the floor Flower
 itself sets. With ``FEDSD_WARM_WORKER=1`` in the SuperNode's environment (``fedsd client run
 --warm-worker``), the runner (clients/runner.py) keeps Flower's task loop but relays the message and
-context to this worker, which imported ``fedsd.clients.app`` once. The runner never imports torch.
+context to this worker, which imported ``fedsd.clients.client_app`` once. The runner never imports torch.
 
 - **Same result as a fresh process**: the request is Flower's own protobuf of the message and the
   context; the reply is the reply message and the whole ``context.state`` afterwards (the DP ledger and
@@ -366,7 +366,7 @@ class Worker:
             print(f"fedsd warm worker: request refused: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             return
         if self.app is None:  # the one heavy import, at the first message (if it fails: EOF, fallback)
-            from fedsd.clients.app import app
+            from fedsd.clients.client_app import app
 
             self.app = app
         message.metadata.__dict__["_message_id"] = header["message_id"]

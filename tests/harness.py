@@ -427,7 +427,7 @@ class Federation:
 
 def inprocess_grid(rc: dict, n: int = 2, **kw: Any) -> Any:
     """An in-process grid of ``n`` devices (partitions 0..n-1) running the real ClientApp."""
-    from fedsd.clients.app import make_client_app
+    from fedsd.clients.client_app import make_client_app
     from fedsd.server.inprocess import InProcessGrid
 
     nodes = [{"partition-id": i, "num-partitions": n} for i in range(n)]

@@ -79,7 +79,7 @@ def test_no_test_sends_to_this_machines_own_address() -> None:
 
 def test_runner_never_installs_or_loads_a_bundle(tmp_path) -> None:
     rc = install_guard_rails()
-    from fedsd.clients.app import app
+    from fedsd.clients.client_app import app
 
     assert rc.install_from_fab(b"PK\x03\x04 any bundle", skip_prompt=True) is None
     loader = rc.get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)

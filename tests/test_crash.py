@@ -27,7 +27,7 @@ import pytest
 from flwr.app import Error, Message
 from harness import Federation, Proc, Procs, events, federation, records, session_file, write_config
 
-from fedsd.clients.app import make_client_app
+from fedsd.clients.client_app import make_client_app
 from fedsd.process.launch import port_open
 from fedsd.server import federation as federation_module
 from fedsd.server.federation import run_federation

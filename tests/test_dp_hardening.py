@@ -24,9 +24,10 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from harness import federation, write_config
 from opacus.optimizers import DPOptimizer
 
-from fedsd.clients.app import PRIVATE_ERROR, make_client_app
+from fedsd.clients.client_app import make_client_app
 from fedsd.clients.device import DeviceError
 from fedsd.clients.dp_training import DP_REPLY_KEYS, train_heads_private
+from fedsd.clients.private_errors import PRIVATE_ERROR
 from fedsd.clients.training import LocalTrainConfig, plan_exits
 from fedsd.config import load_config
 from fedsd.model.multiexit import MultiExitSER

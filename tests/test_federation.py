@@ -12,7 +12,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from harness import federation, inprocess_grid, uar_from_confusion
 
 from fedsd.checkpoint import load_tensors
-from fedsd.clients.app import make_client_app
+from fedsd.clients.client_app import make_client_app
 from fedsd.model.multiexit import MultiExitSER
 from fedsd.security.wire import heads_to_record
 from fedsd.server.federation import run_federation, train_config_record

@@ -29,7 +29,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from fedsd.clients.app import make_client_app
+from fedsd.clients.client_app import make_client_app
 from fedsd.clients.device import DeviceError, HostileMessage
 from fedsd.data.manifest import ManifestRow, write_manifest
 from fedsd.model.export import export_exit

@@ -395,7 +395,7 @@ def test_a_reply_over_a_metric_cap_is_rejected_and_never_kept(extra: dict[str, A
 
 
 def test_an_honest_reply_of_a_deep_model_fits_the_caps() -> None:
-    """What a device at the deepest exit of a 24-exit model sends (fedsd.clients.app.train)."""
+    """What a device at the deepest exit of a 24-exit model sends (fedsd.clients.train_task.train)."""
     metrics: dict[str, Any] = {k: 1 for k in ("num-examples", "exit", "n-labelled", "n-utterances",
                                "n-personal-test", "loss", "cache-hits", "cache-misses", "seconds")}  # fmt: skip
     for k in range(1, 25):

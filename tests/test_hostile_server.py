@@ -23,8 +23,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from fedsd.clients.app import _event, make_client_app
+from fedsd.clients.client_app import make_client_app
 from fedsd.clients.device import DeviceError, HostileMessage
+from fedsd.clients.events import message_event as _event
 from fedsd.clients.supervisor import describe_event
 from fedsd.data.manifest import ManifestRow, write_manifest
 from fedsd.security.untrusted import (

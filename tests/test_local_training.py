@@ -8,9 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fedsd.clients.app import _local_config, device_identity
 from fedsd.clients.device import DeviceSettings
 from fedsd.clients.dp_training import train_heads_private
+from fedsd.clients.messages import device_identity
+from fedsd.clients.messages import local_config as _local_config
 from fedsd.clients.training import (
     LocalTrainConfig,
     mix_seed,

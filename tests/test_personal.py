@@ -20,7 +20,8 @@ from test_partition import CLASSES, corpus
 from typer.testing import CliRunner
 
 from fedsd.checkpoint import load_tensors
-from fedsd.clients.app import _features, make_client_app
+from fedsd.clients.assembly import local_features as _features
+from fedsd.clients.client_app import make_client_app
 from fedsd.clients.device import DeviceSettings
 from fedsd.clients.training import LocalTrainConfig, plan_exits
 from fedsd.data.manifest import read_manifest

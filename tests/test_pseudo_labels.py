@@ -15,8 +15,8 @@ import pytest
 import torch
 from harness import federation, inprocess_grid
 
-from fedsd.clients.app import _local_config
 from fedsd.clients.dp_training import train_heads_private
+from fedsd.clients.messages import local_config as _local_config
 from fedsd.clients.training import LocalTrainConfig, plan_exits, train_heads, with_pseudo_labels
 from fedsd.model.multiexit import MultiExitSER
 from fedsd.server.federation import run_federation

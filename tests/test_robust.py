@@ -23,7 +23,7 @@ import torch
 from audio_fixtures import espeak_backend
 from flwr.app import Array, Context, Message, MetricRecord
 
-from fedsd.clients.app import make_client_app
+from fedsd.clients.client_app import make_client_app
 from fedsd.clients.device import simulated_device_config
 from fedsd.config import load_config
 from fedsd.server.federation import FederationSpec, run_federation

@@ -25,8 +25,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedsd.checkpoint import CheckpointError
-from fedsd.clients import app as client_app
-from fedsd.clients import dp_gate, model_store
+from fedsd.clients import assembly, dp_gate, model_store, train_task
 from fedsd.data.manifest import ManifestRow, write_manifest
 from fedsd.model import multiexit
 
@@ -74,7 +73,7 @@ def train_message(node: dict[str, str], config: dict[str, Any] | None = None) ->
     msg = Message(RecordDict({"config": ConfigRecord(dict(config or TRAIN))}), dst_node_id=5,
                   message_type="train")  # fmt: skip
     ctx = Context(run_id=7, node_id=5, node_config=dict(node), state=RecordDict(), run_config={})
-    return client_app.train(msg, ctx)
+    return train_task.train(msg, ctx)
 
 
 def reply_of(reply: Message) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -119,7 +118,7 @@ def test_a_train_message_without_dp_never_imports_opacus(tmp_path: Path, tiny_mo
         from flwr.app import ConfigRecord, Context, Message, RecordDict
         from flwr.supercore.task_identity import TaskIdentity
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
-        from fedsd.clients.app import app
+        from fedsd.clients.client_app import app
         node = json.loads({json.dumps(json.dumps(node))})
         out = []
         for _ in range(2):
@@ -187,11 +186,11 @@ def test_all_features_cached_no_backbone_same_reply(
     assert metrics["cache-misses"] == 0 and metrics["cache-hits"] > 0
 
     model_store._KEPT.entries.clear()
-    token = client_app._NEED_WEIGHTS.set(True)  # the same message handled with the backbone
+    token = assembly.NEED_WEIGHTS.set(True)  # the same message handled with the backbone
     try:
         full = train_message(node)
     finally:
-        client_app._NEED_WEIGHTS.reset(token)
+        assembly.NEED_WEIGHTS.reset(token)
     assert builds.calls == 1
     arrays_full, metrics_full = reply_of(full)
     assert metrics == metrics_full

@@ -30,8 +30,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
 from test_round_overhead import TRAIN, make_device
 
-from fedsd.clients import app as client_app
-from fedsd.clients import worker
+from fedsd.clients import client_app, worker
 from fedsd.clients.dp_gate import LOCAL_METRICS_KEY
 from fedsd.process.lifetime import alive
 
@@ -143,7 +142,7 @@ def test_the_forwarding_runner_never_imports_torch(device: dict[str, Any]) -> No
         ctx = Context(run_id=7, node_id=5, node_config=node, state=RecordDict(), run_config={{}})
         reply = app(message=msg, context=ctx)
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "sklearn"))
-        print(json.dumps({{"heavy": heavy, "app": "fedsd.clients.app" in sys.modules,
+        print(json.dumps({{"heavy": heavy, "app": "fedsd.clients.client_app" in sys.modules,
                           "metrics": dict(reply.content.metric_records["metrics"])}}))
         """
     )

@@ -273,7 +273,7 @@ class FedBench:
         attacker); ``key_extra`` names what it changes. The cache key holds the overrides, the partition,
         the base model's checkpoint hash and the code version: a cached run is only reused when all match.
         """
-        from fedsd.clients.app import make_client_app
+        from fedsd.clients.client_app import make_client_app
         from fedsd.clients.device import SIM_CACHE, simulated_device_config
         from fedsd.data.partition import Partition
         from fedsd.server.federation import FederationSpec, run_federation
