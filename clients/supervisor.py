@@ -5,7 +5,7 @@ SuperLink is gone (it gives up reconnecting and idles). So `fedsd client run` st
 process group and watches three things:
 
 - the device's event log (one JSON line per message the ClientApp handled, written by
-  ``fedsd.clients.app.log_event``): each line is reported; a ``done`` event (the server's
+  ``fedsd.clients.events.log_event``): each line is reported; a ``done`` event (the server's
   ``query.done`` at the end of the run) ends the session with exit code 0;
 - the server: a TCP connect to HOST:PORT every few seconds; unreachable for ``server_timeout``
   seconds ends the session with exit code 3;
@@ -267,6 +267,15 @@ class SupervisorSettings:
     """Heartbeat interval the SuperNode announces (None: Flower's 30 s; 10 s at least)."""
 
 
+@dataclass
+class _ServerWatch:
+    """What the supervisor knows of the server's reachability between two probes."""
+
+    last_reachable: float
+    next_probe: float = 0.0
+    warned: bool = False
+
+
 class Supervisor:
     """Runs one SuperNode session; :meth:`run` returns the exit code (see the module docstring)."""
 
@@ -380,11 +389,9 @@ class Supervisor:
                 signal.signal(sig, old)
 
     def _loop(self) -> int:
+        """Watch until the session ends: a signal, the ``done`` event, the SuperNode's exit, the server gone."""
         assert self.node is not None
-        s = self.settings
-        last_reachable = time.monotonic()
-        next_probe = 0.0
-        warned = False
+        watch = _ServerWatch(last_reachable=time.monotonic())
         while True:
             if self._signal is not None:
                 self.on_status("warning", f"{self._signal}: stopping the SuperNode")
@@ -393,80 +400,107 @@ class Supervisor:
             if new_events:
                 self._refused_since = None
             if any(ev.get("kind") == "done" for ev in new_events):
-                deadline = time.monotonic() + s.done_grace_s
-                while time.monotonic() < deadline and self._signal is None and self.node.alive():
-                    time.sleep(0.1)
-                return EXIT_DONE
+                return self._after_done()
             if not self.node.alive():
-                code = self.node.returncode
-                uptime = time.monotonic() - self._started_at
-                refusal = diagnose_refusal(
-                    self.current_log(),
-                    root_certificates=s.root_certificates,
-                    auth_key=s.auth_key,
-                    server=s.server,
-                )
-                if refusal is not None:
-                    kind, why = refusal
-                    now = time.monotonic()
-                    if kind == "not-registered":
-                        if self._refused_since is None:
-                            self._refused_since = now
-                        waited = now - self._refused_since
-                        if waited + s.refused_retry_s < s.server_timeout:
-                            self.on_status(
-                                "warning",
-                                f"refused: {why}; trying again in {s.refused_retry_s:g} s (for up to "
-                                f"{s.server_timeout:g} s, --server-timeout)",
-                            )
-                            self.node.stop(timeout=s.stop_timeout_s)
-                            self._pause(s.refused_retry_s)
-                            if self._signal is None:
-                                self.start()
-                            continue
-                    self.on_status("error", f"refused: {why} (SuperNode log: {self.log_path})")
-                    return EXIT_REFUSED
-                if self.restarts < s.max_restarts and uptime >= s.min_uptime_s:
-                    self.restarts += 1
-                    self.on_status(
-                        "warning",
-                        f"flower-supernode exited (code {code}) after {uptime:.0f} s — the server "
-                        f"probably restarted and no longer knows this device; starting a new SuperNode "
-                        f"({self.restarts}/{s.max_restarts})",
-                    )
-                    self.node.stop(timeout=s.stop_timeout_s)
-                    self.start()
-                    continue
+                code = self._after_node_exit()
+                if code is not None:
+                    return code
+                continue  # a new SuperNode was started: watch it at once
+            code = self._probe_server(watch)
+            if code is not None:
+                return code
+            time.sleep(self.settings.poll_s)
+
+    def _after_done(self) -> int:
+        """The server's ``done``: give the SuperNode ``done_grace_s`` to send its reply."""
+        assert self.node is not None
+        deadline = time.monotonic() + self.settings.done_grace_s
+        while time.monotonic() < deadline and self._signal is None and self.node.alive():
+            time.sleep(0.1)
+        return EXIT_DONE
+
+    def _after_node_exit(self) -> int | None:
+        """The SuperNode exited: a refusal, a server restart (start a new one: None) or a broken node."""
+        assert self.node is not None
+        s = self.settings
+        code = self.node.returncode
+        uptime = time.monotonic() - self._started_at
+        refusal = diagnose_refusal(
+            self.current_log(),
+            root_certificates=s.root_certificates,
+            auth_key=s.auth_key,
+            server=s.server,
+        )
+        if refusal is not None:
+            return self._after_refusal(*refusal)
+        if self.restarts < s.max_restarts and uptime >= s.min_uptime_s:
+            self.restarts += 1
+            self.on_status(
+                "warning",
+                f"flower-supernode exited (code {code}) after {uptime:.0f} s — the server "
+                f"probably restarted and no longer knows this device; starting a new SuperNode "
+                f"({self.restarts}/{s.max_restarts})",
+            )
+            self.node.stop(timeout=s.stop_timeout_s)
+            self.start()
+            return None
+        self.on_status(
+            "error",
+            f"flower-supernode exited with code {code} after {uptime:.0f} s; last lines of "
+            f"{self.log_path}:\n{self.node.tail()}",
+        )
+        return EXIT_SUPERNODE_FAILED
+
+    def _after_refusal(self, kind: str, why: str) -> int | None:
+        """The server turned the SuperNode away: a key it does not know (yet) is tried again every
+        ``refused_retry_s`` for ``server_timeout`` (None: started again); anything else ends the session."""
+        assert self.node is not None
+        s = self.settings
+        now = time.monotonic()
+        if kind == "not-registered":
+            if self._refused_since is None:
+                self._refused_since = now
+            waited = now - self._refused_since
+            if waited + s.refused_retry_s < s.server_timeout:
                 self.on_status(
-                    "error",
-                    f"flower-supernode exited with code {code} after {uptime:.0f} s; last lines of "
-                    f"{self.log_path}:\n{self.node.tail()}",
+                    "warning",
+                    f"refused: {why}; trying again in {s.refused_retry_s:g} s (for up to "
+                    f"{s.server_timeout:g} s, --server-timeout)",
                 )
-                return EXIT_SUPERNODE_FAILED
-            now = time.monotonic()
-            if now >= next_probe:
-                next_probe = now + s.probe_every_s
-                if port_open(self.host, self.port, timeout=min(1.0, s.probe_every_s)):
-                    if warned:
-                        self.on_status("info", f"server {s.server} is reachable again")
-                    warned = False
-                    last_reachable = time.monotonic()
-                else:
-                    down = time.monotonic() - last_reachable
-                    if down >= s.server_timeout:
-                        self.on_status(
-                            "error",
-                            f"server {s.server} unreachable for {down:.0f} s (--server-timeout "
-                            f"{s.server_timeout:g}): stopping",
-                        )
-                        return EXIT_SERVER_GONE
-                    if not warned:
-                        self.on_status(
-                            "warning",
-                            f"server {s.server} is not reachable; waiting up to {s.server_timeout:g} s",
-                        )
-                        warned = True
-            time.sleep(s.poll_s)
+                self.node.stop(timeout=s.stop_timeout_s)
+                self._pause(s.refused_retry_s)
+                if self._signal is None:
+                    self.start()
+                return None
+        self.on_status("error", f"refused: {why} (SuperNode log: {self.log_path})")
+        return EXIT_REFUSED
+
+    def _probe_server(self, watch: _ServerWatch) -> int | None:
+        """Every ``probe_every_s``: is the server reachable? Unreachable for ``server_timeout``: exit code 3."""
+        s = self.settings
+        now = time.monotonic()
+        if now < watch.next_probe:
+            return None
+        watch.next_probe = now + s.probe_every_s
+        if port_open(self.host, self.port, timeout=min(1.0, s.probe_every_s)):
+            if watch.warned:
+                self.on_status("info", f"server {s.server} is reachable again")
+            watch.warned = False
+            watch.last_reachable = time.monotonic()
+            return None
+        down = time.monotonic() - watch.last_reachable
+        if down >= s.server_timeout:
+            self.on_status(
+                "error",
+                f"server {s.server} unreachable for {down:.0f} s (--server-timeout {s.server_timeout:g}): stopping",
+            )
+            return EXIT_SERVER_GONE
+        if not watch.warned:
+            self.on_status(
+                "warning", f"server {s.server} is not reachable; waiting up to {s.server_timeout:g} s"
+            )
+            watch.warned = True
+        return None
 
 
 def default_session_dir(cache_dir: Path) -> Path:
