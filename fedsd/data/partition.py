@@ -27,6 +27,7 @@ import math
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -308,6 +309,175 @@ def _dirichlet_speakers(
     )
 
 
+@dataclass(frozen=True)
+class _Options:
+    """``make_partition``'s settings, checked once and passed to the steps below as one bundle."""
+
+    num_clients: int | None
+    by: PartitionBy
+    alpha: float
+    label_fraction: float
+    test_speakers: int
+    server_speakers: int
+    seed: int
+    keep_speakers: bool
+    min_per_client: int
+    personal_test_fraction: float
+
+    def check(self) -> None:
+        if self.by not in PARTITION_MODES:
+            raise PartitionError(f"unknown partition mode {self.by!r}; use one of {', '.join(PARTITION_MODES)}")
+        if not 0.0 <= self.personal_test_fraction < 1.0:
+            raise PartitionError(f"personal_test_fraction must be in [0, 1), got {self.personal_test_fraction}")
+        if not 0.0 <= self.label_fraction <= 1.0:
+            raise PartitionError(f"label_fraction must be in [0, 1], got {self.label_fraction}")
+        if not self.alpha > 0:
+            raise PartitionError(f"alpha must be positive, got {self.alpha}")
+        if self.test_speakers < 0 or self.server_speakers < 0:
+            raise PartitionError("test_speakers and server_speakers must be >= 0")
+        if self.seed < 0:
+            raise PartitionError(f"seed must be >= 0, got {self.seed}")
+        if self.min_per_client < 1:
+            raise PartitionError(f"min_per_client must be >= 1, got {self.min_per_client}")
+        if self.num_clients is not None and self.num_clients < 1:
+            raise PartitionError(f"num_clients must be >= 1, got {self.num_clients}")
+        if self.num_clients is None and self.by != "speaker":
+            raise PartitionError(
+                f"by={self.by} needs num_clients (only by=speaker can make one client per speaker)"
+            )
+        if self.keep_speakers and self.by == "iid":
+            raise PartitionError("keep_speakers applies to by=dirichlet (by=speaker always keeps speakers whole)")
+
+    def record(self, pool: Sequence[ManifestRow], declared: set[str]) -> dict[str, Any]:
+        """The partition's ``config``: these settings and the identity of the rows partitioned."""
+        config: dict[str, Any] = {
+            "by": self.by,
+            "num_clients": self.num_clients,
+            "alpha": self.alpha if self.by == "dirichlet" else None,
+            "label_fraction": self.label_fraction,
+            "test_speakers": self.test_speakers,
+            "server_speakers": self.server_speakers,
+            "keep_speakers": self.keep_speakers,
+            "min_per_client": self.min_per_client,
+            "personal_test_fraction": self.personal_test_fraction,
+            "num_rows": len(pool),
+            "rows_sha256": sha256_json(sorted((r.utt_id, r.label, r.speaker) for r in pool)),
+        }
+        if declared:
+            config["test_first"] = sorted(declared)
+        return config
+
+
+@dataclass(frozen=True)
+class _SpeakerSplit:
+    """Speakers held out for test and for the server, the rest for clients; ``declared``: split=test ones."""
+
+    test: list[str]
+    server: list[str]
+    clients: list[str]
+    declared: set[str]
+
+
+def _labelled_pool(rows: Sequence[ManifestRow]) -> list[ManifestRow]:
+    pool = [r for r in rows if r.label]
+    if not pool:
+        raise PartitionError("no labelled rows to partition")
+    dup = [u for u, c in Counter(r.utt_id for r in pool).items() if c > 1]
+    if dup:
+        raise PartitionError(f"utterance id(s) repeated in the manifest: {', '.join(sorted(dup)[:5])}")
+    return pool
+
+
+def _split_speakers(speakers: list[str], opts: _Options, test_first: Sequence[str]) -> _SpeakerSplit:
+    """Test speakers first (declared ones before the others), then server speakers, by seed."""
+    held = opts.test_speakers + opts.server_speakers
+    if held >= len(speakers):
+        raise PartitionError(
+            f"{len(speakers)} speaker(s) cannot cover {opts.test_speakers} test + {opts.server_speakers} "
+            "server speaker(s) and leave any for clients"
+        )
+    spk_rng = np.random.default_rng([opts.seed, 0])
+    shuffled = [speakers[i] for i in spk_rng.permutation(len(speakers))]
+    declared = set(test_first) & set(speakers)
+    if declared:
+        shuffled = [s for s in shuffled if s in declared] + [s for s in shuffled if s not in declared]
+    rest = shuffled[opts.test_speakers :]
+    server_pool = [s for s in rest if s not in declared]
+    if len(server_pool) < opts.server_speakers:
+        raise PartitionError(
+            f"{opts.server_speakers} server speaker(s) requested, but only {len(server_pool)} speaker(s) are "
+            f"neither test speakers nor declared held out (split=test: {len(declared)})"
+        )
+    server = sorted(server_pool[: opts.server_speakers])
+    clients = sorted(s for s in rest if s not in set(server))
+    return _SpeakerSplit(sorted(shuffled[: opts.test_speakers]), server, clients, declared)
+
+
+def _speaker_groups(
+    cand: Sequence[ManifestRow], names: list[str], split: _SpeakerSplit, n: int, opts: _Options,
+    rng: np.random.Generator,
+) -> list[list[int]]:  # fmt: skip
+    """Clients of whole speakers (``by=speaker``, or ``dirichlet`` with ``keep_speakers``): row indices."""
+    client_spk = split.clients
+    if n > len(client_spk):
+        raise PartitionError(
+            f"{n} clients need at least {n} speakers, but only {len(client_spk)} remain "
+            f"after holding out {opts.test_speakers + opts.server_speakers}"
+        )
+    if opts.by == "speaker":
+        spk_counts = Counter(r.speaker for r in cand)
+        spk_groups = (
+            [[s] for s in client_spk]
+            if opts.num_clients is None
+            else _deal_speakers(client_spk, spk_counts, n, rng)
+        )
+        if opts.min_per_client > 1 and min(sum(spk_counts[s] for s in g) for g in spk_groups) < opts.min_per_client:
+            raise PartitionError(f"some client has fewer than min_per_client={opts.min_per_client} utterances")
+    else:
+        hist = {s: np.zeros(len(names)) for s in client_spk}
+        for r in cand:
+            hist[r.speaker][names.index(r.label)] += 1
+        spk_groups = _dirichlet_speakers(client_spk, hist, n, opts.alpha, opts.min_per_client, rng)
+    where = {s: k for k, g in enumerate(spk_groups) for s in g}
+    groups: list[list[int]] = [[] for _ in range(n)]
+    for i, r in enumerate(cand):
+        groups[where[r.speaker]].append(i)
+    return groups
+
+
+def _utterance_groups(
+    labels: list[str], names: list[str], n: int, opts: _Options, rng: np.random.Generator
+) -> list[list[int]]:
+    """Clients of single utterances (``iid``, or ``dirichlet`` over utterances): row indices."""
+    if len(labels) < n * opts.min_per_client:
+        raise PartitionError(f"{len(labels)} utterances cannot give {n} clients {opts.min_per_client} each")
+    if opts.by == "iid":
+        perm = rng.permutation(len(labels))
+        return [sorted(int(i) for i in perm[k::n]) for k in range(n)]
+    return _dirichlet_utterances(labels, names, n, opts.alpha, opts.min_per_client, rng)
+
+
+def _client(
+    client_id: str, g: list[int], cand: Sequence[ManifestRow], names: list[str], opts: _Options
+) -> ClientPartition:
+    """One client from its row indices: personal test rows held out, the rest labelled by fraction."""
+    g = sorted(g)  # manifest order
+    held = personal_test_mask([cand[i].utt_id for i in g], [cand[i].label for i in g],
+                              opts.personal_test_fraction, opts.seed)  # fmt: skip
+    train_idx = [i for i, h in zip(g, held, strict=True) if not h]
+    utts = [cand[i].utt_id for i in train_idx]
+    labs = [cand[i].label for i in train_idx]
+    counts = Counter(labs)
+    return ClientPartition(
+        client_id=client_id,
+        utt_ids=utts,
+        labelled=labelled_mask(utts, labs, opts.label_fraction, opts.seed),
+        speakers=sorted({cand[i].speaker for i in g}),
+        class_histogram={c: counts.get(c, 0) for c in names},
+        personal_test_utt_ids=[cand[i].utt_id for i, h in zip(g, held, strict=True) if h],
+    )
+
+
 def make_partition(
     rows: Sequence[ManifestRow],
     *,
@@ -334,140 +504,30 @@ def make_partition(
     from them first (then from the rest if more are asked), and none of them is ever a server speaker, so
     a model trained on the server pool never saw one. Empty: the draw is exactly as before.
     """
-    if by not in PARTITION_MODES:
-        raise PartitionError(f"unknown partition mode {by!r}; use one of {', '.join(PARTITION_MODES)}")
-    if not 0.0 <= personal_test_fraction < 1.0:
-        raise PartitionError(f"personal_test_fraction must be in [0, 1), got {personal_test_fraction}")
-    if not 0.0 <= label_fraction <= 1.0:
-        raise PartitionError(f"label_fraction must be in [0, 1], got {label_fraction}")
-    if not alpha > 0:
-        raise PartitionError(f"alpha must be positive, got {alpha}")
-    if test_speakers < 0 or server_speakers < 0:
-        raise PartitionError("test_speakers and server_speakers must be >= 0")
-    if seed < 0:
-        raise PartitionError(f"seed must be >= 0, got {seed}")
-    if min_per_client < 1:
-        raise PartitionError(f"min_per_client must be >= 1, got {min_per_client}")
-    if num_clients is not None and num_clients < 1:
-        raise PartitionError(f"num_clients must be >= 1, got {num_clients}")
-    if num_clients is None and by != "speaker":
-        raise PartitionError(f"by={by} needs num_clients (only by=speaker can make one client per speaker)")
-    if keep_speakers and by == "iid":
-        raise PartitionError("keep_speakers applies to by=dirichlet (by=speaker always keeps speakers whole)")
-
-    pool = [r for r in rows if r.label]
-    if not pool:
-        raise PartitionError("no labelled rows to partition")
-    dup = [u for u, c in Counter(r.utt_id for r in pool).items() if c > 1]
-    if dup:
-        raise PartitionError(f"utterance id(s) repeated in the manifest: {', '.join(sorted(dup)[:5])}")
+    opts = _Options(num_clients, by, alpha, label_fraction, test_speakers, server_speakers, seed,
+                    keep_speakers, min_per_client, personal_test_fraction)  # fmt: skip
+    opts.check()
+    pool = _labelled_pool(rows)
     names = label_names(pool)
-    spk_counts = Counter(r.speaker for r in pool)
-    speakers = sorted(spk_counts)
-    held = test_speakers + server_speakers
-    if held >= len(speakers):
-        raise PartitionError(
-            f"{len(speakers)} speaker(s) cannot cover {test_speakers} test + {server_speakers} server "
-            "speaker(s) and leave any for clients"
-        )
-
-    spk_rng = np.random.default_rng([seed, 0])
-    shuffled = [speakers[i] for i in spk_rng.permutation(len(speakers))]
-    declared = set(test_first) & set(speakers)
-    if declared:
-        shuffled = [s for s in shuffled if s in declared] + [s for s in shuffled if s not in declared]
-    test_spk = sorted(shuffled[:test_speakers])
-    rest = shuffled[test_speakers:]
-    server_pool = [s for s in rest if s not in declared]
-    if len(server_pool) < server_speakers:
-        raise PartitionError(
-            f"{server_speakers} server speaker(s) requested, but only {len(server_pool)} speaker(s) are neither "
-            f"test speakers nor declared held out (split=test: {len(declared)})"
-        )
-    server_spk = sorted(server_pool[:server_speakers])
-    client_spk = sorted(s for s in rest if s not in set(server_spk))
-    test_set, server_set = set(test_spk), set(server_spk)
+    split = _split_speakers(sorted({r.speaker for r in pool}), opts, test_first)
+    test_set, server_set = set(split.test), set(split.server)
     cand = [r for r in pool if r.speaker not in test_set and r.speaker not in server_set]
-    labels = [r.label for r in cand]
-
     rng = np.random.default_rng([seed, 1])
-    n = num_clients if num_clients is not None else len(client_spk)
+    n = num_clients if num_clients is not None else len(split.clients)
     if by == "speaker" or (by == "dirichlet" and keep_speakers):
-        if n > len(client_spk):
-            raise PartitionError(
-                f"{n} clients need at least {n} speakers, but only {len(client_spk)} remain "
-                f"after holding out {held}"
-            )
-        if by == "speaker":
-            spk_groups = (
-                [[s] for s in client_spk]
-                if num_clients is None
-                else _deal_speakers(client_spk, spk_counts, n, rng)
-            )
-            if min_per_client > 1 and min(sum(spk_counts[s] for s in g) for g in spk_groups) < min_per_client:
-                raise PartitionError(f"some client has fewer than min_per_client={min_per_client} utterances")
-        else:
-            hist = {s: np.zeros(len(names)) for s in client_spk}
-            for r in cand:
-                hist[r.speaker][names.index(r.label)] += 1
-            spk_groups = _dirichlet_speakers(client_spk, hist, n, alpha, min_per_client, rng)
-        where = {s: k for k, g in enumerate(spk_groups) for s in g}
-        groups: list[list[int]] = [[] for _ in range(n)]
-        for i, r in enumerate(cand):
-            groups[where[r.speaker]].append(i)
+        groups = _speaker_groups(cand, names, split, n, opts, rng)
     else:
-        if len(cand) < n * min_per_client:
-            raise PartitionError(f"{len(cand)} utterances cannot give {n} clients {min_per_client} each")
-        if by == "iid":
-            perm = rng.permutation(len(cand))
-            groups = [sorted(int(i) for i in perm[k::n]) for k in range(n)]
-        else:
-            groups = _dirichlet_utterances(labels, names, n, alpha, min_per_client, rng)
-
+        groups = _utterance_groups([r.label for r in cand], names, n, opts, rng)
     width = max(3, len(str(n - 1)))
-    clients = []
-    for k, g in enumerate(groups):
-        g = sorted(g)  # manifest order
-        held = personal_test_mask([cand[i].utt_id for i in g], [cand[i].label for i in g],
-                                  personal_test_fraction, seed)  # fmt: skip
-        train_idx = [i for i, h in zip(g, held, strict=True) if not h]
-        utts = [cand[i].utt_id for i in train_idx]
-        labs = [cand[i].label for i in train_idx]
-        counts = Counter(labs)
-        clients.append(
-            ClientPartition(
-                client_id=f"client-{k:0{width}d}",
-                utt_ids=utts,
-                labelled=labelled_mask(utts, labs, label_fraction, seed),
-                speakers=sorted({cand[i].speaker for i in g}),
-                class_histogram={c: counts.get(c, 0) for c in names},
-                personal_test_utt_ids=[cand[i].utt_id for i, h in zip(g, held, strict=True) if h],
-            )
-        )
-    config = {
-        "by": by,
-        "num_clients": num_clients,
-        "alpha": alpha if by == "dirichlet" else None,
-        "label_fraction": label_fraction,
-        "test_speakers": test_speakers,
-        "server_speakers": server_speakers,
-        "keep_speakers": keep_speakers,
-        "min_per_client": min_per_client,
-        "personal_test_fraction": personal_test_fraction,
-        "num_rows": len(pool),
-        "rows_sha256": sha256_json(sorted((r.utt_id, r.label, r.speaker) for r in pool)),
-    }
-    if declared:
-        config["test_first"] = sorted(declared)
     return Partition(
-        config=config,
+        config=opts.record(pool, split.declared),
         seed=seed,
         label_names=names,
         test_utt_ids=[r.utt_id for r in pool if r.speaker in test_set],
-        test_speakers=test_spk,
+        test_speakers=split.test,
         server_utt_ids=[r.utt_id for r in pool if r.speaker in server_set],
-        server_speakers=server_spk,
-        clients=clients,
+        server_speakers=split.server,
+        clients=[_client(f"client-{k:0{width}d}", g, cand, names, opts) for k, g in enumerate(groups)],
     )
 
 

@@ -12,6 +12,7 @@ from fedsd.model.backbone import (
     builtin_config,
     load_backbone,
 )
+from fedsd.model.config import MultiExitConfig
 from fedsd.model.heads import HEADS, ExitHead, GRUHead, HeadOutput, StatsHead, build_head, stats_pool
 from fedsd.model.multiexit import MultiExitSER
 
@@ -25,6 +26,7 @@ __all__ = [
     "ExitHead",
     "GRUHead",
     "HeadOutput",
+    "MultiExitConfig",
     "MultiExitSER",
     "StatsHead",
     "TruncatedEncoder",

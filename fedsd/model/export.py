@@ -90,15 +90,8 @@ def export_exit(model: MultiExitSER, k: int) -> MultiExitSER:
     }
     # Exit k < N of a pre-LN encoder sees the raw layer output; k = N keeps the parent's rule.
     final_norm = model.final_norm_at_last_exit and k == model.encoder.num_layers
-    out = MultiExitSER(
-        backbone,
-        kept,
-        model.label_names,
-        head=model.head_kind,
-        head_kwargs=model.head_kwargs,
-        meta=meta,
-        final_norm_at_last_exit=final_norm,
-    )
+    config = model.config.replace(num_layers=k, exits=kept, final_norm_at_last_exit=final_norm, meta=meta)
+    out = MultiExitSER.from_config(backbone, config)
     head = next(model.head(kept[0]).parameters())
     out.heads.to(device=head.device, dtype=head.dtype)
     out.load_head_state_dict(model.head_state_dict(kept), strict=True)

@@ -159,19 +159,24 @@ class GRUHead(ExitHead):
 HEADS: dict[str, type[ExitHead]] = {"stats": StatsHead, "gru": GRUHead}
 
 
-def build_head(kind: str, hidden_size: int, num_classes: int, **kwargs: Any) -> ExitHead:
-    """Build an exit head by name; unknown kinds or options are reported against ``head``/``head_kwargs``."""
-    if kind not in HEADS:
-        raise ConfigError("head", f"unknown value {kind!r}; valid values: {', '.join(HEADS)}")
-    cls = HEADS[kind]
+def check_head_kwargs(kind: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` if head ``kind`` takes every one of them; else ConfigError naming ``head_kwargs``."""
     fixed = ("self", "hidden_size", "num_classes")
-    allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in fixed]
+    allowed = [p for p in inspect.signature(HEADS[kind].__init__).parameters if p not in fixed]
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise ConfigError(
             "head_kwargs",
             f"unknown option(s) {unknown} for head {kind!r}; valid options: {', '.join(allowed)}",
         )
+    return kwargs
+
+
+def build_head(kind: str, hidden_size: int, num_classes: int, **kwargs: Any) -> ExitHead:
+    """Build an exit head by name; unknown kinds or options are reported against ``head``/``head_kwargs``."""
+    if kind not in HEADS:
+        raise ConfigError("head", f"unknown value {kind!r}; valid values: {', '.join(HEADS)}")
+    check_head_kwargs(kind, kwargs)
     if num_classes < 2:
         raise ConfigError("label_names", f"need at least 2 classes, got {num_classes}")
-    return cls(hidden_size, num_classes, **kwargs)
+    return HEADS[kind](hidden_size, num_classes, **kwargs)

@@ -26,43 +26,27 @@ from fedsd.checkpoint import (
     sha256_file,
 )
 from fedsd.model.backbone import (
-    SAMPLE_RATE,
     BackboneError,
     ConfigError,
     TruncatedEncoder,
     backbone_fingerprint,
     load_backbone,
 )
+from fedsd.model.config import FORMAT_VERSION, MultiExitConfig
 from fedsd.model.heads import ExitHead, HeadOutput, build_head
 
-FORMAT_VERSION = 1
 HEADS_FILE = "heads.safetensors"
 META_FILE = "fedsd.json"
 BACKBONE_DIR = "backbone"
-
-
-def _check_exits(exits: Any, num_layers: int) -> list[int]:
-    if isinstance(exits, (str, bytes)) or not isinstance(exits, Sequence) or len(exits) == 0:
-        raise ConfigError("exits", f"expected a non-empty list of layer numbers, got {exits!r}")
-    bad = [k for k in exits if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_layers]
-    if bad:
-        raise ConfigError(
-            "exits", f"{bad} not valid: exits are layer numbers from 1 to {num_layers} (the backbone's depth)"
-        )
-    return sorted(set(exits))
-
-
-def _check_labels(label_names: Any) -> list[str]:
-    if isinstance(label_names, str) or not isinstance(label_names, Sequence):
-        raise ConfigError("label_names", f"expected a list of class names, got {label_names!r}")
-    names = [str(n) for n in label_names]
-    if len(names) < 2 or len(set(names)) != len(names):
-        raise ConfigError("label_names", f"need at least 2 distinct class names, got {names}")
-    return names
+_REQUIRED = ("format_version", "family", "exits", "head", "label_names", "fingerprint", "heads")
 
 
 class MultiExitSER(nn.Module):
     """Backbone + one ``ExitHead`` per exit; ``teacher_exit`` is the deepest exit.
+
+    The settings live in ``self.config`` (a ``MultiExitConfig``); ``exits``, ``label_names``, ``meta``
+    and the other setting attributes read it. ``MultiExitSER.from_config(backbone, config)`` builds the
+    same model from a config object.
 
     ``final_norm_at_last_exit`` (pre-LN encoders): whether the exit after the last layer sees the
     encoder's final LayerNorm; None decides it now from the installed transformers (see
@@ -81,23 +65,77 @@ class MultiExitSER(nn.Module):
     ) -> None:
         super().__init__()
         self.encoder = TruncatedEncoder(backbone, final_norm_at_last_exit)
-        self.exits: list[int] = _check_exits(exits, self.encoder.num_layers)
-        self.teacher_exit: int = self.exits[-1]
-        self.label_names: list[str] = _check_labels(label_names)
-        self.head_kind = head
-        kwargs = dict(head_kwargs or {})
-        size, classes = self.encoder.hidden_size, len(self.label_names)
-        self.heads = nn.ModuleDict({str(k): build_head(head, size, classes, **kwargs) for k in self.exits})
-        first: ExitHead = self.heads[str(self.exits[0])]  # type: ignore[assignment]
-        self.head_kwargs: dict[str, Any] = first.config()
-        self.meta: dict[str, Any] = dict(meta or {})
+        config = MultiExitConfig(
+            family=self.encoder.family,
+            num_layers=self.encoder.num_layers,
+            exits=exits,  # type: ignore[arg-type]  # checked and normalised to a sorted list
+            label_names=label_names,  # type: ignore[arg-type]
+            head=head,
+            head_kwargs=head_kwargs,  # type: ignore[arg-type]  # None -> {}
+            final_norm_at_last_exit=self.encoder.final_norm_at_last_exit,
+            meta=meta,  # type: ignore[arg-type]
+        )
+        size, classes = self.encoder.hidden_size, config.num_classes
+        kwargs = config.head_kwargs
+        self.heads = nn.ModuleDict({str(k): build_head(config.head, size, classes, **kwargs) for k in config.exits})
+        first: ExitHead = self.heads[str(config.exits[0])]  # type: ignore[assignment]
+        self.config: MultiExitConfig = config.replace(head_kwargs=first.config())  # every option, defaults too
         self._verified: tuple[str, tuple] | None = None  # see from_pretrained(fingerprint=...)
+
+    @classmethod
+    def from_config(cls, backbone: PreTrainedModel, config: MultiExitConfig) -> MultiExitSER:
+        """A model with freshly initialised heads for ``config`` around ``backbone``.
+
+        The backbone must be the one the config describes (family and depth), else ConfigError."""
+        model = cls(
+            backbone,
+            config.exits,
+            config.label_names,
+            head=config.head,
+            head_kwargs=config.head_kwargs,
+            meta=config.meta,
+            final_norm_at_last_exit=config.final_norm_at_last_exit,
+        )
+        for name in ("family", "num_layers"):
+            want, have = getattr(config, name), getattr(model.config, name)
+            if want != have:
+                raise ConfigError(name, f"{want!r} does not match the backbone's {have!r}")
+        return model
 
     # -- properties ---------------------------------------------------------------------------------
 
     @property
     def backbone(self) -> PreTrainedModel:
         return self.encoder.model
+
+    @property
+    def exits(self) -> list[int]:
+        return self.config.exits
+
+    @property
+    def teacher_exit(self) -> int:
+        return self.config.teacher_exit
+
+    @property
+    def label_names(self) -> list[str]:
+        return self.config.label_names
+
+    @property
+    def head_kind(self) -> str:
+        return self.config.head
+
+    @property
+    def head_kwargs(self) -> dict[str, Any]:
+        return self.config.head_kwargs
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """Free-form provenance saved with the model (``config.meta``); mutable, and assignable."""
+        return self.config.meta
+
+    @meta.setter
+    def meta(self, value: Mapping[str, Any]) -> None:
+        self.config = self.config.replace(meta=value)
 
     @property
     def family(self) -> str:
@@ -109,7 +147,7 @@ class MultiExitSER(nn.Module):
 
     @property
     def num_classes(self) -> int:
-        return len(self.label_names)
+        return self.config.num_classes
 
     @property
     def embed_dim(self) -> int:
@@ -300,22 +338,11 @@ class MultiExitSER(nn.Module):
     # -- checkpoints --------------------------------------------------------------------------------
 
     def describe(self) -> dict[str, Any]:
-        """The fedsd.json content (without the per-file hashes)."""
-        return {
-            "format_version": FORMAT_VERSION,
-            "family": self.family,
-            "num_layers": self.encoder.num_layers,
-            "final_norm_at_last_exit": self.final_norm_at_last_exit,
-            "exits": list(self.exits),
-            "teacher_exit": self.teacher_exit,
-            "head": self.head_kind,
-            "head_kwargs": dict(self.head_kwargs),
-            "label_names": list(self.label_names),
-            "sample_rate": int(self.meta.get("sample_rate", SAMPLE_RATE)),
-            "crop": self.meta.get("crop"),
-            "fingerprint": self.backbone_fingerprint(),
-            "meta": self.meta,
-        }
+        """The fedsd.json content (without the per-file hashes): ``config.to_dict()`` + the fingerprint."""
+        info = self.config.to_dict()
+        info["fingerprint"] = self.backbone_fingerprint()
+        info["meta"] = info.pop("meta")  # last, after the fingerprint, as the file has always had it
+        return info
 
     def save_pretrained(self, path: str | os.PathLike[str]) -> Path:
         """Write ``backbone/`` (HF layout), ``heads.safetensors``, ``fedsd.json``: one atomic directory."""
@@ -350,76 +377,21 @@ class MultiExitSER(nn.Module):
         path = Path(path)
         if backbone is not None and fingerprint is None:
             raise ValueError("from_pretrained(backbone=...) needs the verified fingerprint")
+        info = _read_info(path, fingerprint)
+        net, final_norm = _open_backbone(path, info, backbone)
         verified = fingerprint is not None
-        meta_path = path / META_FILE
-        if not meta_path.is_file():
-            raise CheckpointError(f"{meta_path}: missing; {path} is not a fedsd model directory")
-        try:
-            info = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise CheckpointError(f"{meta_path}: unreadable JSON ({err})") from err
-        required = ("format_version", "family", "exits", "head", "label_names", "fingerprint", "heads")
-        absent = [k for k in required if k not in info]
-        if absent:
-            raise CheckpointError(f"{meta_path}: missing keys {absent}")
-        if info["format_version"] != FORMAT_VERSION:
-            raise CheckpointError(
-                f"{meta_path}: format_version {info['format_version']} is not supported "
-                f"(expected {FORMAT_VERSION})"
-            )
-        bdir = path / BACKBONE_DIR
-        if not bdir.is_dir():
-            raise CheckpointError(f"{bdir}: backbone directory is missing")
-        if fingerprint is not None and fingerprint != info["fingerprint"]:
-            raise CheckpointError(
-                f"{meta_path}: fingerprint {str(info['fingerprint'])[:12]}… is not the verified "
-                f"{fingerprint[:12]}…"
-            )
-        try:
-            if backbone is None:
-                backbone = load_backbone(bdir, family=info["family"])
-            elif isinstance(backbone, str):
-                backbone = _skeleton(bdir, info["family"], backbone)
-        except (BackboneError, ConfigError) as err:
-            raise CheckpointError(f"{bdir}: {err}") from err
-        # Checkpoints older than the key recorded no decision (and a fingerprint without it): the
-        # installed transformers decides, as it did when they were written.
-        final_norm = info.get("final_norm_at_last_exit")
-        if final_norm is not None and not isinstance(final_norm, bool):
-            raise CheckpointError(
-                f"{meta_path}: final_norm_at_last_exit must be true or false, got {final_norm!r}"
-            )
         if fingerprint is None:
-            fingerprint = backbone_fingerprint(backbone, final_norm)
+            fingerprint = backbone_fingerprint(net, final_norm)
         if fingerprint != info["fingerprint"]:
             raise CheckpointError(
-                f"{bdir}: backbone fingerprint {fingerprint[:12]}… differs from the "
-                f"{info['fingerprint'][:12]}… recorded in {meta_path.name} (weights or config changed)"
+                f"{path / BACKBONE_DIR}: backbone fingerprint {fingerprint[:12]}… differs from the "
+                f"{info['fingerprint'][:12]}… recorded in {META_FILE} (weights or config changed)"
             )
         try:
-            model = cls(
-                backbone,
-                info["exits"],
-                info["label_names"],
-                head=info["head"],
-                head_kwargs=info.get("head_kwargs"),
-                meta=info.get("meta"),
-                final_norm_at_last_exit=final_norm,
-            )
+            model = cls.from_config(net, MultiExitConfig.from_dict(info))
         except ConfigError as err:
-            raise CheckpointError(f"{meta_path}: {err}") from err
-        heads_path = path / HEADS_FILE
-        heads = load_tensors(heads_path, expected_sha256=info.get("heads_sha256"))
-        recorded = {k: list(v) for k, v in info["heads"].items()}
-        found = {k: list(v.shape) for k, v in heads.items()}
-        expected = {k: list(v.shape) for k, v in model.head_state_dict().items()}
-        for name, other in ((meta_path.name, recorded), ("the model built from it", expected)):
-            if found != other:
-                diff = sorted(set(found) ^ set(other)) or sorted(k for k in found if found[k] != other[k])
-                raise CheckpointError(
-                    f"{heads_path}: head weights do not match {name}: differing keys {diff[:8]}"
-                )
-        model.load_head_state_dict(heads, strict=True)
+            raise CheckpointError(f"{path / META_FILE}: {err}") from err
+        _load_heads(model, path, info)
         if not model.has_backbone_weights:
             model.heads.to(map_location)
             model.eval()
@@ -428,6 +400,71 @@ class MultiExitSER(nn.Module):
         if verified:
             model._verified = (fingerprint, model._backbone_version())
         return model
+
+
+def _read_info(path: Path, fingerprint: str | None) -> dict[str, Any]:
+    """fedsd.json of ``path``, checked for what loading needs before any weights are read."""
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(f"{meta_path}: missing; {path} is not a fedsd model directory")
+    try:
+        info = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{meta_path}: unreadable JSON ({err})") from err
+    absent = [k for k in _REQUIRED if k not in info]
+    if absent:
+        raise CheckpointError(f"{meta_path}: missing keys {absent}")
+    if info["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{meta_path}: format_version {info['format_version']} is not supported "
+            f"(expected {FORMAT_VERSION})"
+        )
+    bdir = path / BACKBONE_DIR
+    if not bdir.is_dir():
+        raise CheckpointError(f"{bdir}: backbone directory is missing")
+    if fingerprint is not None and fingerprint != info["fingerprint"]:
+        raise CheckpointError(
+            f"{meta_path}: fingerprint {str(info['fingerprint'])[:12]}… is not the verified "
+            f"{fingerprint[:12]}…"
+        )
+    return info
+
+
+def _open_backbone(
+    path: Path, info: Mapping[str, Any], backbone: PreTrainedModel | str | None
+) -> tuple[PreTrainedModel, bool | None]:
+    """The backbone to wrap (read from ``backbone/``, a meta skeleton, or the one given) and the recorded
+    final-norm decision."""
+    bdir = path / BACKBONE_DIR
+    try:
+        if backbone is None:
+            backbone = load_backbone(bdir, family=info["family"])
+        elif isinstance(backbone, str):
+            backbone = _skeleton(bdir, info["family"], backbone)
+    except (BackboneError, ConfigError) as err:
+        raise CheckpointError(f"{bdir}: {err}") from err
+    # Checkpoints older than the key recorded no decision (and a fingerprint without it): the
+    # installed transformers decides, as it did when they were written.
+    final_norm = info.get("final_norm_at_last_exit")
+    if final_norm is not None and not isinstance(final_norm, bool):
+        raise CheckpointError(
+            f"{path / META_FILE}: final_norm_at_last_exit must be true or false, got {final_norm!r}"
+        )
+    return backbone, final_norm
+
+
+def _load_heads(model: MultiExitSER, path: Path, info: Mapping[str, Any]) -> None:
+    """Load heads.safetensors into ``model`` after checking it against fedsd.json and the model's heads."""
+    heads_path = path / HEADS_FILE
+    heads = load_tensors(heads_path, expected_sha256=info.get("heads_sha256"))
+    recorded = {k: list(v) for k, v in info["heads"].items()}
+    found = {k: list(v.shape) for k, v in heads.items()}
+    expected = {k: list(v.shape) for k, v in model.head_state_dict().items()}
+    for name, other in ((META_FILE, recorded), ("the model built from it", expected)):
+        if found != other:
+            diff = sorted(set(found) ^ set(other)) or sorted(k for k in found if found[k] != other[k])
+            raise CheckpointError(f"{heads_path}: head weights do not match {name}: differing keys {diff[:8]}")
+    model.load_head_state_dict(heads, strict=True)
 
 
 def _skeleton(bdir: Path, family: str, device: str) -> PreTrainedModel:

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fedsd.checkpoint import DATA_RECORD_KEY, append_jsonl, atomic_write_json, atomic_write_text, data_record
-from fedsd.config import ConfigError, ExperimentConfig, config_to_yaml
+from fedsd.config import ConfigError, ExperimentConfig, TrainConfig, config_to_yaml
 from fedsd.data.audio import CropPolicy
 from fedsd.data.dataset import SpeechDataset, collate_batch
 from fedsd.data.manifest import ManifestRow, read_manifest
@@ -319,6 +319,176 @@ class TrainResult:
     test: dict[int, ClassificationReport]
 
 
+@dataclass
+class _Loop:
+    """What the epochs of one ``train`` call share (built once, before the first epoch)."""
+
+    model: MultiExitSER
+    tc: TrainConfig
+    device: str
+    opt: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    loader: DataLoader
+    valid_loader: DataLoader | None
+    time_mask: TimeMasking
+    noise_rng: torch.Generator
+    progress: Any | None = None
+    task: Any = None
+
+
+def _start_run(cfg: ExperimentConfig, run_dir: Path) -> Path:
+    """Create ``run_dir``, seed everything, write config.yaml; the (emptied) metrics.jsonl path."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.train.seed)
+    atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
+    metrics_path = run_dir / "metrics.jsonl"
+    if metrics_path.exists():
+        metrics_path.unlink()
+    return metrics_path
+
+
+def _model_to_train(
+    cfg: ExperimentConfig, label_names: Sequence[str], splits: dict[str, list[ManifestRow]]
+) -> MultiExitSER:
+    """The model built from ``cfg`` on the training device, with its data record and frozen parts."""
+    tc = cfg.train
+    model = build_model(cfg, label_names).to(tc.device)
+    # best/ and last/ record the speakers they were trained and selected on (reuse and evaluation
+    # check them against their test speakers; fedsd.checkpoint.data_record)
+    model.meta[DATA_RECORD_KEY] = data_record(splits["train"], splits["valid"])
+    if tc.freeze_backbone:
+        model.freeze_backbone()
+    elif tc.freeze_feature_encoder:
+        model.freeze_backbone(freeze_feature_encoder_only=True)
+    return model
+
+
+def _make_loop(
+    cfg: ExperimentConfig,
+    model: MultiExitSER,
+    splits: dict[str, list[ManifestRow]],
+    label_names: Sequence[str],
+    labelled: Sequence[bool],
+    progress: Any | None,
+) -> _Loop:
+    """Optimiser (heads at ``head_lr``), loaders, learning-rate schedule, augmentation state."""
+    tc = cfg.train
+    head_params = [p for p in model.heads.parameters() if p.requires_grad]
+    body_params = [p for p in model.encoder.parameters() if p.requires_grad]
+    groups = [{"params": head_params, "lr": tc.head_lr or tc.lr}]
+    if body_params:
+        groups.append({"params": body_params, "lr": tc.lr})
+    opt = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
+    root = cfg.data.root
+    loader = make_loader(splits["train"], root, label_names, train_crop(cfg), batch_size=tc.batch_size,
+                         train=True, labelled=labelled, seed=tc.seed, num_workers=tc.num_workers)  # fmt: skip
+    valid_loader = (
+        make_loader(splits["valid"], root, label_names, eval_crop(cfg), batch_size=tc.batch_size)
+        if splits["valid"]
+        else None
+    )
+    steps_per_epoch = -(-len(loader) // tc.grad_accum)
+    scheduler = lr_scheduler(opt, tc.lr_schedule, tc.lr_warmup, steps_per_epoch * tc.epochs)
+    noise_rng = torch.Generator().manual_seed(tc.seed + 1)
+    time_mask = TimeMasking(model, tc.mask_time_prob, tc.mask_time_length, seed=tc.seed + 2)
+    task = progress.add_task("train", total=tc.epochs * len(loader)) if progress is not None else None
+    return _Loop(model, tc, tc.device, opt, scheduler, loader, valid_loader, time_mask, noise_rng, progress, task)
+
+
+def _backward(loop: _Loop, batch: dict[str, Any], dcfg: DistillConfig) -> tuple[dict[str, Any], bool]:
+    """Forward one batch and backpropagate its loss if it carries a signal; (loss parts, signal)."""
+    model, tc = loop.model, loop.tc
+    inputs = batch["input_values"]
+    if tc.noise_snr_db is not None:
+        inputs = add_noise(inputs, batch["attention_mask"], tc.noise_snr_db, loop.noise_rng)
+    with loop.time_mask:
+        out = model(inputs.to(loop.device), batch["attention_mask"].to(loop.device))
+    loss, comps = self_distill_loss(out, batch["labels"].to(loop.device), model.teacher_exit, dcfg)
+    signal = loss_has_signal(batch["labels"], model.teacher_exit, dcfg, model.exits)
+    if signal:
+        (loss / tc.grad_accum).backward()
+    return comps, signal
+
+
+def _train_epoch(loop: _Loop, epoch: int) -> dict[str, Any]:
+    """One pass over the training speech; the epoch's metrics record (training part)."""
+    model, tc, opt = loop.model, loop.tc, loop.opt
+    model.train()
+    loop.loader.dataset.set_epoch(epoch)  # new random crops each epoch, reproducible per seed
+    mode = "ce" if epoch <= tc.warmup_epochs else tc.mode
+    dcfg = DistillConfig(**tc.distill.model_dump(), mode=mode)
+    sums: dict[str, float] = {}
+    n_batches = steps_taken = steps_skipped = 0
+    pending = False  # a batch since the last step carried a loss signal
+    opt.zero_grad()
+    for step, batch in enumerate(loop.loader, start=1):
+        comps, signal = _backward(loop, batch, dcfg)
+        pending = pending or signal
+        if step % tc.grad_accum == 0 or step == len(loop.loader):
+            # no loss signal since the last step (CE and no labelled clip): no optimiser step and
+            # no scheduler count, else AdamW's momentum and weight decay move the weights anyway
+            if pending:
+                if tc.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+                opt.step()
+                loop.scheduler.step()
+                steps_taken += 1
+            else:
+                steps_skipped += 1
+            opt.zero_grad()
+            pending = False
+        for key, v in comps.items():
+            sums[key] = sums.get(key, 0.0) + float(v)
+        n_batches += 1
+        if loop.progress is not None:
+            loop.progress.update(
+                loop.task, advance=1, description=f"epoch {epoch}/{tc.epochs} loss {float(comps['total']):.3f}"
+            )
+    record: dict[str, Any] = {"epoch": epoch, "mode": mode, "lr": loop.scheduler.get_last_lr()[-1],
+                              "steps": steps_taken, "steps_skipped": steps_skipped}  # fmt: skip
+    record.update({f"train/{k}": v / max(n_batches, 1) for k, v in sums.items()})
+    return record
+
+
+def _log_epoch(record: dict[str, Any], exits: Sequence[int], select: str, log: Callable[[str], None]) -> None:
+    score = record["select/score"]
+    uars = " ".join(f"{record[f'valid/exit{k}/uar']:.3f}" for k in exits if f"valid/exit{k}/uar" in record)
+    log(
+        f"epoch {record['epoch']}: loss {record.get('train/total', float('nan')):.4f}"
+        + (f", valid UAR per exit {uars} ({select} {score:.3f})" if uars else "")
+    )
+
+
+def _run_epochs(
+    loop: _Loop, run_dir: Path, metrics_path: Path, tracker: Any, log: Callable[[str], None]
+) -> int:
+    """Every epoch: train, validate, keep the best in best/, log; then last/ and the learning curves.
+    Returns the best epoch."""
+    model, tc = loop.model, loop.tc
+    best_score, best_epoch = -math.inf, -1
+    history: list[dict[str, Any]] = []
+    for epoch in range(1, tc.epochs + 1):
+        record = _train_epoch(loop, epoch)
+        valid_reports: dict[int, ClassificationReport] = {}
+        if loop.valid_loader is not None:
+            valid_reports = evaluate_loader(model, loop.valid_loader, loop.device)
+            record.update(_report_row("valid", valid_reports))
+        score = selection_score(tc.select, valid_reports, model, epoch)
+        record["select/score"] = score
+        if score > best_score:
+            best_score, best_epoch = score, epoch
+            model.save_pretrained(run_dir / "best")
+        record["best_epoch"] = best_epoch
+        append_jsonl(metrics_path, record)
+        tracker.log_metrics(epoch_scalars(record), step=epoch)
+        history.append(record)
+        _log_epoch(record, model.exits, tc.select, log)
+    loop.time_mask.remove()
+    model.save_pretrained(run_dir / "last")
+    plot_learning_curves(history, model.exits, run_dir / "learning_curves.png")
+    return best_epoch
+
+
 def train(
     cfg: ExperimentConfig,
     run_dir: str | Path,
@@ -333,18 +503,10 @@ def train(
     server's speaker pool). ``progress`` is a ``rich.progress.Progress`` (optional).
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.train.seed)
-    atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
-    metrics_path = run_dir / "metrics.jsonl"
-    if metrics_path.exists():
-        metrics_path.unlink()
-
+    metrics_path = _start_run(cfg, run_dir)
     rows = read_manifest(cfg.data.manifest_path)
     label_names = resolve_label_names(cfg, rows)
     splits = splits if splits is not None else split_rows(cfg, rows)
-    root = cfg.data.root
-    device = cfg.train.device
     tc = cfg.train
     train_rows = splits["train"]
     labelled = labelled_mask(
@@ -354,121 +516,16 @@ def train(
         f"data: {len(splits['train'])} train ({sum(labelled)} labelled), {len(splits['valid'])} valid, "
         f"{len(splits['test'])} test utterances; classes {label_names}"
     )
-
-    model = build_model(cfg, label_names).to(device)
-    # best/ and last/ record the speakers they were trained and selected on (reuse and evaluation
-    # check them against their test speakers; fedsd.checkpoint.data_record)
-    model.meta[DATA_RECORD_KEY] = data_record(splits["train"], splits["valid"])
-    if tc.freeze_backbone:
-        model.freeze_backbone()
-    elif tc.freeze_feature_encoder:
-        model.freeze_backbone(freeze_feature_encoder_only=True)
-    head_params = [p for p in model.heads.parameters() if p.requires_grad]
-    body_params = [p for p in model.encoder.parameters() if p.requires_grad]
-    groups = [{"params": head_params, "lr": tc.head_lr or tc.lr}]
-    if body_params:
-        groups.append({"params": body_params, "lr": tc.lr})
-    opt = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
-
-    train_loader = make_loader(
-        splits["train"],
-        root,
-        label_names,
-        train_crop(cfg),
-        batch_size=tc.batch_size,
-        train=True,
-        labelled=labelled,
-        seed=tc.seed,
-        num_workers=tc.num_workers,
-    )
-    ecrop = eval_crop(cfg)
-    valid_loader = (
-        make_loader(splits["valid"], root, label_names, ecrop, batch_size=tc.batch_size)
-        if splits["valid"]
-        else None
-    )
-    steps_per_epoch = -(-len(train_loader) // tc.grad_accum)
-    scheduler = lr_scheduler(opt, tc.lr_schedule, tc.lr_warmup, steps_per_epoch * tc.epochs)
-    noise_rng = torch.Generator().manual_seed(tc.seed + 1)
-    time_mask = TimeMasking(model, tc.mask_time_prob, tc.mask_time_length, seed=tc.seed + 2)
-    best_score, best_epoch = -math.inf, -1
-    best_dir, last_dir = run_dir / "best", run_dir / "last"
-    history: list[dict[str, Any]] = []
-    task = progress.add_task("train", total=tc.epochs * len(train_loader)) if progress is not None else None
-    valid_reports: dict[int, ClassificationReport] = {}
+    model = _model_to_train(cfg, label_names, splits)
+    loop = _make_loop(cfg, model, splits, label_names, labelled, progress)
     tracker = tracker_for(cfg, run_dir, "central", log=log)  # log.tensorboard / log.mlflow_uri
-    for epoch in range(1, tc.epochs + 1):
-        model.train()
-        train_loader.dataset.set_epoch(epoch)  # new random crops each epoch, reproducible per seed
-        mode = "ce" if epoch <= tc.warmup_epochs else tc.mode
-        dcfg = DistillConfig(**tc.distill.model_dump(), mode=mode)
-        sums: dict[str, float] = {}
-        n_batches = steps_taken = steps_skipped = 0
-        pending = False  # a batch since the last step carried a loss signal
-        opt.zero_grad()
-        for step, batch in enumerate(train_loader, start=1):
-            inputs = batch["input_values"]
-            if tc.noise_snr_db is not None:
-                inputs = add_noise(inputs, batch["attention_mask"], tc.noise_snr_db, noise_rng)
-            with time_mask:
-                out = model(inputs.to(device), batch["attention_mask"].to(device))
-            loss, comps = self_distill_loss(out, batch["labels"].to(device), model.teacher_exit, dcfg)
-            if loss_has_signal(batch["labels"], model.teacher_exit, dcfg, model.exits):
-                (loss / tc.grad_accum).backward()
-                pending = True
-            if step % tc.grad_accum == 0 or step == len(train_loader):
-                # no loss signal since the last step (CE and no labelled clip): no optimiser step and
-                # no scheduler count, else AdamW's momentum and weight decay move the weights anyway
-                if pending:
-                    if tc.max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
-                    opt.step()
-                    scheduler.step()
-                    steps_taken += 1
-                else:
-                    steps_skipped += 1
-                opt.zero_grad()
-                pending = False
-            for key, v in comps.items():
-                sums[key] = sums.get(key, 0.0) + float(v)
-            n_batches += 1
-            if progress is not None:
-                progress.update(
-                    task, advance=1, description=f"epoch {epoch}/{tc.epochs} loss {float(comps['total']):.3f}"
-                )
-        record: dict[str, Any] = {"epoch": epoch, "mode": mode, "lr": scheduler.get_last_lr()[-1],
-                                  "steps": steps_taken, "steps_skipped": steps_skipped}  # fmt: skip
-        record.update({f"train/{k}": v / max(n_batches, 1) for k, v in sums.items()})
-        if valid_loader is not None:
-            valid_reports = evaluate_loader(model, valid_loader, device)
-            record.update(_report_row("valid", valid_reports))
-        score = selection_score(tc.select, valid_reports if valid_loader is not None else {}, model, epoch)
-        record["select/score"] = score
-        if score > best_score:
-            best_score, best_epoch = score, epoch
-            model.save_pretrained(best_dir)
-        record["best_epoch"] = best_epoch
-        append_jsonl(metrics_path, record)
-        tracker.log_metrics(epoch_scalars(record), step=epoch)
-        history.append(record)
-        uars = " ".join(
-            f"{record[f'valid/exit{k}/uar']:.3f}" for k in model.exits if f"valid/exit{k}/uar" in record
-        )
-        log(
-            f"epoch {epoch}: loss {record.get('train/total', float('nan')):.4f}"
-            + (f", valid UAR per exit {uars} ({tc.select} {score:.3f})" if uars else "")
-        )
-    time_mask.remove()
-    model.save_pretrained(last_dir)
-    plot_learning_curves(history, model.exits, run_dir / "learning_curves.png")
-
-    best = MultiExitSER.from_pretrained(best_dir).to(device)
-    if valid_loader is not None:
-        valid_reports = evaluate_loader(best, valid_loader, device)
+    best_epoch = _run_epochs(loop, run_dir, metrics_path, tracker, log)
+    best = MultiExitSER.from_pretrained(run_dir / "best").to(tc.device)
+    valid_reports = evaluate_loader(best, loop.valid_loader, tc.device) if loop.valid_loader is not None else {}
     test_reports: dict[int, ClassificationReport] = {}
     if splits["test"]:
-        test_loader = make_loader(splits["test"], root, label_names, ecrop, batch_size=tc.batch_size)
-        test_reports = evaluate_loader(best, test_loader, device)
+        test_loader = make_loader(splits["test"], cfg.data.root, label_names, eval_crop(cfg), batch_size=tc.batch_size)
+        test_reports = evaluate_loader(best, test_loader, tc.device)
     summary = {
         "best_epoch": best_epoch,
         "label_names": label_names,
@@ -477,7 +534,7 @@ def train(
     }
     atomic_write_json(run_dir / "results.json", summary)
     finish_run(tracker, run_dir)
-    return TrainResult(run_dir, best_dir, last_dir, best_epoch, valid_reports, test_reports)
+    return TrainResult(run_dir, run_dir / "best", run_dir / "last", best_epoch, valid_reports, test_reports)
 
 
 def train_experiment(

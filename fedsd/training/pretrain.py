@@ -145,6 +145,109 @@ def _encoder(settings: PretrainSettings) -> nn.Module:
         return build_backbone(config, seed=settings.seed) if model is None else type(model)(config)
 
 
+def _load_clips(
+    rows: Sequence[ManifestRow], root: Path, log: Callable[[str], None]
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Every clip's waveform (16 kHz) and its MFCC frames."""
+    wavs, feats = [], []
+    for r in rows:
+        p = Path(r.path)
+        wav = load_audio(p if p.is_absolute() else root / p, SAMPLE_RATE, min_seconds=WINDOW / SAMPLE_RATE)
+        wavs.append(wav)
+        feats.append(mfcc_frames(wav))
+    log(f"{len(wavs)} clips, {sum(len(w) for w in wavs) / SAMPLE_RATE / 3600:.2f} h of speech")
+    return wavs, feats
+
+
+class _MaskedPrediction:
+    """The encoder, its cluster classifier, optimiser and schedule; one batch at a time."""
+
+    def __init__(self, s: PretrainSettings, clips: _Clips, steps_per_epoch: int) -> None:
+        self.s, self.clips = s, clips
+        self.encoder = _encoder(s)
+        self.proj = nn.Linear(self.encoder.config.hidden_size, s.clusters)
+        self.params = list(self.encoder.parameters()) + list(self.proj.parameters())
+        self.opt = torch.optim.AdamW(self.params, lr=s.lr, weight_decay=s.weight_decay)
+        total = steps_per_epoch * s.epochs
+        warm = max(1, int(s.warmup * total))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt,
+            lambda i: min((i + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(1.0, (i - warm) / max(1, total - warm))))),
+        )
+
+    def mode(self, train: bool) -> None:
+        self.encoder.train(train)
+        self.proj.train(train)
+
+    def step(self, x: Tensor, y: Tensor, train: bool) -> tuple[float, int, int] | None:
+        """One batch; None when no masked frame has a target (no loss signal: no step, no count)."""
+        from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
+
+        s = self.s
+        mask = _compute_mask_indices((x.shape[0], self.clips.frames), s.mask_prob, s.mask_length, min_masks=2)
+        mask_t = torch.from_numpy(mask) & (y >= 0)
+        if not bool(mask_t.any()):
+            return None
+        out = self.encoder(x, mask_time_indices=mask_t).last_hidden_state
+        logits = self.proj(out[mask_t])
+        target = y[mask_t]
+        loss = nn.functional.cross_entropy(logits, target)
+        if train:
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, 5.0)
+            self.opt.step()
+            self.sched.step()
+        return loss.item(), int((logits.argmax(-1) == target).sum()), int(target.numel())
+
+    def run(self, batches: Any, train: bool) -> tuple[float, float]:
+        """Mean loss and masked-frame accuracy over ``batches`` of (x, y)."""
+        losses, hits, n = [], 0, 0
+        for x, y in batches:
+            result = self.step(x, y, train)
+            if result is not None:
+                losses.append(result[0])
+                hits, n = hits + result[1], n + result[2]
+        return float(np.mean(losses)), hits / max(1, n)
+
+    def validate(self, va: list[int]) -> dict[str, float]:
+        """Loss and accuracy on the held-out speakers, with fixed masks and crops (global RNG restored)."""
+        s = self.s
+        self.mode(False)
+        state = np.random.get_state()
+        np.random.seed(10_000 + s.seed)
+        vrng = np.random.default_rng(s.seed + 2)
+        with torch.no_grad():
+            batches = (self.clips.batch(va[b : b + s.batch_size], vrng) for b in range(0, len(va), s.batch_size))
+            loss, acc = self.run(batches, False)
+        np.random.set_state(state)
+        return {"valid_loss": loss, "valid_acc": acc}
+
+
+def _train_batches(
+    task: _MaskedPrediction, order: np.ndarray, steps: int, rng: np.random.Generator, tick: Callable[[], None]
+) -> Any:
+    """The epoch's training batches, in ``order``; ``tick`` after each one."""
+    size = task.s.batch_size
+    for b in range(steps):
+        yield task.clips.batch(order[b * size : (b + 1) * size], rng)
+        tick()
+
+
+def _save(
+    encoder: nn.Module, out_dir: Path, s: PretrainSettings, provenance: dict[str, Any]
+) -> None:
+    """The encoder as a Hugging Face checkpoint, and ``pretrain.json`` beside it: one atomic directory."""
+    encoder.config.apply_spec_augment = False  # inference and fine-tuning decide masking themselves
+    with atomic_directory(out_dir) as tmp:
+        encoder.save_pretrained(tmp, safe_serialization=True)
+        atomic_write_json(
+            tmp / "pretrain.json",
+            {"method": "masked prediction of MFCC k-means clusters (HuBERT iteration 1)", "settings": asdict(s),
+             **provenance},
+        )  # fmt: skip
+
+
 def pretrain(
     rows: Sequence[ManifestRow],
     root: str | Path,
@@ -160,89 +263,33 @@ def pretrain(
     ``source`` (e.g. the manifest's path and sha256) is recorded in ``pretrain.json`` as provenance.
     ``tracker`` (``fedsd.tracking``) receives each epoch's row of the history; its opener closes it.
     """
-    from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
-
     s = settings or PretrainSettings()
     if s.threads:
         torch.set_num_threads(s.threads)
     t0 = time.monotonic()
-    root = Path(root)
-    crop = int(s.crop_seconds * SAMPLE_RATE)
-    wavs, feats = [], []
-    for r in rows:
-        p = Path(r.path)
-        wav = load_audio(p if p.is_absolute() else root / p, SAMPLE_RATE, min_seconds=WINDOW / SAMPLE_RATE)
-        wavs.append(wav)
-        feats.append(mfcc_frames(wav))
-    log(f"{len(wavs)} clips, {sum(len(w) for w in wavs) / SAMPLE_RATE / 3600:.2f} h of speech")
+    wavs, feats = _load_clips(rows, Path(root), log)
     tr, va = _split_speakers(rows, s.valid_fraction, s.seed)
     assign = _clusters([feats[i] for i in tr], s, log)
-    clips = _Clips(wavs, [assign(f) for f in feats], crop)
-
-    encoder = _encoder(s)
-    proj = nn.Linear(encoder.config.hidden_size, s.clusters)
-    params = list(encoder.parameters()) + list(proj.parameters())
-    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    clips = _Clips(wavs, [assign(f) for f in feats], int(s.crop_seconds * SAMPLE_RATE))
     steps_per_epoch = math.ceil(len(tr) / s.batch_size)
-    total = steps_per_epoch * s.epochs
-    warm = max(1, int(s.warmup * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min((i + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(1.0, (i - warm) / max(1, total - warm)))))
-    )
+    task = _MaskedPrediction(s, clips, steps_per_epoch)
     rng = np.random.default_rng(s.seed)
-
-    def step(x: Tensor, y: Tensor, train: bool) -> tuple[float, int, int] | None:
-        """One batch; None when no masked frame has a target (no loss signal: no step, no count)."""
-        mask = _compute_mask_indices((x.shape[0], clips.frames), s.mask_prob, s.mask_length, min_masks=2)
-        mask_t = torch.from_numpy(mask) & (y >= 0)
-        if not bool(mask_t.any()):
-            return None
-        out = encoder(x, mask_time_indices=mask_t).last_hidden_state
-        logits = proj(out[mask_t])
-        target = y[mask_t]
-        loss = nn.functional.cross_entropy(logits, target)
-        if train:
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 5.0)
-            opt.step()
-            sched.step()
-        return loss.item(), int((logits.argmax(-1) == target).sum()), int(target.numel())
-
     np.random.seed(s.seed)  # _compute_mask_indices draws from numpy's global generator
     history: list[dict[str, float]] = []
-    done = 0
+    done = [0]
+
+    def tick() -> None:
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], steps_per_epoch * s.epochs)
+
     for epoch in range(1, s.epochs + 1):
-        encoder.train()
-        proj.train()
+        task.mode(True)
         order = rng.permutation(tr)
-        losses, hits, n = [], 0, 0
-        for b in range(steps_per_epoch):
-            x, y = clips.batch(order[b * s.batch_size : (b + 1) * s.batch_size], rng)
-            result = step(x, y, True)
-            if result is not None:
-                losses.append(result[0])
-                hits, n = hits + result[1], n + result[2]
-            done += 1
-            if progress is not None:
-                progress(done, total)
-        row = {"epoch": epoch, "loss": float(np.mean(losses)), "acc": hits / max(1, n), "lr": sched.get_last_lr()[0]}
+        loss, acc = task.run(_train_batches(task, order, steps_per_epoch, rng, tick), True)
+        row = {"epoch": epoch, "loss": loss, "acc": acc, "lr": task.sched.get_last_lr()[0]}
         if va:
-            encoder.eval()
-            proj.eval()
-            state = np.random.get_state()
-            np.random.seed(10_000 + s.seed)
-            vrng = np.random.default_rng(s.seed + 2)
-            vl, vh, vn = [], 0, 0
-            with torch.no_grad():
-                for b in range(0, len(va), s.batch_size):
-                    x, y = clips.batch(va[b : b + s.batch_size], vrng)
-                    result = step(x, y, False)
-                    if result is not None:
-                        vl.append(result[0])
-                        vh, vn = vh + result[1], vn + result[2]
-            np.random.set_state(state)
-            row |= {"valid_loss": float(np.mean(vl)), "valid_acc": vh / max(1, vn)}
+            row |= task.validate(va)
         history.append(row)
         if tracker is not None:
             tracker.log_metrics(epoch_scalars(row), step=epoch)
@@ -250,22 +297,10 @@ def pretrain(
             f"epoch {epoch}: masked-frame loss {row['loss']:.3f} acc {row['acc']:.3f}"
             + (f" | unseen speakers loss {row['valid_loss']:.3f} acc {row['valid_acc']:.3f}" if va else "")
         )
-
-    encoder.config.apply_spec_augment = False  # inference and fine-tuning decide masking themselves
     out_dir = Path(out_dir)
-    with atomic_directory(out_dir) as tmp:
-        encoder.save_pretrained(tmp, safe_serialization=True)
-        atomic_write_json(
-            tmp / "pretrain.json",
-            {
-                "method": "masked prediction of MFCC k-means clusters (HuBERT iteration 1)",
-                "settings": asdict(s),
-                "source": source or {},
-                "clips": len(rows),
-                "speakers": len({r.speaker for r in rows}),
-                "history": history,
-            },
-        )
+    provenance = {"source": source or {}, "clips": len(rows), "speakers": len({r.speaker for r in rows}),
+                  "history": history}  # fmt: skip
+    _save(task.encoder, out_dir, s, provenance)
     seconds = time.monotonic() - t0
     log(f"wrote {out_dir} in {seconds:.0f} s")
     return PretrainResult(out_dir, history, seconds)
