@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 from fedsd.process import launch
 from fedsd.server import deploy
-from fedsd.server.previous_run import (
+
+from .previous_run import (
     PREVIOUS_RUN_FILES,
     central_dp_change,
     read_json,
@@ -46,9 +47,9 @@ from fedsd.server.previous_run import (
     resume_spec,
     set_aside_previous_run,
 )
-from fedsd.server.run_stream import RunStream
-from fedsd.server.security_checks import check_security, checked_key, client_host, register_device_key
-from fedsd.server.service_types import (
+from .run_stream import RunStream
+from .security_checks import check_security, checked_key, client_host, register_device_key
+from .service_types import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_NO_DEVICES,
