@@ -31,6 +31,7 @@ import math
 import secrets
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -136,19 +137,29 @@ def train_heads_private(
         torch.set_num_threads(threads)
 
 
-def _train(
+@dataclass
+class _PrivateHeads:
+    """The DP copies of the trained heads, wrapped for per-sample gradients, and their DP optimizer."""
+
+    trained: dict[int, ExitHead]
+    container: nn.ModuleDict
+    gsm: GradSampleModule
+    params: list[torch.Tensor]
+    anchors: list[torch.Tensor]
+    """The received heads' values (the proximal term pulls towards them)."""
+    optimizer: DPOptimizer
+
+
+def _private_heads(
     model: MultiExitSER,
-    feats: CachedFeatures,
     plan: ExitPlan,
     cfg: LocalTrainConfig,
     noise_multiplier: float,
     max_grad_norm: float,
-    sample_rate: float,
-    steps: int,
-    seed: int,
-) -> dict[str, float]:
-    n = len(feats.utt_ids)
-    g = torch.Generator().manual_seed(seed)
+    expected_batch_size: int,
+    g: torch.Generator,
+) -> _PrivateHeads:
+    """Freeze the model, make DP copies of the planned heads and the optimizer that clips and noises."""
     for p in model.parameters():
         p.requires_grad_(False)
     trained = {k: dp_compatible(model.heads[str(k)]) for k in plan.train}
@@ -167,46 +178,75 @@ def _train(
         torch.optim.Adam(params, lr=cfg.lr),
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
-        expected_batch_size=max(1, round(n * sample_rate)),
+        expected_batch_size=expected_batch_size,
         loss_reduction="mean",
         generator=noise_g,
     )
+    return _PrivateHeads(trained, container, gsm, params, anchors, optimizer)
+
+
+def _backward(
+    model: MultiExitSER,
+    trained: dict[int, ExitHead],
+    feats: CachedFeatures,
+    plan: ExitPlan,
+    cfg: LocalTrainConfig,
+    idx: list[int],
+) -> dict[str, Any]:
+    """Per-utterance losses of the sampled batch, summed and backpropagated; returns the loss components."""
+    out = _outputs(model, trained, feats, plan, idx)
+    losses, comps = self_distill_loss(
+        out,
+        feats.labels[idx],
+        plan.teacher,
+        cfg.distill,
+        train_exits=plan.train,
+        reduction="none",
+    )
+    with warnings.catch_warnings():  # cached inputs need no gradient; the hook is right anyway
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        losses.sum().backward()
+    return comps
+
+
+def _train(
+    model: MultiExitSER,
+    feats: CachedFeatures,
+    plan: ExitPlan,
+    cfg: LocalTrainConfig,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    sample_rate: float,
+    steps: int,
+    seed: int,
+) -> dict[str, float]:
+    n = len(feats.utt_ids)
+    g = torch.Generator().manual_seed(seed)
+    dp = _private_heads(model, plan, cfg, noise_multiplier, max_grad_norm, max(1, round(n * sample_rate)), g)
     sums: dict[str, float] = {}
     counted = 0
     try:
         set_train_modes(model, plan.train)  # the same rule as plain training (the DP copies below train)
-        container.train()
+        dp.container.train()
         for _ in range(steps):
-            optimizer.zero_grad(set_to_none=True)
+            dp.optimizer.zero_grad(set_to_none=True)
             idx = torch.nonzero(torch.rand(n, generator=g) < sample_rate).flatten().tolist()
             signal = bool(idx) and loss_has_signal(feats.labels[idx], plan.teacher, cfg.distill, plan.train)
             if idx:
-                out = _outputs(model, trained, feats, plan, idx)
-                losses, comps = self_distill_loss(
-                    out,
-                    feats.labels[idx],
-                    plan.teacher,
-                    cfg.distill,
-                    train_exits=plan.train,
-                    reduction="none",
-                )
-                with warnings.catch_warnings():  # cached inputs need no gradient; the hook is right anyway
-                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                    losses.sum().backward()
-                for key, v in comps.items():
+                for key, v in _backward(model, dp.trained, feats, plan, cfg, idx).items():
                     sums[key] = sums.get(key, 0.0) + float(v)
                 counted += 1
             else:  # an empty Poisson batch: still a noisy step (the accountant counts it)
-                for p in params:
+                for p in dp.params:
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             # clip per utterance, add noise: the gradient is private from here; σ = 0 skips a step
             # without signal like plain training (no privacy to keep, see the module docstring)
-            if optimizer.pre_step() and (signal or noise_multiplier > 0):
-                add_proximal_grad(params, anchors, cfg.proximal_mu)  # data-independent: costs no privacy
-                optimizer.original_optimizer.step()
+            if dp.optimizer.pre_step() and (signal or noise_multiplier > 0):
+                add_proximal_grad(dp.params, dp.anchors, cfg.proximal_mu)  # data-independent: no privacy cost
+                dp.optimizer.original_optimizer.step()
     finally:
-        gsm._close()
-    for k, head in trained.items():
+        dp.gsm._close()
+    for k, head in dp.trained.items():
         model.heads[str(k)].load_state_dict(plain_state_dict(head))
     model.eval()
     return {k: v / max(counted, 1) for k, v in sums.items()}

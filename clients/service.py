@@ -92,6 +92,60 @@ def _check_key_material(root_cert: Path | None, auth_key: Path | None) -> tuple[
     return root_cert, auth_key
 
 
+def _check_transport(
+    root_cert: str | Path | None, auth_key: str | Path | None, insecure: bool
+) -> tuple[Path | None, Path | None]:
+    """--root-cert (TLS) or --insecure, exactly one; --auth-key only with TLS; both files loadable."""
+    cert = Path(root_cert) if root_cert is not None else None
+    key = Path(auth_key) if auth_key is not None else None
+    if cert is not None and insecure:
+        raise DeviceOptionError(
+            "--root-cert and --insecure contradict each other: give one (--root-cert talks TLS)"
+        )
+    if cert is None and not insecure:
+        raise DeviceOptionError(TLS_MISSING_CLIENT)
+    if key is not None and cert is None:
+        raise DeviceOptionError(
+            "--auth-key (node authentication) needs TLS: give --root-cert CA.pem instead of --insecure"
+        )
+    return _check_key_material(cert, key)
+
+
+def _check_server(superlink: str) -> tuple[str, int, str]:
+    """--server HOST:PORT as host, port and the address joined back."""
+    from fedsd.process.launch import DeployError, join_address, parse_address
+
+    try:
+        host, port = parse_address(superlink)
+    except DeployError as e:
+        raise DeviceOptionError(f"--server {e}") from None
+    return host, port, join_address(host, port)
+
+
+def _check_amounts(
+    personalize_epochs: int | None, dp_device_budget: float | None, server_timeout: float
+) -> None:
+    """Counts and budgets are >= 0, the server timeout > 0 (NaN fails both)."""
+    for name, value in (
+        ("--personalize-epochs", personalize_epochs),
+        ("--dp-device-budget", dp_device_budget),
+    ):
+        if value is not None and not value >= 0:
+            raise DeviceOptionError(f"{name} {value}: must be >= 0")
+    if not server_timeout > 0:
+        raise DeviceOptionError(f"--server-timeout {server_timeout}: must be > 0 seconds")
+
+
+def _check_heartbeat(heartbeat_s: float | None) -> float | None:
+    """The heartbeat interval the SuperNode will announce (None: Flower's), checked."""
+    if heartbeat_s is None:
+        return None
+    try:
+        return supernode_main.check_interval(heartbeat_s)
+    except ValueError as e:
+        raise DeviceOptionError(str(e)) from None
+
+
 def _dp_node_config(given: dict[str, float | int | None]) -> tuple[dict[str, float | int], str | None]:
     """The device's own DP options as ``dp-*`` node config and a line describing them; checked here so
     mistakes fail before joining."""
@@ -168,41 +222,16 @@ class Device:
         session_dir: str | Path | None = None,
         on_event: EventCallback | None = None,
     ) -> None:
-        from fedsd.process.launch import DeployError, join_address, parse_address
-
-        cert = Path(root_cert) if root_cert is not None else None
-        key = Path(auth_key) if auth_key is not None else None
-        if cert is not None and insecure:
-            raise DeviceOptionError(
-                "--root-cert and --insecure contradict each other: give one (--root-cert talks TLS)"
-            )
-        if cert is None and not insecure:
-            raise DeviceOptionError(TLS_MISSING_CLIENT)
-        if key is not None and cert is None:
-            raise DeviceOptionError(
-                "--auth-key (node authentication) needs TLS: give --root-cert CA.pem instead of --insecure"
-            )
-        self.root_cert, self.auth_key = _check_key_material(cert, key)
+        self.root_cert, self.auth_key = _check_transport(root_cert, auth_key, insecure)
         self.insecure = bool(insecure)
-        try:
-            self.host, self.port = parse_address(superlink)
-        except DeployError as e:
-            raise DeviceOptionError(f"--server {e}") from None
-        self.address = join_address(self.host, self.port)
+        self.host, self.port, self.address = _check_server(superlink)
         if exit is not None and exit < 1:
             raise DeviceOptionError(f"--exit {exit}: an exit is a transformer layer number (>= 1)")
         self.exit = exit
         self.device = device
         self.data, self.root, self.n_utterances, self.n_labelled = _check_data(Path(data), Path(root))
         self.model = _check_model(Path(model), exit) if model is not None else None
-        for name, value in (
-            ("--personalize-epochs", personalize_epochs),
-            ("--dp-device-budget", dp_device_budget),
-        ):
-            if value is not None and not value >= 0:
-                raise DeviceOptionError(f"{name} {value}: must be >= 0")
-        if not server_timeout > 0:
-            raise DeviceOptionError(f"--server-timeout {server_timeout}: must be > 0 seconds")
+        _check_amounts(personalize_epochs, dp_device_budget, server_timeout)
         dp = {"noise_multiplier": dp_noise_multiplier, "target_epsilon": dp_target_epsilon,
               "max_grad_norm": dp_max_grad_norm, "delta": dp_delta, "rounds": dp_rounds,
               "epsilon_budget": dp_epsilon_budget}  # fmt: skip
@@ -213,12 +242,7 @@ class Device:
         self.personalize_epochs = personalize_epochs
         self.server_timeout = float(server_timeout)
         self.warm_worker = bool(warm_worker)
-        if heartbeat_s is not None:
-            try:
-                heartbeat_s = supernode_main.check_interval(heartbeat_s)
-            except ValueError as e:
-                raise DeviceOptionError(str(e)) from None
-        self.heartbeat_s = heartbeat_s
+        self.heartbeat_s = _check_heartbeat(heartbeat_s)
         self._session_dir = Path(session_dir).expanduser().resolve() if session_dir is not None else None
         self.on_event = on_event
         self.returncode: int | None = None
