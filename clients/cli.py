@@ -7,24 +7,21 @@ Example (the server prints the exact line for each device):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
+from fedsd.cli.errors import fail
+from fedsd.cli.options import device_option
+from fedsd.cli.output import JSONL_HELP, Output, console, err_console, json_option, json_output
+
 app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich")
-console = Console()
-err_console = Console(stderr=True)
 
 if TYPE_CHECKING:
     from fedsd.clients.service import DeviceEvent
-
-
-def _fail(message: str, code: int = 1) -> None:
-    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
-    raise typer.Exit(code)
 
 
 @app.command("keygen")
@@ -33,6 +30,7 @@ def keygen_command(
         ..., "--out", "-o", help="Private key file to write (KEY.pub is written next to it)."
     ),
     force: bool = typer.Option(False, "--force", help="Replace an existing key pair."),
+    json_: bool = json_option(),
 ) -> None:
     """Make this device's key pair for servers that admit only registered devices (--auth).
 
@@ -44,13 +42,15 @@ def keygen_command(
     try:
         private, public = generate_node_key(out, force=force)
     except SecurityError as e:
-        _fail(str(e), 1)
+        fail(str(e))
     except OSError as e:
-        _fail(f"--out {out}: {e}", 1)
-    console.print(
-        f"private key: {escape(str(private))} (mode 0600 — keep it on this device)", highlight=False
-    )
-    console.print(f"public key:  {escape(str(public))} (give it to the server operator)", highlight=False)
+        fail(f"--out {out}: {e}")
+    with json_output(json_) as output:
+        console.print(
+            f"private key: {escape(str(private))} (mode 0600 — keep it on this device)", highlight=False
+        )
+        console.print(f"public key:  {escape(str(public))} (give it to the server operator)", highlight=False)
+        output.document({"private_key": private, "public_key": public})
 
 
 _DP = "Differential privacy"
@@ -63,7 +63,7 @@ ROOT = typer.Option(..., "--root", help="Directory the manifest's audio paths ar
 MODEL = typer.Option(
     None, "--model", "-m", help="The base model (checkpoint dir); omit to receive it from the server."
 )
-DEVICE = typer.Option("cpu", "--device", help="torch device: cpu, cuda, cuda:1, mps ...")
+DEVICE = device_option("cpu")
 CACHE = typer.Option(
     None, "--cache", help="Feature cache, delivered models and session logs (default ~/.cache/fedsd)."
 )
@@ -131,11 +131,20 @@ _STYLES = {"info": "", "detail": "dim", "warning": "yellow", "error": "bold red"
 
 
 def print_device_event(ev: DeviceEvent) -> None:
-    """One line of a device's progress; the supervisor's errors go to stderr."""
+    """One line of a device's progress (a log: stderr)."""
     style = "red" if ev.source == "device" and ev.level == "error" else _STYLES.get(ev.level, "")
-    target = err_console if ev.level == "error" and ev.source != "device" else console
     text = escape(ev.text)
-    target.print(f"[{style}]{text}[/]" if style else text, highlight=False, soft_wrap=True)
+    err_console.print(f"[{style}]{text}[/]" if style else text, highlight=False, soft_wrap=True)
+
+
+def _event_printer(output: Output) -> Callable[[DeviceEvent], None]:
+    """Each event as a line on stderr and, with --json, as a JSON line on stdout too."""
+
+    def on_event(ev: DeviceEvent) -> None:
+        print_device_event(ev)
+        output.line({"source": ev.source, "level": ev.level, "text": ev.text, "data": ev.data})
+
+    return on_event
 
 WARM_WORKER = typer.Option(
     False, "--warm-worker",
@@ -175,24 +184,26 @@ def run_command(
     server_timeout: float = SERVER_TIMEOUT,
     warm_worker: bool = WARM_WORKER,
     heartbeat: float | None = HEARTBEAT,
+    json_: bool = json_option(JSONL_HELP + " One line per event of the device: source, level, text, data."),
 ) -> None:
     """Join a federated run as one device; stops by itself when the run ends or the server is gone.
 
     Exit code 0 when the server ended the run, 3 when the server went away, 4 when the server refused
-    this device (TLS or node authentication), 1 on a device error.
+    this device (TLS or node authentication), 1 on a device error, 2 for options that do not fit.
     """
     from fedsd.clients.service import Device, DeviceOptionError
 
-    try:
-        code = Device(
-            server, exit=exit_, data=data, root=root, model=model, device=device, cache=cache,
-            root_cert=root_cert, insecure=insecure, auth_key=auth_key, out=out,
-            personalize_epochs=personalize_epochs, dp_noise_multiplier=dp_noise_multiplier,
-            dp_target_epsilon=dp_target_epsilon, dp_max_grad_norm=dp_max_grad_norm, dp_delta=dp_delta,
-            dp_rounds=dp_rounds, dp_epsilon_budget=dp_epsilon_budget, dp_device_budget=dp_device_budget,
-            server_timeout=server_timeout, warm_worker=warm_worker, heartbeat_s=heartbeat,
-            on_event=print_device_event,
-        ).run()  # fmt: skip
-    except DeviceOptionError as e:
-        _fail(str(e), e.code)
+    with json_output(json_) as output:
+        try:
+            code = Device(
+                server, exit=exit_, data=data, root=root, model=model, device=device, cache=cache,
+                root_cert=root_cert, insecure=insecure, auth_key=auth_key, out=out,
+                personalize_epochs=personalize_epochs, dp_noise_multiplier=dp_noise_multiplier,
+                dp_target_epsilon=dp_target_epsilon, dp_max_grad_norm=dp_max_grad_norm, dp_delta=dp_delta,
+                dp_rounds=dp_rounds, dp_epsilon_budget=dp_epsilon_budget, dp_device_budget=dp_device_budget,
+                server_timeout=server_timeout, warm_worker=warm_worker, heartbeat_s=heartbeat,
+                on_event=_event_printer(output),
+            ).run()  # fmt: skip
+        except DeviceOptionError as e:
+            fail(str(e), e.code)
     raise typer.Exit(code)

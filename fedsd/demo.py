@@ -9,14 +9,17 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
+from rich.markup import escape
 
-console = Console()
+from fedsd.cli.errors import ExitCode, fail
+from fedsd.cli.options import Engine
+from fedsd.cli.output import console, err_console, json_option, json_output, progress_bar
 
 
 def demo_command(
@@ -29,8 +32,9 @@ def demo_command(
     out: Path = typer.Option(
         Path("runs/demo"), "--out", help="Run directory (relative: under the current one)."
     ),
-    engine: str = typer.Option("ray", help="ray (Flower's simulation engine) or inprocess."),
+    engine: Engine = typer.Option(Engine.ray, help="ray (Flower's simulation engine) or inprocess."),
     fresh: bool = typer.Option(False, help="Retrain the central model even if the run directory has one."),
+    json_: bool = json_option("Print demo-results.json (the numbers with their provenance) on stdout; the rest on stderr."),
 ) -> None:
     """Run the end-to-end demo: synthetic corpus → central self-distillation → federated adaptation → report.
 
@@ -38,39 +42,50 @@ def demo_command(
     """
     import shutil
 
-    from fedsd.cli.train import _fail, progress_bar
     from fedsd.config import ConfigError, resolve_config_path
-    from fedsd.server.federation import FederationError
-    from fedsd.server.simulation import simulate
 
     t0 = time.perf_counter()
     out = out.resolve()  # data, models and the report land under the current directory, never the package's
     try:
         config = resolve_config_path(config)  # `demo` is the shipped configs/demo.yaml, installed or not
     except ConfigError as e:
-        _fail(str(e), 2)
+        fail(str(e), ExitCode.USAGE)
     if fresh and out.exists():
         shutil.rmtree(out)
-    console.rule("[bold]1–3. data, the central multi-exit model, federated adaptation of the shallow exits")
+    with json_output(json_) as output:
+        console.rule("[bold]1–3. data, the central multi-exit model, federated adaptation of the shallow exits")
+        result = _simulate(config, out, engine)
+        console.rule("[bold]4. report")
+        results = write_demo_results(out / "demo-results.json", result, config, time.perf_counter() - t0)
+        report = result.report or result.run_dir / "report.md"
+        console.print(report.read_text(), markup=False, highlight=False)
+        console.print(
+            f"[bold green]demo finished in {time.perf_counter() - t0:.0f} s[/]; report: [bold]{escape(str(report))}[/]"
+        )
+        console.print(
+            "each device's model (its exit, final global heads, personal heads): "
+            f"{escape(str(out / 'federated' / 'device-models'))}"
+        )
+        console.print(f"results with provenance (what README's demo table quotes): [bold]{escape(str(results))}[/]")
+        output.document(json.loads(results.read_text(encoding="utf-8")))
+
+
+def _simulate(config: Path, out: Path, engine: Engine) -> Any:
+    """Steps 1-3 with a progress bar on stderr; every device keeps its deployable model (and personal heads)."""
+    from fedsd.config import ConfigError
+    from fedsd.server.federation import FederationError
+    from fedsd.server.simulation import simulate
+
     try:
-        with progress_bar() as progress:  # every device keeps its deployable model (and personal heads)
-            result = simulate(
-                config, out=out, federation_dir=out / "federated", engine=engine, device_models=True,  # type: ignore[arg-type]
-                progress=progress, log=console.print,
+        with progress_bar() as progress:
+            return simulate(
+                config, out=out, federation_dir=out / "federated", engine=engine.value, device_models=True,  # type: ignore[arg-type]
+                progress=progress, log=err_console.print,
             )  # fmt: skip
-    except (ValueError, OSError, FederationError) as e:  # ConfigError is a ValueError
-        _fail(str(e))
-    console.rule("[bold]4. report")
-    results = write_demo_results(out / "demo-results.json", result, config, time.perf_counter() - t0)
-    report = result.report or result.run_dir / "report.md"
-    console.print(report.read_text())
-    console.print(
-        f"[bold green]demo finished in {time.perf_counter() - t0:.0f} s[/]; report: [bold]{report}[/]"
-    )
-    console.print(
-        f"each device's model (its exit, final global heads, personal heads): {out / 'federated' / 'device-models'}"
-    )
-    console.print(f"results with provenance (what README's demo table quotes): [bold]{results}[/]")
+    except ConfigError as e:
+        fail(str(e), ExitCode.USAGE)
+    except (ValueError, OSError, FederationError) as e:
+        fail(str(e))
 
 
 def _source_version() -> dict[str, Any]:

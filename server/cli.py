@@ -30,11 +30,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from fedsd.cli.errors import ExitCode, fail
+from fedsd.cli.output import Output, console, err_console, json_option, json_output
+from fedsd.cli.overrides import SET_HELP, parse_set
 from fedsd.server.service import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -53,39 +55,20 @@ __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_NO_DEVICES", "PREVIOUS_RUN_F
            "set_aside_previous_run"]  # fmt: skip
 
 app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich")
-console = Console()
-err_console = Console(stderr=True)
-
-
-def _fail(message: str, code: int = EXIT_FAILED) -> None:
-    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
-    raise typer.Exit(code)
-
 
 _STYLES = {"warn": "yellow", "ok": "green"}
 
 
 def _log(message: str, level: str = "info") -> None:
-    """The Server's progress messages, coloured by level."""
+    """The Server's progress messages (a log: stderr), coloured by level."""
     style = _STYLES.get(level)
     text = escape(message)
-    console.print(f"[{style}]{text}[/]" if style else text, highlight=False, soft_wrap=True)
+    err_console.print(f"[{style}]{text}[/]" if style else text, highlight=False, soft_wrap=True)
 
 
 def _output(line: str) -> None:
-    """A line of `flwr run --stream` (the ServerApp's log, with its colours)."""
-    console.print(Text.from_ansi(line), soft_wrap=True)
-
-
-def _parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """``--set federated.lr=0.01`` → ``{"federated.lr": 0.01}``; a malformed item exits 2."""
-    from fedsd.config import ConfigError, parse_overrides
-
-    try:
-        return parse_overrides(items)
-    except ConfigError as e:
-        _fail(str(e), 2)
-        raise  # unreachable: _fail exits
+    """A line of `flwr run --stream` (the ServerApp's log, with its colours: stderr)."""
+    err_console.print(Text.from_ansi(line), soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------- signals
@@ -211,9 +194,18 @@ _DeviceWait = Annotated[
         "then the server stops with exit code 3.",
     ),
 ]
-_Set = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="Any config field: --set federated.local_epochs=2 (repeatable)."),
+_Set = Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help=SET_HELP)]
+_Tensorboard = Annotated[Path | None, typer.Option("--tensorboard", metavar="DIR", help=TENSORBOARD_HELP)]
+_MlflowUri = Annotated[str | None, typer.Option("--mlflow-uri", metavar="URI", help=MLFLOW_HELP)]
+_ProxyMaxBody = Annotated[str | None, typer.Option(
+    "--proxy-max-body", metavar="SIZE",
+    help="Largest request body the fleet proxy takes from a device (64K, 512M, ...; 413 beyond).",
+)]  # fmt: skip
+_ProxyMaxConnections = Annotated[int | None, typer.Option(
+    "--proxy-max-connections", min=1, help="Open device connections at the fleet proxy (503 beyond)."
+)]  # fmt: skip
+_Json = Annotated[
+    bool, typer.Option("--json", help="Print the run's final summary as one JSON document; logs go to stderr.")
 ]
 
 
@@ -233,67 +225,80 @@ def start_command(
     node_keys: _NodeKeys = None,
     device_wait: _DeviceWait = 600.0,
     set_: _Set = None,
-    tensorboard: Annotated[
-        Path | None, typer.Option("--tensorboard", metavar="DIR", help=TENSORBOARD_HELP)
-    ] = None,
-    mlflow_uri: Annotated[str | None, typer.Option("--mlflow-uri", metavar="URI", help=MLFLOW_HELP)] = None,
-    proxy_max_body: Annotated[
-        str | None,
-        typer.Option(
-            "--proxy-max-body",
-            metavar="SIZE",
-            help="Largest request body the fleet proxy takes from a device (64K, 512M, ...; 413 beyond).",
-        ),
-    ] = None,  # fmt: skip
-    proxy_max_connections: Annotated[
-        int | None,
-        typer.Option(
-            "--proxy-max-connections", min=1, help="Open device connections at the fleet proxy (503 beyond)."
-        ),
-    ] = None,
+    tensorboard: _Tensorboard = None,
+    mlflow_uri: _MlflowUri = None,
+    proxy_max_body: _ProxyMaxBody = None,
+    proxy_max_connections: _ProxyMaxConnections = None,
+    json_: _Json = False,
 ) -> None:
     """Start the server of a federated run and wait for it to finish.
 
     Example: [bold]fedsd server start --config configs/demo.yaml --tls-dir certs --out runs/fed[/]
+    Exit code 0 when the run completed, 3 when too few devices came within --device-wait, 130 when
+    interrupted, 1 for any other failure.
     """
-    max_body = None
-    if proxy_max_body is not None:
-        from fedsd.security.proxy import _size
-
-        try:
-            max_body = _size(proxy_max_body)
-        except argparse.ArgumentTypeError as e:
-            _fail(f"--proxy-max-body {e}", 2)
+    max_body = _proxy_body(proxy_max_body)
+    overrides = parse_set(set_) | _tracking(tensorboard, mlflow_uri)
+    _check_config(config, overrides)
     try:
         server = Server(
             config, out=out, host=host, port=port, rounds=rounds, min_clients=min_clients,
             proxy_max_body=max_body, proxy_max_connections=proxy_max_connections,
             base_model=base_model, resume=resume, tls_dir=tls_dir, insecure=insecure, auth=auth,
-            node_keys=node_keys or [], device_wait=device_wait, overrides=_parse_overrides(set_) | _tracking(tensorboard, mlflow_uri),
-            log=_log, on_output=_output,
+            node_keys=node_keys or [], device_wait=device_wait, overrides=overrides, log=_log, on_output=_output,
         )  # fmt: skip
     except ServerError as e:
-        _fail(str(e), e.code)
-        raise  # unreachable: _fail exits
+        fail(str(e), e.code)
+    with json_output(json_) as output:
+        code = _run(server, output)
+    if code:
+        raise typer.Exit(code)
+
+
+def _proxy_body(size: str | None) -> int | None:
+    """``--proxy-max-body 64K`` in bytes; an unreadable size is a usage error (exit 2)."""
+    if size is None:
+        return None
+    from fedsd.security.proxy import _size
+
+    try:
+        return _size(size)
+    except argparse.ArgumentTypeError as e:
+        fail(f"--proxy-max-body {e}", ExitCode.USAGE)
+
+
+def _check_config(config: Path, overrides: dict[str, Any]) -> None:
+    """A missing or invalid config (with the overrides applied) is a usage error (exit 2), as on every
+    command, and is reported before anything starts."""
+    from fedsd.config import ConfigError, load_config
+
+    try:
+        load_config(config, overrides)
+    except ConfigError as e:
+        fail(str(e), ExitCode.USAGE)
+
+
+def _run(server: Server, output: Output) -> int:
+    """Prepare, submit and wait for the run with SIGINT/SIGTERM turned into a clean stop; the exit code."""
     with _signals_end_the_run():
         try:
-            _print_devices(server.prepare())
+            devices = server.prepare()
+            _print_devices(devices)
             server.submit()  # starts the SuperLink and the fleet proxy first
             summary = server.wait()
             _print_summary(summary)
-            code = summary.exit_code
+            output.document({"devices": devices} | vars(summary))
+            return summary.exit_code
         except ServerError as e:
             err_console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
-            code = e.code
+            return e.code
         except KeyboardInterrupt as e:
             _shield_cleanup()  # a second Ctrl-C must not cut the clean-up short
             err_console.print(f"[yellow]{escape(str(e) or 'SIGINT')}: stopping the server[/]")
-            code = EXIT_INTERRUPTED
+            return EXIT_INTERRUPTED
         finally:
             _shield_cleanup()
             server.stop()
-    if code:
-        raise typer.Exit(code)
 
 
 def _tracking(tensorboard: Path | None, mlflow_uri: str | None) -> dict[str, Any]:
@@ -301,8 +306,7 @@ def _tracking(tensorboard: Path | None, mlflow_uri: str | None) -> dict[str, Any
     try:
         return tracking_overrides(tensorboard, mlflow_uri)
     except TrackingError as e:
-        _fail(str(e), 2)
-        raise  # unreachable: _fail exits
+        fail(str(e), ExitCode.USAGE)
 
 
 @app.command("register-node")
@@ -318,6 +322,7 @@ def register_node_command(
     tls_dir: Path | None = typer.Option(
         None, "--tls-dir", help="Without --out: the server's --tls-dir (only its ca.pem is read)."
     ),
+    json_: bool = json_option(),
 ) -> None:
     """Allow one device into a running server started with --auth (node authentication).
 
@@ -327,11 +332,12 @@ def register_node_command(
     try:
         reg = register_device_key(public_key, out=out, host=host, port=port, tls_dir=tls_dir)
     except ServerError as e:
-        _fail(str(e), e.code)
-        raise  # unreachable: _fail exits
-    console.print(
-        f"[green]registered[/] {escape(str(reg.public_key))} with the server at {escape(reg.address)}: node id "
-        f"{reg.node_id}; start that device with --auth-key {escape(str(reg.public_key.with_suffix('')))}",
-        highlight=False,
-        soft_wrap=True,
-    )
+        fail(str(e), e.code)
+    with json_output(json_) as output:
+        output.document(reg)
+        console.print(
+            f"[green]registered[/] {escape(str(reg.public_key))} with the server at {escape(reg.address)}: node "
+            f"id {reg.node_id}; start that device with --auth-key {escape(str(reg.public_key.with_suffix('')))}",
+            highlight=False,
+            soft_wrap=True,
+        )

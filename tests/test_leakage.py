@@ -126,7 +126,7 @@ def test_evaluate_warns_and_records_speaker_overlap(
         res = runner.invoke(
             app,
             ["evaluate", "--model", str(model), "--manifest", str(small_corpus / "manifest.csv"),
-             "--root", str(small_corpus), "--split", split, "--json", str(out), "--latency-utts", "1"],
+             "--root", str(small_corpus), "--split", split, "--out", str(out), "--latency-utts", "1"],
         )  # fmt: skip
         assert res.exit_code == 0, res.output
         return json.loads(out.read_text())["speaker_overlap"], " ".join(res.stderr.split())

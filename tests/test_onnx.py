@@ -217,7 +217,7 @@ def test_evaluate_on_onnx_never_imports_torch(exported, tmp_path):
     manifest.write_text("\n".join([head, *lines]) + "\n")
     out = tmp_path / "eval.json"
     proc = _run_without_torch(
-        ["evaluate", "--model", str(graph), "--manifest", str(manifest), "--root", "/", "--json", str(out),
+        ["evaluate", "--model", str(graph), "--manifest", str(manifest), "--root", "/", "--out", str(out),
          "--latency-utts", "2"]
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -243,7 +243,7 @@ def test_export_cli_errors(exported, tmp_path):
     assert res.exit_code == 2 and "--force" in res.output
     res = runner.invoke(app, ["export", "--model", str(model), "--exit", "2", "--format", "tflite",
                               "--out", str(tmp_path / "y")])  # fmt: skip
-    assert res.exit_code == 2 and "pytorch, onnx" in res.output
+    assert res.exit_code == 2 and "'pytorch', 'onnx'" in res.output
 
 
 # ------------------------------------------------------------------------------------------- int8

@@ -205,7 +205,7 @@ def test_done_reply_carries_metrics_only_and_the_device_model_loads_in_the_cli(
         res = runner.invoke(
             cli,
             ["evaluate", "--model", str(model_dir), "--manifest", str(device_manifest), "--root",
-             str(small_corpus), "--split", PERSONAL_TEST, "--json", str(tmp_path / "eval.json"),
+             str(small_corpus), "--split", PERSONAL_TEST, "--out", str(tmp_path / "eval.json"),
              "--latency-utts", "1"],
         )  # fmt: skip
         assert res.exit_code == 0, res.output

@@ -72,7 +72,7 @@ def test_evaluate_cli_writes_json_and_plot(trained, tmp_path: Path) -> None:
     res = CliRunner().invoke(
         app,
         ["evaluate", "--model", str(result.best_dir), "--manifest", str(corpus / "manifest.csv"),
-         "--root", str(corpus), "--json", str(out), "--latency-utts", "2"],
+         "--root", str(corpus), "--out", str(out), "--latency-utts", "2"],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())

@@ -7,19 +7,15 @@ the one that runs the server, and copied: ``ca.pem`` to every device, the rest t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
+from fedsd.cli.errors import ExitCode, fail
+from fedsd.cli.output import console, json_option, json_output
+
 app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich")
-console = Console()
-err_console = Console(stderr=True)
-
-
-def _fail(message: str, code: int = 1) -> None:
-    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
-    raise typer.Exit(code)
 
 
 @app.command("create")
@@ -35,6 +31,7 @@ def create_command(
     ),
     days: int = typer.Option(365, "--days", min=1, help="Validity of both certificates, in days."),
     force: bool = typer.Option(False, "--force", help="Replace certificates and keys already in --out."),
+    json_: bool = json_option(),
 ) -> None:
     """Make a development CA and a server certificate signed by it.
 
@@ -47,10 +44,17 @@ def create_command(
     try:
         files = create_certificates(out, hosts, days=days, force=force)
     except SecurityError as e:
-        _fail(str(e), 2 if "--host" in str(e) or "--days" in str(e) else 1)
+        fail(str(e), ExitCode.USAGE if "--host" in str(e) or "--days" in str(e) else ExitCode.FAILURE)
     except OSError as e:
-        _fail(f"--out {out}: {e}")
+        fail(f"--out {out}: {e}")
     names = certificate_hosts(load_certificate(files.server_cert))
+    with json_output(json_) as output:
+        _print_files(files, names, days)
+        output.document({"files": files, "hosts": names, "days": days})
+
+
+def _print_files(files: Any, names: list[str], days: int) -> None:
+    """Where each file went and what to do with it."""
     console.print(f"CA certificate:     {escape(str(files.ca_cert))}  (copy to every device: --root-cert)")
     console.print(
         f"CA key:             {escape(str(files.ca_key))}  (mode 0600; keep it off the server if you can)"

@@ -16,17 +16,17 @@ _register_synth(app)
 import contextlib  # noqa: E402
 import io  # noqa: E402
 from collections import Counter  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
-from enum import StrEnum  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Annotated  # noqa: E402
+from typing import Annotated, Any  # noqa: E402
 
-from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from fedsd.checkpoint import atomic_write_bytes  # noqa: E402
+from fedsd.cli.errors import ExitCode, fail  # noqa: E402
+from fedsd.cli.options import PartitionBy  # noqa: E402
+from fedsd.cli.output import JSON_HELP, console, json_output, progress_callback  # noqa: E402
 from fedsd.data.audio import AudioError  # noqa: E402
 from fedsd.data.corpora import (  # noqa: E402
     SCANNERS,
@@ -44,42 +44,17 @@ from fedsd.data.partition import (  # noqa: E402
     partition_manifest,
 )
 
-console = Console()
-err_console = Console(stderr=True)
 _MAX_SHOWN = 40
-
-
-def _fail(message: str, code: int = 1) -> None:
-    """One red line on stderr and a non-zero exit; never a traceback for an expected problem."""
-    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True, highlight=False)
-    raise typer.Exit(code)
+_Json = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
 
 
 @contextlib.contextmanager
 def _errors() -> Iterator[None]:
+    """Expected problems with the data (missing, unreadable, malformed) end in one line and exit 1."""
     try:
         yield
     except (ManifestError, AudioError, CorpusError, PartitionError, OSError) as exc:
-        _fail(str(exc) or type(exc).__name__, 1)
-
-
-@contextlib.contextmanager
-def _progress(description: str) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar (on stderr) driven by ``callback(done, total)``."""
-    with Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task(description, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
+        fail(str(exc) or type(exc).__name__, ExitCode.FAILURE)
 
 
 def _print_scan_summary(res: ScanResult, out: Path) -> None:
@@ -106,14 +81,37 @@ def _print_scan_summary(res: ScanResult, out: Path) -> None:
         console.print(f"  ... and {res.num_skipped - 5} more skipped")
 
 
-def _write_scan(res: ScanResult, out: Path) -> None:
+def _scan_document(res: ScanResult, out: Path) -> dict[str, Any]:
+    """What `scan`/`import-csv --json` print: the manifest written and what was left out, and why."""
+    return {
+        "manifest": out,
+        "dataset": res.dataset,
+        "preset": res.preset,
+        "rows": len(res),
+        "classes": Counter(r.label or "(unlabelled)" for r in res),
+        "speakers": len({r.speaker for r in res}),
+        "hours": sum(r.duration for r in res) / 3600,
+        "skipped": [{"path": rel, "reason": reason} for rel, reason in res.skipped],
+        "dropped_by_preset": res.dropped,
+    }
+
+
+def _write_scan(res: ScanResult, out: Path) -> dict[str, Any]:
     if not res:
-        _fail(
+        fail(
             f"no usable utterances: {res.num_skipped} file(s) skipped, {res.num_dropped} dropped by preset "
             f"{res.preset!r}; nothing written to {out}"
         )
     write_manifest(res, out)
     _print_scan_summary(res, out)
+    return _scan_document(res, out)
+
+
+def _check_preset(preset: str | None, corpus: str | None) -> None:
+    try:
+        resolve_preset(preset, corpus)
+    except CorpusError as exc:
+        fail(str(exc), ExitCode.USAGE)
 
 
 @app.command("scan")
@@ -124,6 +122,7 @@ def scan_cmd(
     preset: Annotated[
         str | None, typer.Option(help=f"Label preset ({', '.join(preset_names())}); default per corpus.")
     ] = None,
+    json_: _Json = False,
 ) -> None:
     """Scan a corpus folder into a manifest CSV (paths relative to ROOT).
 
@@ -132,15 +131,12 @@ def scan_cmd(
     Example: fedsd data scan iemocap /data/IEMOCAP_full_release --out iemocap.csv --preset iemocap4
     """
     if corpus.lower() not in SCANNERS:
-        _fail(f"unknown corpus {corpus!r}; valid corpora: {', '.join(SCANNERS)}", 2)
-    try:
-        resolve_preset(preset, corpus.lower())
-    except CorpusError as exc:
-        _fail(str(exc), 2)
-    with _errors():
-        with _progress(f"scanning {corpus}") as update:
+        fail(f"unknown corpus {corpus!r}; valid corpora: {', '.join(SCANNERS)}", ExitCode.USAGE)
+    _check_preset(preset, corpus.lower())
+    with json_output(json_) as output, _errors():
+        with progress_callback(f"scanning {corpus}") as update:
             res = scan_corpus(corpus, root, preset, progress=update)
-        _write_scan(res, out)
+        output.document(_write_scan(res, out))
 
 
 @app.command("import-csv")
@@ -163,41 +159,54 @@ def import_csv_cmd(
     preset: Annotated[
         str | None, typer.Option(help=f"Label preset ({', '.join(preset_names())}); default raw labels.")
     ] = None,
+    json_: _Json = False,
 ) -> None:
     """Turn any table of audio files into a manifest.
 
     Example: fedsd data import-csv labels.csv --root /data/mycorpus --out mine.csv --label-col emotion --speaker-col spk --dataset mine --preset ekman6
     """  # noqa: E501
-    try:
-        resolve_preset(preset, None)
-    except CorpusError as exc:
-        _fail(str(exc), 2)
-    with _errors():
-        with _progress(f"importing {table.name}") as update:
+    _check_preset(preset, None)
+    with json_output(json_) as output, _errors():
+        with progress_callback(f"importing {table.name}") as update:
             res = import_csv(
-                table,
-                root,
-                path_col,
-                label_col,
-                speaker_col,
-                dataset=dataset,
-                preset=preset,
-                utt_col=utt_col,
-                split_col=split_col,
-                progress=update,
-            )
-        _write_scan(res, out)
+                table, root, path_col, label_col, speaker_col, dataset=dataset, preset=preset, utt_col=utt_col,
+                split_col=split_col, progress=update,
+            )  # fmt: skip
+        output.document(_write_scan(res, out))
+
+
+def _manifest_first(manifest: Path) -> Path:
+    """A missing manifest is the first thing reported, before any option that is missing too."""
+    if not manifest.is_file():
+        fail(f"{manifest}: manifest not found", ExitCode.FAILURE)
+    return manifest
+
+
+def _print_check(result: Any) -> None:
+    rows, bad = result.rows, result.bad
+    if not bad:
+        console.print(f"[green]all {len(rows)} file(s) decode[/green]")
+        return
+    table = Table(title=f"{len(bad)} of {len(rows)} file(s) unusable")
+    for col in ("utt_id", "path", "reason"):
+        table.add_column(col)
+    for b in bad:
+        table.add_row(escape(b.row.utt_id), escape(b.row.path), escape(b.reason))
+    console.print(table)
 
 
 @app.command("check")
 def check_cmd(
-    manifest: Annotated[Path, typer.Argument(help="Manifest CSV to check.", show_default=False)],
+    manifest: Annotated[
+        Path, typer.Argument(help="Manifest CSV to check.", show_default=False, callback=_manifest_first)
+    ],
     root: Annotated[Path, typer.Option("--root", help="Folder the manifest's paths are relative to.")],
     drop_bad: Annotated[
         bool, typer.Option("--drop-bad", help="Write a manifest without the bad files.")
     ] = False,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Clean manifest (with --drop-bad).")] = None,
     min_seconds: Annotated[float, typer.Option(min=0.0, help="Clips shorter than this are unusable.")] = 0.0,
+    json_: _Json = False,
 ) -> None:
     """Decode every file of a manifest and report each unusable one with its reason.
 
@@ -208,40 +217,28 @@ def check_cmd(
     Example: fedsd data check ravdess.csv --root /data/ravdess --drop-bad --out ravdess.clean.csv
     """  # noqa: E501
     if drop_bad and out is None:
-        _fail("--drop-bad needs --out CLEAN.csv (the input manifest is never modified)", 2)
+        fail("--drop-bad needs --out CLEAN.csv (the input manifest is never modified)", ExitCode.USAGE)
     if out is not None and not drop_bad:
-        _fail("--out is only used with --drop-bad", 2)
+        fail("--out is only used with --drop-bad", ExitCode.USAGE)
     from fedsd.data.check import check_manifest
 
-    with _errors():
-        with _progress("decoding") as update:
+    with json_output(json_) as output, _errors():
+        with progress_callback("decoding") as update:
             result = check_manifest(manifest, root, min_seconds=min_seconds, progress=update)
-        rows, bad = result.rows, result.bad
-        if bad:
-            table = Table(title=f"{len(bad)} of {len(rows)} file(s) unusable")
-            table.add_column("utt_id")
-            table.add_column("path")
-            table.add_column("reason")
-            for b in bad:
-                table.add_row(escape(b.row.utt_id), escape(b.row.path), escape(b.reason))
-            console.print(table)
-        else:
-            console.print(f"[green]all {len(rows)} file(s) decode[/green]")
+        _print_check(result)
+        doc: dict[str, Any] = {
+            "manifest": manifest, "root": root, "rows": len(result.rows), "usable": len(result.usable),
+            "unusable": [{"utt_id": b.row.utt_id, "path": b.row.path, "reason": b.reason} for b in result.bad],
+        }  # fmt: skip
         if drop_bad and out is not None:
-            clean = result.usable
-            if not clean:
-                _fail(f"every file in {manifest} is unusable; nothing written to {out}")
-            write_manifest(clean, out)
-            console.print(f"wrote {len(clean)} usable row(s) to {escape(str(out))}", soft_wrap=True)
-            return
-    if bad:
-        raise typer.Exit(1)
-
-
-class _By(StrEnum):
-    speaker = "speaker"
-    dirichlet = "dirichlet"
-    iid = "iid"
+            if not result.usable:
+                fail(f"every file in {manifest} is unusable; nothing written to {out}")
+            write_manifest(result.usable, out)
+            console.print(f"wrote {len(result.usable)} usable row(s) to {escape(str(out))}", soft_wrap=True)
+            doc["clean_manifest"] = out
+        output.document(doc)
+    if result.bad and not drop_bad:
+        raise typer.Exit(int(ExitCode.FAILURE))
 
 
 def _histogram_table(
@@ -311,6 +308,24 @@ def _print_partition(p: Partition, source: str) -> None:
         )
 
 
+def _partition_document(p: Partition, path: Path, device_manifests: list[Path] | None = None) -> dict[str, Any]:
+    """What `partition`/`stats --json` print for a partition: per client its classes and labelled share,
+    and the held-out test and server pools."""
+    clients = [
+        {"client_id": c.client_id, "utterances": len(c.utt_ids), "labelled": c.num_labelled,
+         "speakers": len(c.speakers), "classes": c.class_histogram, "personal_test": len(c.personal_test_utt_ids)}
+        for c in p.clients
+    ]  # fmt: skip
+    doc: dict[str, Any] = {
+        "partition": path, "label_names": p.label_names, "seed": p.seed, "clients": clients,
+        "test": {"utterances": len(p.test_utt_ids), "speakers": p.test_speakers},
+        "server": {"utterances": len(p.server_utt_ids), "speakers": p.server_speakers},
+    }  # fmt: skip
+    if device_manifests is not None:
+        doc["device_manifests"] = device_manifests
+    return doc
+
+
 @app.command("partition")
 def partition_cmd(
     manifest: Annotated[
@@ -319,7 +334,7 @@ def partition_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Partition JSON to write.")],
     clients: Annotated[int | None, typer.Option(
         "--clients", "-n", min=1, help="Number of clients (by speaker: default one per speaker).")] = None,
-    by: Annotated[_By, typer.Option(help="How clients are formed.")] = _By.speaker,
+    by: Annotated[PartitionBy, typer.Option(help="How clients are formed.")] = PartitionBy.speaker,
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration (small = skewed classes).")] = 0.5,
     label_fraction: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Labelled share per client and class.")
@@ -340,6 +355,7 @@ def partition_cmd(
         "--device-manifests", help="Also write one manifest per client into this directory (CLIENT.csv: "
         "training rows, hidden labels blank; personal test rows with split=personal_test), for `fedsd client "
         "run --data`.")] = None,
+    json_: _Json = False,
 ) -> None:
     """Split a manifest into a held-out test set, a server pool and federated clients with scarce labels.
 
@@ -347,7 +363,7 @@ def partition_cmd(
 
     Example: fedsd data partition iemocap.csv --clients 8 --by dirichlet --alpha 0.3 --label-fraction 0.1 --test-speakers 2 --out part.json
     """  # noqa: E501
-    with _errors():
+    with json_output(json_) as output, _errors():
         part, paths = partition_manifest(
             manifest, out, device_manifests=device_manifests, num_clients=clients, by=by.value, alpha=alpha,
             label_fraction=label_fraction, test_speakers=test_speakers, server_speakers=server_speakers,
@@ -357,6 +373,7 @@ def partition_cmd(
         _print_partition(part, str(out))
         if device_manifests is not None:
             console.print(f"{len(paths)} device manifests written to {escape(str(device_manifests))}", soft_wrap=True)
+        output.document(_partition_document(part, out, list(paths) if device_manifests is not None else None))
 
 
 def _plot(
@@ -392,40 +409,47 @@ def _plot(
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _speaker_stats(source: Path) -> tuple[list[tuple[str, dict[str, int], list[str]]], list[str], dict[str, Any]]:
+    """Class counts per speaker of a manifest: the histogram entries, class names and the JSON document."""
+    rows = read_manifest(source)
+    names = sorted({r.label for r in rows if r.label})
+    if any(not r.label for r in rows):
+        names.append("(unlabelled)")
+    per_spk: dict[str, Counter[str]] = {}
+    for r in rows:
+        per_spk.setdefault(r.speaker, Counter())[r.label or "(unlabelled)"] += 1
+    entries: list[tuple[str, dict[str, int], list[str]]] = [(spk, dict(h), []) for spk, h in sorted(per_spk.items())]
+    title = f"{source}: {len(rows)} utterances, {len(per_spk)} speakers"
+    console.print(_histogram_table(title, "speaker", names, entries))
+    speakers = [{"speaker": spk, "utterances": sum(h.values()), "classes": h} for spk, h, _ in entries]
+    return entries, names, {"manifest": source, "rows": len(rows), "label_names": names, "speakers": speakers}
+
+
 @app.command("stats")
 def stats_cmd(
     source: Annotated[Path, typer.Argument(help="manifest.csv or partition.json.", show_default=False)],
     plot: Annotated[
         Path | None, typer.Option(help="Also draw a stacked class histogram (png, pdf, svg).")
     ] = None,
+    json_: _Json = False,
 ) -> None:
     """Class counts per speaker (manifest) or per client (partition), optionally as a stacked bar chart.
 
     Example: fedsd data stats part.json --plot clients.png
     """
-    with _errors():
+    if plot is not None and plot.suffix.lower().lstrip(".") not in ("png", "pdf", "svg", "jpg", "jpeg"):
+        fail(f"{plot}: --plot needs a .png, .pdf, .svg or .jpg file name", ExitCode.USAGE)
+    with json_output(json_) as output, _errors():
         if source.suffix.lower() == ".json":
             part = Partition.load(source)
             _print_partition(part, str(source))
             entries, names = _client_entries(part), part.label_names
-            title = f"{source.name}: classes per client"
+            doc, title = _partition_document(part, source), f"{source.name}: classes per client"
         else:
-            rows = read_manifest(source)
-            names = sorted({r.label for r in rows if r.label})
-            if any(not r.label for r in rows):
-                names.append("(unlabelled)")
-            per_spk: dict[str, Counter[str]] = {}
-            for r in rows:
-                per_spk.setdefault(r.speaker, Counter())[r.label or "(unlabelled)"] += 1
-            entries = [(spk, dict(h), []) for spk, h in sorted(per_spk.items())]
+            entries, names, doc = _speaker_stats(source)
             title = f"{source.name}: classes per speaker"
-            console.print(
-                _histogram_table(
-                    f"{source}: {len(rows)} utterances, {len(per_spk)} speakers", "speaker", names, entries
-                )
-            )
         if plot is not None:
-            if plot.suffix.lower().lstrip(".") not in ("png", "pdf", "svg", "jpg", "jpeg"):
-                _fail(f"{plot}: --plot needs a .png, .pdf, .svg or .jpg file name", 2)
             _plot(entries, names, title, plot)
             console.print(f"plot written to {escape(str(plot))}", soft_wrap=True)
+            doc["plot"] = plot
+        output.document(doc)

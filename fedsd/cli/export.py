@@ -7,25 +7,44 @@ layers 1..K and the heads <= K.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
-from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from fedsd.cli.errors import fail
+from fedsd.cli.output import console, err_console, json_option, json_output
 from fedsd.runtime.onnx_runtime import AUTO_MIN_AGREEMENT
-
-console = Console()
-err_console = Console(stderr=True)
 
 if TYPE_CHECKING:
     from fedsd.runtime.export import ExportResult
 
 
-def _fail(msg: str, code: int = 1) -> None:
-    err_console.print(f"[bold red]error:[/] {msg}", highlight=False)
-    raise typer.Exit(code)
+class Format(StrEnum):
+    """What is written: a fedsd checkpoint directory, or one ONNX graph."""
+
+    pytorch = "pytorch"
+    onnx = "onnx"
+
+
+class Quantize(StrEnum):
+    """Weight precision of an ONNX graph (default: fp32)."""
+
+    int8 = "int8"
+
+
+class QuantMode(StrEnum):
+    """How int8 is applied (``fedsd.runtime.onnx_export.QUANT_MODES``)."""
+
+    auto = "auto"
+    static = "static"
+    static_cnn = "static-cnn"
+    static_all = "static-all"
+    dynamic = "dynamic"
+    dynamic_all = "dynamic-all"
 
 
 def export_command(
@@ -35,10 +54,10 @@ def export_command(
         ..., "--out", "-o", help="Directory to write the exported model to (--format onnx: X.onnx or a directory)."
     ),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists and is not empty."),
-    format_: str = typer.Option(
-        "pytorch", "--format", help="pytorch (a fedsd checkpoint directory) or onnx (one graph file)."
+    format_: Format = typer.Option(
+        Format.pytorch, "--format", help="pytorch (a fedsd checkpoint directory) or onnx (one graph file)."
     ),
-    quantize: str | None = typer.Option(None, "--quantize", help="With --format onnx: int8."),
+    quantize: Quantize | None = typer.Option(None, "--quantize", help="With --format onnx: int8 weights."),
     exits: str | None = typer.Option(
         None, "--exits", help="With --format onnx: several exits in one graph, e.g. 1,2,3 (default: --exit)."
     ),
@@ -47,8 +66,8 @@ def export_command(
     ),
     root: Path | None = typer.Option(None, "--root", help="Corpus root --calibration's paths are relative to."),
     calibration_clips: int = typer.Option(300, help="int8: at most this many clips calibrate the ranges."),
-    quant_mode: str = typer.Option(
-        "auto",
+    quant_mode: QuantMode = typer.Option(
+        QuantMode.auto,
         help="int8 method: auto (default: static-cnn if it keeps --min-agreement of the fp32 answers on "
         "held-out clips at every exit, else static), static (calibrated QDQ of the transformer MatMuls), "
         "static-cnn (MatMuls and every conv but the first: 1.7-1.9x eager at the base shape, changes some "
@@ -60,6 +79,7 @@ def export_command(
     check_clips: int = typer.Option(
         100, help="int8 auto: held-out clips it checks on (--calibration's valid rows, else every 5th row)."
     ),
+    json_: bool = json_option(),
 ) -> None:
     """Export the model a device at one exit needs: front end, layers 1..K and heads <= K.
 
@@ -71,20 +91,23 @@ def export_command(
     """
     from fedsd.runtime.export import ExportError, export
 
-    try:
-        with err_console.status("exporting", spinner="dots") as status:
-            result = export(
-                model, out, exit=exit_, format=format_, quantize=quantize, quant_mode=quant_mode, exits=exits,
-                calibration=calibration, root=root, calibration_clips=calibration_clips, check_clips=check_clips,
-                min_agreement=min_agreement, force=force, warn=_warn, step=status.update,
-            )  # fmt: skip
-    except ExportError as e:
-        _fail(str(e), e.code)
-    (_print_onnx if result.format == "onnx" else _print_pytorch)(result)
+    with json_output(json_) as output:
+        try:
+            with err_console.status("exporting", spinner="dots") as status:
+                result = export(
+                    model, out, exit=exit_, format=format_.value, quantize=quantize.value if quantize else None,
+                    quant_mode=quant_mode.value, exits=exits, calibration=calibration, root=root,
+                    calibration_clips=calibration_clips, check_clips=check_clips, min_agreement=min_agreement,
+                    force=force, warn=_warn, step=status.update,
+                )  # fmt: skip
+        except ExportError as e:
+            fail(str(e), e.code)
+        (_print_onnx if result.format == "onnx" else _print_pytorch)(result)
+        output.document(result)
 
 
 def _warn(msg: str) -> None:
-    err_console.print(f"[yellow]{msg}[/]", highlight=False)
+    err_console.print(f"[yellow]{escape(msg)}[/]", highlight=False)
 
 
 def _print_pytorch(r: ExportResult) -> None:

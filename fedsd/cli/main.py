@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Any
 
 import typer
 
@@ -21,6 +22,28 @@ app = typer.Typer(
     rich_markup_mode="rich",
     pretty_exceptions_show_locals=False,
 )
+
+
+def _keep_argument_help() -> None:
+    """Give typer's arguments their help back: typer 0.20 stores ``help`` on a ``TyperArgument`` before
+    calling click's ``Parameter.__init__``, and click >= 8.2 resets it to None there (every argument's help
+    vanished from ``--help``; tests/test_cli_conventions.py checks it is shown)."""
+    from typer.core import TyperArgument
+
+    original = TyperArgument.__init__
+    if getattr(original, "keeps_help", False):
+        return
+
+    def __init__(self: TyperArgument, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        if self.help is None:
+            self.help = kwargs.get("help")
+
+    __init__.keeps_help = True  # type: ignore[attr-defined]
+    TyperArgument.__init__ = __init__  # type: ignore[method-assign]
+
+
+_keep_argument_help()
 
 
 def _exists(module: str) -> bool:

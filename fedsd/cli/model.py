@@ -10,17 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
+from fedsd.cli.errors import ExitCode, fail
+from fedsd.cli.output import console, err_console, json_option, json_output
+
 app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich")
-console = Console()
-err_console = Console(stderr=True)
-
-
-def _fail(message: str, code: int = 1) -> None:
-    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
-    raise typer.Exit(code)
 
 
 @app.command("import")
@@ -31,6 +26,7 @@ def import_command(
         False, "--encoder-only", help="Write only the encoder (what a fedsd backbone needs; 1/5 of tiny.en)."
     ),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists and is not empty."),
+    json_: bool = json_option(),
 ) -> None:
     """Convert a CTranslate2 Whisper model (faster-whisper's format) for `model.backbone: OUT`.
 
@@ -40,19 +36,21 @@ def import_command(
     from fedsd.model.ct2_import import CT2Error, import_ct2
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        _fail(f"{out} exists and is not empty; pass --force to replace it", 2)
-    try:
-        with console.status("importing") as status:
-            record = import_ct2(src, out, encoder_only=encoder_only, step=lambda m: status.update(escape(m)))
-    except CT2Error as err:
-        _fail(str(err))
-    console.print(
-        f"wrote {escape(str(out))}: {record['content']}, d_model {record['d_model']}, "
-        f"{record['encoder_layers']} encoder layers, from {record['spec']} "
-        f"({', '.join(record['source_dtypes'])}) sha256 {record['source_sha256'][:16]}…",
-        highlight=False,
-    )
-    console.print(f"use it with: model.backbone: {escape(str(out))}", highlight=False)
+        fail(f"{out} exists and is not empty; pass --force to replace it", ExitCode.USAGE)
+    with json_output(json_) as output:
+        try:
+            with err_console.status("importing") as status:
+                record = import_ct2(src, out, encoder_only=encoder_only, step=lambda m: status.update(escape(m)))
+        except CT2Error as err:
+            fail(str(err))
+        console.print(
+            f"wrote {escape(str(out))}: {record['content']}, d_model {record['d_model']}, "
+            f"{record['encoder_layers']} encoder layers, from {record['spec']} "
+            f"({', '.join(record['source_dtypes'])}) sha256 {record['source_sha256'][:16]}…",
+            highlight=False,
+        )
+        console.print(f"use it with: model.backbone: {escape(str(out))}", highlight=False)
+        output.document({"out": out, **record})
 
 
 def register(root: typer.Typer) -> None:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+from enum import StrEnum
 from pathlib import Path
 
 import typer
+from rich.markup import escape
+
+from fedsd.cli.errors import ExitCode, fail
+from fedsd.cli.output import console, json_option, json_output, progress_callback
 
 _HELP = (
     "Generate a synthetic emotional speech corpus: 16 kHz mono WAVs plus manifest.csv.\n\n"
@@ -17,55 +23,76 @@ _HELP = (
 )
 
 
-def _fail(msg: str) -> typer.Exit:
-    typer.echo(f"error: {msg}", err=True)
-    return typer.Exit(code=2)
+class Backend(StrEnum):
+    """The voice of the generated speakers."""
+
+    auto = "auto"
+    espeak = "espeak"
+    numpy = "numpy"
 
 
 def _n(k: int, word: str) -> str:
     return f"{k} {word}{'' if k == 1 else 's'}"
 
 
-def register(app: typer.Typer) -> None:
-    """Add the ``synth`` command to the ``fedsd data`` group."""
+def _check(speakers: int, sentences: int, seed: int, intensity: float) -> None:
+    """Every bad number is one clear line and exit code 2, before anything is written."""
+    from fedsd.data.synthetic import SENTENCES
 
-    @app.command("synth", help=_HELP)
-    def synth(
-        out: Path = typer.Option(..., "--out", "-o", help="Output directory (created if missing)."),
-        speakers: int = typer.Option(24, help="Number of speakers (>= 1; >= 3 gives train/valid/test)."),
-        sentences: int = typer.Option(12, help="Sentences per speaker and emotion (1-32)."),
-        emotions: str = typer.Option(
-            "neutral,happy,angry,sad",
-            help="Comma-separated emotions: neutral, happy, angry, sad, fear, disgust, surprise, calm.",
-        ),
-        seed: int = typer.Option(0, help="Random seed (>= 0); the corpus is a pure function of it."),
-        intensity: float = typer.Option(0.75, help="How far emotions move from neutral, in [0, 1]."),
-        backend: str = typer.Option("auto", help="auto (espeak-ng if installed), espeak or numpy."),
-        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
-    ) -> None:
-        from fedsd.data.synthetic import SENTENCES, SynthError, generate_corpus, parse_emotions
+    if speakers < 1:
+        fail(f"--speakers must be >= 1 (got {speakers})", ExitCode.USAGE)
+    if not 1 <= sentences <= len(SENTENCES):
+        fail(f"--sentences must be between 1 and {len(SENTENCES)} (got {sentences})", ExitCode.USAGE)
+    if seed < 0:
+        fail(f"--seed must be >= 0 (got {seed})", ExitCode.USAGE)
+    if not 0.0 <= intensity <= 1.0:
+        fail(f"--intensity must be in [0, 1] (got {intensity})", ExitCode.USAGE)
 
-        # Validate up front so every bad argument is one clear line and exit code 2.
-        if speakers < 1:
-            raise _fail(f"--speakers must be >= 1 (got {speakers})")
-        if not 1 <= sentences <= len(SENTENCES):
-            raise _fail(f"--sentences must be between 1 and {len(SENTENCES)} (got {sentences})")
-        if seed < 0:
-            raise _fail(f"--seed must be >= 0 (got {seed})")
-        if not 0.0 <= intensity <= 1.0:
-            raise _fail(f"--intensity must be in [0, 1] (got {intensity})")
+
+def synth_command(
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (created if missing)."),
+    speakers: int = typer.Option(24, help="Number of speakers (>= 1; >= 3 gives train/valid/test)."),
+    sentences: int = typer.Option(12, help="Sentences per speaker and emotion (1-32)."),
+    emotions: str = typer.Option(
+        "neutral,happy,angry,sad",
+        help="Comma-separated emotions: neutral, happy, angry, sad, fear, disgust, surprise, calm.",
+    ),
+    seed: int = typer.Option(0, help="Random seed (>= 0); the corpus is a pure function of it."),
+    intensity: float = typer.Option(0.75, help="How far emotions move from neutral, in [0, 1]."),
+    backend: Backend = typer.Option(Backend.auto, help="auto (espeak-ng if installed), espeak or numpy."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar (on stderr)."),
+    json_: bool = json_option(),
+) -> None:
+    from fedsd.data.synthetic import SynthError, generate_corpus, parse_emotions
+
+    _check(speakers, sentences, seed, intensity)
+    with json_output(json_) as output:
         try:
             emos = parse_emotions(emotions)
-            res = generate_corpus(out, speakers=speakers, sentences=sentences, emotions=emos, seed=seed,
-                                  intensity=intensity, backend=backend, progress=progress)
+            with progress_callback("synth") if progress else contextlib.nullcontext(None) as update:
+                res = generate_corpus(
+                    out, speakers=speakers, sentences=sentences, emotions=emos, seed=seed, intensity=intensity,
+                    backend=backend.value, progress=False, on_progress=update,
+                )  # fmt: skip
         except SynthError as exc:
-            raise _fail(str(exc)) from None
+            fail(str(exc), ExitCode.USAGE)
         except RuntimeError as exc:  # espeak-ng failing mid-run: say so in one line, not a traceback
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(code=1) from None
+            fail(str(exc))
         split = ", ".join(f"{k} {v}" for k, v in res.speakers_per_split.items())
-        typer.echo(
+        console.print(
             f"wrote {res.n_files} files ({_n(speakers, 'speaker')} × {_n(sentences, 'sentence')} × "
-            f"{_n(len(emos), 'emotion')}) and {res.manifest}"
+            f"{_n(len(emos), 'emotion')}) and {escape(str(res.manifest))}",
+            highlight=False,
+            soft_wrap=True,
         )
-        typer.echo(f"speakers per split: {split}; backend: {res.backend}; {res.seconds:.1f} s")
+        console.print(
+            f"speakers per split: {split}; backend: {res.backend}; {res.seconds:.1f} s",
+            highlight=False,
+            soft_wrap=True,
+        )
+        output.document(res)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``synth`` command to the ``fedsd data`` group."""
+    app.command("synth", help=_HELP)(synth_command)
