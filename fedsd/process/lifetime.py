@@ -176,6 +176,79 @@ def _exit_like(status: int) -> None:
     os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
 
 
+def _start_command(me: int, cmd: list[str]) -> int:
+    """Fork and exec ``cmd`` as the guard's child, killed by the kernel if the guard dies."""
+    child = os.fork()
+    if child == 0:  # pragma: no cover - replaced by exec
+        try:
+            _set_pdeathsig(signal.SIGKILL)  # the guard is single-threaded: its thread is the process
+            if os.getppid() != me:
+                os._exit(1)
+            for sig in _SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)
+            os.execvp(cmd[0], cmd)
+        finally:
+            os._exit(127)
+    return child
+
+
+class _Reaper:
+    """Reaps every exited descendant (the guard is their subreaper); remembers the command's status."""
+
+    def __init__(self, child: int) -> None:
+        self.child = child
+        self.status: int | None = None
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, st = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == self.child:
+                self.status = st
+
+
+def _watch(parent: int, reaper: _Reaper, received: list[int]) -> None:
+    """Until the command exits or the guard's parent is gone, forward stop signals to the command."""
+    orphaned = False
+    while reaper.status is None:
+        reaper.reap()
+        if reaper.status is not None:
+            break
+        while received:
+            sig = received.pop(0)
+            if os.getppid() != parent:
+                orphaned = True
+            else:
+                _signal(reaper.child, sig)  # an ordinary stop: let the command shut down its own way
+        if orphaned or os.getppid() != parent:
+            break
+        time.sleep(0.1)
+
+
+def _end_family(me: int, grace_s: float, reaper: _Reaper) -> None:
+    """SIGTERM every descendant, SIGKILL what is left after ``grace_s``, and reap them all."""
+    for pid in descendants(me):
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        reaper.reap()
+        if not any(alive(p) for p in descendants(me)):
+            break
+        time.sleep(0.1)
+    for _ in range(3):
+        left = descendants(me)
+        if not left:
+            break
+        for pid in left:
+            _signal(pid, signal.SIGKILL)
+        time.sleep(0.1)
+        reaper.reap()
+
+
 def _guard(parent: int, grace_s: float, cmd: list[str]) -> None:
     me = os.getpid()
     received: list[int] = []
@@ -188,71 +261,17 @@ def _guard(parent: int, grace_s: float, cmd: list[str]) -> None:
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     if os.getppid() != parent:  # the parent died before we got here: start nothing
         os._exit(1)
-    child = os.fork()
-    if child == 0:  # pragma: no cover - replaced by exec
-        try:
-            _set_pdeathsig(signal.SIGKILL)  # the guard is single-threaded: its thread is the process
-            if os.getppid() != me:
-                os._exit(1)
-            for sig in _SIGNALS:
-                signal.signal(sig, signal.SIG_DFL)
-            os.execvp(cmd[0], cmd)
-        finally:
-            os._exit(127)
-    status: int | None = None
-
-    def reap() -> None:
-        nonlocal status
-        while True:
-            try:
-                pid, st = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            if pid == child:
-                status = st
-
-    orphaned = False
-    while status is None:
-        reap()
-        if status is not None:
-            break
-        while received:
-            sig = received.pop(0)
-            if os.getppid() != parent:
-                orphaned = True
-            else:
-                _signal(child, sig)  # an ordinary stop: let the command shut down its own way
-        if orphaned or os.getppid() != parent:
-            orphaned = True
-            break
-        time.sleep(0.1)
+    reaper = _Reaper(_start_command(me, cmd))
+    _watch(parent, reaper, received)
     # the command has exited, or whoever started us is gone: nothing of the family may stay
-    family = descendants(me)
-    for pid in family:
-        _signal(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        reap()
-        if not any(alive(p) for p in descendants(me)):
-            break
-        time.sleep(0.1)
-    for _ in range(3):
-        left = descendants(me)
-        if not left:
-            break
-        for pid in left:
-            _signal(pid, signal.SIGKILL)
-        time.sleep(0.1)
-        reap()
+    _end_family(me, grace_s, reaper)
     end = time.monotonic() + 5.0
-    while status is None and time.monotonic() < end:
-        reap()
+    while reaper.status is None and time.monotonic() < end:
+        reaper.reap()
         time.sleep(0.05)
-    if status is None:
+    if reaper.status is None:
         os._exit(1)
-    _exit_like(status)
+    _exit_like(reaper.status)
 
 
 def main(argv: list[str] | None = None) -> None:

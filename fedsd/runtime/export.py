@@ -166,21 +166,10 @@ def _export_pytorch(model: Path, out: Path, exit: int, force: bool) -> ExportRes
     )
 
 
-def calibration_clips(
-    preprocessing: dict[str, Any],
-    manifest: Path | None,
-    root: str | os.PathLike[str] | None,
-    limit: int,
-    warn: Callable[[str], None] | None = None,
-    held_out: int = 0,
-) -> tuple[list, str, list]:
-    """Up to ``limit`` normalised clips (as the graph sees them, training split first), their source, and
-    up to ``held_out`` clips never used for calibration: the manifest's ``valid`` rows, or (without any)
-    every fifth of the calibration rows."""
-    from fedsd.data.audio import AudioError
-    from fedsd.data.manifest import read_manifest
-    from fedsd.runtime.onnx_runtime import load_clip
-
+def _calibration_manifest(
+    manifest: Path | None, root: str | os.PathLike[str] | None
+) -> tuple[Path, Path]:
+    """The calibration manifest and its audio root (the demo corpus when none is given)."""
     if manifest is None:
         manifest = DEMO_CALIBRATION
         root = root or manifest.parent
@@ -189,15 +178,11 @@ def calibration_clips(
                 "--quantize int8 needs calibration speech: pass --calibration manifest.csv --root DIR "
                 "(a few hundred clips of your own speech), or run `fedsd demo` first for the demo corpus"
             )
-    root = Path(root) if root is not None else manifest.parent
-    try:
-        rows = read_manifest(manifest)
-    except (ValueError, FileNotFoundError) as e:
-        raise ExportError(str(e)) from e
-    valid = [r for r in rows if r.split == "valid"]
-    rows = [r for r in rows if r.split == "train"] or rows
-    if not rows:
-        raise ExportError(f"--calibration {manifest}: no rows")
+    return manifest, Path(root) if root is not None else manifest.parent
+
+
+def _hold_out(rows: list, valid: list, held_out: int, manifest: Path) -> tuple[list, list]:
+    """(calibration rows, agreement-check rows): ``valid`` rows if any, else every fifth row."""
     check_rows: list = []
     if held_out and valid:
         check_rows = valid[:: max(1, len(valid) // held_out)][:held_out]
@@ -211,25 +196,80 @@ def calibration_clips(
                 "--quant-mode auto's agreement check; add rows (or rows with split=valid), or pass a fixed "
                 "--quant-mode such as static"
             )
+    return rows, check_rows
 
-    def read(chosen: list, what: str) -> list:
-        clips = []
-        for r in chosen:
-            try:
-                clips.append(load_clip(root / r.path, preprocessing))
-            except AudioError as e:
-                if warn is not None:
-                    warn(f"{what}: skipping {e}")
-        if not clips:
-            raise ExportError(f"--calibration {manifest}: none of the {what} clips could be read under {root}")
-        return clips
 
+def _read_clips(
+    chosen: list, what: str, manifest: Path, root: Path, preprocessing: dict[str, Any],
+    warn: Callable[[str], None] | None,
+) -> list:  # fmt: skip
+    """The readable ones of ``chosen`` as the graph sees them; unreadable ones are skipped with a warning."""
+    from fedsd.data.audio import AudioError
+    from fedsd.runtime.onnx_runtime import load_clip
+
+    clips = []
+    for r in chosen:
+        try:
+            clips.append(load_clip(root / r.path, preprocessing))
+        except AudioError as e:
+            if warn is not None:
+                warn(f"{what}: skipping {e}")
+    if not clips:
+        raise ExportError(f"--calibration {manifest}: none of the {what} clips could be read under {root}")
+    return clips
+
+
+def calibration_clips(
+    preprocessing: dict[str, Any],
+    manifest: Path | None,
+    root: str | os.PathLike[str] | None,
+    limit: int,
+    warn: Callable[[str], None] | None = None,
+    held_out: int = 0,
+) -> tuple[list, str, list]:
+    """Up to ``limit`` normalised clips (as the graph sees them, training split first), their source, and
+    up to ``held_out`` clips never used for calibration: the manifest's ``valid`` rows, or (without any)
+    every fifth of the calibration rows."""
+    from fedsd.data.manifest import read_manifest
+
+    manifest, base = _calibration_manifest(manifest, root)
+    try:
+        rows = read_manifest(manifest)
+    except (ValueError, FileNotFoundError) as e:
+        raise ExportError(str(e)) from e
+    valid = [r for r in rows if r.split == "valid"]
+    rows = [r for r in rows if r.split == "train"] or rows
+    if not rows:
+        raise ExportError(f"--calibration {manifest}: no rows")
+    rows, check_rows = _hold_out(rows, valid, held_out, manifest)
     step = max(1, len(rows) // max(1, limit))
-    clips = read(rows[::step][:limit], "calibration")
-    check = read(check_rows, "agreement check") if check_rows else []
+    clips = _read_clips(rows[::step][:limit], "calibration", manifest, base, preprocessing, warn)
+    check = _read_clips(check_rows, "agreement check", manifest, base, preprocessing, warn) if check_rows else []
     source = f"{manifest} ({len(clips)} clips"
     source += f"; agreement checked on {len(check)} held-out clips)" if check else ")"
     return clips, source, check
+
+
+def _onnx_out(out: Path, wanted: Sequence[int], quantize: str | None, force: bool) -> Path:
+    """The .onnx file to write: ``out`` itself, or ``exit<K...>[-int8].onnx`` inside the directory ``out``."""
+    if out.suffix.lower() != ".onnx":
+        if out.exists() and not out.is_dir():
+            raise ExportError(f"--out {out}: give a .onnx file name or a directory")
+        tag = "-".join(str(k) for k in sorted(set(wanted)))
+        out = out / f"exit{tag}{'-int8' if quantize else ''}.onnx"
+    if out.exists() and not force:
+        raise ExportError(f"--out {out}: exists; pass --force to replace it")
+    return out
+
+
+def _warn_low_agreement(choice: dict[str, Any] | None, out: Path, warn: Callable[[str], None] | None) -> None:
+    if choice and choice["below_min_agreement"] and warn is not None:
+        worst = {m: min(a.values()) for m, a in choice["agreement"].items()}
+        warn(
+            f"int8: no mode kept {choice['min_agreement']:.0%} of the fp32 answers on "
+            f"{choice['check_clips']} held-out clips ({', '.join(f'{m} {v:.1%}' for m, v in worst.items())}); "
+            f"wrote {choice['chosen']}, the closest — check it with `fedsd evaluate --model {out}`"
+        )
 
 
 def _export_onnx(
@@ -256,13 +296,7 @@ def _export_onnx(
         raise ExportError(f"--quant-mode {quant_mode!r}: valid values: {', '.join(QUANT_MODES)}")
     _require_dir(model)
     wanted = parse_exits(exits, exit)
-    if out.suffix.lower() != ".onnx":
-        if out.exists() and not out.is_dir():
-            raise ExportError(f"--out {out}: give a .onnx file name or a directory")
-        tag = "-".join(str(k) for k in sorted(set(wanted)))
-        out = out / f"exit{tag}{'-int8' if quantize else ''}.onnx"
-    if out.exists() and not force:
-        raise ExportError(f"--out {out}: exists; pass --force to replace it")
+    out = _onnx_out(out, wanted, quantize, force)
     net = _load(model)
     bad = [k for k in wanted if k not in net.exits]
     if bad:
@@ -280,13 +314,7 @@ def _export_onnx(
     except ConfigError as e:
         raise ExportError(str(e)) from e
     choice = info.get("quantization_choice")
-    if choice and choice["below_min_agreement"] and warn is not None:
-        worst = {m: min(a.values()) for m, a in choice["agreement"].items()}
-        warn(
-            f"int8: no mode kept {choice['min_agreement']:.0%} of the fp32 answers on "
-            f"{choice['check_clips']} held-out clips ({', '.join(f'{m} {v:.1%}' for m, v in worst.items())}); "
-            f"wrote {choice['chosen']}, the closest — check it with `fedsd evaluate --model {out}`"
-        )
+    _warn_low_agreement(choice, out, warn)
     return ExportResult(
         model=model,
         path=out,

@@ -24,6 +24,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -135,6 +136,55 @@ class FeatureCache:
         save_file({"x": x.contiguous()}, str(tmp), metadata={"key": key})
         os.replace(tmp, path)
 
+    def _lookup(
+        self, keys: list[dict[int, str]], exits: list[int]
+    ) -> tuple[dict[int, list[torch.Tensor | None]], list[int]]:
+        """Cached inputs per exit (None where missing) and the rows with any exit missing."""
+        inputs: dict[int, list[torch.Tensor | None]] = {k: [None] * len(keys) for k in exits}
+        todo: list[int] = []
+        for i, kk in enumerate(keys):
+            found = {k: self._read(kk[k]) for k in exits}
+            if all(v is not None for v in found.values()):
+                for k in exits:
+                    inputs[k][i] = found[k]
+            else:
+                todo.append(i)
+        return inputs, todo
+
+    @staticmethod
+    def _labels(
+        rows: Sequence[ManifestRow], label_names: Sequence[str], labelled: Sequence[bool] | None
+    ) -> torch.Tensor:
+        """Class indices, -1 where the row is unlabelled or its label is hidden."""
+        index = {n: i for i, n in enumerate(label_names)}
+        unknown = sorted({r.label for r in rows if r.label and r.label not in index})
+        if unknown:
+            raise ValueError(f"labels {unknown} are not in the model's label set {list(label_names)}")
+        mask = list(labelled) if labelled is not None else [True] * len(rows)
+        return torch.tensor(
+            [index[r.label] if (m and r.label) else -1 for r, m in zip(rows, mask, strict=True)],
+            dtype=torch.long,
+        )
+
+    def _store_batch(
+        self, batch: dict[str, Any], idx: list[int], exits: list[int], keys: list[dict[int, str]],
+        inputs: dict[int, list[torch.Tensor | None]], device: str,
+    ) -> None:  # fmt: skip
+        """Run the backbone on one batch of missing rows; cache and keep each exit's head input."""
+        states = self.model.hidden_for_exits(
+            batch["input_values"].to(device), batch["attention_mask"].to(device), exits
+        )
+        for k in exits:
+            hidden, mask = states[k]
+            pre = self.model.heads[str(k)].precompute(hidden, mask).float().cpu()
+            for j, i in enumerate(idx):
+                x = pre[j]
+                if x.dim() == 2:  # frame sequences: drop padding
+                    x = x[: int(mask[j].sum())]
+                x = x.clone()
+                self._write(keys[i][k], x)
+                inputs[k][i] = x
+
     @torch.no_grad()
     def get(
         self,
@@ -152,49 +202,18 @@ class FeatureCache:
         root = Path(root)
         exits = sorted(set(exits))
         keys = [self.entry_keys(root / r.path, exits) for r in rows]
-        inputs: dict[int, list[torch.Tensor | None]] = {k: [None] * len(rows) for k in exits}
-        todo: list[int] = []
-        for i, kk in enumerate(keys):
-            found = {k: self._read(kk[k]) for k in exits}
-            if all(v is not None for v in found.values()):
-                for k in exits:
-                    inputs[k][i] = found[k]
-            else:
-                todo.append(i)
-        index = {n: i for i, n in enumerate(label_names)}
-        unknown = sorted({r.label for r in rows if r.label and r.label not in index})
-        if unknown:
-            raise ValueError(f"labels {unknown} are not in the model's label set {list(label_names)}")
-        mask = list(labelled) if labelled is not None else [True] * len(rows)
-        labels = torch.tensor(
-            [index[r.label] if (m and r.label) else -1 for r, m in zip(rows, mask, strict=True)],
-            dtype=torch.long,
-        )
+        inputs, todo = self._lookup(keys, exits)
+        labels = self._labels(rows, label_names, labelled)
         if todo and not self.model.has_backbone_weights:
             raise BackboneNeeded(f"{len(todo)} of {len(rows)} utterances are not cached")
         if todo:
             ds = SpeechDataset(rows, root, label_names, self.crop, labelled=labelled, train=False)
             self.model.eval().to(device)
-            done = 0
             for start in range(0, len(todo), batch_size):
                 idx = todo[start : start + batch_size]
-                batch = collate_batch([ds[i] for i in idx])
-                states = self.model.hidden_for_exits(
-                    batch["input_values"].to(device), batch["attention_mask"].to(device), exits
-                )
-                for k in exits:
-                    hidden, mask = states[k]
-                    pre = self.model.heads[str(k)].precompute(hidden, mask).float().cpu()
-                    for j, i in enumerate(idx):
-                        x = pre[j]
-                        if x.dim() == 2:  # frame sequences: drop padding
-                            x = x[: int(mask[j].sum())]
-                        x = x.clone()
-                        self._write(keys[i][k], x)
-                        inputs[k][i] = x
-                done += len(idx)
+                self._store_batch(collate_batch([ds[i] for i in idx]), idx, exits, keys, inputs, device)
                 if progress is not None:
-                    progress(done, len(todo))
+                    progress(start + len(idx), len(todo))
         return CachedFeatures(
             utt_ids=[r.utt_id for r in rows],
             inputs={k: [t for t in v if t is not None] for k, v in inputs.items()},
