@@ -239,7 +239,6 @@ def start_command(
     """
     max_body = _proxy_body(proxy_max_body)
     overrides = parse_set(set_) | _tracking(tensorboard, mlflow_uri)
-    _check_config(config, overrides)
     try:
         server = Server(
             config, out=out, host=host, port=port, rounds=rounds, min_clients=min_clients,
@@ -248,6 +247,8 @@ def start_command(
             node_keys=node_keys or [], device_wait=device_wait, overrides=overrides, log=_log, on_output=_output,
         )  # fmt: skip
     except ServerError as e:
+        if e.code == EXIT_FAILED:
+            _check_config(config, overrides)  # a config that does not load is a usage error, as everywhere
         fail(str(e), e.code)
     with json_output(json_) as output:
         code = _run(server, output)
@@ -269,7 +270,7 @@ def _proxy_body(size: str | None) -> int | None:
 
 def _check_config(config: Path, overrides: dict[str, Any]) -> None:
     """A missing or invalid config (with the overrides applied) is a usage error (exit 2), as on every
-    command, and is reported before anything starts."""
+    command (``Server`` reports it as a failure, 1, after checking the security flags)."""
     from fedsd.config import ConfigError, load_config
 
     try:

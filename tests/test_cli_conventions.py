@@ -202,6 +202,9 @@ def test_exit_codes_0_1_2_from_real_failures(tmp_path: Path) -> None:
     assert invoke("config", "list").exit_code == ExitCode.OK
     assert invoke("data", "check", tmp_path / "none.csv", "--root", tmp_path).exit_code == ExitCode.FAILURE
     assert invoke("config", "show", "no-such-config").exit_code == ExitCode.USAGE
+    for command in (["train"], ["simulate"], ["server", "start", "--insecure"]):  # a missing config: the same code
+        res = invoke(*command, "-c", tmp_path / "missing.yaml", "--out", tmp_path / "run")
+        assert res.exit_code == ExitCode.USAGE and "config file not found" in res.stderr, (command, res.output)
     assert invoke("train", "--no-such-flag").exit_code == ExitCode.USAGE  # click's own
 
 

@@ -80,7 +80,7 @@ def check_override(key: str, value: Any, raw: str) -> None:
     info = fields[key]
     kind = typing.Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
     try:
-        TypeAdapter(kind).validate_python(value)
+        TypeAdapter(kind).validate_python(value)  # type: ignore[arg-type]
     except ValidationError as e:
         reasons = "; ".join(err["msg"] for err in e.errors())
         fail(f"--set {key}={raw}: {reasons}", ExitCode.USAGE)
