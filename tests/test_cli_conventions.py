@@ -176,6 +176,21 @@ def test_train_json_keeps_progress_and_logs_off_stdout(tmp_path: Path, small_cor
     assert "run directory" in err
 
 
+def test_simulate_json(tmp_path: Path, small_corpus: Path, tiny_model_dir: Path) -> None:
+    config = write_config(tmp_path / "s.yaml", small_corpus, name="s")
+    doc, err = as_json("simulate", "-c", config, "--engine", "inprocess", "--rounds", "1",
+                       "--base-model", tiny_model_dir, "--out", tmp_path / "run")  # fmt: skip
+    assert doc["rounds_done"] == 1 and set(doc["final_uar"]) == {"1", "2", "3", "4"} and "done" in err
+
+
+def test_pretrain_json(tmp_path: Path, small_corpus: Path) -> None:
+    doc, err = as_json("pretrain", "--manifest", small_corpus / "manifest.csv", "--out", tmp_path / "enc",
+                       "--epochs", "1", "--clusters", "4", "--batch-size", "8", "--crop-seconds", "1.0",
+                       "--threads", "1")  # fmt: skip
+    assert [r["epoch"] for r in doc["history"]] == [1] and Path(doc["out_dir"]).is_dir()
+    assert "pretrained encoder" in err
+
+
 def test_security_commands_json(tmp_path: Path) -> None:
     certs, err = as_json("certs", "create", "--out", tmp_path / "certs", "--host", "server.lan")
     assert Path(certs["files"]["ca_cert"]).is_file() and "server.lan" in certs["hosts"] and "CA key" in err
