@@ -69,3 +69,48 @@ def test_the_rule_sees_a_crossing(tmp_path: Path) -> None:
     f = tmp_path / "x.py"
     f.write_text("def f():\n    from fedsd.server.deploy import free_port\n", encoding="utf-8")
     assert "fedsd.server.deploy" in imported_modules(f)
+
+
+# ------------------------------------------------------------------ the house's size rules (issue 24)
+SOURCE_DIRS = ("fedsd", "server", "clients")
+MAX_MODULE_LINES = 600
+MAX_FUNCTION_LINES = 60
+TOP_LEVEL = {"__init__.py", "api.py", "checkpoint.py", "config.py", "demo.py", "metrics.py", "report.py", "tracking.py"}
+SUBPACKAGES = {"cli", "data", "model", "process", "runtime", "security", "training"}
+
+
+def _sources() -> list[Path]:
+    return sorted(p for d in SOURCE_DIRS for p in (ROOT / d).rglob("*.py"))
+
+
+def test_no_module_over_600_lines() -> None:
+    long = {
+        p.relative_to(ROOT).as_posix(): n
+        for p in _sources()
+        if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES
+    }
+    assert long == {}, f"split these modules by job (limit {MAX_MODULE_LINES} lines): {long}"
+
+
+def test_no_function_over_60_lines() -> None:
+    long = {}
+    for path in _sources():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = (node.end_lineno or node.lineno) - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long[f"{path.relative_to(ROOT).as_posix()}:{node.name}"] = n
+    assert long == {}, f"split these into named helpers (limit {MAX_FUNCTION_LINES} lines): {long}"
+
+
+def test_the_library_reads_as_the_architecture_page_says() -> None:
+    """fedsd/ keeps a few core modules at its top and one subpackage per job, each named on the page."""
+    top = {p.name for p in (ROOT / "fedsd").glob("*.py")}
+    subs = {p.name for p in (ROOT / "fedsd").iterdir() if (p / "__init__.py").is_file()}
+    assert top == TOP_LEVEL
+    assert subs == SUBPACKAGES
+    page = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    assert all(f"  {name}/" in page for name in SUBPACKAGES)
+    for side, glue in (("server", "server_app.py"), ("clients", "client_app.py")):
+        text = (ROOT / side / glue).read_text(encoding="utf-8")
+        assert len(text.splitlines()) <= 120, f"{side}/{glue} is Flower glue and stays thin"

@@ -77,7 +77,7 @@ class EvaluationResult:
     quantization: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON ``fedsd evaluate --json`` writes (ONNX graphs add their runtime and quantization)."""
+        """The JSON that ``fedsd evaluate --json`` prints and ``--out FILE`` writes (ONNX adds runtime and quantization)."""
         out: dict[str, Any] = {
             "model": str(self.model),
             "manifest": str(self.manifest),
