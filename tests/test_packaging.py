@@ -109,6 +109,19 @@ def test_wheel_ships_configs_and_license(wheel: Path) -> None:
     assert "Apache License" in (REPO / "LICENSE").read_text() and "Version 2.0" in (REPO / "LICENSE").read_text()
 
 
+def test_wheel_ships_every_source_module(wheel: Path) -> None:
+    """A subpackage left out of pyproject's explicit package list would install a broken fedsd."""
+    names = set(zipfile.ZipFile(wheel).namelist())
+    prefix = {"fedsd": "fedsd", "server": "fedsd/server", "clients": "fedsd/clients"}
+    missing = [
+        f"{prefix[part]}/{path.relative_to(REPO / part).as_posix()}"
+        for part in prefix
+        for path in sorted((REPO / part).rglob("*.py"))
+        if f"{prefix[part]}/{path.relative_to(REPO / part).as_posix()}" not in names
+    ]
+    assert missing == []
+
+
 def test_wheel_in_a_fresh_venv_runs_from_any_directory(tmp_path: Path, wheel: Path) -> None:
     """Install the wheel into a brand-new venv outside the checkout and run `fedsd` from a temp dir.
 
