@@ -225,6 +225,16 @@ def test_exit_latency_smoke(tmp_path, capsys):
     assert p["config"]["backbone"] == "tiny" and p["config"]["exits"] == [1, 2, 3, 4]
 
 
+def test_exit_latency_whisper_reference_is_the_30s_hf_forward(tmp_path, capsys):
+    """HF's WhisperEncoder refuses anything but 30 s: the reference pads, our exits run at true length."""
+    bench = load_script("exit_latency")
+    argv = ["--backbone", "tiny", "--family", "whisper", "--seconds", "0.5", "--repeats", "2", "--warmup", "1",
+            "--threads", "1", "--json", str(tmp_path / "w.json")]  # fmt: skip
+    out = bench.main(argv)
+    assert "zero-padded to 30 s" in capsys.readouterr().out
+    assert out["setup"]["family"] == "whisper" and out["hf_label"].startswith("WhisperEncoder")
+
+
 def test_onnx_latency_smoke(tmp_path, tiny_corpus, capsys):
     bench = load_script("onnx_latency")
     argv = ["--backbone", "tiny", "--exits", "1", "3", "--seconds", "0.5", "--repeats", "2", "--modes", "static",
